@@ -1,0 +1,69 @@
+"""Loading BERT-family sequence classifiers the same way on both sides of the wire.
+
+Never ``trust_remote_code``: a checkpoint is data, not code. ``num_layers`` keeps only the
+first ``m`` encoder layers (the paper's student: the first 6 layers of BERT-base).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
+
+from shared.errors import UserError
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """Map ``fp32``/``fp16``/``bf16`` (or torch names) to a dtype, with a clear error."""
+    aliases = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "half": "fp16"}
+    key = aliases.get(name, name)
+    if key not in DTYPES:
+        raise UserError(f"dtype {name!r} is not one of {sorted(DTYPES)}")
+    return DTYPES[key]
+
+
+def load_sequence_classifier(
+    name_or_path: str | Path,
+    *,
+    num_labels: int | None = None,
+    label_names: list[str] | None = None,
+    num_layers: int | None = None,
+    revision: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: str = "fp32",
+    attn_implementation: str = "sdpa",
+) -> PreTrainedModel:
+    """Load a checkpoint (local dir or hub id) as ``AutoModelForSequenceClassification``.
+
+    ``label_names`` (or ``num_labels``) replace the head when the checkpoint has none or a
+    different one; ``num_layers`` truncates the encoder before the weights are loaded.
+    """
+    kwargs: dict = {"revision": revision, "trust_remote_code": False}
+    try:
+        config = AutoConfig.from_pretrained(str(name_or_path), **kwargs)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load model config from {name_or_path!r}: {err}") from err
+    if label_names is not None:
+        config.num_labels = len(label_names)
+        config.id2label = dict(enumerate(label_names))
+        config.label2id = {n: i for i, n in enumerate(label_names)}
+    elif num_labels is not None and num_labels != config.num_labels:
+        config.num_labels = num_labels
+        config.id2label = {i: f"LABEL_{i}" for i in range(num_labels)}
+        config.label2id = {v: k for k, v in config.id2label.items()}
+    if num_layers is not None:
+        if not 1 <= num_layers <= config.num_hidden_layers:
+            raise UserError(f"num_layers={num_layers} must be in 1..{config.num_hidden_layers} for {name_or_path}")
+        config.num_hidden_layers = num_layers
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(name_or_path),
+        config=config,
+        dtype=resolve_dtype(dtype),
+        attn_implementation=attn_implementation,
+        ignore_mismatched_sizes=True,
+        **kwargs,
+    )
+    return model.to(device)

@@ -1,0 +1,55 @@
+"""What a teacher is asked and what it answers, independent of the transport.
+
+Both sides use these: the service's engine answers a :class:`TeacherQuery` with a
+:class:`TeacherAnswer`; the trainer's clients (HTTP or in-process) return the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class TeacherInfo:
+    """What the trainer needs to know about a teacher before it asks anything."""
+
+    name: str
+    num_layers: int
+    hidden_size: int
+    num_labels: int
+    label_names: tuple[str, ...]
+    vocab_size: int
+    max_seq_length: int
+
+
+@dataclass
+class TeacherQuery:
+    """One batch of already-tokenized instances and the outputs the loss needs.
+
+    ``cls_layers`` are hidden-state indices (0 = embeddings, ``num_layers`` = last layer);
+    ``token_layers`` likewise but all token positions (``all-tokens`` patient loss).
+    """
+
+    input_ids: torch.Tensor  # LongTensor [B, L]
+    attention_mask: torch.Tensor  # LongTensor [B, L]
+    token_type_ids: torch.Tensor | None = None  # LongTensor [B, L]
+    want_logits: bool = True
+    cls_layers: tuple[int, ...] = ()
+    token_layers: tuple[int, ...] = ()
+    use_cache: bool = True
+
+
+@dataclass
+class TeacherAnswer:
+    """Teacher outputs as float32 CPU tensors, plus the service's own cost accounting."""
+
+    logits: torch.Tensor | None  # [B, K]
+    hidden_cls: torch.Tensor | None  # [B, len(cls_layers), H]
+    hidden_states: torch.Tensor | None  # [B, len(token_layers), L, H]
+    teacher_flops: int
+    tokens: int
+    padded_tokens: int
+    cache_hits: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
