@@ -56,7 +56,9 @@ def load_sequence_classifier(
         config.label2id = {v: k for k, v in config.id2label.items()}
     if num_layers is not None:
         if not 1 <= num_layers <= config.num_hidden_layers:
-            raise UserError(f"num_layers={num_layers} must be in 1..{config.num_hidden_layers} for {name_or_path}")
+            raise UserError(
+                f"num_layers={num_layers} must be in 1..{config.num_hidden_layers} for {name_or_path}"
+            )
         config.num_hidden_layers = num_layers
     model = AutoModelForSequenceClassification.from_pretrained(
         str(name_or_path),
