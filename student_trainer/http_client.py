@@ -1,0 +1,398 @@
+"""The HTTP teacher backend: KServe v2 replicas of one teacher behind client-side balancing.
+
+Each query is one binary v2 request (token ids in, only the outputs the loss needs out) sent
+to the replica with the fewest requests in flight. Failures are retried with exponential
+backoff and full jitter: ``429``/``503`` wait at least the server's ``Retry-After`` (capped at
+``backoff_max_s``) before that replica is asked again, other replicas are tried meanwhile; connection
+errors, timeouts and other ``5xx`` fail over to another replica at once and put the failing
+one in a cool-down so later queries skip it while another is healthy. Other ``4xx`` mean the
+request itself is wrong, so they are raised at once with the server's error text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import random
+import time
+from collections.abc import Mapping
+from email.utils import parsedate_to_datetime
+
+import httpx
+import torch
+
+from shared.codec import HEADER_LENGTH, CodecError, Tensor, build_request_body, parse_response_body
+from shared.errors import UserError
+from shared.protocol import ErrorBody, ModelMetadata
+from shared.teacher_api import TeacherAnswer, TeacherInfo, TeacherQuery
+
+log = logging.getLogger(__name__)
+
+OUTPUT_DTYPES = ("FP32", "FP16", "BF16")
+ANSWER_COUNTERS = ("teacher_flops", "tokens", "padded_tokens", "cache_hits")
+RETRY_STATUSES = (429, 503)
+
+
+class TeacherUnavailableError(UserError):
+    """No replica answered within the retry budget (or became ready in time)."""
+
+
+class TeacherRequestError(UserError):
+    """The service refused the request (4xx) or answered outside the protocol: retrying cannot help."""
+
+    def __init__(self, message: str, *, status: int | None = None, field: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.field = field
+
+
+class _Retryable(Exception):
+    """One failed attempt that another attempt (maybe on another replica) may fix."""
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None, replica_down: bool = True):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        self.replica_down = replica_down
+
+
+@dataclasses.dataclass
+class _Replica:
+    url: str
+    client: httpx.AsyncClient = dataclasses.field(init=False)  # see _reconnect
+    outstanding: int = 0
+    last_pick: int = 0  # ties go to the least recently picked replica
+    cool_until: float = 0.0  # skipped while another replica is healthy
+    retry_at: float = 0.0  # the server's Retry-After: never sent to before this
+
+    def order(self, now: float) -> tuple[bool, bool, int, int]:
+        """Sort key: usable now, not cooling down, fewest in flight, least recently picked."""
+        return (self.retry_at > now, self.cool_until > now, self.outstanding, self.last_pick)
+
+
+class HttpTeacherClient:
+    """A :class:`~student_trainer.teacher_client.TeacherClient` for ``teacher-server`` replicas.
+
+    ``timeout_s`` bounds each attempt end to end (and is sent as the server-side deadline);
+    ``max_retries`` counts attempts after the first; ``cooldown_s`` is how long a replica that
+    failed is skipped while another one is healthy. Options of the in-process backend
+    (device, dtype, …) are accepted and ignored so one set of trainer options fits both.
+    """
+
+    def __init__(
+        self,
+        urls: list[str],
+        *,
+        model: str,
+        api_key: str | None = None,
+        timeout_s: float = 60.0,
+        max_retries: int = 5,
+        backoff_base_s: float = 0.2,
+        backoff_max_s: float = 10.0,
+        cooldown_s: float = 5.0,
+        output_dtype: str = "FP32",
+        binary: bool = True,
+        **ignored_local_options: object,
+    ):
+        if not urls:
+            raise UserError(f"teacher {model!r}: no service URL given")
+        bad = [url for url in urls if not url.startswith(("http://", "https://"))]
+        if bad:
+            raise UserError(f"teacher {model!r}: service URLs must start with http:// or https://, got {bad}")
+        if output_dtype.upper() not in OUTPUT_DTYPES:
+            raise UserError(f"output_dtype {output_dtype!r} is not one of {list(OUTPUT_DTYPES)}")
+        self.urls = [url.rstrip("/") for url in urls]
+        self.model = model
+        self.api_key = api_key
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+        self.cooldown_s = cooldown_s
+        self.output_dtype = output_dtype.upper()
+        self.binary = binary
+        self.info: TeacherInfo | None = None
+        self._replicas = [_Replica(url) for url in self.urls]
+        self._picks = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reconnect()
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self, ready_timeout_s: float = 300.0) -> TeacherInfo:
+        """Poll until one replica and its model are ready (bounded), then fetch the metadata."""
+        replicas = await self._pool()
+        deadline = time.monotonic() + ready_timeout_s
+        poll_s = 0.05
+        while True:
+            reasons = await asyncio.gather(*(self._not_ready(r, deadline) for r in replicas))
+            ready = [r for r, reason in zip(replicas, reasons, strict=True) if reason is None]
+            if ready:
+                break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                detail = "; ".join(f"{r.url}: {reason}" for r, reason in zip(replicas, reasons, strict=True))
+                raise TeacherUnavailableError(
+                    f"teacher {self.model!r} was not ready after {ready_timeout_s:g}s ({detail})"
+                )
+            await asyncio.sleep(min(poll_s, left))
+            poll_s = min(poll_s * 2, 1.0)
+        now = time.monotonic()
+        for replica in replicas:
+            if replica not in ready:
+                replica.cool_until = now + self.cooldown_s
+        try:
+            response = await ready[0].client.get(f"/v2/models/{self.model}", timeout=self.timeout_s)
+        except httpx.HTTPError as err:
+            raise TeacherUnavailableError(f"{ready[0].url}: model metadata: {_describe(err)}") from err
+        if response.status_code != 200:
+            raise self._refusal(ready[0], response)
+        try:
+            self.info = ModelMetadata.model_validate_json(response.content).teacher_info()
+        except ValueError as err:
+            raise TeacherRequestError(
+                f"{ready[0].url}: bad model metadata for {self.model!r}: {err}"
+            ) from err
+        return self.info
+
+    async def aclose(self) -> None:
+        """Close the pooled connections; the client may be started again afterwards."""
+        if self._loop is asyncio.get_running_loop():
+            await asyncio.gather(*(r.client.aclose() for r in self._replicas))
+        self._reconnect()
+
+    async def _not_ready(self, replica: _Replica, deadline: float) -> str | None:
+        """None when the server and the model are ready, else why not (unknown model / bad key raise)."""
+        timeout = max(0.05, min(self.timeout_s, 5.0, deadline - time.monotonic()))
+        try:
+            server = await replica.client.get("/v2/health/ready", timeout=timeout)
+            if server.status_code in (401, 403):
+                raise self._refusal(replica, server)
+            if server.status_code != 200:
+                return f"server not ready (HTTP {server.status_code})"
+            model = await replica.client.get(f"/v2/models/{self.model}/ready", timeout=timeout)
+        except httpx.HTTPError as err:
+            return _describe(err)
+        if model.status_code == 200:
+            return None
+        if model.status_code in (401, 403, 404):
+            raise self._refusal(replica, model)
+        return f"model not ready (HTTP {model.status_code})"
+
+    async def _pool(self) -> list[_Replica]:
+        """The replicas, with connection pools usable from the running event loop."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not None and self._loop is not loop:
+            # Pooled connections belong to the loop that opened them (e.g. an earlier asyncio.run).
+            log.info("event loop changed: new connections to teacher %r", self.model)
+            self._reconnect()
+        self._loop = loop
+        return self._replicas
+
+    def _reconnect(self) -> None:
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=32)
+        for replica in self._replicas:
+            replica.client = httpx.AsyncClient(base_url=replica.url, headers=headers, limits=limits)
+        self._loop = None
+
+    # --- queries ------------------------------------------------------------------------------
+
+    async def infer(self, query: TeacherQuery) -> TeacherAnswer:
+        """Ask for exactly what ``query`` wants; return float32 CPU tensors and the service's counts."""
+        outputs: dict[str, dict[str, str] | None] = {}
+        if query.want_logits:
+            outputs["logits"] = None
+        if query.cls_layers:
+            outputs["hidden_cls"] = {"layers": _layer_list(query.cls_layers)}
+        if query.token_layers:
+            outputs["hidden_states"] = {"layers": _layer_list(query.token_layers)}
+        if not outputs:
+            raise ValueError("the query asks for no teacher output (logits, cls_layers or token_layers)")
+        inputs: dict[str, Tensor] = {
+            "input_ids": query.input_ids.to(torch.int32),
+            "attention_mask": query.attention_mask.to(torch.int32),
+        }
+        if query.token_type_ids is not None:
+            inputs["token_type_ids"] = query.token_type_ids.to(torch.int32)
+        body, headers = build_request_body(
+            inputs,
+            outputs=outputs,
+            parameters={
+                "output_dtype": self.output_dtype,
+                "cache": query.use_cache,
+                "timeout_ms": int(self.timeout_s * 1000),
+            },
+            binary_inputs=self.binary,
+            binary_outputs=self.binary,
+        )
+        replica, response = await self._post(body, headers)
+        try:
+            decoded = parse_response_body(response.content, response.headers.get(HEADER_LENGTH))
+        except CodecError as err:
+            raise TeacherRequestError(f"{replica.url}: invalid v2 response: {err}", field=err.field) from err
+        return self._answer(replica, query, decoded.outputs, decoded.header.parameters or {})
+
+    def _answer(
+        self, replica: _Replica, query: TeacherQuery, outputs: dict[str, Tensor], params: Mapping[str, object]
+    ) -> TeacherAnswer:
+        """Check every asked-for output came back with the query's batch and layer counts."""
+        batch, length = query.input_ids.shape
+
+        def tensor(name: str, shape: tuple[int | None, ...]) -> torch.Tensor:
+            value = outputs.get(name)
+            if (
+                not isinstance(value, torch.Tensor)
+                or value.dim() != len(shape)
+                or any(want is not None and got != want for got, want in zip(value.shape, shape, strict=True))
+            ):
+                got = list(value.shape) if isinstance(value, torch.Tensor) else value
+                raise TeacherRequestError(
+                    f"{replica.url}: output {name!r} is {got}, expected shape {list(shape)}"
+                )
+            return value.to(torch.float32)
+
+        def count(name: str) -> int:
+            value = params.get(name, 0)
+            return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0
+
+        cls_shape, token_shape = (
+            (batch, len(query.cls_layers), None),
+            (batch, len(query.token_layers), length, None),
+        )
+        return TeacherAnswer(
+            logits=tensor("logits", (batch, None)) if query.want_logits else None,
+            hidden_cls=tensor("hidden_cls", cls_shape) if query.cls_layers else None,
+            hidden_states=tensor("hidden_states", token_shape) if query.token_layers else None,
+            teacher_flops=count("teacher_flops"),
+            tokens=count("tokens"),
+            padded_tokens=count("padded_tokens"),
+            cache_hits=count("cache_hits"),
+            extra={
+                k: float(v)
+                for k, v in params.items()
+                if k not in ANSWER_COUNTERS and isinstance(v, int | float) and not isinstance(v, bool)
+            },
+        )
+
+    async def _post(self, body: bytes, headers: dict[str, str]) -> tuple[_Replica, httpx.Response]:
+        """Send one infer request, retrying and failing over until it succeeds or the budget is spent."""
+        replicas = await self._pool()
+        path = f"/v2/models/{self.model}/infer"
+        errors: list[str] = []
+        failed: _Replica | None = None
+        for attempt in range(self.max_retries + 1):
+            now = time.monotonic()
+            replica = min(replicas, key=lambda r: r.order(now))
+            wait = replica.retry_at - now
+            if failed is not None and (replica is failed or replica.cool_until > now):
+                wait = max(wait, self._backoff(attempt))
+            if wait > 0:
+                await asyncio.sleep(wait)
+            try:
+                response = await self._attempt(replica, path, body, headers)
+            except _Retryable as err:
+                errors.append(f"{replica.url}: {err}")
+                log.warning(
+                    "teacher %r attempt %d/%d failed: %s",
+                    self.model,
+                    attempt + 1,
+                    self.max_retries + 1,
+                    errors[-1],
+                )
+                self._mark_failed(replica, err)
+                failed = replica
+                continue
+            replica.cool_until = 0.0
+            return replica, response
+        raise TeacherUnavailableError(
+            f"teacher {self.model!r} unavailable at {', '.join(self.urls)} after "
+            f"{self.max_retries + 1} attempts; last error: {errors[-1]}"
+        )
+
+    async def _attempt(
+        self, replica: _Replica, path: str, body: bytes, headers: dict[str, str]
+    ) -> httpx.Response:
+        """One request to one replica, bounded end to end by ``timeout_s``."""
+        self._picks += 1
+        replica.outstanding += 1
+        replica.last_pick = self._picks
+        try:
+            response = await asyncio.wait_for(
+                replica.client.post(path, content=body, headers=headers, timeout=self.timeout_s),
+                self.timeout_s,
+            )
+        except (asyncio.TimeoutError, httpx.TimeoutException):
+            raise _Retryable(f"timed out after {self.timeout_s:g}s") from None
+        except httpx.TransportError as err:
+            raise _Retryable(_describe(err)) from None
+        finally:
+            replica.outstanding -= 1
+        if response.status_code == 200:
+            return response
+        if response.status_code in RETRY_STATUSES:
+            raise _Retryable(
+                f"HTTP {response.status_code} {_error_text(response)}",
+                retry_after_s=_retry_after_s(response),
+                replica_down=response.status_code == 503,
+            )
+        if response.status_code >= 500:
+            raise _Retryable(f"HTTP {response.status_code} {_error_text(response)}")
+        raise self._refusal(replica, response)
+
+    def _mark_failed(self, replica: _Replica, err: _Retryable) -> None:
+        now = time.monotonic()
+        if err.retry_after_s is not None:
+            replica.retry_at = now + min(err.retry_after_s, self.backoff_max_s)
+        if err.replica_down:
+            replica.cool_until = now + self.cooldown_s
+
+    def _backoff(self, attempt: int) -> float:
+        """Full jitter: uniform in [0, min(max, base * 2^attempt))."""
+        return random.uniform(0.0, min(self.backoff_max_s, self.backoff_base_s * 2 ** (attempt - 1)))
+
+    def _refusal(self, replica: _Replica, response: httpx.Response) -> TeacherRequestError:
+        """A 4xx the user must fix, with the server's own words and the field it names."""
+        try:
+            error = ErrorBody.model_validate_json(response.content)
+            text, bad_field = error.error, error.field
+        except ValueError:
+            text, bad_field = response.text[:500] or response.reason_phrase, None
+        where = f" (field {bad_field})" if bad_field else ""
+        return TeacherRequestError(
+            f"teacher {self.model!r} at {replica.url} refused the request: "
+            f"HTTP {response.status_code}: {text}{where}",
+            status=response.status_code,
+            field=bad_field,
+        )
+
+
+def _layer_list(layers: tuple[int, ...]) -> str:
+    """v2 parameters are scalars, so layers travel as ``"0,6,12"``."""
+    return ",".join(str(int(i)) for i in layers)
+
+
+def _describe(err: Exception) -> str:
+    return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        return ErrorBody.model_validate_json(response.content).error
+    except ValueError:
+        return response.text[:200]
+
+
+def _retry_after_s(response: httpx.Response) -> float | None:
+    """``Retry-After`` as seconds (delta-seconds or an HTTP date), None when absent or unreadable."""
+    value = response.headers.get("Retry-After")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
