@@ -1,0 +1,679 @@
+"""Datasets: GLUE-format task files, generic CSV/TSV/JSONL, Hugging Face ``datasets``; tokenization.
+
+Every loader returns a :class:`TaskData` (texts + integer labels + label names + metric). GLUE TSV
+files are read with **no quote handling** (fields may start with ``"``); MRPC files start with a
+UTF-8 BOM; CoLA train/dev have no header. A malformed row raises :class:`UserError` naming the
+file and line, or is skipped and counted with ``skip_bad_rows``.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from shared.errors import UserError
+from student_trainer.metrics import METRICS
+
+UNLABELLED = -1
+
+
+@dataclass(frozen=True)
+class Example:
+    text_a: str
+    text_b: str | None
+    label: int  # UNLABELLED (-1) for GLUE test rows
+
+
+@dataclass
+class TaskData:
+    """One split of one task, ready to tokenize."""
+
+    name: str
+    label_names: list[str]
+    metric: str  # "accuracy" | "f1" | "mcc"
+    examples: list[Example]
+    skipped_rows: int = 0
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    @property
+    def is_pair(self) -> bool:
+        return any(e.text_b is not None for e in self.examples)
+
+    @property
+    def is_labelled(self) -> bool:
+        return all(e.label != UNLABELLED for e in self.examples)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
+# --------------------------------------------------------------------------------------------
+# Task registry
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FileFormat:
+    """Where the texts and the label are in one kind of file.
+
+    Columns are header names, or 0-based positions when the file has no header. ``label_column``
+    None means unlabelled (GLUE test files).
+    """
+
+    text_columns: tuple[str | int, ...]
+    label_column: str | int | None
+    header: bool = True
+    num_columns: int | None = None  # required when there is no header
+    encoding: str = "utf-8"
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A task as it ships: one file (and format) per split, label names, metric."""
+
+    name: str
+    dirnames: tuple[str, ...]  # folder names under a GLUE root: ours first, then GLUE's
+    label_names: tuple[str, ...]
+    metric: str
+    splits: dict[str, tuple[str, FileFormat]]
+    label_values: tuple[str, ...] | None = None  # raw label strings in label order (default: names)
+    eval_split: str = "dev"
+
+    @property
+    def raw_labels(self) -> tuple[str, ...]:
+        return self.label_values or self.label_names
+
+
+def _single(label: str | None = "label") -> FileFormat:
+    return FileFormat(("sentence",), label)
+
+
+def _pair(a: str, b: str, label: str | None, encoding: str = "utf-8") -> FileFormat:
+    return FileFormat((a, b), label, encoding=encoding)
+
+
+_COLA = FileFormat((3,), 1, header=False, num_columns=4)
+_MRPC = _pair("#1 String", "#2 String", "Quality", encoding="utf-8-sig")
+_RTE_LABELS = ("entailment", "not_entailment")
+
+TASKS: dict[str, TaskSpec] = {
+    spec.name: spec
+    for spec in (
+        TaskSpec(
+            "sst2",
+            ("sst2", "SST-2"),
+            ("negative", "positive"),
+            "accuracy",
+            {
+                "train": ("train.tsv", _single()),
+                "dev": ("dev.tsv", _single()),
+                "test": ("test.tsv", _single(None)),
+            },
+            label_values=("0", "1"),
+        ),
+        TaskSpec(
+            "cola",
+            ("cola", "CoLA"),
+            ("unacceptable", "acceptable"),
+            "mcc",
+            {"train": ("train.tsv", _COLA), "dev": ("dev.tsv", _COLA), "test": ("test.tsv", _single(None))},
+            label_values=("0", "1"),
+        ),
+        TaskSpec(
+            "mrpc",
+            ("mrpc", "MRPC"),
+            ("not_equivalent", "equivalent"),
+            "f1",
+            {
+                "train": ("train.tsv", _MRPC),
+                "dev": ("dev.tsv", _MRPC),
+                "test": ("test.tsv", _pair("#1 String", "#2 String", None, encoding="utf-8-sig")),
+                "msr_train": ("msr_paraphrase_train.txt", _MRPC),
+                "msr_test": ("msr_paraphrase_test.txt", _MRPC),  # the labelled GLUE test pairs
+            },
+            label_values=("0", "1"),
+        ),
+        TaskSpec(
+            "rte",
+            ("rte", "RTE"),
+            _RTE_LABELS,
+            "accuracy",
+            {
+                "train": ("train.tsv", _pair("sentence1", "sentence2", "label")),
+                "dev": ("dev.tsv", _pair("sentence1", "sentence2", "label")),
+                "test": ("test.tsv", _pair("sentence1", "sentence2", None)),
+            },
+        ),
+        TaskSpec(
+            "mnli",
+            ("mnli", "MNLI"),
+            ("entailment", "neutral", "contradiction"),
+            "accuracy",
+            {
+                "train": ("train.tsv", _pair("sentence1", "sentence2", "gold_label")),
+                "dev_matched": ("dev_matched.tsv", _pair("sentence1", "sentence2", "gold_label")),
+                "dev_mismatched": ("dev_mismatched.tsv", _pair("sentence1", "sentence2", "gold_label")),
+                "test_matched": ("test_matched.tsv", _pair("sentence1", "sentence2", None)),
+                "test_mismatched": ("test_mismatched.tsv", _pair("sentence1", "sentence2", None)),
+            },
+            eval_split="dev_matched",
+        ),
+        TaskSpec(
+            "qnli",
+            ("qnli", "QNLI"),
+            _RTE_LABELS,
+            "accuracy",
+            {
+                "train": ("train.tsv", _pair("question", "sentence", "label")),
+                "dev": ("dev.tsv", _pair("question", "sentence", "label")),
+                "test": ("test.tsv", _pair("question", "sentence", None)),
+            },
+        ),
+        TaskSpec(
+            "qqp",
+            ("qqp", "QQP"),
+            ("not_duplicate", "duplicate"),
+            "f1",
+            {
+                "train": ("train.tsv", _pair("question1", "question2", "is_duplicate")),
+                "dev": ("dev.tsv", _pair("question1", "question2", "is_duplicate")),
+                "test": ("test.tsv", _pair("question1", "question2", None)),
+            },
+            label_values=("0", "1"),
+        ),
+        TaskSpec(
+            "sst5",
+            ("sst5", "SST-5"),
+            ("very negative", "negative", "neutral", "positive", "very positive"),
+            "accuracy",
+            {
+                "train": ("train.tsv", _single()),
+                "dev": ("dev.tsv", _single()),
+                "test": ("test.tsv", _single()),
+            },
+            label_values=("0", "1", "2", "3", "4"),
+        ),
+        TaskSpec(
+            "imdb",
+            ("imdb", "IMDB"),
+            ("negative", "positive"),
+            "accuracy",
+            {
+                "train": ("train.tsv.gz", FileFormat(("text",), "label")),
+                "test": ("test.tsv.gz", FileFormat(("text",), "label")),
+            },
+            label_values=("0", "1"),
+            eval_split="test",
+        ),
+        # Generated by student_trainer.synthetic (SST-2 layout); not a real dataset.
+        TaskSpec(
+            "synthetic",
+            ("synthetic",),
+            ("negative", "positive"),
+            "accuracy",
+            {"train": ("train.tsv", _single()), "dev": ("dev.tsv", _single())},
+            label_values=("0", "1"),
+        ),
+    )
+}
+
+
+def get_task_spec(task: str) -> TaskSpec:
+    spec = TASKS.get(task.lower())
+    if spec is None:
+        raise UserError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}")
+    return spec
+
+
+def task_file(spec: TaskSpec, data_dir: str | Path, split: str) -> tuple[Path, FileFormat]:
+    """Find a split's file in ``data_dir`` itself (``glue_data/SST-2``) or in its task folder."""
+    if split not in spec.splits:
+        raise UserError(f"task {spec.name!r} has no split {split!r}; it has {', '.join(spec.splits)}")
+    filename, fmt = spec.splits[split]
+    data_dir = Path(data_dir)
+    candidates = [data_dir / filename] + [data_dir / d / filename for d in spec.dirnames]
+    for path in candidates:
+        if path.is_file():
+            return path, fmt
+    folders = ", ".join(str(data_dir / d) for d in spec.dirnames)
+    raise UserError(f"no {spec.name} {split} file {filename!r} in {data_dir} or {folders}")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Row:
+    """One parsed line: its texts and raw label, or why it cannot become an Example."""
+
+    line_no: int
+    texts: list[str] = field(default_factory=list)
+    raw_label: str | None = None
+    problem: str | None = None
+
+
+def _open_text(path: Path, encoding: str) -> io.TextIOBase:
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding=encoding, newline="")  # type: ignore[return-value]
+    return open(path, encoding=encoding, newline="")  # noqa: SIM115 - the caller closes it
+
+
+def _split_lines(
+    path: Path, *, delimiter: str, quoting: bool, encoding: str
+) -> Iterator[tuple[int, list[str]]]:
+    """(line number, fields) for every non-blank line; without quoting a line is a plain split."""
+    with _open_text(path, encoding) as handle:
+        if quoting:
+            reader = csv.reader(handle, delimiter=delimiter)
+            for fields in reader:
+                if fields:
+                    yield reader.line_num, fields
+        else:
+            for line_no, line in enumerate(handle, start=1):
+                line = line.rstrip("\r\n")
+                if line:
+                    yield line_no, line.split(delimiter)
+
+
+def _column_indices(columns: Sequence[str | int], header: list[str] | None, path: Path) -> list[int]:
+    indices = []
+    for column in columns:
+        if isinstance(column, int) or (header is None and str(column).isdigit()):
+            indices.append(int(column))
+        elif header is not None and column in header:
+            indices.append(header.index(column))
+        else:
+            have = f"the header has {header}" if header is not None else "the file has no header"
+            raise UserError(f"{path}: no column {column!r}; {have}")
+    return indices
+
+
+def _delimited_rows(path: Path, fmt: FileFormat, *, delimiter: str, quoting: bool) -> Iterator[_Row]:
+    lines = _split_lines(path, delimiter=delimiter, quoting=quoting, encoding=fmt.encoding)
+    header: list[str] | None = None
+    expected = fmt.num_columns
+    if fmt.header:
+        first = next(lines, None)
+        if first is None:
+            raise UserError(f"{path}: empty file")
+        header = [column.strip() for column in first[1]]
+        expected = len(header)
+    text_idx = _column_indices(fmt.text_columns, header, path)
+    label_idx = None if fmt.label_column is None else _column_indices([fmt.label_column], header, path)[0]
+    needed = max([*text_idx, label_idx or 0]) + 1
+    for line_no, fields in lines:
+        if (expected is not None and len(fields) != expected) or len(fields) < needed:
+            yield _Row(line_no, problem=f"expected {expected or needed} columns, found {len(fields)}")
+            continue
+        raw_label = None if label_idx is None else fields[label_idx]
+        yield _Row(line_no, [fields[i] for i in text_idx], raw_label)
+
+
+def _jsonl_rows(path: Path, text_columns: Sequence[str], label_column: str | None) -> Iterator[_Row]:
+    with _open_text(path, "utf-8-sig") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                yield _Row(line_no, problem=f"invalid JSON ({err.msg})")
+                continue
+            wanted = [*text_columns, *([label_column] if label_column is not None else [])]
+            missing = [c for c in wanted if not isinstance(record, dict) or c not in record]
+            if missing:
+                yield _Row(line_no, problem=f"missing field(s) {missing}")
+                continue
+            raw_label = None if label_column is None else str(record[label_column])
+            yield _Row(line_no, [str(record[c]) for c in text_columns], raw_label)
+
+
+def _label_lookup(raw_values: Sequence[str]) -> dict[str, int]:
+    """A label may be written as its raw value / name or as its integer index."""
+    lookup = {str(i): i for i in range(len(raw_values))}
+    lookup.update({value: i for i, value in enumerate(raw_values)})
+    return lookup
+
+
+def infer_label_names(raw_labels: Sequence[str]) -> list[str]:
+    """Integers become ``"0".."K-1"`` (K = largest + 1); anything else the sorted distinct strings."""
+    distinct = sorted({raw.strip() for raw in raw_labels})
+    if distinct and all(raw.isdigit() for raw in distinct):
+        return [str(i) for i in range(max(int(raw) for raw in distinct) + 1)]
+    return distinct
+
+
+def _collect(
+    rows: Iterator[_Row],
+    path: Path,
+    *,
+    name: str,
+    label_names: Sequence[str] | None,
+    raw_labels: Sequence[str] | None,
+    labelled: bool,
+    metric: str,
+    skip_bad_rows: bool,
+    max_examples: int | None,
+) -> TaskData:
+    """Rows -> Examples: map labels, reject bad rows (or skip and count them, warning once)."""
+    if labelled and label_names is None:
+        rows_list = list(rows)
+        label_names = infer_label_names([r.raw_label for r in rows_list if r.problem is None and r.raw_label])
+        rows = iter(rows_list)
+    label_names = list(label_names or [])
+    lookup = _label_lookup(raw_labels or label_names)
+    examples: list[Example] = []
+    skipped, first_problem = 0, ""
+    for row in rows:
+        if max_examples is not None and len(examples) >= max_examples:
+            break
+        problem = row.problem
+        if problem is None and any(not text.strip() for text in row.texts):
+            problem = "empty text"
+        label = UNLABELLED
+        if problem is None and labelled:
+            label = lookup.get((row.raw_label or "").strip(), UNLABELLED)
+            if label == UNLABELLED:
+                problem = (
+                    f"unknown label {row.raw_label!r} (expected one of {list(raw_labels or label_names)})"
+                )
+        if problem is not None:
+            if not skip_bad_rows:
+                raise UserError(
+                    f"{path}, line {row.line_no}: {problem} (pass --skip_bad_rows to skip such rows)"
+                )
+            skipped += 1
+            first_problem = first_problem or f"line {row.line_no}: {problem}"
+            continue
+        examples.append(Example(row.texts[0], row.texts[1] if len(row.texts) > 1 else None, label))
+    if skipped:
+        warnings.warn(f"skipped {skipped} malformed row(s) in {path} (first: {first_problem})", stacklevel=3)
+    if not examples:
+        raise UserError(f"{path}: no usable rows")
+    return TaskData(name, label_names, metric, examples, skipped)
+
+
+def load_task(
+    task: str,
+    data_dir: str | Path,
+    split: str = "train",
+    *,
+    skip_bad_rows: bool = False,
+    max_examples: int | None = None,
+) -> TaskData:
+    """Load one split of a registered task (see :data:`TASKS`) from ``data_dir``."""
+    spec = get_task_spec(task)
+    path, fmt = task_file(spec, data_dir, split)
+    return _collect(
+        _delimited_rows(path, fmt, delimiter="\t", quoting=False),
+        path,
+        name=spec.name,
+        label_names=spec.label_names,
+        raw_labels=spec.raw_labels,
+        labelled=fmt.label_column is not None,
+        metric=spec.metric,
+        skip_bad_rows=skip_bad_rows,
+        max_examples=max_examples,
+    )
+
+
+def load_file(
+    path: str | Path,
+    *,
+    text_columns: Sequence[str | int],
+    label_column: str | int | None,
+    label_names: Sequence[str] | None = None,
+    skip_bad_rows: bool = False,
+    max_examples: int | None = None,
+    metric: str = "accuracy",
+    header: bool = True,
+) -> TaskData:
+    """Load a CSV, TSV or JSONL file (``.gz`` too, chosen by extension) with a column mapping.
+
+    ``text_columns`` names one column (single sentence) or two (a pair); without a header
+    (``header=False``) columns are 0-based positions. Labels may be written as names from
+    ``label_names`` or as integer indices; without ``label_names`` they are inferred (see
+    :func:`infer_label_names`). CSV honours quotes; TSV has none (GLUE style).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no such file: {path}")
+    if not 1 <= len(text_columns) <= 2:
+        raise UserError(f"text_columns must name one or two columns, got {list(text_columns)}")
+    if metric not in METRICS:
+        raise UserError(f"metric {metric!r} is not one of {list(METRICS)}")
+    suffixes = [s.lower() for s in path.suffixes if s.lower() != ".gz"]
+    kind = suffixes[-1] if suffixes else ""
+    if kind in (".jsonl", ".json"):
+        label = None if label_column is None else str(label_column)
+        rows = _jsonl_rows(path, [str(c) for c in text_columns], label)
+    elif kind in (".csv", ".tsv"):
+        fmt = FileFormat(tuple(text_columns), label_column, header=header, encoding="utf-8-sig")
+        rows = _delimited_rows(path, fmt, delimiter="," if kind == ".csv" else "\t", quoting=kind == ".csv")
+    else:
+        raise UserError(f"{path}: unsupported file type {kind or '(none)'!r}; use .csv, .tsv or .jsonl")
+    return _collect(
+        rows,
+        path,
+        name=path.name,
+        label_names=label_names,
+        raw_labels=None,
+        labelled=label_column is not None,
+        metric=metric,
+        skip_bad_rows=skip_bad_rows,
+        max_examples=max_examples,
+    )
+
+
+def load_hf_dataset(
+    name: str,
+    *,
+    config: str | None = None,
+    split: str = "train",
+    text_columns: Sequence[str],
+    label_column: str | None,
+    label_names: Sequence[str] | None = None,
+    metric: str = "accuracy",
+    max_examples: int | None = None,
+) -> TaskData:
+    """Load a split of a Hugging Face hub dataset (needs the optional ``datasets`` package)."""
+    try:
+        import datasets  # type: ignore[import-not-found]
+    except ImportError as err:
+        raise UserError(
+            "loading hub datasets needs the `datasets` package: pip install 'dynamic-kd-service[datasets]'"
+        ) from err
+    try:
+        dataset = datasets.load_dataset(name, config, split=split)
+    except Exception as err:  # the hub raises many types: network, missing split, bad config
+        raise UserError(f"cannot load dataset {name!r} ({config}, {split}): {err}") from err
+    if label_column is not None and label_names is None:
+        feature = dataset.features.get(label_column)
+        label_names = list(feature.names) if hasattr(feature, "names") else None
+    if max_examples is not None:
+        dataset = dataset.select(range(min(max_examples, len(dataset))))
+    rows = (
+        _Row(
+            i + 1,
+            [str(record[c]) for c in text_columns],
+            None if label_column is None else str(record[label_column]),
+        )
+        for i, record in enumerate(dataset)
+    )
+    labelled = label_column is not None
+    return _collect(
+        rows,
+        Path(f"{name}/{config or ''}/{split}"),
+        name=name,
+        label_names=label_names,
+        raw_labels=None,
+        labelled=labelled,
+        metric=metric,
+        skip_bad_rows=False,
+        max_examples=None,
+    )
+
+
+def split_columns(text_columns: str | Sequence[str | int]) -> list[str | int]:
+    """``"sentence1,sentence2"`` (a command-line value) or a list -> a list of column names."""
+    if isinstance(text_columns, str):
+        return [c.strip() for c in text_columns.split(",") if c.strip()]
+    return list(text_columns)
+
+
+def load_train_and_eval(
+    *,
+    task: str | None = None,
+    data_dir: str | Path | None = None,
+    train_file: str | Path | None = None,
+    validation_file: str | Path | None = None,
+    text_columns: str | Sequence[str | int] = "sentence",
+    label_column: str | int = "label",
+    skip_bad_rows: bool = False,
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+) -> tuple[TaskData, TaskData | None]:
+    """What the CLIs' data options mean: ``--task``/``--data_dir`` (train + the task's eval split) or
+    ``--train_file`` [``--validation_file``] with a column mapping; eval labels follow the train labels.
+    """
+    if bool(task) == bool(train_file):
+        raise UserError("give either --task (with --data_dir) or --train_file")
+    if task:
+        if not data_dir:
+            raise UserError("--task needs --data_dir")
+        spec = get_task_spec(task)
+        train = load_task(
+            task, data_dir, "train", skip_bad_rows=skip_bad_rows, max_examples=max_train_samples
+        )
+        evaluation = load_task(
+            task, data_dir, spec.eval_split, skip_bad_rows=skip_bad_rows, max_examples=max_eval_samples
+        )
+        return train, evaluation
+    columns = split_columns(text_columns)
+    train = load_file(
+        train_file,  # type: ignore[arg-type]
+        text_columns=columns,
+        label_column=label_column,
+        skip_bad_rows=skip_bad_rows,
+        max_examples=max_train_samples,
+    )
+    if not validation_file:
+        return train, None
+    evaluation = load_file(
+        validation_file,
+        text_columns=columns,
+        label_column=label_column,
+        label_names=train.label_names,
+        skip_bad_rows=skip_bad_rows,
+        max_examples=max_eval_samples,
+    )
+    return train, evaluation
+
+
+def write_tsv(data: TaskData, path: str | Path) -> Path:
+    """Write ``sentence\tlabel`` (or ``sentence1\tsentence2\tlabel``) with a header, labels as indices.
+
+    Unlabelled data gets no label column. Tabs and newlines inside texts become spaces, since the
+    format has no quoting.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        handle.write(tsv_header(data.is_pair, data.is_labelled))
+        for example in data.examples:
+            handle.write(tsv_line(example, data.is_labelled))
+    return path
+
+
+def tsv_header(pair: bool, labelled: bool = True) -> str:
+    columns = ["sentence1", "sentence2"] if pair else ["sentence"]
+    return "\t".join(columns + (["label"] if labelled else [])) + "\n"
+
+
+def tsv_line(example: Example, labelled: bool = True) -> str:
+    texts = [example.text_a] if example.text_b is None else [example.text_a, example.text_b]
+    cells = [" ".join(text.split()) for text in texts] + ([str(example.label)] if labelled else [])
+    return "\t".join(cells) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenization and batching
+# --------------------------------------------------------------------------------------------
+
+
+class TokenizedDataset(Dataset):
+    """A split tokenized once up front (fast tokenizer, batched, truncated, unpadded).
+
+    Items carry their ``index`` (position in this dataset): the trainer uses it for exact resume
+    and as the key of its teacher-output cache.
+    """
+
+    def __init__(self, data: TaskData, tokenizer, max_seq_length: int, *, chunk_size: int = 2048):
+        self.data = data
+        self.input_ids: list[list[int]] = []
+        self.token_type_ids: list[list[int]] = []
+        examples = data.examples
+        for start in range(0, len(examples), chunk_size):
+            chunk = examples[start : start + chunk_size]
+            text_b = [e.text_b for e in chunk] if data.is_pair else None
+            encoded = tokenizer(
+                [e.text_a for e in chunk],
+                text_b,
+                truncation=True,
+                max_length=max_seq_length,
+                return_token_type_ids=True,
+                return_attention_mask=False,
+            )
+            self.input_ids.extend(encoded["input_ids"])
+            self.token_type_ids.extend(encoded["token_type_ids"])
+        self.labels = [e.label for e in examples]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, index: int) -> dict:
+        return {
+            "input_ids": self.input_ids[index],
+            "token_type_ids": self.token_type_ids[index],
+            "label": self.labels[index],
+            "index": index,
+        }
+
+    @property
+    def lengths(self) -> list[int]:
+        """Real token counts (with [CLS]/[SEP]): what FLOPs and length bucketing need."""
+        return [len(ids) for ids in self.input_ids]
+
+
+def collate_batch(items: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Pad to the longest item in the batch: input_ids, attention_mask, token_type_ids, labels, index."""
+    width = max(len(item["input_ids"]) for item in items)
+    input_ids = torch.full((len(items), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(items), width), dtype=torch.long)
+    token_type_ids = torch.zeros((len(items), width), dtype=torch.long)
+    for row, item in enumerate(items):
+        n = len(item["input_ids"])
+        input_ids[row, :n] = torch.tensor(item["input_ids"], dtype=torch.long)
+        attention_mask[row, :n] = 1
+        token_type_ids[row, :n] = torch.tensor(item["token_type_ids"], dtype=torch.long)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "token_type_ids": token_type_ids,
+        "labels": torch.tensor([item["label"] for item in items], dtype=torch.long),
+        "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
+    }
