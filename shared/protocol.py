@@ -111,6 +111,7 @@ class TeacherParameters(BaseModel):
     max_seq_length: int
     revision: str | None = None
     flops_per_token: float | None = None
+    intermediate_size: int | None = None
 
 
 class ModelMetadata(_Response):
@@ -136,6 +137,7 @@ class ModelMetadata(_Response):
             label_names=tuple(p.labels),
             vocab_size=p.vocab_size,
             max_seq_length=p.max_seq_length,
+            intermediate_size=p.intermediate_size,
         )
 
 

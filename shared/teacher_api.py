@@ -22,6 +22,7 @@ class TeacherInfo:
     label_names: tuple[str, ...]
     vocab_size: int
     max_seq_length: int
+    intermediate_size: int | None = None  # FFN width: the trainer's FLOPs model of vanilla KD needs it
 
 
 @dataclass

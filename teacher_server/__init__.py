@@ -1,1 +1,8 @@
-"""teacher_server package."""
+"""The teacher service: BERT teachers over the KServe Open Inference Protocol v2 (see DESIGN.md §3)."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("dynamic-kd-service")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0"

@@ -1,0 +1,66 @@
+"""The in-process teacher backend: the service's own engine, no network in between.
+
+Same interface, outputs and FLOPs accounting as the HTTP client, for offline runs and for
+measuring what the service costs over a plain forward pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from shared.teacher_api import TeacherAnswer, TeacherInfo, TeacherQuery
+from teacher_server.engine import TeacherEngine
+
+
+class LocalTeacherClient:
+    """A :class:`~student_trainer.teacher_client.TeacherClient` that runs the checkpoint here.
+
+    HTTP-only options (timeouts, retries, API keys) are accepted and ignored so one set of
+    trainer options works with both backends.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        name: str,
+        device: str = "cpu",
+        dtype: str = "fp32",
+        max_seq_length: int = 512,
+        revision: str | None = None,
+        **ignored_http_options: object,
+    ):
+        self.path = path
+        self.name = name
+        self.device = device
+        self.dtype = dtype
+        self.max_seq_length = max_seq_length
+        self.revision = revision
+        self.info: TeacherInfo | None = None
+        self._engine: TeacherEngine | None = None
+
+    async def start(self, ready_timeout_s: float = 300.0) -> TeacherInfo:
+        """Load the checkpoint (in a thread, bounded by ``ready_timeout_s``) and return its info."""
+        if self._engine is None:
+            load = asyncio.to_thread(
+                TeacherEngine.load,
+                self.name,
+                self.path,
+                revision=self.revision,
+                device=self.device,
+                dtype=self.dtype,
+                max_seq_length=self.max_seq_length,
+            )
+            self._engine = await asyncio.wait_for(load, timeout=ready_timeout_s)
+            self.info = self._engine.info
+        return self._engine.info
+
+    async def infer(self, query: TeacherQuery) -> TeacherAnswer:
+        """Run the query in a worker thread so the caller's event loop keeps going."""
+        if self._engine is None:
+            raise RuntimeError("LocalTeacherClient.start() must be awaited before infer()")
+        return await asyncio.to_thread(self._engine.run, query)
+
+    async def aclose(self) -> None:
+        self._engine = None

@@ -1,0 +1,405 @@
+"""One asyncio dynamic batcher per teacher: many small requests in, few full forward passes out.
+
+Requests are split into rows (instances). Rows answered by the cache never queue; the rest
+wait at most ``max_queue_delay_ms`` for company, then a *round* of queued requests is planned
+into forward passes: rows of the same output depth, sorted by length and cut into buckets
+(:func:`plan_batches`) within ``max_batch_size`` rows and ``max_batch_tokens`` padded tokens.
+Forward passes run one at a time in a worker thread, so the event loop keeps answering
+health checks and metrics. Every request gets its own rows back and, per row, an exact share
+of the FLOPs of the pass it rode in (rows of one pass have the same padded length).
+
+A request whose client went away or whose deadline passed is cancelled by its handler and
+its rows are skipped before the next pass is built.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections import defaultdict, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from shared.teacher_api import TeacherAnswer, TeacherQuery
+from teacher_server.cache import OutputCache, RowOutputs, row_key
+from teacher_server.config import TeacherConfig
+from teacher_server.engine import OutputSpec, QueryError, TeacherEngine
+from teacher_server.metrics import ServiceMetrics
+
+# A round looks ahead at this many passes' worth of queued rows: enough choice for length
+# bucketing, little enough that the oldest requests are not held back behind new ones.
+ROUND_PASSES = 4
+
+
+class QueueFullError(Exception):
+    """The bounded queue is full; retry after ``retry_after_s`` seconds (HTTP 429)."""
+
+    def __init__(self, retry_after_s: int):
+        super().__init__(f"queue is full, retry after {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceededError(Exception):
+    """The request's own deadline passed before its answer was ready."""
+
+
+class ShuttingDownError(Exception):
+    """The service is draining and takes no new work (HTTP 503)."""
+
+
+@dataclass(eq=False)
+class _Request:
+    query: TeacherQuery
+    spec: OutputSpec
+    lengths: list[int]
+    enqueued: float
+    future: asyncio.Future[TeacherAnswer]
+    outputs: list[RowOutputs | None]
+    cache_keys: list[bytes | None]
+    cache_hits: int
+    todo: int
+    flops: int = 0
+    padded_tokens: int = 0
+    compute_s: float = 0.0
+    started: float | None = None
+
+    def pending_rows(self) -> list[int]:
+        return [i for i, out in enumerate(self.outputs) if out is None]
+
+
+@dataclass(frozen=True)
+class Row:
+    request: _Request
+    index: int
+    length: int
+
+
+@dataclass
+class _Group:
+    """Rows that need the same encoder depth, and the union of their layers."""
+
+    rows: list[Row] = field(default_factory=list)
+    cls_layers: set[int] = field(default_factory=set)
+    token_layers: set[int] = field(default_factory=set)
+
+
+def plan_batches(
+    rows: list[Row], max_rows: int, max_tokens: int, pass_overhead_tokens: int
+) -> list[list[Row]]:
+    """Sort rows by length and cut them into passes (length bucketing).
+
+    A pass ends at ``max_rows`` rows or ``max_tokens`` padded tokens (rows × longest row), or
+    when taking the next, longer row would pad the rows already in the pass by more tokens than
+    a separate pass costs (``pass_overhead_tokens``): cheap passes (CPU) make short, tight
+    buckets, expensive ones (GPU kernel launches) make few, large passes.
+    """
+    batches: list[list[Row]] = []
+    current: list[Row] = []
+    for row in sorted(rows, key=lambda r: r.length):
+        if current:
+            longest = current[-1].length
+            full = len(current) + 1 > max_rows or (len(current) + 1) * row.length > max_tokens
+            if full or len(current) * (row.length - longest) > pass_overhead_tokens:
+                batches.append(current)
+                current = []
+        current.append(row)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def slice_row(answer: TeacherAnswer, j: int, length: int, *, ran: OutputSpec, want: OutputSpec) -> RowOutputs:
+    """Row ``j`` of a pass that computed ``ran``, cut down to the layers ``want`` asked for."""
+    cls_index = [ran.cls_layers.index(k) for k in want.cls_layers]
+    token_index = [ran.token_layers.index(k) for k in want.token_layers]
+    return RowOutputs(
+        logits=answer.logits[j] if want.want_logits else None,
+        hidden_cls=answer.hidden_cls[j, cls_index] if cls_index else None,
+        hidden_states=answer.hidden_states[j, token_index, :length] if token_index else None,
+    )
+
+
+class DynamicBatcher:
+    """Queue, plan and run one teacher's work; :meth:`infer` is the only entry point."""
+
+    def __init__(
+        self, engine: TeacherEngine, config: TeacherConfig, *, cache: OutputCache, metrics: ServiceMetrics
+    ):
+        self.engine = engine
+        self.config = config
+        self.cache = cache
+        self.metrics = metrics
+        self.name = engine.info.name
+        self._queue: deque[_Request] = deque()
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"teacher-{self.name}")
+        self._task: asyncio.Task[None] | None = None
+        self._seconds_per_row = 0.05  # refined after every pass; only used for Retry-After
+        self._pad_id = int(engine.config.pad_token_id or 0)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._serve(), name=f"batcher-{self.name}")
+
+    async def infer(self, query: TeacherQuery, *, timeout_s: float | None = None) -> TeacherAnswer:
+        """Answer one request; raises QueryError, QueueFullError, DeadlineExceededError, ShuttingDownError."""
+        if self._closing:
+            self.metrics.rejected.labels(self.name, "shutting_down").inc()
+            raise ShuttingDownError(f"teacher {self.name!r} is shutting down")
+        self.engine.validate(query)
+        rows = query.input_ids.shape[0]
+        if rows > self.config.max_batch_size:
+            raise QueryError("input_ids", f"{rows} rows exceed max_batch_size {self.config.max_batch_size}")
+        request = self._prepare(query)
+        if request.todo == 0:
+            return self._answer(request)
+        if len(self._queue) >= self.config.max_queue_size:
+            self.metrics.rejected.labels(self.name, "queue_full").inc()
+            raise QueueFullError(self._retry_after_s())
+        self._queue.append(request)
+        self.metrics.queue_depth.labels(self.name).set(len(self._queue))
+        self._wakeup.set()
+        try:
+            return await asyncio.wait_for(request.future, timeout_s)
+        except TimeoutError:
+            self.metrics.rejected.labels(self.name, "deadline").inc()
+            raise DeadlineExceededError(f"no answer within {timeout_s * 1000:.0f} ms") from None
+        except asyncio.CancelledError:  # the handler gave up: its client disconnected
+            self.metrics.rejected.labels(self.name, "cancelled").inc()
+            raise
+
+    async def close(self, timeout_s: float) -> None:
+        """Stop taking work, finish what is queued (bounded by ``timeout_s``), fail the rest."""
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
+            except TimeoutError:
+                self._task.cancel()
+        for request in self._queue:
+            if not request.future.done():
+                request.future.set_exception(ShuttingDownError("the service stopped before this request ran"))
+        self._queue.clear()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- admission ------------------------------------------------------------------------------
+
+    def _prepare(self, query: TeacherQuery) -> _Request:
+        """Split into rows and answer what the cache already knows."""
+        spec = OutputSpec.of(query)
+        lengths = [int(n) for n in query.attention_mask.sum(dim=1).tolist()]
+        types = (
+            query.token_type_ids if query.token_type_ids is not None else torch.zeros_like(query.input_ids)
+        )
+        outputs: list[RowOutputs | None] = [None] * len(lengths)
+        keys: list[bytes | None] = [None] * len(lengths)
+        use_cache = query.use_cache and self.cache.max_bytes > 0
+        for i, length in enumerate(lengths if use_cache else ()):
+            key = row_key(
+                self.name, self.engine.revision, query.input_ids[i, :length], types[i, :length], spec
+            )
+            outputs[i] = self.cache.get(key)
+            keys[i] = key if outputs[i] is None else None
+        hits = sum(out is not None for out in outputs)
+        if use_cache:
+            self.metrics.cache_hits.labels(self.name).inc(hits)
+            self.metrics.cache_misses.labels(self.name).inc(len(lengths) - hits)
+        loop = asyncio.get_running_loop()
+        return _Request(
+            query=query,
+            spec=spec,
+            lengths=lengths,
+            enqueued=loop.time(),
+            future=loop.create_future(),
+            outputs=outputs,
+            cache_keys=keys,
+            cache_hits=hits,
+            todo=len(lengths) - hits,
+        )
+
+    def _retry_after_s(self) -> int:
+        queued_rows = sum(r.todo for r in self._queue)
+        return max(1, min(60, math.ceil(queued_rows * self._seconds_per_row)))
+
+    # -- scheduling -----------------------------------------------------------------------------
+
+    async def _serve(self) -> None:
+        while True:
+            requests = await self._next_round()
+            if not requests:
+                return
+            await self._run_round(requests)
+
+    async def _next_round(self) -> list[_Request]:
+        """Wait for work, then for company (bounded delay), then take a round FIFO."""
+        loop = asyncio.get_running_loop()
+        delay = self.config.max_queue_delay_ms / 1000
+        while True:
+            self._drop_finished()
+            if not self._queue:
+                if self._closing:
+                    return []
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            wait = self._queue[0].enqueued + delay - loop.time()
+            if not self.config.dynamic_batching or self._closing or wait <= 0 or self._a_pass_is_full():
+                break
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), wait)
+        taken: list[_Request] = []
+        rows = tokens = 0
+        while self._queue and (
+            not taken
+            or self.config.dynamic_batching
+            and rows < ROUND_PASSES * self.config.max_batch_size
+            and tokens < ROUND_PASSES * self.config.max_batch_tokens
+        ):
+            request = self._queue.popleft()
+            taken.append(request)
+            rows += request.todo
+            tokens += sum(request.lengths)
+        self.metrics.queue_depth.labels(self.name).set(len(self._queue))
+        return taken
+
+    def _drop_finished(self) -> None:
+        """Forget requests that were cancelled (client gone, deadline passed) while queued."""
+        live = [r for r in self._queue if not r.future.done()]
+        if len(live) != len(self._queue):
+            self._queue = deque(live)
+            self.metrics.queue_depth.labels(self.name).set(len(live))
+
+    def _a_pass_is_full(self) -> bool:
+        rows = sum(r.todo for r in self._queue)
+        tokens = sum(sum(r.lengths) for r in self._queue)
+        return rows >= self.config.max_batch_size or tokens >= self.config.max_batch_tokens
+
+    async def _run_round(self, requests: list[_Request]) -> None:
+        # without dynamic batching a request runs as sent: never split to save padding
+        overhead = (
+            self.config.effective_pass_overhead_tokens
+            if self.config.dynamic_batching
+            else self.config.max_batch_tokens
+        )
+        groups: dict[tuple[int, bool], _Group] = defaultdict(_Group)
+        for request in requests:
+            group = groups[(request.spec.depth(self.engine.info.num_layers), request.spec.want_logits)]
+            group.rows += [Row(request, i, request.lengths[i]) for i in request.pending_rows()]
+            group.cls_layers.update(request.spec.cls_layers)
+            group.token_layers.update(request.spec.token_layers)
+        for (_, want_logits), group in groups.items():
+            spec = OutputSpec(want_logits, tuple(sorted(group.cls_layers)), tuple(sorted(group.token_layers)))
+            passes = plan_batches(
+                group.rows, self.config.max_batch_size, self.config.max_batch_tokens, overhead
+            )
+            for batch in passes:
+                live = [row for row in batch if not row.request.future.done()]
+                if live:
+                    await self._run_pass(live, spec)
+
+    # -- one forward pass -----------------------------------------------------------------------
+
+    async def _run_pass(self, rows: list[Row], spec: OutputSpec) -> None:
+        loop = asyncio.get_running_loop()
+        query = self._merge(rows, spec)
+        requests = list(dict.fromkeys(row.request for row in rows))
+        started = loop.time()
+        for request in requests:
+            if request.started is None:
+                request.started = started
+                self.metrics.queue_wait.labels(self.name).observe(started - request.enqueued)
+        clock = time.perf_counter()
+        try:
+            answer = await loop.run_in_executor(self._executor, self.engine.run, query)
+        except Exception as err:  # a bug or out of memory: fail these requests, keep serving
+            for request in requests:
+                if not request.future.done():
+                    request.future.set_exception(err)
+            return
+        seconds = time.perf_counter() - clock
+        self._record_pass(rows, requests, answer, seconds)
+        self._scatter(rows, requests, spec, answer, seconds)
+
+    def _merge(self, rows: list[Row], spec: OutputSpec) -> TeacherQuery:
+        """Pad the rows to the longest one (which bucketing kept short)."""
+        length = max(row.length for row in rows)
+        ids = torch.full((len(rows), length), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        types = torch.zeros((len(rows), length), dtype=torch.long)
+        for j, row in enumerate(rows):
+            query, n = row.request.query, row.length
+            ids[j, :n] = query.input_ids[row.index, :n]
+            mask[j, :n] = 1
+            if query.token_type_ids is not None:
+                types[j, :n] = query.token_type_ids[row.index, :n]
+        return TeacherQuery(ids, mask, types, spec.want_logits, spec.cls_layers, spec.token_layers)
+
+    def _record_pass(
+        self, rows: list[Row], requests: list[_Request], answer: TeacherAnswer, seconds: float
+    ) -> None:
+        m, name = self.metrics, self.name
+        m.batch_compute.labels(name).observe(seconds)
+        m.batch_size.labels(name).observe(len(rows))
+        m.batch_requests.labels(name).observe(len(requests))
+        m.padding_efficiency.labels(name).observe(answer.tokens / answer.padded_tokens)
+        m.tokens.labels(name).inc(answer.tokens)
+        m.padded_tokens.labels(name).inc(answer.padded_tokens)
+        m.flops.labels(name).inc(answer.teacher_flops)
+        self._seconds_per_row = 0.8 * self._seconds_per_row + 0.2 * seconds / len(rows)
+
+    def _scatter(
+        self,
+        rows: list[Row],
+        requests: list[_Request],
+        spec: OutputSpec,
+        answer: TeacherAnswer,
+        seconds: float,
+    ) -> None:
+        """Give each row its outputs (only the layers its request asked for) and its FLOPs share."""
+        flops_per_row = answer.teacher_flops // len(rows)
+        padded_length = answer.padded_tokens // len(rows)
+        for request in requests:
+            request.compute_s += seconds
+        for j, row in enumerate(rows):
+            request = row.request
+            out = slice_row(answer, j, row.length, ran=spec, want=request.spec)
+            request.outputs[row.index] = out
+            key = request.cache_keys[row.index]
+            if key is not None:
+                self.cache.put(key, out)
+            request.flops += flops_per_row
+            request.padded_tokens += padded_length
+            request.todo -= 1
+            if request.todo == 0 and not request.future.done():
+                request.future.set_result(self._answer(request))
+        self.metrics.cache_bytes.set(self.cache.bytes_used)
+
+    def _answer(self, request: _Request) -> TeacherAnswer:
+        """Stack the rows back into the request's own shapes ([B, …, L, H] padded with zeros)."""
+        outputs = [out for out in request.outputs if out is not None]
+        want, length = request.spec, request.query.input_ids.shape[1]
+        hidden_states = None
+        if want.token_layers:
+            hidden_states = torch.stack(
+                [
+                    torch.nn.functional.pad(out.hidden_states, (0, 0, 0, length - out.hidden_states.shape[1]))
+                    for out in outputs
+                ]
+            )
+        queue_s = (request.started - request.enqueued) if request.started is not None else 0.0
+        return TeacherAnswer(
+            logits=torch.stack([out.logits for out in outputs]) if want.want_logits else None,
+            hidden_cls=torch.stack([out.hidden_cls for out in outputs]) if want.cls_layers else None,
+            hidden_states=hidden_states,
+            teacher_flops=request.flops,
+            tokens=sum(request.lengths),
+            padded_tokens=request.padded_tokens,
+            cache_hits=request.cache_hits,
+            extra={"queue_us": round(queue_s * 1e6), "compute_us": round(request.compute_s * 1e6)},
+        )

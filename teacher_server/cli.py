@@ -1,0 +1,115 @@
+"""`teacher-server --config teachers.yaml`: validate the config, then serve it with uvicorn.
+
+A bad config or API-key variable is one line on stderr and exit 2 before anything starts; a
+teacher that fails to load stops the server with one line and exit 2. Logs are JSON lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from datetime import UTC, datetime
+
+import uvicorn
+from transformers.utils import logging as hf_logging
+
+from shared.errors import UserError
+from teacher_server.app import create_app
+from teacher_server.config import load_config
+
+_RECORD_FIELDS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "color_message",
+    "taskName",
+}
+
+
+class JsonLinesFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and any ``extra`` fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.name == "uvicorn.access" and isinstance(record.args, tuple) and len(record.args) == 5:
+            client, method, path, _, status = record.args
+            entry.update(client=client, method=method, path=path, status=status)
+        entry.update({k: v for k, v in vars(record).items() if k not in _RECORD_FIELDS})
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLinesFormatter())
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    hf_logging.disable_progress_bar()
+
+
+def read_api_key(variable: str | None) -> str | None:
+    """The key lives in the environment, never on the command line (it would show in ``ps``)."""
+    if variable is None:
+        return None
+    key = os.environ.get(variable, "")
+    if not key:
+        raise UserError(f"--api-key-env {variable}: the environment variable {variable} is not set or empty")
+    return key
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="teacher-server",
+        description="Serve BERT teachers over the KServe Open Inference Protocol v2 (REST).",
+    )
+    parser.add_argument("--config", required=True, help="YAML file listing the teachers")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key-env", metavar="NAME", help="require 'Authorization: Bearer $NAME'")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        config = load_config(args.config)
+        api_key = read_api_key(args.api_key_env)
+    except UserError as err:
+        print(f"teacher-server: error: {err}", file=sys.stderr)
+        return 2
+
+    failures: list[str] = []
+
+    def stop_serving(message: str) -> None:
+        failures.append(message)
+        server.should_exit = True
+
+    app = create_app(config, api_key=api_key, on_load_failure=stop_serving)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=args.host,
+            port=args.port,
+            log_config=None,
+            log_level=args.log_level,
+            timeout_graceful_shutdown=int(config.drain_timeout_s),
+        )
+    )
+    server.run()
+    if failures:
+        print(f"teacher-server: error: {' '.join(failures[0].split())}", file=sys.stderr)
+        return 2
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

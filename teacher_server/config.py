@@ -1,0 +1,128 @@
+"""The service's YAML configuration, validated at the edge so a typo fails at start, not at 3 a.m.
+
+```yaml
+cache_max_bytes: 268435456        # teacher-output cache (0 = off)
+teachers:
+  - name: small
+    path: ./teachers/bert-base-sst2   # local dir (relative to this file) or hub id
+    revision: main
+    device: cuda:0
+    dtype: bf16
+    max_batch_tokens: 16384
+```
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from shared.errors import UserError
+
+DEVICE_PATTERN = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
+CPU_PASS_OVERHEAD_TOKENS = 8
+ACCELERATOR_PASS_OVERHEAD_TOKENS = 4096
+
+
+class TeacherConfig(BaseModel):
+    """One hosted teacher and the limits of its dynamic batcher."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)
+    path: str = Field(min_length=1, description="local checkpoint dir or Hugging Face hub id")
+    revision: str | None = None
+    device: str = "cpu"
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    max_seq_length: int = Field(512, ge=1)
+    max_batch_tokens: int = Field(8192, ge=1, description="padded tokens per forward pass")
+    max_batch_size: int = Field(64, ge=1, description="rows per forward pass and per request")
+    max_queue_delay_ms: float = Field(5.0, ge=0, description="how long a request may wait for company")
+    max_queue_size: int = Field(256, ge=1, description="queued requests before 429")
+    dynamic_batching: bool = Field(True, description="false: every request runs alone (for comparisons)")
+    pass_overhead_tokens: int | None = Field(
+        None, ge=0, description="what one more forward pass costs, in padded tokens (default: by device)"
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device: str) -> str:
+        if not DEVICE_PATTERN.match(device):
+            raise ValueError(f"{device!r} is not cpu, cuda, cuda:N or mps")
+        return device
+
+    @property
+    def effective_pass_overhead_tokens(self) -> int:
+        """A pass costs next to nothing beyond its tokens on CPU; on a GPU, kernel launches cost
+        about as much as a few thousand tokens of compute."""
+        if self.pass_overhead_tokens is not None:
+            return self.pass_overhead_tokens
+        return CPU_PASS_OVERHEAD_TOKENS if self.device == "cpu" else ACCELERATOR_PASS_OVERHEAD_TOKENS
+
+    @model_validator(mode="after")
+    def _longest_sequence_fits_a_batch(self) -> TeacherConfig:
+        if self.max_batch_tokens < self.max_seq_length:
+            raise ValueError(
+                f"max_batch_tokens ({self.max_batch_tokens}) must be >= "
+                f"max_seq_length ({self.max_seq_length})"
+            )
+        return self
+
+
+class ServerConfig(BaseModel):
+    """Everything ``teacher-server`` needs besides host, port and the API key."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    teachers: list[TeacherConfig] = Field(min_length=1)
+    cache_max_bytes: int = Field(256 * 2**20, ge=0, description="byte budget of the output cache; 0 = off")
+    max_body_bytes: int = Field(64 * 2**20, ge=1, description="larger request bodies get 413")
+    drain_timeout_s: float = Field(30.0, ge=0, description="graceful shutdown: time to finish queued work")
+    warmup: bool = Field(True, description="run each teacher once before reporting ready")
+
+    @field_validator("teachers")
+    @classmethod
+    def _unique_names(cls, teachers: list[TeacherConfig]) -> list[TeacherConfig]:
+        names = [t.name for t in teachers]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"teacher names must be unique, repeated: {duplicates}")
+        return teachers
+
+
+def load_config(path: str | Path) -> ServerConfig:
+    """Read and validate a YAML config; any problem is one :class:`UserError` line naming file and key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise UserError(f"{path}: cannot read config: {err.strerror or err}") from err
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from err
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: the config must be a mapping with a 'teachers' list")
+    try:
+        config = ServerConfig.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors(include_url=False)[0]
+        key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+        raise UserError(f"{path}: {key}: {first['msg']}") from None
+    for index, teacher in enumerate(config.teachers):
+        teacher.path = _resolve_model_path(teacher.path, path.parent, f"{path}: teachers.{index}.path")
+    return config
+
+
+def _resolve_model_path(value: str, base: Path, where: str) -> str:
+    """Relative local paths are relative to the config file; anything else not on disk is a hub id."""
+    candidate = Path(value).expanduser()
+    if not candidate.is_absolute():
+        candidate = base / candidate
+    if candidate.exists():
+        return str(candidate.resolve())
+    if value.startswith(("/", "./", "../", "~")):
+        raise UserError(f"{where}: {value!r} does not exist")
+    return value

@@ -1,0 +1,203 @@
+"""The teacher engine and the in-process client: same numbers as transformers, early exit, FLOPs."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from transformers import RobertaConfig, RobertaForSequenceClassification
+
+from shared.flops import encoder_forward_flops
+from shared.teacher_api import TeacherQuery
+from student_trainer.local_client import LocalTeacherClient
+from student_trainer.teacher_client import make_teacher_client
+from teacher_server.engine import QueryError, TeacherEngine
+from tests.tiny_models import save_tiny_tokenizer, tiny_vocab
+
+TEXTS = ["a good movie", "the plot was boring and the acting awful , really bad", "fun !"]
+PAIRS = ["i like it", "not great", "the best film of the year"]
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_teachers) -> dict[str, TeacherEngine]:
+    return {name: TeacherEngine.load(name, path) for name, path in tiny_teachers.items()}
+
+
+def reference(engine: TeacherEngine, ids, mask, types):
+    """What plain transformers computes: logits and every hidden state."""
+    with torch.inference_mode():
+        out = engine.model(
+            input_ids=ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True
+        )
+    return out.logits, out.hidden_states
+
+
+@pytest.mark.parametrize("teacher", ["small", "large"])
+@pytest.mark.parametrize(
+    ("want_logits", "cls_layers", "token_layers"),
+    [(True, (), ()), (False, (0,), ()), (False, (1, 2), (2,)), (True, (0, 2, 1), (0, 1))],
+)
+def test_outputs_equal_transformers(engines, teacher, want_logits, cls_layers, token_layers):
+    engine = engines[teacher]
+    ids, mask, types = engine.tokenize(TEXTS, PAIRS)
+    answer = engine.run(TeacherQuery(ids, mask, types, want_logits, cls_layers, token_layers))
+    logits, hidden = reference(engine, ids, mask, types)
+    if want_logits:
+        torch.testing.assert_close(answer.logits, logits, atol=1e-5, rtol=0)
+    else:
+        assert answer.logits is None
+    if cls_layers:
+        assert answer.hidden_cls.shape == (3, len(cls_layers), engine.info.hidden_size)
+        for j, layer in enumerate(cls_layers):
+            torch.testing.assert_close(answer.hidden_cls[:, j], hidden[layer][:, 0], atol=1e-5, rtol=0)
+    else:
+        assert answer.hidden_cls is None
+    if token_layers:
+        assert answer.hidden_states.shape == (3, len(token_layers), ids.shape[1], engine.info.hidden_size)
+        for j, layer in enumerate(token_layers):
+            real = mask.bool()
+            torch.testing.assert_close(
+                answer.hidden_states[:, j][real], hidden[layer][real], atol=1e-5, rtol=0
+            )
+            assert answer.hidden_states[:, j][~real].abs().sum() == 0  # padding is zeroed, not garbage
+    assert answer.tokens == int(mask.sum()) and answer.padded_tokens == ids.numel()
+    for tensor in (answer.logits, answer.hidden_cls, answer.hidden_states):
+        assert tensor is None or (tensor.dtype == torch.float32 and tensor.device.type == "cpu")
+
+
+def test_early_exit_runs_only_the_layers_needed(engines):
+    engine = engines["large"]  # 4 layers
+    calls = []
+    hooks = [
+        layer.register_forward_hook(lambda m, i, o, k=k: calls.append(k))
+        for k, layer in enumerate(engine.model.bert.encoder.layer, start=1)
+    ]
+    hooks.append(engine.model.bert.pooler.register_forward_hook(lambda m, i, o: calls.append("pooler")))
+    try:
+        ids, mask, types = engine.tokenize(TEXTS)
+        answer = engine.run(TeacherQuery(ids, mask, types, want_logits=False, cls_layers=(0, 2)))
+        assert calls == [1, 2]
+        batch, length = ids.shape
+        assert answer.teacher_flops == encoder_forward_flops(
+            engine.config, [length] * batch, 2, with_head=False
+        )
+        calls.clear()
+        answer = engine.run(TeacherQuery(ids, mask, types, want_logits=False, cls_layers=(0,)))
+        assert calls == [] and answer.teacher_flops == 0
+        answer = engine.run(TeacherQuery(ids, mask, types, want_logits=True))
+        assert calls == [1, 2, 3, 4, "pooler"]
+        assert answer.teacher_flops == encoder_forward_flops(engine.config, [length] * batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def query_with(engine, **changes) -> TeacherQuery:
+    """The tokenized TEXTS ([3, 13]) with some fields replaced; new ``input_ids`` come unpadded."""
+    ids, mask, types = engine.tokenize(TEXTS)
+    if "input_ids" in changes:
+        ids = changes["input_ids"]
+        mask, types = torch.ones(ids.shape, dtype=torch.long), None
+    fields = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "want_logits": True}
+    return TeacherQuery(**{**fields, **changes})
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"input_ids": torch.full((2, 5), 10_000)}, "input_ids"),
+        ({"input_ids": torch.full((2, 5), -1)}, "input_ids"),
+        ({"input_ids": torch.ones(2, 5)}, "input_ids"),  # float ids
+        ({"input_ids": torch.ones(5, dtype=torch.long)}, "input_ids"),  # 1-D
+        ({"input_ids": torch.ones(1, 129, dtype=torch.long)}, "input_ids"),  # > max_seq_length 128
+        ({"attention_mask": torch.ones(3, 2, dtype=torch.long)}, "attention_mask"),
+        ({"attention_mask": torch.full((3, 13), 2)}, "attention_mask"),
+        ({"attention_mask": torch.tensor([[0] + [1] * 12] * 3)}, "attention_mask"),  # left padding
+        ({"token_type_ids": torch.full((3, 13), 5)}, "token_type_ids"),
+        ({"token_type_ids": torch.zeros(3, 3, dtype=torch.long)}, "token_type_ids"),
+        ({"cls_layers": (0, 3)}, "cls_layers"),  # small teacher has 2 layers
+        ({"token_layers": (-1,)}, "token_layers"),
+        ({"want_logits": False}, "outputs"),
+    ],
+)
+def test_invalid_queries_name_the_field(engines, changes, field):
+    engine = engines["small"]
+    assert query_with(engine).input_ids.shape == (3, 13)  # the shape the cases above are written for
+    with pytest.raises(QueryError) as err:
+        engine.run(query_with(engine, **changes))
+    assert err.value.field == field and isinstance(err.value, ValueError)
+
+
+def test_tokenize_truncates_and_checks_pairs(tiny_teachers):
+    engine = TeacherEngine.load("small", tiny_teachers["small"], max_seq_length=8)
+    ids, mask, types = engine.tokenize(["one two three four five six seven eight nine ten"], ["a b c"])
+    assert ids.shape == (1, 8) and mask.all() and types.max() == 1
+    with pytest.raises(QueryError) as err:
+        engine.tokenize(["a", "b"], ["c"])
+    assert err.value.field == "text_pair"
+
+
+def test_info_describes_the_teacher(engines):
+    info = engines["large"].info
+    assert (info.name, info.num_layers, info.hidden_size, info.num_labels) == ("large", 4, 48, 2)
+    assert info.label_names == ("negative", "positive")
+    assert info.vocab_size == len(tiny_vocab())
+    assert info.max_seq_length == 128  # min(512 asked, 128 position embeddings)
+
+
+def test_other_bert_family_heads_run_the_full_model(tmp_path):
+    torch.manual_seed(0)
+    config = RobertaConfig(
+        vocab_size=len(tiny_vocab()),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=130,
+        num_labels=3,
+        type_vocab_size=1,
+    )
+    RobertaForSequenceClassification(config).eval().save_pretrained(tmp_path)
+    save_tiny_tokenizer(tmp_path)
+    engine = TeacherEngine.load("roberta", tmp_path)
+    assert not engine.early_exit
+    ids, mask, _ = engine.tokenize(TEXTS)
+    answer = engine.run(TeacherQuery(ids, mask, None, want_logits=True, cls_layers=(1,)))
+    logits, hidden = reference(engine, ids, mask, None)
+    torch.testing.assert_close(answer.logits, logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(answer.hidden_cls[:, 0], hidden[1][:, 0], atol=1e-5, rtol=0)
+    assert answer.teacher_flops == encoder_forward_flops(engine.config, [ids.shape[1]] * 3)
+
+
+def test_bf16_teacher_returns_float32_close_to_fp32(tiny_teachers, engines):
+    engine = TeacherEngine.load("small", tiny_teachers["small"], dtype="bf16")
+    assert engine.dtype == torch.bfloat16
+    query = query_with(engine, cls_layers=(2,))
+    answer = engine.run(query)
+    exact = engines["small"].run(query)
+    assert answer.logits.dtype == torch.float32
+    torch.testing.assert_close(answer.logits, exact.logits, atol=0.1, rtol=0.05)
+    torch.testing.assert_close(answer.hidden_cls, exact.hidden_cls, atol=0.1, rtol=0.05)
+
+
+def test_local_client_answers_like_the_engine(tiny_teachers, engines):
+    client = make_teacher_client(f"local:{tiny_teachers['large']}", name="large", timeout_s=3, api_key="x")
+    assert isinstance(client, LocalTeacherClient)
+    query = query_with(engines["large"], cls_layers=(0, 4))
+
+    async def scenario():
+        with pytest.raises(RuntimeError):
+            await client.infer(query)
+        info = await client.start(ready_timeout_s=60)
+        answers = await asyncio.gather(client.infer(query), client.infer(query))
+        await client.aclose()
+        return info, answers
+
+    info, answers = asyncio.run(scenario())
+    assert info == engines["large"].info and client.info == info
+    expected = engines["large"].run(query)
+    for answer in answers:
+        torch.testing.assert_close(answer.logits, expected.logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(answer.hidden_cls, expected.hidden_cls, atol=1e-5, rtol=0)
+        assert answer.teacher_flops == expected.teacher_flops > 0

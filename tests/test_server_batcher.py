@@ -1,0 +1,271 @@
+"""The dynamic batcher and the output cache, driven directly (no HTTP)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from shared.flops import encoder_forward_flops
+from shared.teacher_api import TeacherQuery
+from teacher_server.batcher import (
+    DeadlineExceededError,
+    DynamicBatcher,
+    QueueFullError,
+    Row,
+    ShuttingDownError,
+    plan_batches,
+)
+from teacher_server.cache import OutputCache, RowOutputs, row_key
+from teacher_server.config import TeacherConfig
+from teacher_server.engine import OutputSpec, QueryError, TeacherEngine
+from teacher_server.metrics import ServiceMetrics
+
+SENTENCES = [
+    "a good movie",
+    "the plot was boring and the acting awful , really bad",
+    "fun !",
+    "i like it but the music is not great and the story is dull",
+    "best film",
+    "it was a very very long and very very sad story about one actor",
+]
+
+
+class CountingEngine(TeacherEngine):
+    """The real engine, recording the shape of every pass it runs."""
+
+    passes: list[tuple[int, int]]
+
+    def run(self, query):
+        self.passes.append(tuple(query.input_ids.shape))
+        return super().run(query)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_teachers) -> CountingEngine:
+    loaded = CountingEngine.load("large", tiny_teachers["large"])
+    loaded.passes = []
+    return loaded
+
+
+def make_batcher(engine, cache_bytes=0, **limits) -> DynamicBatcher:
+    engine.passes.clear()
+    config = TeacherConfig(name="large", path="unused", **limits)
+    return DynamicBatcher(engine, config, cache=OutputCache(cache_bytes), metrics=ServiceMetrics())
+
+
+def sample(metrics: ServiceMetrics, name: str, **labels) -> float:
+    return metrics.registry.get_sample_value(name, {"model": "large", **labels}) or 0.0
+
+
+def query(engine, texts, **outputs) -> TeacherQuery:
+    ids, mask, types = engine.tokenize(texts)
+    return TeacherQuery(ids, mask, types, **{"want_logits": True, **outputs})
+
+
+def test_plan_batches_buckets_by_length_within_budgets():
+    rows = [Row(None, i, n) for i, n in enumerate([5, 30, 6, 31, 7, 29, 8])]
+    expensive = plan_batches(rows, max_rows=3, max_tokens=64, pass_overhead_tokens=1000)
+    assert [[r.length for r in b] for b in expensive] == [[5, 6, 7], [8, 29], [30, 31]]
+    cheap = plan_batches(rows, max_rows=3, max_tokens=64, pass_overhead_tokens=8)
+    assert [[r.length for r in b] for b in cheap] == [[5, 6, 7], [8], [29, 30], [31]]  # 8 not padded to 29
+    for batch in expensive + cheap:
+        assert len(batch) <= 3 and len(batch) * max(r.length for r in batch) <= 64
+
+
+def test_concurrent_requests_share_a_pass_and_get_their_own_rows(engine):
+    batcher = make_batcher(engine, max_queue_delay_ms=200, max_batch_size=16, pass_overhead_tokens=10_000)
+    queries = [
+        query(engine, SENTENCES[:2]),
+        query(engine, SENTENCES[2:3], want_logits=False, cls_layers=(0, 3)),
+        query(engine, SENTENCES[3:6], cls_layers=(4,), token_layers=(1,)),
+    ]
+
+    async def scenario():
+        batcher.start()
+        answers = await asyncio.gather(*(batcher.infer(q) for q in queries))
+        await batcher.close(5)
+        return answers
+
+    answers = asyncio.run(scenario())
+    short = int(queries[1].attention_mask.sum())
+    longest = max(int(q.attention_mask.sum(dim=1).max()) for q in (queries[0], queries[2]))
+    # two depths (logits need 4 layers; the second request only layer 3) → two passes, not three
+    assert sorted(engine.passes) == sorted([(1, short), (5, longest)])
+    assert sample(batcher.metrics, "teacher_batch_requests_sum") == 3
+    for q, answer in zip(queries, answers, strict=True):
+        alone = TeacherEngine.run(engine, q)
+        for name in ("logits", "hidden_cls", "hidden_states"):
+            got, want = getattr(answer, name), getattr(alone, name)
+            assert (got is None) == (want is None)
+            if want is not None:
+                assert got.shape == want.shape
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        assert answer.tokens == int(q.attention_mask.sum())
+    # FLOPs: each row pays its share of the pass it rode in, at that pass's padded length
+    assert answers[1].teacher_flops == encoder_forward_flops(engine.config, [short], 3, with_head=False)
+    assert answers[0].teacher_flops == encoder_forward_flops(engine.config, [longest, longest])
+    total = sum(a.teacher_flops for a in answers)
+    assert total == sample(batcher.metrics, "teacher_flops_total")
+    assert sum(a.padded_tokens for a in answers) == short + 5 * longest
+
+
+def test_token_budget_splits_passes_by_length(engine):
+    batcher = make_batcher(engine, max_queue_delay_ms=200, max_batch_tokens=40, max_seq_length=20)
+    q = query(engine, SENTENCES)
+
+    async def scenario():
+        batcher.start()
+        answer = await batcher.infer(q)
+        await batcher.close(5)
+        return answer
+
+    answer = asyncio.run(scenario())
+    assert all(rows * length <= 40 for rows, length in engine.passes)
+    assert sum(rows for rows, _ in engine.passes) == 6 and len(engine.passes) > 1
+    torch.testing.assert_close(answer.logits, TeacherEngine.run(engine, q).logits, atol=1e-5, rtol=0)
+    assert answer.padded_tokens == sum(rows * length for rows, length in engine.passes)
+    assert answer.padded_tokens < q.input_ids.numel()  # bucketing beat padding every row to the longest
+
+
+def test_cache_answers_repeated_rows_and_can_be_bypassed(engine):
+    batcher = make_batcher(engine, cache_bytes=10**6, max_queue_delay_ms=0)
+    first = query(engine, SENTENCES[:3], cls_layers=(2,))
+    again = query(engine, SENTENCES[1:4], cls_layers=(2,))  # two rows seen before (other padding)
+
+    async def scenario():
+        batcher.start()
+        a = await batcher.infer(first)
+        b = await batcher.infer(again)
+        c = await batcher.infer(TeacherQuery(**{**vars(again), "use_cache": False}))
+        await batcher.close(5)
+        return a, b, c
+
+    a, b, c = asyncio.run(scenario())
+    assert (a.cache_hits, b.cache_hits, c.cache_hits) == (0, 2, 0)
+    assert sample(batcher.metrics, "teacher_cache_hits_total") == 2
+    assert sample(batcher.metrics, "teacher_cache_misses_total") == 3 + 1
+    assert engine.passes[1][0] == 1  # only the new sentence ran
+    assert b.teacher_flops < c.teacher_flops
+    torch.testing.assert_close(b.logits, c.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(b.hidden_cls, c.hidden_cls, atol=1e-5, rtol=0)
+
+
+def test_full_queue_rejects_with_retry_after(engine):
+    batcher = make_batcher(engine, max_queue_delay_ms=300, max_queue_size=1)
+    q = query(engine, SENTENCES[:1])
+
+    async def scenario():
+        batcher.start()
+        waiting = asyncio.ensure_future(batcher.infer(q))
+        await asyncio.sleep(0.05)
+        with pytest.raises(QueueFullError) as err:
+            await batcher.infer(q)
+        await waiting
+        await batcher.close(5)
+        return err.value
+
+    err = asyncio.run(scenario())
+    assert err.retry_after_s >= 1
+    assert sample(batcher.metrics, "teacher_rejected_total", reason="queue_full") == 1
+
+
+def test_expired_and_cancelled_requests_are_dropped_before_compute(engine):
+    batcher = make_batcher(engine, max_queue_delay_ms=300)
+    q = query(engine, SENTENCES[:2])
+
+    async def scenario():
+        batcher.start()
+        with pytest.raises(DeadlineExceededError):
+            await batcher.infer(q, timeout_s=0.02)
+        abandoned = asyncio.ensure_future(batcher.infer(q))
+        await asyncio.sleep(0.02)
+        abandoned.cancel()
+        await asyncio.sleep(0.4)  # past the queue delay: a pass would have run by now
+        await batcher.close(5)
+
+    asyncio.run(scenario())
+    assert engine.passes == []
+    assert sample(batcher.metrics, "teacher_rejected_total", reason="deadline") == 1
+    assert sample(batcher.metrics, "teacher_rejected_total", reason="cancelled") == 1
+
+
+def test_close_finishes_queued_work_then_refuses(engine):
+    batcher = make_batcher(engine, max_queue_delay_ms=10_000)
+    q = query(engine, SENTENCES[:2])
+
+    async def scenario():
+        batcher.start()
+        waiting = asyncio.ensure_future(batcher.infer(q))
+        await asyncio.sleep(0.02)
+        await batcher.close(5)  # does not wait out the 10 s delay
+        with pytest.raises(ShuttingDownError):
+            await batcher.infer(q)
+        return await waiting
+
+    answer = asyncio.run(asyncio.wait_for(scenario(), 5))
+    assert answer.logits.shape == (2, 2)
+
+
+def test_request_larger_than_max_batch_size_is_refused(engine):
+    batcher = make_batcher(engine, max_batch_size=2)
+    with pytest.raises(QueryError) as err:
+        asyncio.run(batcher.infer(query(engine, SENTENCES[:3])))
+    assert err.value.field == "input_ids"
+
+
+def test_cache_is_lru_within_its_byte_budget():
+    spec = OutputSpec(True, (), ())
+    row = RowOutputs(torch.zeros(4), None, None)  # 16 bytes
+    cache = OutputCache(max_bytes=40)
+    keys = [row_key("m", "r1", torch.tensor([2, i]), torch.zeros(2), spec) for i in range(3)]
+    cache.put(keys[0], row)
+    cache.put(keys[1], row)
+    assert cache.get(keys[0]) is not None  # now most recent
+    cache.put(keys[2], row)  # evicts keys[1], the least recently used
+    assert cache.get(keys[1]) is None and cache.get(keys[0]) is not None and cache.get(keys[2]) is not None
+    assert cache.bytes_used == 32 and len(cache) == 2
+    cache.put(keys[1], RowOutputs(torch.zeros(20), None, None))  # larger than the whole budget
+    assert cache.get(keys[1]) is None
+
+
+def test_cache_keys_depend_on_everything_the_answer_depends_on():
+    ids, types = torch.tensor([2, 7, 3]), torch.zeros(3)
+    base = row_key("m", "r1", ids, types, OutputSpec(True, (), ()))
+    assert base == row_key("m", "r1", ids.int(), types.long(), OutputSpec(True, (), ()))
+    variants = [
+        row_key("other", "r1", ids, types, OutputSpec(True, (), ())),
+        row_key("m", "r2", ids, types, OutputSpec(True, (), ())),
+        row_key("m", "r1", torch.tensor([2, 8, 3]), types, OutputSpec(True, (), ())),
+        row_key("m", "r1", ids, torch.tensor([0, 1, 1]), OutputSpec(True, (), ())),
+        row_key("m", "r1", ids, types, OutputSpec(True, (1,), ())),
+        row_key("m", "r1", ids, types, OutputSpec(False, (), (1,))),
+    ]
+    assert len({base, *variants}) == 1 + len(variants)
+
+
+def test_cached_rows_are_private_copies():
+    batch = torch.arange(8.0).reshape(2, 4)
+    cache = OutputCache(max_bytes=1000)
+    key = row_key("m", None, torch.tensor([1]), torch.tensor([0]), OutputSpec(True, (), ()))
+    cache.put(key, RowOutputs(batch[0], None, None))
+    batch.zero_()
+    assert cache.get(key).logits.tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert cache.get(key).logits.untyped_storage().nbytes() == 16
+
+
+def test_without_dynamic_batching_each_request_runs_alone_as_sent(engine):
+    batcher = make_batcher(engine, dynamic_batching=False, max_queue_delay_ms=200)
+    queries = [query(engine, SENTENCES[:2]), query(engine, SENTENCES[2:6])]
+
+    async def scenario():
+        batcher.start()
+        answers = await asyncio.gather(*(batcher.infer(q) for q in queries))
+        await batcher.close(5)
+        return answers
+
+    answers = asyncio.run(scenario())
+    assert engine.passes == [tuple(q.input_ids.shape) for q in queries]  # one pass each, no re-bucketing
+    for q, answer in zip(queries, answers, strict=True):
+        assert answer.padded_tokens == q.input_ids.numel()

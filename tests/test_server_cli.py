@@ -1,0 +1,185 @@
+"""`teacher-server`: config validation, one-line errors, JSON logs, graceful shutdown."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from shared.errors import UserError
+from teacher_server.cli import main
+from teacher_server.config import load_config
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "expected"),
+    [
+        ("teachers: [", "not valid YAML"),
+        ("- just a list", "must be a mapping"),
+        ("cache_max_bytes: 10", "teachers: Field required"),
+        ("teachers: []", "teachers: List should have at least 1 item"),
+        ("teachers:\n  - {name: a, path: m, max_batch_tokns: 5}", "teachers.0.max_batch_tokns: Extra inputs"),
+        (
+            "teachers:\n  - {name: a, path: m, max_batch_size: 0}",
+            "teachers.0.max_batch_size: Input should be greater",
+        ),
+        ("teachers:\n  - {name: a, path: m, dtype: int8}", "teachers.0.dtype: Input should be 'fp32'"),
+        (
+            "teachers:\n  - {name: a, path: m, device: gpu0}",
+            "teachers.0.device: Value error, 'gpu0' is not cpu",
+        ),
+        ("teachers:\n  - {name: 'a b', path: m}", "teachers.0.name: String should match pattern"),
+        (
+            "teachers:\n  - {name: a, path: m, max_batch_tokens: 64}",
+            "max_batch_tokens (64) must be >= max_seq_length",
+        ),
+        (
+            "teachers:\n  - {name: a, path: m}\n  - {name: a, path: n}",
+            "teachers: Value error, teacher names must be",
+        ),
+        ("teachers:\n  - {name: a, path: ./missing}", "teachers.0.path: './missing' does not exist"),
+    ],
+)
+def test_bad_config_is_one_line_naming_file_and_key(tmp_path, yaml_text, expected):
+    path = write(tmp_path / "teachers.yaml", yaml_text)
+    with pytest.raises(UserError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: ") and expected in message and "\n" not in message
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(UserError, match="cannot read config"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_paths_are_relative_to_the_config_file(tmp_path, tiny_teachers):
+    (tmp_path / "models").mkdir()
+    os.symlink(tiny_teachers["small"], tmp_path / "models" / "small")
+    config = load_config(
+        write(
+            tmp_path / "t.yaml", "teachers:\n  - {name: s, path: models/small}\n  - {name: h, path: org/bert}"
+        )
+    )
+    assert Path(config.teachers[0].path) == (tmp_path / "models" / "small").resolve()
+    assert config.teachers[1].path == "org/bert"  # not on disk: a hub id
+    assert config.teachers[0].max_batch_tokens == 8192 and config.cache_max_bytes > 0
+
+
+def test_the_example_config_is_valid():
+    config = load_config(Path(__file__).resolve().parents[1] / "examples" / "teachers.yaml")
+    assert [t.name for t in config.teachers] == ["small", "large"]
+
+
+def test_cli_prints_one_line_and_exits_2(tmp_path, capsys, monkeypatch):
+    path = write(tmp_path / "t.yaml", "teachers:\n  - {name: a, path: m, dtype: fp64}")
+    assert main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("teacher-server: error: ") and "teachers.0.dtype" in err and "\n" not in err
+    good = write(tmp_path / "good.yaml", "teachers:\n  - {name: a, path: org/model}")
+    monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
+    assert main(["--config", str(good), "--api-key-env", "NO_SUCH_KEY_VAR"]) == 2
+    assert "NO_SUCH_KEY_VAR is not set" in capsys.readouterr().err
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_cli(config: Path, port: int, env: dict[str, str] | None = None) -> subprocess.Popen:
+    command = [sys.executable, "-m", "teacher_server.cli", "--config", str(config), "--port", str(port)]
+    return subprocess.Popen(
+        command + (["--api-key-env", "TEACHER_KEY"] if env else []),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def wait_until_ready(process: subprocess.Popen, url: str, timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert process.poll() is None, process.stderr.read()
+        try:
+            if httpx.get(f"{url}/v2/health/ready", trust_env=False).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass  # not listening yet
+        assert time.monotonic() < deadline, "server did not become ready"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_served_from_the_cli_with_json_logs_and_a_draining_shutdown(tmp_path, tiny_teachers):
+    config = write(
+        tmp_path / "t.yaml",
+        f"teachers:\n  - {{name: small, path: {tiny_teachers['small']}, max_queue_delay_ms: 1500}}\n",
+    )
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = start_cli(config, port, env={"TEACHER_KEY": "k3y"})
+    try:
+        wait_until_ready(process, url)
+        result: dict[str, httpx.Response] = {}
+        body = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["in flight"]}]}
+
+        def in_flight() -> None:
+            result["response"] = httpx.post(
+                f"{url}/v2/models/small/infer",
+                json=body,
+                headers={"Authorization": "Bearer k3y"},
+                trust_env=False,
+                timeout=30,
+            )
+
+        thread = threading.Thread(target=in_flight)
+        thread.start()
+        time.sleep(0.5)  # the request is queued, waiting out its 1.5 s delay
+        process.send_signal(signal.SIGTERM)
+        thread.join(30)
+        assert process.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once drained
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert result["response"].status_code == 200
+    assert result["response"].json()["outputs"][0]["name"] == "logits"
+    logs = [json.loads(line) for line in process.stderr.read().splitlines() if line.startswith("{")]
+    events = [entry.get("event") for entry in logs]
+    assert "teacher_ready" in events and "ready" in events and "drained" in events
+    assert all({"ts", "level", "logger", "msg"} <= set(entry) for entry in logs)
+    assert any(entry.get("path") == "/v2/models/small/infer" and entry.get("status") == 200 for entry in logs)
+
+
+@pytest.mark.slow
+def test_a_teacher_that_cannot_load_stops_the_server_with_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    config = write(tmp_path / "t.yaml", "teachers:\n  - {name: broken, path: ./empty}\n")
+    process = start_cli(config, free_port())
+    try:
+        code = process.wait(90)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    stderr = process.stderr.read()
+    assert code == 2
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("teacher-server: error: teacher 'broken' failed to load")

@@ -1,0 +1,538 @@
+"""The real service (uvicorn on a loopback port) against in-process transformers, over v2 REST."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import tritonclient.http as triton
+import uvicorn
+from transformers import AutoTokenizer, BertForSequenceClassification
+
+from shared.codec import HEADER_LENGTH, build_request_body, parse_response_body
+from shared.flops import encoder_forward_flops
+from teacher_server.app import create_app
+from teacher_server.config import ServerConfig
+
+TEXTS = ["a good movie", "the plot was boring and the acting awful , really bad", "fun !"]
+PAIRS = ["i like it", "not great", "the best film of the year"]
+
+
+class LiveServer:
+    """``create_app(config)`` served by uvicorn in a thread on a free 127.0.0.1 port."""
+
+    def __init__(self, config: ServerConfig, *, wait_ready: bool = True, **app_options):
+        self.wait_ready = wait_ready
+        self.app = create_app(config, **app_options)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        while (
+            self.wait_ready and httpx.get(f"{self.url}/v2/health/ready", trust_env=False).status_code != 200
+        ):
+            assert time.monotonic() < deadline, "teachers did not become ready"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+
+    def metric(self, name: str, **labels) -> float:
+        return self.app.state.service.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+@pytest.fixture(scope="module")
+def server(tiny_teachers):
+    config = ServerConfig(
+        teachers=[
+            {
+                "name": "small",
+                "path": str(tiny_teachers["small"]),
+                "max_queue_delay_ms": 0,
+                "pass_overhead_tokens": 10_000,
+            },
+            {
+                "name": "large",
+                "path": str(tiny_teachers["large"]),
+                "max_queue_delay_ms": 0,
+                "max_batch_size": 8,
+            },
+            # the same teacher, waiting long enough for company: batching, 429, deadlines
+            {
+                "name": "patient",
+                "path": str(tiny_teachers["large"]),
+                "max_queue_delay_ms": 300,
+                "pass_overhead_tokens": 10_000,
+            },
+            {
+                "name": "tiny-queue",
+                "path": str(tiny_teachers["large"]),
+                "max_queue_delay_ms": 300,
+                "max_queue_size": 1,
+            },
+        ],
+        max_body_bytes=64_000,
+    )
+    with LiveServer(config) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def references(tiny_teachers):
+    """Plain transformers, loaded independently of the service."""
+    return {
+        name: (
+            BertForSequenceClassification.from_pretrained(path).eval(),
+            AutoTokenizer.from_pretrained(path),
+        )
+        for name, path in tiny_teachers.items()
+    }
+
+
+def reference(references, name, texts, pairs=None):
+    model, tokenizer = references[name]
+    enc = tokenizer(texts, pairs, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        out = model(**enc, output_hidden_states=True)
+    return enc, out.logits, out.hidden_states
+
+
+def infer(url, model, inputs, *, outputs=None, parameters=None, binary=True, **http):
+    body, headers = build_request_body(
+        inputs, outputs=outputs, parameters=parameters, binary_inputs=binary, binary_outputs=binary
+    )
+    return httpx.post(
+        f"{url}/v2/models/{model}/infer", content=body, headers=headers, trust_env=False, **http
+    )
+
+
+def decode(response):
+    assert response.status_code == 200, response.text
+    return parse_response_body(response.content, response.headers.get(HEADER_LENGTH))
+
+
+# --- correct numbers ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+@pytest.mark.parametrize("source", ["text", "input_ids"])
+@pytest.mark.parametrize(
+    ("outputs", "parameters", "cls_layers"),
+    [
+        ({"logits": None, "hidden_cls": {"layers": "0,2,4"}}, None, (0, 2, 4)),
+        ({"hidden_cls": None}, {"layers": [3]}, (3,)),  # request-level layers, as tritonclient sends
+        ({"logits": None, "hidden_cls": None}, None, (0, 1, 2, 3, 4)),  # default: every hidden state
+    ],
+)
+def test_outputs_equal_transformers(server, references, binary, source, outputs, parameters, cls_layers):
+    enc, logits, hidden = reference(references, "large", TEXTS, PAIRS)
+    if source == "text":
+        inputs = {"text": TEXTS, "text_pair": PAIRS}
+    else:
+        inputs = {
+            name: enc[name].to(torch.int32) for name in ("input_ids", "attention_mask", "token_type_ids")
+        }
+    got = decode(infer(server.url, "large", inputs, outputs=outputs, parameters=parameters, binary=binary))
+    assert list(got.outputs) == list(outputs)
+    if "logits" in outputs:
+        torch.testing.assert_close(got.outputs["logits"], logits, atol=1e-5, rtol=0)
+    expected_cls = torch.stack([hidden[layer][:, 0] for layer in cls_layers], dim=1)
+    torch.testing.assert_close(got.outputs["hidden_cls"], expected_cls, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_hidden_states_probs_and_output_dtypes(server, references, binary):
+    enc, logits, hidden = reference(references, "small", TEXTS)
+    outputs = {"probs": {"temperature": 2.0}, "hidden_states": {"layers": "1,2"}}
+    got = decode(infer(server.url, "small", {"text": TEXTS}, outputs=outputs, binary=binary))
+    torch.testing.assert_close(got.outputs["probs"], torch.softmax(logits / 2, -1), atol=1e-5, rtol=0)
+    states = got.outputs["hidden_states"]
+    real = enc["attention_mask"].bool()
+    assert states.shape == (3, 2, enc["input_ids"].shape[1], 32)
+    for j, layer in enumerate((1, 2)):
+        torch.testing.assert_close(states[:, j][real], hidden[layer][real], atol=1e-5, rtol=0)
+        assert states[:, j][~real].abs().sum() == 0
+    for dtype, torch_dtype in (("FP16", torch.float16), ("BF16", torch.bfloat16)):
+        got = decode(
+            infer(
+                server.url,
+                "small",
+                {"text": TEXTS},
+                outputs={"logits": None},
+                parameters={"output_dtype": dtype},
+                binary=binary,
+            )
+        )
+        header = got.header.outputs[0]
+        assert header.datatype == dtype
+        torch.testing.assert_close(
+            got.outputs["logits"].float(), logits.to(torch_dtype).float(), atol=1e-2, rtol=0
+        )
+
+
+def test_response_parameters_count_the_work_and_the_cache(server, references):
+    model, tokenizer = references["small"]
+    texts = [t + " again" for t in TEXTS]  # not seen by other tests: a cold cache
+    first = decode(infer(server.url, "small", {"text": texts}))
+    params = first.header.parameters
+    lengths = [len(tokenizer(t)["input_ids"]) for t in texts]
+    assert params["tokens"] == sum(lengths)
+    assert params["padded_tokens"] == len(texts) * max(lengths)  # one pass, padded to the longest
+    assert params["teacher_flops"] == encoder_forward_flops(model.config, [max(lengths)] * len(texts))
+    assert params["cache_hits"] == 0 and params["queue_us"] >= 0 and params["compute_us"] > 0
+    again = decode(infer(server.url, "small", {"text": texts}))
+    assert again.header.parameters["cache_hits"] == 3 and again.header.parameters["teacher_flops"] == 0
+    torch.testing.assert_close(again.outputs["logits"], first.outputs["logits"], atol=0, rtol=0)
+    bypass = decode(infer(server.url, "small", {"text": texts}, parameters={"cache": False}))
+    assert bypass.header.parameters["cache_hits"] == 0 and bypass.header.parameters["teacher_flops"] > 0
+    assert server.metric("teacher_cache_hits_total", model="small") >= 3
+    shallow = decode(
+        infer(
+            server.url,
+            "small",
+            {"text": texts},
+            outputs={"hidden_cls": {"layers": "1"}},
+            parameters={"cache": False},
+        )
+    )
+    # early exit: one of two layers, no pooler/classifier
+    expected = encoder_forward_flops(model.config, [max(lengths)] * len(texts), 1, with_head=False)
+    assert shallow.header.parameters["teacher_flops"] == expected
+
+
+# --- protocol surface -----------------------------------------------------------------------
+
+
+def test_health_metadata_docs_and_metrics(server, tiny_teachers):
+    get = lambda path: httpx.get(server.url + path, trust_env=False)  # noqa: E731
+    assert get("/v2/health/live").json() == {"live": True}
+    assert get("/v2/health/ready").json() == {"ready": True}
+    assert get("/v2").json()["extensions"] == ["binary_tensor_data"]
+    assert get("/v2/models/large/ready").status_code == 200
+    meta = get("/v2/models/large").json()
+    assert meta["platform"] == "pytorch_transformers"
+    assert {o["name"] for o in meta["outputs"]} == {"logits", "probs", "hidden_cls", "hidden_states"}
+    params = meta["parameters"]
+    assert (params["num_layers"], params["hidden_size"], params["num_labels"]) == (4, 48, 2)
+    assert params["labels"] == ["negative", "positive"] and params["max_seq_length"] == 128
+    assert params["flops_per_token"] > 0 and params["vocab_size"] > 100
+    assert get("/docs").status_code == 200
+    assert "/v2/models/{name}/infer" in get("/openapi.json").json()["paths"]
+    decode(infer(server.url, "small", {"text": TEXTS[:1]}))
+    metrics = get("/metrics").text
+    for name in (
+        "teacher_requests_total",
+        "teacher_request_seconds_bucket",
+        "teacher_batch_size_bucket",
+        "teacher_queue_depth",
+        "teacher_padding_efficiency_bucket",
+        "teacher_flops_total",
+        "teacher_cache_hits_total",
+        "teacher_cache_misses_total",
+        "teacher_rejected_total",
+    ):
+        assert name in metrics
+
+
+def test_unmodified_tritonclient_gets_logits_and_hidden_cls(server, references):
+    enc, logits, hidden = reference(references, "large", TEXTS)
+    client = triton.InferenceServerClient(url=server.url.removeprefix("http://"))
+    try:
+        assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("large")
+        assert client.get_model_metadata("large")["parameters"]["num_layers"] == 4
+        for binary in (True, False):
+            inputs = []
+            for name in ("input_ids", "attention_mask"):
+                tensor = triton.InferInput(name, list(enc[name].shape), "INT64")
+                tensor.set_data_from_numpy(enc[name].numpy(), binary_data=binary)
+                inputs.append(tensor)
+            outputs = [triton.InferRequestedOutput(n, binary_data=binary) for n in ("logits", "hidden_cls")]
+            result = client.infer("large", inputs, outputs=outputs, parameters={"layers": "1,4"})
+            np.testing.assert_allclose(result.as_numpy("logits"), logits.numpy(), atol=1e-5, rtol=0)
+            expected = torch.stack([hidden[1][:, 0], hidden[4][:, 0]], dim=1)
+            np.testing.assert_allclose(result.as_numpy("hidden_cls"), expected.numpy(), atol=1e-5, rtol=0)
+            assert {"teacher_flops", "tokens", "cache_hits"} <= set(result.get_response()["parameters"])
+        text = triton.InferInput("text", [len(TEXTS)], "BYTES")
+        text.set_data_from_numpy(np.array([t.encode() for t in TEXTS], dtype=object))
+        result = client.infer("large", [text])  # no outputs named: logits, all in binary
+        np.testing.assert_allclose(result.as_numpy("logits"), logits.numpy(), atol=1e-5, rtol=0)
+        with pytest.raises(triton.InferenceServerException, match="unknown output"):
+            client.infer("large", [text], outputs=[triton.InferRequestedOutput("attentions")])
+    finally:
+        client.close()
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+
+def ids_input(ids, **extra):
+    tensor = torch.tensor(ids)
+    return {
+        "name": "input_ids",
+        "shape": list(tensor.shape),
+        "datatype": "INT64",
+        "data": tensor.flatten().tolist(),
+        **extra,
+    }
+
+
+def body_of(*inputs, outputs=None, parameters=None):
+    doc = {"inputs": list(inputs)}
+    if outputs is not None:
+        doc["outputs"] = outputs
+    if parameters is not None:
+        doc["parameters"] = parameters
+    return json.dumps(doc).encode()
+
+
+GOOD = ids_input([[2, 10, 3]])
+NO_BLOB = body_of(
+    {"name": "input_ids", "shape": [1, 3], "datatype": "INT64", "parameters": {"binary_data_size": 24}}
+)
+ERRORS = {
+    "unknown model": ("nobody", body_of(GOOD), {}, 404, "model_name"),
+    "not JSON": ("large", b"{not json", {}, 400, "body"),
+    "no inputs": ("large", body_of(), {}, 400, "inputs"),
+    "typo in a key": ("large", json.dumps({"inputs": [GOOD], "output": []}).encode(), {}, 400, "output"),
+    "unknown input": (
+        "large",
+        body_of(GOOD, {"name": "pixels", "shape": [1], "datatype": "FP32", "data": [1.0]}),
+        {},
+        400,
+        "inputs[1].name",
+    ),
+    "unknown output": ("large", body_of(GOOD, outputs=[{"name": "attentions"}]), {}, 400, "outputs[0].name"),
+    "float token ids": (
+        "large",
+        body_of({**GOOD, "datatype": "FP32", "data": [2.0, 10.0, 3.0]}),
+        {},
+        400,
+        "inputs[0].datatype",
+    ),
+    "1-D token ids": ("large", body_of(ids_input([2, 10, 3])), {}, 400, "inputs[0].shape"),
+    "data count != shape": ("large", body_of({**GOOD, "shape": [1, 4]}), {}, 400, "inputs[0].data"),
+    "text and ids": (
+        "large",
+        body_of(GOOD, {"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"]}),
+        {},
+        400,
+        "inputs[0].name",
+    ),
+    "bad output_dtype": (
+        "large",
+        body_of(GOOD, parameters={"output_dtype": "INT8"}),
+        {},
+        400,
+        "parameters.output_dtype",
+    ),
+    "bad timeout": ("large", body_of(GOOD, parameters={"timeout_ms": -5}), {}, 400, "parameters.timeout_ms"),
+    "bad temperature": (
+        "large",
+        body_of(GOOD, outputs=[{"name": "probs", "parameters": {"temperature": 0}}]),
+        {},
+        400,
+        "outputs[0].parameters.temperature",
+    ),
+    "bad layers syntax": (
+        "large",
+        body_of(GOOD, outputs=[{"name": "hidden_cls", "parameters": {"layers": "1;2"}}]),
+        {},
+        400,
+        "outputs[0].parameters.layers",
+    ),
+    "layer too deep": (
+        "large",
+        body_of(GOOD, outputs=[{"name": "hidden_cls", "parameters": {"layers": "2,5"}}]),
+        {},
+        422,
+        "outputs[0].parameters.layers",
+    ),
+    "request layer too deep": (
+        "large",
+        body_of(GOOD, outputs=[{"name": "hidden_cls"}], parameters={"layers": "9"}),
+        {},
+        422,
+        "parameters.layers",
+    ),
+    "token id outside vocab": ("large", body_of(ids_input([[2, 10_000, 3]])), {}, 422, "input_ids"),
+    "negative token id": ("large", body_of(ids_input([[2, -1, 3]])), {}, 422, "input_ids"),
+    "too long": ("large", body_of(ids_input([[2] * 129])), {}, 422, "input_ids"),
+    "mask shape mismatch": (
+        "large",
+        body_of(GOOD, {**ids_input([[1, 1]]), "name": "attention_mask"}),
+        {},
+        422,
+        "attention_mask",
+    ),
+    "batch too large": ("large", body_of(ids_input([[2, 3]] * 9)), {}, 422, "input_ids"),
+    "text batch too large": (
+        "large",
+        body_of({"name": "text", "shape": [9], "datatype": "BYTES", "data": ["a"] * 9}),
+        {},
+        422,
+        "text",
+    ),
+    "bad header length": ("large", body_of(GOOD), {HEADER_LENGTH: "x"}, 400, HEADER_LENGTH),
+    "binary data missing": (
+        "large",
+        NO_BLOB,
+        {HEADER_LENGTH: str(len(NO_BLOB))},
+        400,
+        "inputs[0].parameters.binary_data_size",
+    ),
+    "body too large": ("large", body_of(ids_input([[2, 3] * 64] * 300)), {}, 413, "body"),
+}
+
+
+@pytest.mark.parametrize(
+    ("model", "content", "headers", "status", "field"), ERRORS.values(), ids=ERRORS.keys()
+)
+def test_errors_are_json_naming_the_field(server, model, content, headers, status, field):
+    response = httpx.post(
+        f"{server.url}/v2/models/{model}/infer", content=content, headers=headers, trust_env=False
+    )
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    error = response.json()
+    assert error["field"] == field and error["error"]
+
+
+def test_unknown_routes_and_methods_answer_json(server):
+    assert httpx.get(f"{server.url}/v3", trust_env=False).json()["error"]
+    response = httpx.get(f"{server.url}/v2/models/large/infer", trust_env=False)
+    assert response.status_code == 405 and response.json()["error"]
+    assert httpx.get(f"{server.url}/v2/models/nobody", trust_env=False).json()["field"] == "model_name"
+
+
+# --- scheduling -----------------------------------------------------------------------------
+
+
+def test_concurrent_requests_of_different_lengths_are_batched_together(server, references):
+    texts = [TEXTS[i % 3] + " ," * i for i in range(6)]  # six lengths
+    passes_before = server.metric("teacher_batch_size_count", model="patient")
+
+    async def scenario():
+        async with httpx.AsyncClient(trust_env=False) as client:
+            requests = []
+            for text in texts:
+                body, headers = build_request_body(
+                    {"text": [text]}, outputs={"logits": None, "hidden_cls": None}
+                )
+                requests.append(
+                    client.post(f"{server.url}/v2/models/patient/infer", content=body, headers=headers)
+                )
+            return await asyncio.gather(*requests)
+
+    responses = asyncio.run(scenario())
+    passes = server.metric("teacher_batch_size_count", model="patient") - passes_before
+    rows = server.metric("teacher_batch_size_sum", model="patient")
+    assert passes < len(texts) and rows / server.metric("teacher_batch_size_count", model="patient") > 1
+    assert server.metric("teacher_batch_requests_sum", model="patient") > passes
+    for text, response in zip(texts, responses, strict=True):
+        _, logits, hidden = reference(references, "large", [text])
+        got = decode(response)
+        torch.testing.assert_close(got.outputs["logits"], logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(got.outputs["hidden_cls"][:, 4], hidden[4][:, 0], atol=1e-5, rtol=0)
+
+
+def test_saturated_queue_answers_429_with_retry_after(server):
+    async def scenario():
+        async with httpx.AsyncClient(trust_env=False) as client:
+            body, headers = build_request_body({"text": ["queued first"]}, parameters={"cache": False})
+            url = f"{server.url}/v2/models/tiny-queue/infer"
+            first = asyncio.ensure_future(client.post(url, content=body, headers=headers))
+            while server.metric("teacher_queue_depth", model="tiny-queue") < 1:
+                await asyncio.sleep(0.01)
+            second = await client.post(url, content=body, headers=headers)
+            return await first, second
+
+    first, second = asyncio.run(scenario())
+    assert first.status_code == 200
+    assert second.status_code == 429 and int(second.headers["retry-after"]) >= 1
+    assert second.json()["error"].startswith("queue is full")
+    assert server.metric("teacher_rejected_total", model="tiny-queue", reason="queue_full") == 1
+
+
+def test_deadline_expiry_answers_504_without_computing(server):
+    tokens = server.metric("teacher_tokens_total", model="patient")
+    response = infer(server.url, "patient", {"text": ["too slow for me"]}, parameters={"timeout_ms": 50})
+    assert response.status_code == 504 and response.json()["field"] == "parameters.timeout_ms"
+    time.sleep(0.4)  # past the queue delay
+    assert server.metric("teacher_tokens_total", model="patient") == tokens
+
+
+def test_disconnected_client_is_dropped_before_compute(server):
+    tokens = server.metric("teacher_tokens_total", model="patient")
+    with pytest.raises(httpx.ReadTimeout):
+        infer(server.url, "patient", {"text": ["nobody waits for me"]}, timeout=0.1)
+    time.sleep(0.5)
+    assert server.metric("teacher_rejected_total", model="patient", reason="cancelled") == 1
+    assert server.metric("teacher_tokens_total", model="patient") == tokens
+
+
+# --- auth -----------------------------------------------------------------------------------
+
+
+def test_api_key_is_required_except_for_probes(tiny_teachers):
+    config = ServerConfig(teachers=[{"name": "small", "path": str(tiny_teachers["small"])}])
+    with LiveServer(config, api_key="s3cret-key") as live:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret-key"}):
+            for method, path in (
+                ("GET", "/v2"),
+                ("GET", "/v2/models/small"),
+                ("POST", "/v2/models/small/infer"),
+            ):
+                response = httpx.request(
+                    method, live.url + path, headers=headers, content=body_of(GOOD), trust_env=False
+                )
+                assert response.status_code == 401 and response.json()["field"] == "Authorization"
+                assert response.headers["www-authenticate"] == "Bearer"
+        good = {"Authorization": "Bearer s3cret-key"}
+        assert httpx.get(f"{live.url}/v2/models/small", headers=good, trust_env=False).status_code == 200
+        response = httpx.post(
+            f"{live.url}/v2/models/small/infer", headers=good, content=body_of(GOOD), trust_env=False
+        )
+        assert response.status_code == 200 and response.json()["outputs"][0]["name"] == "logits"
+        assert httpx.get(f"{live.url}/v2/health/ready", trust_env=False).status_code == 200
+
+
+def test_not_ready_until_every_teacher_loaded(tmp_path, tiny_teachers):
+    (tmp_path / "empty").mkdir()
+    config = ServerConfig(
+        teachers=[
+            {"name": "broken", "path": str(tmp_path / "empty")},
+            {"name": "small", "path": str(tiny_teachers["small"])},
+        ]
+    )
+    failures: list[str] = []
+    with LiveServer(config, wait_ready=False, on_load_failure=failures.append) as live:
+        deadline = time.monotonic() + 30
+        while not failures:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        get = lambda path: httpx.get(live.url + path, trust_env=False)  # noqa: E731
+        assert get("/v2/health/live").status_code == 200
+        assert get("/v2/health/ready").status_code == 503 and get("/v2/health/ready").json() == {
+            "ready": False
+        }
+        assert get("/v2/models/small/ready").status_code == 503
+        response = httpx.post(f"{live.url}/v2/models/small/infer", content=body_of(GOOD), trust_env=False)
+        assert response.status_code == 503 and response.json()["field"] == "model_name"
+        assert response.headers["retry-after"] == "1"
+    assert failures[0].startswith("teacher 'broken' failed to load")
