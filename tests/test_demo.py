@@ -18,7 +18,7 @@ def demo_report(tmp_path_factory):
         work_dir=str(tmp_path_factory.mktemp("demo")),
         num_train=96,
         num_dev=32,
-        teacher_epochs=1,
+        teacher_epochs_scale=0.5,
         student_epochs=1,
         student_layers=1,
         max_seq_length=32,
