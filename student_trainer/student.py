@@ -1,0 +1,99 @@
+"""The student: the first ``m`` layers of a pretrained BERT, a fresh classifier, and width projections.
+
+The paper's student is the bottom 6 layers of BERT-base with a new task head. When the
+patient loss compares hidden states with a teacher of another width, a learned linear map
+per teacher brings the student's vectors to that width; those maps train with the student,
+live in its checkpoints, and are dropped from the exported model (inference never needs them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, set_seed
+
+from shared.errors import UserError
+from shared.modeling import load_sequence_classifier
+from shared.teacher_api import TeacherInfo
+from student_trainer.alignment import make_projection
+
+
+class DistillStudent(nn.Module):
+    """A sequence classifier plus one projection per teacher role (identity when widths agree)."""
+
+    def __init__(self, model: PreTrainedModel, projections: Mapping[str, nn.Module]):
+        super().__init__()
+        self.model = model
+        self.projections = nn.ModuleDict(dict(projections))
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.model.config.num_hidden_layers)
+
+    def forward(
+        self, batch: Mapping[str, torch.Tensor], output_hidden_states: bool = False
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """Logits ``[B, K]`` and, on request, the ``m + 1`` hidden states ``[B, L, H]``."""
+        out = self.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            token_type_ids=batch.get("token_type_ids"),
+            output_hidden_states=output_hidden_states,
+        )
+        return out.logits, out.hidden_states if output_hidden_states else None
+
+
+def reset_classifier(model: PreTrainedModel) -> None:
+    """Re-draw the task head so no label mapping leaks in from the pretrained checkpoint."""
+    head = getattr(model, "classifier", None)
+    if head is None:
+        raise UserError(f"{type(model).__name__} has no `classifier` head to re-initialise")
+    std = float(getattr(model.config, "initializer_range", 0.02))
+    for module in head.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
+def build_student(
+    model_name_or_path: str,
+    *,
+    label_names: list[str],
+    num_layers: int | None,
+    teachers: Mapping[str, TeacherInfo],
+    with_projections: bool,
+    device: torch.device,
+    seed: int,
+) -> tuple[DistillStudent, PreTrainedTokenizerBase]:
+    """Load the truncated pretrained encoder and its tokenizer; check they fit the teachers.
+
+    The new head and the projections are drawn right after seeding with ``seed``: how much
+    randomness ``from_pretrained`` happened to consume must not change the student.
+    """
+    model = load_sequence_classifier(model_name_or_path, label_names=label_names, num_layers=num_layers)
+    set_seed(seed)
+    reset_classifier(model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load the tokenizer of {model_name_or_path!r}: {err}") from err
+    for role, info in teachers.items():
+        if info.vocab_size != model.config.vocab_size:
+            raise UserError(
+                f"teacher {role} has a vocabulary of {info.vocab_size} tokens but the student "
+                f"{model_name_or_path} has {model.config.vocab_size}: they must share a tokenizer"
+            )
+        if info.num_labels != len(label_names):
+            raise UserError(
+                f"teacher {role} predicts {info.num_labels} labels but the data has {len(label_names)}"
+            )
+    hidden = int(model.config.hidden_size)
+    projections = (
+        {role: make_projection(hidden, info.hidden_size) for role, info in teachers.items()}
+        if with_projections
+        else {}
+    )
+    return DistillStudent(model, projections).to(device), tokenizer

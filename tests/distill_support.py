@@ -1,0 +1,126 @@
+"""What the trainer's tests share: tiny data, a tiny pretrained student, argv builders, log readers."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from transformers import BertForSequenceClassification
+
+from student_trainer.arguments import DATA_SELECTIONS, SUPERVISIONS, TEACHER_SELECTIONS, parse_distill_args
+from student_trainer.distill import train
+from tests.tiny_models import WORDS, save_tiny_tokenizer, tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+CONTENT_WORDS = [w for w in WORDS if w.isalpha()]
+
+# every teacher selection × every supervision; data selection, KD loss and PT features rotate
+METHODS = [
+    (teacher, supervision, DATA_SELECTIONS[i % 5], ("kl", "mse")[i % 2], ("cls", "all-tokens")[i % 2])
+    for i, (teacher, supervision) in enumerate(itertools.product(TEACHER_SELECTIONS, SUPERVISIONS))
+]
+
+
+def write_sentences(path: Path, num_rows: int, seed: int, *, min_words: int = 2, max_words: int = 12) -> Path:
+    """A ``sentence<TAB>label`` file of random whole-token sentences (lengths vary: padding matters)."""
+    rng = random.Random(seed)
+    lines = ["sentence\tlabel"]
+    for _ in range(num_rows):
+        words = [rng.choice(CONTENT_WORDS) for _ in range(rng.randint(min_words, max_words))]
+        lines.append(f"{' '.join(words)}\t{rng.randint(0, 1)}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def save_student(path: Path, *, num_layers: int = 3, dropout: float = 0.1, seed: int = 3) -> Path:
+    """A tiny "pretrained" BERT (hidden 32) the student takes its first layers from."""
+    torch.manual_seed(seed)
+    config = tiny_config(
+        num_layers=num_layers, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout
+    )
+    BertForSequenceClassification(config).save_pretrained(path)
+    save_tiny_tokenizer(path)
+    return path
+
+
+def distill_argv(
+    student: Path, train_file: Path, output_dir: Path, teachers: dict[str, str], *extra: str
+) -> list[str]:
+    """A quick run: 2-layer student, batches of 8, no evaluation or checkpoints unless ``extra`` asks."""
+    argv = [
+        "--model_name_or_path",
+        str(student),
+        "--student_num_layers",
+        "2",
+        "--train_file",
+        str(train_file),
+        "--output_dir",
+        str(output_dir),
+        "--per_device_train_batch_size",
+        "8",
+        "--max_steps",
+        "3",
+        "--learning_rate",
+        "1e-3",
+        "--logging_steps",
+        "1",
+        "--eval_strategy",
+        "no",
+        "--save_strategy",
+        "no",
+        "--disable_tqdm",
+        "--seed",
+        "7",
+    ]
+    for role, spec in teachers.items():
+        argv += ["--teacher", f"{role}={spec}"]
+    return argv + list(extra)
+
+
+def run_in_process(argv: list[str]) -> dict:
+    return train(parse_distill_args(argv))
+
+
+def run_cli(argv: list[str], *, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``student-trainer distill ...`` in a fresh interpreter."""
+    return subprocess.run(
+        [sys.executable, "-m", "student_trainer.cli", "distill", *argv],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def train_log(output_dir: Path) -> list[dict]:
+    """The per-step records of ``metrics.jsonl``."""
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    return [record for record in map(json.loads, lines) if record["event"] == "train"]
+
+
+def expected_rows(teacher_selection: str, batch_size: int, ratio: float, strategy: str) -> dict[str, int]:
+    """Rows each teacher must receive for one batch: ``n = int(B·r)``, hard split ⌊n/2⌋ / the rest."""
+    n = batch_size if strategy == "none" else int(batch_size * ratio + 1e-9)
+    if teacher_selection == "hard":
+        return {"small": n // 2, "large": n - n // 2}
+    if teacher_selection in ("small", "large"):
+        return {teacher_selection: n, "small" if teacher_selection == "large" else "large": 0}
+    return {"small": n, "large": n}
+
+
+def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every trained tensor of a checkpoint: student weights and projections."""
+    from safetensors.torch import load_file
+
+    tensors = dict(load_file(str(path / "model.safetensors")))
+    projections = path / "projections.safetensors"
+    if projections.exists():
+        tensors.update({f"projections.{k}": v for k, v in load_file(str(projections)).items()})
+    return tensors

@@ -1,0 +1,171 @@
+"""`distill` options: HF names on the command line, the same keys in YAML, clear one-line errors."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from shared.errors import UserError
+from student_trainer.arguments import DistillArguments, parse_distill_args
+
+BASE = ["--model_name_or_path", "bert", "--output_dir", "out", "--task", "sst2", "--data_dir", "data"]
+
+
+def test_command_line_uses_hugging_face_names_and_types() -> None:
+    args = parse_distill_args(
+        BASE
+        + ["--learning_rate", "3e-5", "--num_train_epochs", "2.5", "--per_device_train_batch_size", "16"]
+        + ["--teacher", "large=http://127.0.0.1:8000", "--data_selection", "entropy"]
+        + [
+            "--selection_ratio",
+            "0.3",
+            "--exact_budget",
+            "--supervision",
+            "pkd",
+            "--pt_features",
+            "all-tokens",
+        ]
+    )
+    assert args.learning_rate == 3e-5 and args.num_train_epochs == 2.5
+    assert args.per_device_train_batch_size == 16
+    assert args.teachers == {"large": "http://127.0.0.1:8000"}
+    assert args.teacher_selection == "large"  # the only teacher given
+    assert args.teacher_roles == ("large",)
+    assert args.exact_budget and args.uses_hidden_states
+    assert args.eval_steps == args.logging_steps  # HF default: eval_steps follows logging_steps
+
+
+def test_defaults_follow_training_arguments() -> None:
+    defaults = DistillArguments()
+    assert (defaults.learning_rate, defaults.per_device_train_batch_size, defaults.seed) == (5e-5, 8, 42)
+    assert (defaults.max_steps, defaults.warmup_ratio, defaults.lr_scheduler_type) == (-1, 0.0, "linear")
+
+
+def test_two_teachers_route_by_method() -> None:
+    two = ["--teacher", "small=local:/s", "--teacher", "large=local:/l"]
+    assert parse_distill_args(BASE + two + ["--teacher_selection", "hard"]).teacher_roles == (
+        "small",
+        "large",
+    )
+    assert parse_distill_args(BASE + two + ["--teacher_selection", "small"]).teacher_roles == ("small",)
+    assert parse_distill_args(BASE + two + ["--no_kd"]).teacher_roles == ()
+
+
+def write_yaml(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_holds_the_same_keys_and_the_command_line_wins(tmp_path: Path) -> None:
+    config = write_yaml(
+        tmp_path,
+        """
+model_name_or_path: bert
+output_dir: out
+task: sst2
+data_dir: data
+learning_rate: 2e-5          # YAML reads this as a string; it must still be a float
+num_train_epochs: 4
+teacher:
+  small: local:/teachers/small
+  large: http://127.0.0.1:8000,http://127.0.0.1:8001
+teacher_selection: soft
+selection_ratio: 0.5
+data_selection: margin
+exact_budget: true
+""",
+    )
+    args = parse_distill_args(["--config", str(config), "--selection_ratio", "0.25"])
+    assert args.learning_rate == 2e-5 and args.num_train_epochs == 4.0
+    assert args.teachers == {
+        "small": "local:/teachers/small",
+        "large": "http://127.0.0.1:8000,http://127.0.0.1:8001",
+    }
+    assert args.selection_ratio == 0.25  # the flag beats the file
+    assert args.data_selection == "margin" and args.exact_budget
+
+
+def test_yaml_teacher_list_form(tmp_path: Path) -> None:
+    config = write_yaml(tmp_path, "teacher: [small=local:/a]\n")
+    assert parse_distill_args(BASE + ["--config", str(config)]).teachers == {"small": "local:/a"}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("learning_rat: 1e-4\n", "unknown key 'learning_rat'"),
+        ("max_steps: many\n", "key 'max_steps' must be int"),
+        ("no_kd: 3\n", "key 'no_kd' must be bool"),
+        ("[1, 2]\n", "must be a mapping"),
+        ("a: [\n", "invalid YAML"),
+    ],
+)
+def test_bad_yaml_names_the_file_and_the_key(tmp_path: Path, text: str, message: str) -> None:
+    config = write_yaml(tmp_path, text)
+    with pytest.raises(UserError, match=re.escape(message)) as info:
+        parse_distill_args(BASE + ["--teacher", "small=local:/a", "--config", str(config)])
+    assert str(info.value).startswith(str(config))
+
+
+def test_yaml_values_obey_the_flags_choices(tmp_path: Path) -> None:
+    config = write_yaml(tmp_path, "supervision: magic\n")
+    with pytest.raises(UserError, match="--supervision must be one of"):
+        parse_distill_args(BASE + ["--teacher", "small=local:/a", "--config", str(config)])
+
+
+def test_missing_config_file_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="cannot read config"):
+        parse_distill_args(BASE + ["--config", str(tmp_path / "nope.yaml")])
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ([], "give --teacher small=SPEC and/or --teacher large=SPEC, or --no_kd"),
+        (["--teacher", "medium=local:/a"], "ROLE=SPEC"),
+        (["--teacher", "local:/a"], "ROLE=SPEC"),
+        (["--teacher", "small=local:/a", "--teacher", "small=local:/b"], "given twice"),
+        (["--teacher", "small=local:/a", "--teacher", "large=local:/b"], "choose --teacher_selection"),
+        (["--teacher", "small=local:/a", "--teacher_selection", "hard"], "needs --teacher large=SPEC"),
+        (["--teacher", "small=local:/a", "--selection_ratio", "1.5"], "selection_ratio must be in"),
+        (["--teacher", "small=local:/a", "--temperature", "0"], "temperature must be > 0"),
+        (["--teacher", "small=local:/a", "--selection_ratio", "0.5"], "needs --data_selection"),
+        (["--no_kd", "--student_num_layers", "0"], "student_num_layers must be >= 1"),
+    ],
+)
+def test_contradictions_are_rejected_with_a_reason(extra: list[str], message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        parse_distill_args(BASE + extra)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--output_dir", "o", "--task", "sst2", "--data_dir", "d", "--no_kd"],
+            "--model_name_or_path is required",
+        ),
+        (
+            ["--model_name_or_path", "m", "--task", "sst2", "--data_dir", "d", "--no_kd"],
+            "--output_dir is required",
+        ),
+        (["--model_name_or_path", "m", "--output_dir", "o", "--no_kd"], "either --task"),
+        (
+            ["--model_name_or_path", "m", "--output_dir", "o", "--task", "sst2", "--no_kd"],
+            "--task needs --data_dir",
+        ),
+    ],
+)
+def test_required_options(argv: list[str], message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        parse_distill_args(argv)
+
+
+def test_unknown_choice_on_the_command_line_is_an_argparse_error(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as info:
+        parse_distill_args(BASE + ["--teacher_selection", "biggest"])
+    assert info.value.code == 2
+    assert "invalid choice: 'biggest'" in capsys.readouterr().err

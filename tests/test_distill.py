@@ -1,0 +1,246 @@
+"""`distill` end to end with the in-process (`local:`) teachers: every method, ledger, budget, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from shared.errors import UserError
+from student_trainer import distill
+from student_trainer.arguments import parse_distill_args
+from student_trainer.teacher_client import make_teacher_client
+from tests.distill_support import (
+    METHODS,
+    checkpoint_tensors,
+    distill_argv,
+    expected_rows,
+    run_in_process,
+    save_student,
+    train_log,
+    write_sentences,
+)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory, tiny_teachers: dict[str, Path]) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("distill")
+    return {
+        "student": save_student(root / "student"),
+        "train": write_sentences(root / "train.tsv", 40, seed=1),  # 5 batches of 8
+        "dev": write_sentences(root / "dev.tsv", 16, seed=2),
+        **{role: path for role, path in tiny_teachers.items()},
+    }
+
+
+def local_teachers(workspace: dict[str, Path], roles=("small", "large")) -> dict[str, str]:
+    return {role: f"local:{workspace[role]}" for role in roles}
+
+
+def argv(workspace, output_dir: Path, *extra: str, roles=("small", "large")) -> list[str]:
+    return distill_argv(
+        workspace["student"], workspace["train"], output_dir, local_teachers(workspace, roles), *extra
+    )
+
+
+@pytest.mark.parametrize(("teacher", "supervision", "strategy", "kd_loss", "features"), METHODS)
+def test_every_method_trains_and_sends_exactly_the_selected_rows(
+    workspace, tmp_path: Path, teacher: str, supervision: str, strategy: str, kd_loss: str, features: str
+) -> None:
+    ratio = 1.0 if strategy == "none" else 0.5
+    extra = ["--teacher_selection", teacher, "--supervision", supervision, "--data_selection", strategy]
+    extra += ["--selection_ratio", str(ratio), "--kd_loss", kd_loss, "--pt_features", features]
+    results = run_in_process(argv(workspace, tmp_path, *extra))
+
+    steps = train_log(tmp_path)
+    assert [s["step"] for s in steps] == [1, 2, 3] and results["global_step"] == 3
+    for step in steps:
+        assert math.isfinite(step["loss"])
+        want = expected_rows(teacher, step["instances"], ratio, strategy)
+        assert {r: step[f"teacher_rows_{r}"] for r in ("small", "large")} == want
+        assert step["selected_instances"] == (
+            want["small"] + want["large"] if teacher == "hard" else max(want.values())
+        )
+        for role in ("small", "large"):  # a teacher that got rows was paid for them, and only then
+            assert (step[f"teacher_flops_{role}"] > 0) == (want[role] > 0)
+        if supervision != "kd":
+            assert step["pt"] > 0  # the patient loss really ran
+    flops = results["flops"]
+    assert flops["teacher_flops_spent"] == sum(
+        s["teacher_flops_small"] + s["teacher_flops_large"] for s in steps
+    )
+    assert flops["teacher_flops_vanilla"] == sum(
+        s["vanilla_flops_small"] + s["vanilla_flops_large"] for s in steps
+    )
+    baseline = {teacher} if teacher in ("small", "large") else {"small", "large"}
+    assert {r for r in ("small", "large") if flops[f"vanilla_flops_{r}"]} == baseline
+    assert flops["teacher_flops_vanilla_unpadded"] < flops["teacher_flops_vanilla"]  # lengths vary
+    if strategy != "none" or teacher == "hard":
+        assert flops["teacher_flops_spent"] < flops["teacher_flops_vanilla"]
+    else:  # the in-process engine runs the batch padded as sent: exactly the padded vanilla cost
+        assert flops["teacher_flops_spent"] == flops["teacher_flops_vanilla"]
+
+
+def test_no_kd_baseline_asks_no_teacher(workspace, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    args = distill_argv(workspace["student"], workspace["train"], tmp_path, {}, "--no_kd")
+    results = run_in_process(args)
+    assert results["flops"]["teacher_flops_spent"] == results["flops"]["teacher_flops_vanilla"] == 0
+    assert results["flops"]["teacher_flops_saved_fraction"] is None
+    assert results["flops"]["student_flops"] > 0
+    assert "No teacher was queried" in capsys.readouterr().out
+
+
+def test_exact_budget_selects_round_n_r_per_epoch(workspace, tmp_path: Path) -> None:
+    extra = ["--teacher_selection", "small", "--data_selection", "entropy", "--selection_ratio", "0.3"]
+    run_in_process(argv(workspace, tmp_path, *extra, "--exact_budget", "--max_steps", "10", roles=("small",)))
+    selected = [s["selected_instances"] for s in train_log(tmp_path)]
+    assert sum(selected[:5]) == sum(selected[5:]) == round(40 * 0.3)  # int(8·0.3) per batch would give 10
+    assert set(selected) == {2, 3}
+
+
+def test_evaluation_checkpoints_results_and_summary(workspace, tmp_path: Path, capsys) -> None:
+    extra = ["--teacher_selection", "hard", "--data_selection", "lc", "--selection_ratio", "0.5"]
+    extra += ["--validation_file", str(workspace["dev"]), "--eval_strategy", "steps", "--eval_steps", "2"]
+    extra += ["--save_strategy", "steps", "--save_steps", "2", "--save_total_limit", "2", "--max_steps", "5"]
+    results = run_in_process(argv(workspace, tmp_path, *extra))
+
+    evals = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals if e["event"] == "eval"] == [2, 4, 5]
+    assert 0.0 <= results["eval"]["eval_accuracy"] <= 1.0 and results["eval"]["eval_loss"] > 0
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-5"]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["flops"] == results["flops"] and saved["global_step"] == 5
+    assert 0 < saved["flops"]["teacher_flops_saved_fraction"] < 1
+    out = capsys.readouterr().out
+    assert "Distilled a 2-layer student" in out and "% saved" in out and "accuracy" in out
+    from transformers import AutoModelForSequenceClassification
+
+    exported = AutoModelForSequenceClassification.from_pretrained(
+        tmp_path
+    )  # the student, without projections
+    assert exported.config.num_hidden_layers == 2 and exported.config.id2label == {0: "0", 1: "1"}
+
+
+class FlakyTeacher:
+    """A real in-process teacher that goes down for good after ``answers`` answers."""
+
+    def __init__(self, real, answers: int):
+        self.real, self.answers = real, answers
+
+    @property
+    def info(self):
+        return self.real.info
+
+    async def start(self, ready_timeout_s: float):
+        return await self.real.start(ready_timeout_s)
+
+    async def infer(self, query):
+        if self.answers == 0:
+            raise ConnectionError("connection refused")
+        self.answers -= 1
+        return await self.real.infer(query)
+
+    async def aclose(self) -> None:
+        await self.real.aclose()
+
+
+RESUMABLE = ["--teacher_selection", "hard", "--supervision", "uncertainty", "--data_selection", "random"]
+RESUMABLE += ["--selection_ratio", "0.5", "--exact_budget", "--max_steps", "12", "--save_strategy", "steps"]
+RESUMABLE += ["--save_steps", "100", "--warmup_ratio", "0.2"]
+
+
+def test_teacher_down_leaves_a_checkpoint_and_resuming_is_bit_identical(
+    workspace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Dropout, random selection, the budget carry, projections, epochs: all must replay exactly."""
+    reference = tmp_path / "reference"
+    run_in_process(argv(workspace, reference, *RESUMABLE))
+
+    interrupted = tmp_path / "interrupted"
+    monkeypatch.setattr(
+        distill,
+        "make_teacher_client",
+        lambda spec, name, **options: FlakyTeacher(
+            make_teacher_client(spec, name=name, **options), answers=7 if name == "large" else 100
+        ),
+    )
+    with pytest.raises(UserError, match=r"teacher 'large' failed.*stopped at step 7.*resumable checkpoint"):
+        run_in_process(argv(workspace, interrupted, *RESUMABLE))
+    assert sorted(p.name for p in interrupted.glob("checkpoint-*")) == ["checkpoint-7"]
+    monkeypatch.undo()
+
+    resumed = run_in_process(argv(workspace, interrupted, *RESUMABLE, "--resume_from_checkpoint", "latest"))
+    assert resumed["global_step"] == 12
+    assert [s["step"] for s in train_log(interrupted)] == list(range(1, 13))  # every step once
+    final, expected = (
+        checkpoint_tensors(interrupted / "checkpoint-12"),
+        checkpoint_tensors(reference / "checkpoint-12"),
+    )
+    assert final.keys() == expected.keys() and any(k.startswith("projections.") for k in final)
+    for name, tensor in expected.items():
+        assert torch.equal(final[name], tensor), name
+    reference_results = json.loads((reference / "results.json").read_text())
+    assert resumed["flops"] == reference_results["flops"]  # the ledger carried over exactly
+
+
+def test_a_new_run_does_not_mix_with_an_old_runs_checkpoints(workspace, tmp_path: Path) -> None:
+    checkpointing = ["--save_strategy", "steps", "--save_steps", "3", "--no_kd"]
+    run_in_process(distill_argv(workspace["student"], workspace["train"], tmp_path, {}, *checkpointing))
+    again = distill_argv(
+        workspace["student"], workspace["train"], tmp_path, {}, *checkpointing, "--max_steps", "2"
+    )
+    with pytest.raises(UserError, match="already holds checkpoint-3.*--overwrite_output_dir"):
+        run_in_process(again)
+    run_in_process(again + ["--overwrite_output_dir"])
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2"]
+
+
+def test_the_api_key_comes_from_the_named_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    argv = ["--model_name_or_path", "m", "--output_dir", "o", "--train_file", "t.tsv"]
+    argv += [
+        "--teacher",
+        "large=http://127.0.0.1:9",
+        "--api_key_env",
+        "KD_TEST_KEY",
+        "--teacher_timeout",
+        "7",
+    ]
+    args = parse_distill_args(argv)
+    monkeypatch.setenv("KD_TEST_KEY", "s3cret")
+    client = distill.make_clients(args, torch.device("cpu"))["large"]
+    assert (client.api_key, client.timeout_s, client.model) == ("s3cret", 7.0, "large")
+    monkeypatch.delenv("KD_TEST_KEY")
+    with pytest.raises(UserError, match="--api_key_env KD_TEST_KEY: that environment variable is empty"):
+        distill.make_clients(args, torch.device("cpu"))
+
+
+def test_tensorboard_gets_the_same_scalars_when_installed(
+    workspace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tensorboard is an optional extra (not installed here): a stand-in module records the calls."""
+    import sys
+    import types
+
+    scalars: list[tuple[str, float, int]] = []
+
+    class SummaryWriter:
+        def __init__(self, log_dir: str):
+            self.log_dir = log_dir
+
+        def add_scalar(self, tag: str, value: float, step: int) -> None:
+            scalars.append((tag, value, step))
+
+        def close(self) -> None:
+            scalars.append(("closed", 0.0, 0))
+
+    monkeypatch.setitem(
+        sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=SummaryWriter)
+    )
+    run_in_process(argv(workspace, tmp_path, "--teacher_selection", "small", roles=("small",)))
+    losses = [(step, value) for tag, value, step in scalars if tag == "train/loss"]
+    assert [step for step, _ in losses] == [1, 2, 3]
+    assert [value for _, value in losses] == [s["loss"] for s in train_log(tmp_path)]
+    assert scalars[-1][0] == "closed"

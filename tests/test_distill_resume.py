@@ -1,0 +1,116 @@
+"""Processes killed mid-run resume to bit-identical weights; bad set-ups fail in one line."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from student_trainer.cli import main
+from tests.distill_support import (
+    REPO,
+    checkpoint_tensors,
+    distill_argv,
+    run_cli,
+    save_student,
+    write_sentences,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory, tiny_teachers: dict[str, Path]) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("resume")
+    return {
+        "student": save_student(root / "student"),
+        "train": write_sentences(root / "train.tsv", 40, seed=1),
+        **tiny_teachers,
+    }
+
+
+def resumable_argv(workspace, output_dir: Path) -> list[str]:
+    teachers = {role: f"local:{workspace[role]}" for role in ("small", "large")}
+    return distill_argv(
+        workspace["student"],
+        workspace["train"],
+        output_dir,
+        teachers,
+        *["--teacher_selection", "soft", "--supervision", "pkd", "--data_selection", "random"],
+        *["--selection_ratio", "0.5", "--exact_budget", "--max_steps", "30", "--save_strategy", "steps"],
+        *["--save_steps", "5", "--warmup_ratio", "0.1"],
+    )
+
+
+def test_killed_run_resumes_to_bit_identical_weights(workspace, tmp_path: Path) -> None:
+    reference = run_cli(resumable_argv(workspace, tmp_path / "reference"))
+    assert reference.returncode == 0, reference.stderr
+
+    killed_dir = tmp_path / "killed"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "student_trainer.cli", "distill", *resumable_argv(workspace, killed_dir)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not (killed_dir / "checkpoint-5").exists():
+        assert process.poll() is None, "the run ended before its first checkpoint"
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    os.kill(process.pid, signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    assert not (killed_dir / "checkpoint-30").exists() and not (killed_dir / "results.json").exists()
+
+    resumed = run_cli(resumable_argv(workspace, killed_dir) + ["--resume_from_checkpoint", "latest"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Resuming from" in resumed.stderr
+    final = checkpoint_tensors(killed_dir / "checkpoint-30")
+    expected = checkpoint_tensors(tmp_path / "reference" / "checkpoint-30")
+    assert final.keys() == expected.keys()
+    resumed_from = resumed.stderr.split("Resuming from", 1)[1].split("\n", 1)[0]
+    for name, tensor in expected.items():
+        assert torch.equal(final[name], tensor), f"{name} differs after resuming from{resumed_from}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_main(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, list[str]]:
+    """The real entry point (``student-trainer distill``) in this process: exit code, stderr lines."""
+    code = main(["distill", *argv])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize(
+    ("teacher", "message"),
+    [
+        ("local:/no/such/teacher", "teacher small (local:/no/such/teacher) is not ready"),
+        (f"http://127.0.0.1:{free_port()}", "is not ready after 1 s"),
+    ],
+)
+def test_a_teacher_that_is_not_there_is_one_line_and_exit_2(
+    workspace, tmp_path, capsys, teacher, message
+) -> None:
+    argv = distill_argv(workspace["student"], workspace["train"], tmp_path, {"small": teacher})
+    code, lines = run_main(argv + ["--teacher_ready_timeout", "1"], capsys)
+    assert code == 2
+    assert len(lines) == 1 and lines[0].startswith("student-trainer distill: error:") and message in lines[0]
+
+
+def test_bad_data_file_is_one_line(workspace, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("sentence\tlabel\nfine movie\t1\nno label here\n")
+    code, lines = run_main(distill_argv(workspace["student"], bad, tmp_path / "out", {}, "--no_kd"), capsys)
+    assert code == 2
+    assert len(lines) == 1 and "bad.tsv, line 3" in lines[0]
