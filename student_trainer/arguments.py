@@ -1,4 +1,4 @@
-"""Every `student-trainer distill` option, in one dataclass with Hugging Face ``TrainingArguments`` names.
+"""Every `student-trainer distill` and `finetune` option, as dataclasses with HF ``TrainingArguments`` names.
 
 The same keys work on the command line and in a YAML file given with ``--config``; the
 command line wins over the file, the file over the defaults. One declaration drives the
@@ -297,3 +297,53 @@ def parse_distill_args(argv: list[str]) -> DistillArguments:
     parser = argparse.ArgumentParser(prog="student-trainer distill")
     add_arguments(parser)
     return arguments_from_namespace(parser.parse_args(argv))
+
+
+@dataclass
+class FinetuneArguments:
+    """`student-trainer finetune` options (Hugging Face ``TrainingArguments`` names)."""
+
+    model_name_or_path: str = option(None, "Checkpoint to fine-tune (local dir or hub id).")
+    output_dir: str = option(None, "Where the fine-tuned teacher is saved.")
+    num_layers: int | None = option(None, "Keep only the first m encoder layers (default: all).")
+    task: str | None = option(
+        None, "Registered task (sst2, cola, mrpc, rte, mnli, qnli, qqp, sst5, imdb, ...)."
+    )
+    data_dir: str | None = option(None, "Folder with the task's files (GLUE layout).")
+    train_file: str | None = option(None, "A .tsv/.csv/.jsonl training file instead of --task.")
+    validation_file: str | None = option(None, "The matching evaluation file.")
+    text_columns: str = option("sentence", "Comma-separated text column(s) of --train_file.")
+    label_column: str = option("label", "Label column of --train_file.")
+    skip_bad_rows: bool = option(False, "Skip (and count) malformed rows instead of failing.")
+    max_train_samples: int | None = option(None, "Use only the first N training examples.")
+    max_eval_samples: int | None = option(None, "Use only the first N evaluation examples.")
+    max_seq_length: int = option(128, "Truncate inputs to this many tokens.")
+    learning_rate: float = option(2e-5, "Peak AdamW learning rate.")
+    weight_decay: float = option(0.01, "AdamW weight decay (not on biases and LayerNorm weights).")
+    max_grad_norm: float = option(1.0, "Gradient clipping norm (0 disables clipping).")
+    num_train_epochs: float = option(3.0, "Epochs (fractions allowed); --max_steps > 0 overrides.")
+    max_steps: int = option(-1, "Total optimizer steps; overrides --num_train_epochs when > 0.")
+    per_device_train_batch_size: int = option(32, "Training batch size.")
+    per_device_eval_batch_size: int = option(64, "Evaluation batch size.")
+    warmup_ratio: float = option(0.1, "Fraction of the steps used for linear warm-up.")
+    seed: int = option(42, "Seed for the head's initialisation, data order and dropout.")
+    logging_steps: int = option(50, "Print the running loss every N steps.")
+    device: str = option("auto", "cpu, cuda, cuda:N or auto (cuda when available).")
+    disable_tqdm: bool = option(False, "Hide the progress bar.")
+
+    def validate(self) -> FinetuneArguments:
+        for name in ("model_name_or_path", "output_dir"):
+            if not getattr(self, name):
+                raise UserError(f"--{name} is required")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "max_seq_length"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise UserError(f"--learning_rate must be > 0, got {self.learning_rate}")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise UserError(f"--warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+        if self.max_steps <= 0 and not self.num_train_epochs > 0:
+            raise UserError("--num_train_epochs must be > 0 (or give --max_steps)")
+        if self.logging_steps < 1:
+            raise UserError(f"--logging_steps must be >= 1, got {self.logging_steps}")
+        return self

@@ -30,10 +30,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from shared.errors import UserError
-from student_trainer.arguments import DistillArguments
+from student_trainer.arguments import DistillArguments, FinetuneArguments
 from student_trainer.data import get_task_spec
-from student_trainer.distill import train as distill
-from student_trainer.finetune import FinetuneArguments, finetune
 from student_trainer.synthetic import write_synthetic_task
 
 
@@ -130,6 +128,8 @@ def ensure_teacher(
         return out, json.loads(results_file.read_text()), True
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
+    from student_trainer.finetune import finetune  # torch + transformers: only when there is work
+
     print(f"[demo] fine-tuning the {role} teacher ({recipe.layers} layers of {Path(base_model).name}) ...")
     finetune(
         FinetuneArguments(
@@ -260,6 +260,8 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
             selection_ratio=settings.selection_ratio,
             supervision="kd",
         )
+        from student_trainer.distill import train as distill
+
         results = distill(replace(args).validate())
         rows = served_rows(url)
     finished = time.perf_counter()

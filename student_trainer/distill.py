@@ -54,18 +54,16 @@ from student_trainer.checkpoint import (
     save_checkpoint,
 )
 from student_trainer.data import (
-    TaskData,
     TokenizedDataset,
     collate_batch,
-    get_task_spec,
-    load_file,
-    load_task,
+    load_train_and_eval,
 )
 from student_trainer.kd_step import TeacherCallError, ask_teachers, distillation_loss, plan_batch
 from student_trainer.metrics import compute_metrics
 from student_trainer.selection import ExactBudgetSelector, select_instances
 from student_trainer.student import DistillStudent, build_student
 from student_trainer.teacher_client import TeacherClient, TeacherInfo, make_teacher_client
+from student_trainer.training import adamw_with_decay_groups, resolve_device
 
 # -- processes ------------------------------------------------------------------------------------
 
@@ -81,18 +79,6 @@ class Processes:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {name}: CUDA is not available here")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-    return device
 
 
 def init_processes(device_name: str) -> Processes:
@@ -148,38 +134,6 @@ def gather_to_main(obj: Any, procs: Processes) -> list[Any]:
 # -- data -----------------------------------------------------------------------------------------
 
 
-def load_splits(args: DistillArguments) -> tuple[TaskData, TaskData | None]:
-    """Training data and (optional) evaluation data, from ``--task`` or ``--train_file``."""
-    if args.task:
-        train = load_task(
-            args.task,
-            args.data_dir,
-            "train",
-            skip_bad_rows=args.skip_bad_rows,
-            max_examples=args.max_train_samples,
-        )
-        eval_split = get_task_spec(args.task).eval_split
-        evaluation = load_task(
-            args.task,
-            args.data_dir,
-            eval_split,
-            skip_bad_rows=args.skip_bad_rows,
-            max_examples=args.max_eval_samples,
-        )
-        return train, evaluation
-    columns = [c.strip() for c in args.text_columns.split(",") if c.strip()]
-    load = partial(
-        load_file, text_columns=columns, label_column=args.label_column, skip_bad_rows=args.skip_bad_rows
-    )
-    train = load(args.train_file, max_examples=args.max_train_samples)
-    evaluation = None
-    if args.validation_file:
-        evaluation = load(
-            args.validation_file, label_names=train.label_names, max_examples=args.max_eval_samples
-        )
-    return train, evaluation
-
-
 def batches(indices: list[int], batch_size: int) -> list[list[int]]:
     return [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
 
@@ -214,23 +168,16 @@ def evaluate(
 def make_optimizer(
     student: DistillStudent, args: DistillArguments, total_steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """AdamW without weight decay on biases and LayerNorm weights, and the HF learning-rate schedule."""
-    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight")
-    named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": [p for n, p in named if not n.endswith(no_decay)], "weight_decay": args.weight_decay},
-            {"params": [p for n, p in named if n.endswith(no_decay)], "weight_decay": 0.0},
-        ],
-        lr=args.learning_rate,
+    """BERT's AdamW (no decay on biases and LayerNorm weights) and the HF learning-rate schedule."""
+    optimizer = adamw_with_decay_groups(
+        student.parameters(),
+        learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
         betas=(args.adam_beta1, args.adam_beta2),
         eps=args.adam_epsilon,
     )
     warmup = args.warmup_steps if args.warmup_steps > 0 else math.ceil(args.warmup_ratio * total_steps)
     return optimizer, get_scheduler(args.lr_scheduler_type, optimizer, warmup, total_steps)
-
-
-# -- teachers -------------------------------------------------------------------------------------
 
 
 def make_clients(args: DistillArguments, device: torch.device) -> dict[str, TeacherClient]:
@@ -420,7 +367,17 @@ def _train(
     infos: dict[str, TeacherInfo],
 ) -> dict[str, Any]:
     # data and student ----------------------------------------------------------------------------
-    train_data, eval_data = load_splits(args)
+    train_data, eval_data = load_train_and_eval(
+        task=args.task,
+        data_dir=args.data_dir,
+        train_file=args.train_file,
+        validation_file=args.validation_file,
+        text_columns=args.text_columns,
+        label_column=args.label_column,
+        skip_bad_rows=args.skip_bad_rows,
+        max_train_samples=args.max_train_samples,
+        max_eval_samples=args.max_eval_samples,
+    )
     student, tokenizer = build_student(
         args.model_name_or_path,
         label_names=train_data.label_names,

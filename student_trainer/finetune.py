@@ -11,9 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import random
 import time
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -22,96 +20,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, PreTrainedModel, get_linear_schedule_with_warmup
+from transformers import AutoTokenizer, PreTrainedModel, get_linear_schedule_with_warmup, set_seed
 
 from shared.errors import UserError
 from shared.modeling import load_sequence_classifier
+from student_trainer.arguments import FinetuneArguments
 from student_trainer.data import TaskData, TokenizedDataset, collate_batch, load_train_and_eval
 from student_trainer.metrics import compute_metrics
-
-
-def _option(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class FinetuneArguments:
-    """`student-trainer finetune` options (Hugging Face ``TrainingArguments`` names)."""
-
-    model_name_or_path: str = _option(None, "Checkpoint to fine-tune (local dir or hub id).")
-    output_dir: str = _option(None, "Where the fine-tuned teacher is saved.")
-    num_layers: int | None = _option(None, "Keep only the first m encoder layers (default: all).")
-    task: str | None = _option(
-        None, "Registered task (sst2, cola, mrpc, rte, mnli, qnli, qqp, sst5, imdb, ...)."
-    )
-    data_dir: str | None = _option(None, "Folder with the task's files (GLUE layout).")
-    train_file: str | None = _option(None, "A .tsv/.csv/.jsonl training file instead of --task.")
-    validation_file: str | None = _option(None, "The matching evaluation file.")
-    text_columns: str = _option("sentence", "Comma-separated text column(s) of --train_file.")
-    label_column: str = _option("label", "Label column of --train_file.")
-    skip_bad_rows: bool = _option(False, "Skip (and count) malformed rows instead of failing.")
-    max_train_samples: int | None = _option(None, "Use only the first N training examples.")
-    max_eval_samples: int | None = _option(None, "Use only the first N evaluation examples.")
-    max_seq_length: int = _option(128, "Truncate inputs to this many tokens.")
-    learning_rate: float = _option(2e-5, "Peak AdamW learning rate.")
-    weight_decay: float = _option(0.01, "AdamW weight decay (not on biases and LayerNorm weights).")
-    max_grad_norm: float = _option(1.0, "Gradient clipping norm (0 disables clipping).")
-    num_train_epochs: float = _option(3.0, "Epochs (fractions allowed); --max_steps > 0 overrides.")
-    max_steps: int = _option(-1, "Total optimizer steps; overrides --num_train_epochs when > 0.")
-    per_device_train_batch_size: int = _option(32, "Training batch size.")
-    per_device_eval_batch_size: int = _option(64, "Evaluation batch size.")
-    warmup_ratio: float = _option(0.1, "Fraction of the steps used for linear warm-up.")
-    seed: int = _option(42, "Seed for the head's initialisation, data order and dropout.")
-    logging_steps: int = _option(50, "Print the running loss every N steps.")
-    device: str = _option("auto", "cpu, cuda, cuda:N or auto (cuda when available).")
-    disable_tqdm: bool = _option(False, "Hide the progress bar.")
-
-    def validate(self) -> FinetuneArguments:
-        for name in ("model_name_or_path", "output_dir"):
-            if not getattr(self, name):
-                raise UserError(f"--{name} is required")
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "max_seq_length"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if not self.learning_rate > 0:
-            raise UserError(f"--learning_rate must be > 0, got {self.learning_rate}")
-        if not 0.0 <= self.warmup_ratio <= 1.0:
-            raise UserError(f"--warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
-        if self.max_steps <= 0 and not self.num_train_epochs > 0:
-            raise UserError("--num_train_epochs must be > 0 (or give --max_steps)")
-        if self.logging_steps < 1:
-            raise UserError(f"--logging_steps must be >= 1, got {self.logging_steps}")
-        return self
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise UserError(f"--device {name!r} is not a device (cpu, cuda, cuda:N, auto)") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA device is available")
-    return device
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def adamw_with_decay_groups(
-    model: torch.nn.Module, learning_rate: float, weight_decay: float
-) -> torch.optim.AdamW:
-    """AdamW where biases and LayerNorm weights (1-d parameters) are not decayed, as in BERT."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=learning_rate)
+from student_trainer.training import adamw_with_decay_groups, resolve_device
 
 
 def _model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -166,7 +82,7 @@ def _total_steps(args: FinetuneArguments, steps_per_epoch: int) -> int:
 def finetune(args: FinetuneArguments) -> dict[str, Any]:
     """Train, evaluate, save; returns the results written to ``eval_results.json`` (plus training stats)."""
     args.validate()
-    seed_everything(args.seed)
+    set_seed(args.seed)
     device = resolve_device(args.device)
     train_data, eval_data = load_train_and_eval(
         task=args.task,
@@ -201,7 +117,9 @@ def finetune(args: FinetuneArguments) -> dict[str, Any]:
         collate_fn=collate,
     )
     total_steps = _total_steps(args, len(loader))
-    optimizer = adamw_with_decay_groups(model, args.learning_rate, args.weight_decay)
+    optimizer = adamw_with_decay_groups(
+        model.parameters(), learning_rate=args.learning_rate, weight_decay=args.weight_decay
+    )
     scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
 
     print(

@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 
 from shared.errors import UserError
-from student_trainer.augment import Augmenter, AugmentSettings, WordVectors, augment_task
 from student_trainer.data import TaskData, load_file, load_task, split_columns
-from student_trainer.finetune import resolve_device
+from student_trainer.training import resolve_device
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -64,6 +63,8 @@ def _load_input(args: argparse.Namespace) -> tuple[TaskData, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from student_trainer.augment import Augmenter, AugmentSettings, WordVectors, augment_task  # heavy: on use
+
     for name in ("num_aug", "top_m", "batch_size", "max_seq_length", "max_word_vectors"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")

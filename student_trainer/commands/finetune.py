@@ -7,7 +7,7 @@ import dataclasses
 import types
 import typing
 
-from student_trainer.finetune import FinetuneArguments, finetune
+from student_trainer.arguments import FinetuneArguments
 
 
 def _value_type(hint: typing.Any) -> type:
@@ -37,6 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     names = {f.name for f in dataclasses.fields(FinetuneArguments)}
     arguments = FinetuneArguments(**{k: v for k, v in vars(args).items() if k in names})
+    from student_trainer.finetune import finetune  # torch + transformers: only when this command runs
+
     results = finetune(arguments)
     summary = ", ".join(
         f"{k}={v:.4f}" for k, v in results.items() if k.startswith("eval_") and isinstance(v, float)
