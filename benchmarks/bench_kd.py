@@ -33,17 +33,13 @@ import importlib.resources
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import torch
 import yaml
 from transformers import AutoTokenizer
@@ -52,6 +48,7 @@ from shared.modeling import load_sequence_classifier
 from student_trainer.arguments import DistillArguments
 from student_trainer.distill import train
 from student_trainer.synthetic import write_synthetic_task
+from teacher_server.launch import serve_in_subprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_DATA = ROOT.parent / "shared" / "data"
@@ -66,43 +63,14 @@ def save_teacher(path: Path, seed: int) -> Path:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextmanager
 def running_service(teacher: Path, work: Path, max_seq_length: int) -> Iterator[str]:
-    """`teacher-server` in a subprocess on a loopback port, stopped (SIGINT) on exit."""
+    """`teacher-server` in a subprocess on a loopback port (output cache off: every epoch computes)."""
     config = work / "teachers.yaml"
     entry = {"name": "large", "path": str(teacher), "max_seq_length": max_seq_length, "max_queue_delay_ms": 1}
     config.write_text(yaml.safe_dump({"cache_max_bytes": 0, "teachers": [entry]}))
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "teacher_server.cli", "--config", str(config), "--port", str(port)]
-    with (work / "server.log").open("w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if process.poll() is not None:
-                raise SystemExit(f"teacher-server exited: see {work / 'server.log'}")
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("teacher-server did not become ready in 180 s")
-            time.sleep(0.2)
+    with serve_in_subprocess(config, log_path=work / "server.log") as url:
         yield url
-    finally:
-        process.send_signal(2)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 def data_options(args: argparse.Namespace, work: Path) -> tuple[dict, str]:

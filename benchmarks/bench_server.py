@@ -28,9 +28,7 @@ import importlib.resources
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +44,7 @@ from shared.codec import HEADER_LENGTH, build_request_body, parse_response_body
 from shared.modeling import load_sequence_classifier
 from teacher_server.batcher import Row, plan_batches
 from teacher_server.config import CPU_PASS_OVERHEAD_TOKENS
+from teacher_server.launch import serve_in_subprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 SST2 = ROOT.parent / "shared" / "data" / "sst2"
@@ -74,9 +73,6 @@ def served(
     teacher: str, max_seq_length: int, max_batch_size: int, max_batch_tokens: int, threads: int
 ) -> Iterator[str]:
     """``teacher-server`` in a subprocess with a batched and an unbatched copy of the teacher."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     common = {"path": teacher, "max_seq_length": max_seq_length, "max_queue_size": 1024}
     config = {
         "cache_max_bytes": 0,
@@ -94,37 +90,9 @@ def served(
     with tempfile.TemporaryDirectory() as tmp:
         config_path = Path(tmp) / "bench.yaml"
         config_path.write_text(json.dumps(config))  # JSON is YAML
-        command = [
-            sys.executable,
-            "-m",
-            "teacher_server.cli",
-            "--config",
-            str(config_path),
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ]
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-        process = subprocess.Popen(command, stderr=subprocess.DEVNULL, env=env)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 180
-            while True:
-                if process.poll() is not None:
-                    raise SystemExit(f"teacher-server exited with {process.returncode}")
-                try:
-                    if httpx.get(f"{url}/v2/health/ready", trust_env=False).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise SystemExit("teacher-server did not become ready")
-                time.sleep(0.3)
+        env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        with serve_in_subprocess(config_path, env=env, log_level="warning") as url:
             yield url
-        finally:
-            process.terminate()
-            process.wait(60)
 
 
 def scrape(url: str, model: str) -> dict[str, float]:

@@ -10,17 +10,12 @@ based teacher selection and data selection. Fine-tuned teachers are cached under
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.resources
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -33,6 +28,7 @@ from shared.errors import UserError
 from student_trainer.arguments import DistillArguments, FinetuneArguments
 from student_trainer.data import get_task_spec
 from student_trainer.synthetic import write_synthetic_task
+from teacher_server.launch import serve_in_subprocess
 
 
 @dataclass(frozen=True)
@@ -155,40 +151,6 @@ def ensure_teacher(
     return out, json.loads(results_file.read_text()), False
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextlib.contextmanager
-def running_server(config_path: Path, port: int, log_path: Path, timeout_s: float = 120.0) -> Iterator[str]:
-    """Start ``teacher-server`` as its own process, wait until ready, stop it (gracefully) at exit."""
-    url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "teacher_server.cli", "--config", str(config_path), "--port", str(port)]
-    with log_path.open("w") as log:
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if server.poll() is not None:
-                raise UserError(f"teacher-server exited with code {server.returncode}; see {log_path}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/v2/health/ready", timeout=2.0).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise UserError(f"teacher-server not ready after {timeout_s:.0f} s; see {log_path}")
-            time.sleep(0.3)
-        yield url
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-
-
 def served_rows(url: str) -> dict[str, float]:
     """Rows each teacher computed, read from the service's own Prometheus metrics."""
     text = httpx.get(f"{url}/metrics", timeout=5.0).text
@@ -231,9 +193,9 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         for role, info in teachers.items()
     ]
     config_path.write_text(yaml.safe_dump({"teachers": server_teachers}))
-    port = settings.port or free_port()
-    print(f"[demo] starting teacher-server on 127.0.0.1:{port} (log: {run_dir / 'server.log'})")
-    with running_server(config_path, port, run_dir / "server.log") as url:
+    print(f"[demo] starting teacher-server (log: {run_dir / 'server.log'})")
+    with serve_in_subprocess(config_path, port=settings.port or None, log_path=run_dir / "server.log") as url:
+        print(f"[demo] teacher-server ready at {url}")
         args = DistillArguments(
             model_name_or_path=base_model,
             student_num_layers=settings.student_layers,

@@ -1,0 +1,70 @@
+"""Run ``teacher-server`` as a child process on loopback: the demo, benchmarks and local scripts.
+
+A separate process is the honest way to measure and demonstrate the service: the trainer
+then pays the real HTTP, serialisation and scheduling costs a remote deployment pays.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import httpx
+
+from shared.errors import UserError
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def serve_in_subprocess(
+    config_path: str | Path,
+    *,
+    port: int | None = None,
+    log_path: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    ready_timeout_s: float = 180.0,
+    log_level: str = "info",
+) -> Iterator[str]:
+    """Start the service, yield its URL once ``/v2/health/ready`` answers 200, stop it gracefully."""
+    port = port or free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "teacher_server.cli", "--config", str(config_path)]
+    command += ["--port", str(port), "--log-level", log_level]
+    log = open(log_path, "w") if log_path else subprocess.DEVNULL  # noqa: SIM115 - lives as long as the server
+    server = subprocess.Popen(
+        command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+    )
+    where = f"; see {log_path}" if log_path else ""
+    try:
+        deadline = time.monotonic() + ready_timeout_s
+        while True:
+            if server.poll() is not None:
+                raise UserError(f"teacher-server exited with code {server.returncode}{where}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/v2/health/ready", timeout=2.0, trust_env=False).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise UserError(f"teacher-server not ready after {ready_timeout_s:.0f} s{where}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        server.terminate()  # SIGTERM: uvicorn finishes in-flight requests, then exits
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        if log is not subprocess.DEVNULL:
+            log.close()
