@@ -1,4 +1,4 @@
-"""`student-trainer finetune` on a tiny random BERT: a teacher the service loads, that learned something."""
+"""`student-trainer finetune` on a tiny random BERT: a teacher the service serves, that learned something."""
 
 from __future__ import annotations
 
@@ -6,17 +6,21 @@ import argparse
 import json
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 from safetensors.torch import load_file as load_safetensors
 
 from shared.errors import UserError
 from shared.teacher_api import TeacherQuery
+from student_trainer.arguments import parse_distill_args
 from student_trainer.commands import finetune as finetune_command
 from student_trainer.data import load_task
+from student_trainer.distill import train as train_student
 from student_trainer.finetune import FinetuneArguments, finetune
 from student_trainer.synthetic import write_synthetic_task
 from teacher_server.engine import TeacherEngine
+from teacher_server.launch import serve_in_subprocess
 from tests.tiny_models import save_tiny_bert
 
 
@@ -63,6 +67,30 @@ def test_finetuned_teacher_loads_in_the_service_and_beats_chance(
     labels = torch.tensor([e.label for e in train.examples])
     accuracy = (answer.logits.argmax(dim=-1) == labels).float().mean().item()
     assert accuracy > 0.7, accuracy  # chance is ~0.5 (balanced labels)
+
+    # ... and the real service (a separate process) serves it unchanged: same answers over REST,
+    # then a student distils from it remotely.
+    config = tmp_path / "teachers.yaml"
+    config.write_text(f"teachers:\n  - name: small\n    path: {out}\n    max_batch_size: 128\n")
+    with serve_in_subprocess(config, log_path=tmp_path / "server.log") as url:
+        texts = [e.text_a for e in train.examples]
+        body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [len(texts)], "data": texts}]}
+        reply = httpx.post(f"{url}/v2/models/small/infer", json=body, timeout=60).json()
+        served = torch.tensor(reply["outputs"][0]["data"]).view(len(texts), 2)
+        assert torch.allclose(served, answer.logits, atol=1e-5)
+        student_out = tmp_path / "student"
+        results = train_student(
+            parse_distill_args(
+                ["--model_name_or_path", str(out), "--student_num_layers", "1", "--task", "synthetic"]
+                + ["--data_dir", str(synthetic_dir), "--output_dir", str(student_out), "--max_steps", "3"]
+                + ["--teacher", f"small={url}", "--per_device_train_batch_size", "16", "--device", "cpu"]
+                + ["--save_strategy", "no", "--disable_tqdm"]
+            )
+        )
+    assert results["global_step"] == 3 and results["flops"]["teacher_flops_vanilla"] > 0
+    # every row the student asked for was just computed for the text query above: the service's
+    # cache (keyed by token ids, so text and token-id inputs share it) answered all of them
+    assert results["flops"]["teacher_flops_spent"] == 0
 
 
 def test_seeded_runs_are_identical_and_files_with_string_labels_work(
