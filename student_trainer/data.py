@@ -584,6 +584,25 @@ def load_train_and_eval(
     return train, evaluation
 
 
+#: The data options `distill` and `finetune` share (same names on both argument dataclasses).
+DATA_OPTIONS = (
+    "task",
+    "data_dir",
+    "train_file",
+    "validation_file",
+    "text_columns",
+    "label_column",
+    "skip_bad_rows",
+    "max_train_samples",
+    "max_eval_samples",
+)
+
+
+def load_train_and_eval_from(options: object) -> tuple[TaskData, TaskData | None]:
+    """:func:`load_train_and_eval` with the data options of a command's argument dataclass."""
+    return load_train_and_eval(**{name: getattr(options, name) for name in DATA_OPTIONS})
+
+
 def write_tsv(data: TaskData, path: str | Path) -> Path:
     """Write ``sentence\tlabel`` (or ``sentence1\tsentence2\tlabel``) with a header, labels as indices.
 

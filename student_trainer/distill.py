@@ -56,7 +56,7 @@ from student_trainer.checkpoint import (
 from student_trainer.data import (
     TokenizedDataset,
     collate_batch,
-    load_train_and_eval,
+    load_train_and_eval_from,
 )
 from student_trainer.kd_step import TeacherCallError, ask_teachers, distillation_loss, plan_batch
 from student_trainer.metrics import compute_metrics
@@ -367,17 +367,7 @@ def _train(
     infos: dict[str, TeacherInfo],
 ) -> dict[str, Any]:
     # data and student ----------------------------------------------------------------------------
-    train_data, eval_data = load_train_and_eval(
-        task=args.task,
-        data_dir=args.data_dir,
-        train_file=args.train_file,
-        validation_file=args.validation_file,
-        text_columns=args.text_columns,
-        label_column=args.label_column,
-        skip_bad_rows=args.skip_bad_rows,
-        max_train_samples=args.max_train_samples,
-        max_eval_samples=args.max_eval_samples,
-    )
+    train_data, eval_data = load_train_and_eval_from(args)
     student, tokenizer = build_student(
         args.model_name_or_path,
         label_names=train_data.label_names,

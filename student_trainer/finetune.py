@@ -25,7 +25,7 @@ from transformers import AutoTokenizer, PreTrainedModel, get_linear_schedule_wit
 from shared.errors import UserError
 from shared.modeling import load_sequence_classifier
 from student_trainer.arguments import FinetuneArguments
-from student_trainer.data import TaskData, TokenizedDataset, collate_batch, load_train_and_eval
+from student_trainer.data import TaskData, TokenizedDataset, collate_batch, load_train_and_eval_from
 from student_trainer.metrics import compute_metrics
 from student_trainer.training import adamw_with_decay_groups, resolve_device
 
@@ -84,17 +84,7 @@ def finetune(args: FinetuneArguments) -> dict[str, Any]:
     args.validate()
     set_seed(args.seed)
     device = resolve_device(args.device)
-    train_data, eval_data = load_train_and_eval(
-        task=args.task,
-        data_dir=args.data_dir,
-        train_file=args.train_file,
-        validation_file=args.validation_file,
-        text_columns=args.text_columns,
-        label_column=args.label_column,
-        skip_bad_rows=args.skip_bad_rows,
-        max_train_samples=args.max_train_samples,
-        max_eval_samples=args.max_eval_samples,
-    )
+    train_data, eval_data = load_train_and_eval_from(args)
     if not train_data.is_labelled:
         raise UserError("the training data has no labels")
     try:

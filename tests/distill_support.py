@@ -124,3 +124,23 @@ def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
     if projections.exists():
         tensors.update({f"projections.{k}": v for k, v in load_file(str(projections)).items()})
     return tensors
+
+
+class WrappedTeacher:
+    """A teacher client that forwards everything to ``real``; tests override :meth:`infer`."""
+
+    def __init__(self, real):
+        self.real = real
+
+    @property
+    def info(self):
+        return self.real.info
+
+    async def start(self, ready_timeout_s: float):
+        return await self.real.start(ready_timeout_s)
+
+    async def infer(self, query):
+        return await self.real.infer(query)
+
+    async def aclose(self) -> None:
+        await self.real.aclose()

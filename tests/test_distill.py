@@ -15,6 +15,7 @@ from student_trainer.arguments import parse_distill_args
 from student_trainer.teacher_client import make_teacher_client
 from tests.distill_support import (
     METHODS,
+    WrappedTeacher,
     checkpoint_tensors,
     distill_argv,
     expected_rows,
@@ -124,27 +125,18 @@ def test_evaluation_checkpoints_results_and_summary(workspace, tmp_path: Path, c
     assert exported.config.num_hidden_layers == 2 and exported.config.id2label == {0: "0", 1: "1"}
 
 
-class FlakyTeacher:
+class FlakyTeacher(WrappedTeacher):
     """A real in-process teacher that goes down for good after ``answers`` answers."""
 
     def __init__(self, real, answers: int):
-        self.real, self.answers = real, answers
-
-    @property
-    def info(self):
-        return self.real.info
-
-    async def start(self, ready_timeout_s: float):
-        return await self.real.start(ready_timeout_s)
+        super().__init__(real)
+        self.answers = answers
 
     async def infer(self, query):
         if self.answers == 0:
             raise ConnectionError("connection refused")
         self.answers -= 1
         return await self.real.infer(query)
-
-    async def aclose(self) -> None:
-        await self.real.aclose()
 
 
 RESUMABLE = ["--teacher_selection", "hard", "--supervision", "uncertainty", "--data_selection", "random"]

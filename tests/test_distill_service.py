@@ -27,6 +27,7 @@ from student_trainer.teacher_client import make_teacher_client
 from tests.distill_support import (
     METHODS,
     REPO,
+    WrappedTeacher,
     distill_argv,
     expected_rows,
     run_in_process,
@@ -122,18 +123,12 @@ def service(workspace) -> Service:
     server.stop()
 
 
-class MeteredTeacher:
+class MeteredTeacher(WrappedTeacher):
     """Wraps the real HTTP client; around each request, reads what the service's metrics say it ran."""
 
     def __init__(self, real, service: Service, records: list[dict]):
-        self.real, self.service, self.records = real, service, records
-
-    @property
-    def info(self):
-        return self.real.info
-
-    async def start(self, ready_timeout_s: float):
-        return await self.real.start(ready_timeout_s)
+        super().__init__(real)
+        self.service, self.records = service, records
 
     async def infer(self, query):
         model = self.real.model
@@ -153,9 +148,6 @@ class MeteredTeacher:
             }
         )
         return answer
-
-    async def aclose(self) -> None:
-        await self.real.aclose()
 
 
 def metered(monkeypatch: pytest.MonkeyPatch, service: Service) -> list[dict]:
