@@ -51,6 +51,9 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     "FP32": torch.float32,
     "FP64": torch.float64,
 }
+#: What the ``output_dtype`` request parameter may ask for (float outputs only).
+OUTPUT_DATATYPES = ("FP32", "FP16", "BF16")
+
 DATATYPES: dict[torch.dtype, str] = {dtype: name for name, dtype in TORCH_DTYPES.items()}
 # How each fixed-size datatype lies in a blob; BF16 is carried as its int16 bit pattern.
 _WIRE_DTYPES: dict[str, np.dtype] = {

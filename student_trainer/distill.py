@@ -572,7 +572,8 @@ def _train(
                 }
             )
             progress.update(1)
-            window.append(parts)
+            if procs.is_main:  # only rank 0 prints, so only rank 0 keeps the window
+                window.append(parts)
             if state.global_step % args.logging_steps == 0 and procs.is_main:
                 mean = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
                 window.clear()

@@ -22,14 +22,20 @@ from email.utils import parsedate_to_datetime
 import httpx
 import torch
 
-from shared.codec import HEADER_LENGTH, CodecError, Tensor, build_request_body, parse_response_body
+from shared.codec import (
+    HEADER_LENGTH,
+    OUTPUT_DATATYPES,
+    CodecError,
+    Tensor,
+    build_request_body,
+    parse_response_body,
+)
 from shared.errors import UserError
 from shared.protocol import ErrorBody, ModelMetadata
 from shared.teacher_api import TeacherAnswer, TeacherInfo, TeacherQuery
 
 log = logging.getLogger(__name__)
 
-OUTPUT_DTYPES = ("FP32", "FP16", "BF16")
 ANSWER_COUNTERS = ("teacher_flops", "tokens", "padded_tokens", "cache_hits")
 RETRY_STATUSES = (429, 503)
 
@@ -99,8 +105,8 @@ class HttpTeacherClient:
         bad = [url for url in urls if not url.startswith(("http://", "https://"))]
         if bad:
             raise UserError(f"teacher {model!r}: service URLs must start with http:// or https://, got {bad}")
-        if output_dtype.upper() not in OUTPUT_DTYPES:
-            raise UserError(f"output_dtype {output_dtype!r} is not one of {list(OUTPUT_DTYPES)}")
+        if output_dtype.upper() not in OUTPUT_DATATYPES:
+            raise UserError(f"output_dtype {output_dtype!r} is not one of {list(OUTPUT_DATATYPES)}")
         self.urls = [url.rstrip("/") for url in urls]
         self.model = model
         self.api_key = api_key

@@ -27,6 +27,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared.codec import (
     HEADER_LENGTH,
+    OUTPUT_DATATYPES,
+    TORCH_DTYPES,
     CodecError,
     DecodedRequest,
     Tensor,
@@ -49,7 +51,7 @@ logger = logging.getLogger("teacher_server")
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids", "text", "text_pair")
 OUTPUT_NAMES = ("logits", "probs", "hidden_cls", "hidden_states")
-OUTPUT_DTYPES = {"FP32": torch.float32, "FP16": torch.float16, "BF16": torch.bfloat16}
+OUTPUT_DTYPES = {name: TORCH_DTYPES[name] for name in OUTPUT_DATATYPES}
 CLIENT_CLOSED_REQUEST = 499  # nginx's code: nobody reads it, the metrics and logs do
 
 

@@ -66,9 +66,16 @@ class OutputCache:
         if size > self.max_bytes or key in self._rows:
             return
         self._rows[key] = RowOutputs(
-            *(t.clone() if t is not None else None for t in (row.logits, row.hidden_cls, row.hidden_states))
+            *(_own_storage(t) for t in (row.logits, row.hidden_cls, row.hidden_states))
         )
         self.bytes_used += size
         while self.bytes_used > self.max_bytes:
             _, evicted = self._rows.popitem(last=False)
             self.bytes_used -= evicted.nbytes
+
+
+def _own_storage(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """``tensor``, copied only when it is a view into a larger (batch) storage."""
+    if tensor is None or tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size():
+        return tensor
+    return tensor.clone()

@@ -184,7 +184,7 @@ class TeacherEngine:
                 hidden_cls = torch.stack([states[i][:, 0] for i in spec.cls_layers], dim=1).float().cpu()
             if spec.token_layers:
                 stacked = torch.stack([states[i] for i in spec.token_layers], dim=1).float().cpu()
-                hidden_states = stacked * mask_cpu[:, None, :, None].float()  # padding → exact zeros
+                hidden_states = stacked.mul_(mask_cpu[:, None, :, None])  # padding → exact zeros, in place
             logits = logits.float().cpu() if spec.want_logits else None
         batch, length = ids.shape
         flops = encoder_forward_flops(self.config, [length] * batch, depth, with_head=spec.want_logits)
