@@ -7,6 +7,7 @@ first ``m`` encoder layers (the paper's student: the first 6 layers of BERT-base
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 import torch
@@ -16,6 +17,12 @@ from transformers.utils import logging as hf_logging
 from shared.errors import UserError
 
 log = logging.getLogger(__name__)
+
+# ``from_pretrained`` swaps ``torch.nn.init`` (and we swap the logging verbosity) process-wide
+# while it loads, then puts back what it found: two loads in threads (a trainer starting both
+# local teachers at once) can each put back the other's no-ops, after which every ``nn.init``
+# call (the student's fresh head) leaves memory uninitialised. One load at a time per process.
+_LOAD_LOCK = threading.Lock()
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -64,22 +71,23 @@ def load_sequence_classifier(
                 f"num_layers={num_layers} must be in 1..{config.num_hidden_layers} for {name_or_path}"
             )
         config.num_hidden_layers = num_layers
-    # transformers prints a multi-screen "LOAD REPORT" listing every dropped layer's weights
-    # when we truncate on purpose; one line saying what is new is what a user needs.
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        model, loading = AutoModelForSequenceClassification.from_pretrained(
-            str(name_or_path),
-            config=config,
-            dtype=resolve_dtype(dtype),
-            attn_implementation=attn_implementation,
-            ignore_mismatched_sizes=True,
-            output_loading_info=True,
-            **kwargs,
-        )
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    with _LOAD_LOCK:
+        # transformers prints a multi-screen "LOAD REPORT" listing every dropped layer's weights
+        # when we truncate on purpose; one line saying what is new is what a user needs.
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            model, loading = AutoModelForSequenceClassification.from_pretrained(
+                str(name_or_path),
+                config=config,
+                dtype=resolve_dtype(dtype),
+                attn_implementation=attn_implementation,
+                ignore_mismatched_sizes=True,
+                output_loading_info=True,
+                **kwargs,
+            )
+        finally:
+            hf_logging.set_verbosity(verbosity)
     mismatched = (k if isinstance(k, str) else k[0] for k in loading.get("mismatched_keys", ()))
     fresh = sorted({*loading.get("missing_keys", ()), *mismatched})
     if fresh:
