@@ -15,6 +15,7 @@ from hypothesis.extra import numpy as hnp
 
 from shared.codec import (
     HEADER_LENGTH,
+    OUTPUT_DATATYPES,
     TORCH_DTYPES,
     CodecError,
     build_request_body,
@@ -358,3 +359,22 @@ def test_model_metadata_gives_teacher_info() -> None:
         ("neg", "pos"),
     )
     assert (info.vocab_size, info.max_seq_length) == (99, 128)
+
+
+@pytest.mark.parametrize("datatype", OUTPUT_DATATYPES)
+def test_json_response_keeps_non_finite_values(datatype: str) -> None:
+    """The fast JSON writer would turn NaN and infinity into null; such bodies take the slow path."""
+    value = torch.tensor([1.5, float("nan"), float("inf"), -float("inf"), -0.0]).to(TORCH_DTYPES[datatype])
+    body, headers = build_response_body("m", {"logits": value}, binary_outputs=[], model_version="1")
+    assert b"null" not in body
+    got = parse_response_body(body, header_length(headers)).outputs["logits"]
+    assert got.dtype == value.dtype
+    torch.testing.assert_close(got, value, equal_nan=True, rtol=0, atol=0)
+    assert torch.signbit(got[-1])
+
+
+def test_json_float32_is_written_shortest_and_reads_back_exactly() -> None:
+    value = torch.randn(4096, generator=torch.Generator().manual_seed(0))
+    body, headers = build_response_body("m", {"logits": value}, binary_outputs=[], model_version="1")
+    assert_same(parse_response_body(body, header_length(headers)).outputs["logits"], value)
+    assert len(body) < 12 * value.numel()  # float64 reprs of float32 values take ~20 bytes each
