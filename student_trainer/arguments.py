@@ -85,7 +85,9 @@ class DistillArguments:
     save_steps: int = option(500, "Write a checkpoint every N steps (save_strategy=steps).")
     save_total_limit: int | None = option(None, "Keep at most N checkpoints (oldest deleted first).")
     resume_from_checkpoint: str | None = option(
-        None, "A checkpoint-<step> folder, or 'latest' for the newest one in --output_dir."
+        None,
+        "A checkpoint-<step> folder; 'latest' for the newest one in --output_dir; 'auto' for the newest "
+        "one if there is any, else a fresh start (a job its supervisor restarts).",
     )
     device: str = option("auto", "cpu, cuda, cuda:N or auto (cuda when available).")
     disable_tqdm: bool = option(False, "Hide the progress bars.")

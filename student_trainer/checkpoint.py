@@ -93,13 +93,14 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: checkpoint_step(p) or 0)
 
 
-def resolve_checkpoint(spec: str, output_dir: str | Path) -> Path:
-    """``latest`` -> the newest checkpoint in ``output_dir``; otherwise the folder given."""
-    if spec == "latest":
+def resolve_checkpoint(spec: str, output_dir: str | Path) -> Path | None:
+    """``latest`` -> the newest checkpoint in ``output_dir``; ``auto`` -> the same, or ``None``
+    (start afresh) when there is none, so a restarted job resumes; otherwise the folder given."""
+    if spec in ("latest", "auto"):
         found = list_checkpoints(output_dir)
-        if not found:
+        if not found and spec == "latest":
             raise UserError(f"--resume_from_checkpoint latest: no checkpoint-<step> folder in {output_dir}")
-        return found[-1]
+        return found[-1] if found else None
     path = Path(spec)
     if not (path / TRAINER_STATE).is_file():
         raise UserError(f"--resume_from_checkpoint {spec}: not a checkpoint folder (no {TRAINER_STATE})")

@@ -418,8 +418,9 @@ def _train(
 
     # resume ---------------------------------------------------------------------------------------
     resume_step = None
-    if args.resume_from_checkpoint:
-        path = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
+    spec = args.resume_from_checkpoint
+    path = resolve_checkpoint(spec, output_dir) if spec else None
+    if path is not None:
         saved = load_checkpoint(path, student=student, map_location=procs.device)
         state = TrainingState(**saved["trainer_state"]["state"])
         if state.world_size != procs.world_size:

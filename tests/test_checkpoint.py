@@ -98,6 +98,8 @@ def test_latest_rotation_and_incomplete_folders(tmp_path: Path, tokenizer) -> No
     (tmp_path / ".tmp-checkpoint-12-abcd").mkdir()  # what a kill mid-write leaves
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-4", "checkpoint-10"]
     assert resolve_checkpoint("latest", tmp_path) == tmp_path / "checkpoint-10"
+    assert resolve_checkpoint("auto", tmp_path) == tmp_path / "checkpoint-10"
+    assert resolve_checkpoint("auto", tmp_path / "no-run-yet") is None  # a fresh start
     assert resolve_checkpoint(str(tmp_path / "checkpoint-4"), tmp_path) == tmp_path / "checkpoint-4"
     deleted = rotate_checkpoints(tmp_path, keep=2)
     assert [p.name for p in deleted] == ["checkpoint-2"]

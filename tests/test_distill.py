@@ -147,9 +147,11 @@ RESUMABLE += ["--save_steps", "100", "--warmup_ratio", "0.2"]
 def test_teacher_down_leaves_a_checkpoint_and_resuming_is_bit_identical(
     workspace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Dropout, random selection, the budget carry, projections, epochs: all must replay exactly."""
+    """Dropout, random selection, the budget carry, projections, epochs: all must replay exactly.
+
+    ``auto`` (what a restarted compose job passes) starts the reference afresh and resumes the other."""
     reference = tmp_path / "reference"
-    run_in_process(argv(workspace, reference, *RESUMABLE))
+    run_in_process(argv(workspace, reference, *RESUMABLE, "--resume_from_checkpoint", "auto"))
 
     interrupted = tmp_path / "interrupted"
     monkeypatch.setattr(
@@ -164,7 +166,7 @@ def test_teacher_down_leaves_a_checkpoint_and_resuming_is_bit_identical(
     assert sorted(p.name for p in interrupted.glob("checkpoint-*")) == ["checkpoint-7"]
     monkeypatch.undo()
 
-    resumed = run_in_process(argv(workspace, interrupted, *RESUMABLE, "--resume_from_checkpoint", "latest"))
+    resumed = run_in_process(argv(workspace, interrupted, *RESUMABLE, "--resume_from_checkpoint", "auto"))
     assert resumed["global_step"] == 12
     assert [s["step"] for s in train_log(interrupted)] == list(range(1, 13))  # every step once
     final, expected = (

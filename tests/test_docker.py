@@ -200,6 +200,9 @@ def test_compose_config_is_valid_for_every_profile(profiles: tuple[str, ...], tm
             assert dependency in servers, f"{name} waits for {dependency}, which profile {profiles} lacks"
             assert condition["condition"] == "service_healthy"
         assert ("trainer-outputs", "/outputs", False) in mounts(service)
+        # a restarted job resumes (the run-outside-Docker test below restarts one)
+        assert service["restart"].startswith("on-failure")
+        assert service["command"][service["command"].index("--resume_from_checkpoint") + 1] == "auto"
         assert "trainer-outputs" in resolved["volumes"]
 
     wants_gpu = "cpu" not in profiles
@@ -412,16 +415,18 @@ def test_trainer_command_distils_against_the_service(cpu_profile) -> None:
     service = compose["trainer-cpu"]
     image = target_instructions(stages, "student-trainer")
     argv = container.argv(json.loads(last(image, "ENTRYPOINT")) + service["command"])
-    result = subprocess.run(
-        [*argv, "--max_steps", "2", "--per_device_train_batch_size", "4", "--disable_tqdm"],
-        env=container.env(image_env(image), service["environment"]),
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    argv += ["--max_steps", "2", "--per_device_train_batch_size", "4", "--disable_tqdm"]
+    env = container.env(image_env(image), service["environment"])
+    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Resuming from" not in result.stderr
     output_dir = Path(argv[argv.index("--output_dir") + 1])
     assert output_dir.is_relative_to(container.paths["/outputs"])
     results = json.loads((output_dir / "results.json").read_text())
     assert results["global_step"] == 2
     assert results["flops"]["teacher_flops_spent"] > 0, "the job must have been answered by the service"
+
+    restarted = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=180)
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    assert f"Resuming from {output_dir / 'checkpoint-2'}" in restarted.stderr  # not from step 0 again
+    assert json.loads((output_dir / "results.json").read_text())["flops"] == results["flops"]
