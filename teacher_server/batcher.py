@@ -61,7 +61,8 @@ class _Request:
     outputs: list[RowOutputs | None]
     cache_keys: list[bytes | None]
     cache_hits: int
-    todo: int
+    todo: int  # rows still to compute
+    todo_tokens: int  # their real tokens: what the batcher's budgets count (cached rows cost nothing)
     flops: int = 0
     padded_tokens: int = 0
     compute_s: float = 0.0
@@ -220,6 +221,7 @@ class DynamicBatcher:
             cache_keys=keys,
             cache_hits=hits,
             todo=len(lengths) - hits,
+            todo_tokens=sum(n for n, out in zip(lengths, outputs, strict=True) if out is None),
         )
 
     def _retry_after_s(self) -> int:
@@ -264,7 +266,7 @@ class DynamicBatcher:
             request = self._queue.popleft()
             taken.append(request)
             rows += request.todo
-            tokens += sum(request.lengths)
+            tokens += request.todo_tokens
         self.metrics.queue_depth.labels(self.name).set(len(self._queue))
         return taken
 
@@ -277,7 +279,7 @@ class DynamicBatcher:
 
     def _a_pass_is_full(self) -> bool:
         rows = sum(r.todo for r in self._queue)
-        tokens = sum(sum(r.lengths) for r in self._queue)
+        tokens = sum(r.todo_tokens for r in self._queue)
         return rows >= self.config.max_batch_size or tokens >= self.config.max_batch_tokens
 
     async def _run_round(self, requests: list[_Request]) -> None:
@@ -376,6 +378,7 @@ class DynamicBatcher:
             request.flops += flops_per_row
             request.padded_tokens += padded_length
             request.todo -= 1
+            request.todo_tokens -= row.length
             if request.todo == 0 and not request.future.done():
                 request.future.set_result(self._answer(request))
         self.metrics.cache_bytes.set(self.cache.bytes_used)

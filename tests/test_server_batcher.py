@@ -152,6 +152,32 @@ def test_cache_answers_repeated_rows_and_can_be_bypassed(engine):
     torch.testing.assert_close(b.hidden_cls, c.hidden_cls, atol=1e-5, rtol=0)
 
 
+def test_cached_rows_do_not_fill_the_token_budget(engine):
+    """A request whose rows are mostly cached still waits for company: only rows to compute count."""
+    batcher = make_batcher(
+        engine, cache_bytes=10**6, max_queue_delay_ms=1000, max_batch_tokens=32, max_seq_length=20
+    )
+    seen = query(engine, SENTENCES[:4])
+    mostly_cached = query(engine, SENTENCES[:5])  # 4 cached rows (38 tokens) + "best film"
+    company = query(engine, SENTENCES[2:3])  # "fun !", not cached
+
+    async def scenario():
+        batcher.start()
+        await batcher.infer(seen)
+        engine.passes.clear()
+        first = asyncio.ensure_future(batcher.infer(mostly_cached))
+        await asyncio.sleep(0.05)
+        await batcher.infer(TeacherQuery(**{**vars(company), "use_cache": False}))
+        answer = await first
+        await batcher.close(5)
+        return answer
+
+    assert int(seen.attention_mask.sum()) > 32
+    answer = asyncio.run(scenario())
+    assert answer.cache_hits == 4
+    assert [rows for rows, _ in engine.passes] == [2]  # one pass for both requests, not one each
+
+
 def test_full_queue_rejects_with_retry_after(engine):
     batcher = make_batcher(engine, max_queue_delay_ms=300, max_queue_size=1)
     q = query(engine, SENTENCES[:1])
