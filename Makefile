@@ -44,6 +44,7 @@ test: install tools lint unit
 bench: install
 	$(BIN)/python benchmarks/bench_server.py
 	$(BIN)/python benchmarks/bench_kd.py
+	$(BIN)/python benchmarks/bench_codec.py --layers 13
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
