@@ -269,6 +269,9 @@ def format_report(report: dict[str, Any]) -> str:
         f"teacher FLOPs spent     {flops['teacher_flops_spent'] / 1e9:12,.1f} GFLOPs",
         f"vanilla KD would spend  {flops['teacher_flops_vanilla'] / 1e9:12,.1f} GFLOPs",
         f"saved                   {100 * (flops['teacher_flops_saved_fraction'] or 0):11.1f} %",
+        f"  by dynamic KD's choices {100 * (flops['teacher_flops_saved_fraction_selection'] or 0):9.1f} %"
+        "  (rows sent vs every row, both unpadded)",
+        f"  service cache answered  {flops['teacher_cache_hits']:8,d} rows",
         f"rows computed by the service: {rows}",
         f"wall time: teachers {wall['teachers']:.0f} s, serve + distill + eval {wall['distill']:.0f} s, "
         f"total {wall['total']:.0f} s",

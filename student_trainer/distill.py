@@ -58,10 +58,16 @@ from student_trainer.data import (
     collate_batch,
     load_train_and_eval_from,
 )
-from student_trainer.kd_step import TeacherCallError, ask_teachers, distillation_loss, plan_batch
+from student_trainer.kd_step import (
+    TeacherCallError,
+    ask_teachers,
+    distillation_loss,
+    in_data_label_order,
+    plan_batch,
+)
 from student_trainer.metrics import compute_metrics
 from student_trainer.selection import ExactBudgetSelector, select_instances
-from student_trainer.student import DistillStudent, build_student
+from student_trainer.student import DistillStudent, build_student, teacher_label_order
 from student_trainer.teacher_client import TeacherClient, TeacherInfo, make_teacher_client
 from student_trainer.training import adamw_with_decay_groups, resolve_device
 
@@ -249,14 +255,24 @@ class MetricsLog:
         if resume_step is None:
             self.path.unlink(missing_ok=True)
         elif self.path.exists():  # drop what a killed run logged past its last checkpoint
-            lines = self.path.read_text().splitlines()
-            kept = [line for line in lines if json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            self.path.write_text("".join(line + "\n" for line in self._lines_up_to(resume_step)))
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             return
         self.tensorboard = SummaryWriter(str(output_dir / "runs"))
+
+    def _lines_up_to(self, step: int) -> list[str]:
+        """The log's records up to ``step``; a kill mid-write leaves a torn last line, dropped too."""
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            if record["step"] <= step:
+                kept.append(line)
+        return kept
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -314,8 +330,10 @@ def summary_paragraph(args: DistillArguments, results: dict[str, Any]) -> str:
             f"Teachers spent {gflops(ledger['teacher_flops_spent'])} where vanilla KD on the same batches "
             f"would have spent {gflops(ledger['teacher_flops_vanilla'])} "
             f"({gflops(ledger['teacher_flops_vanilla_unpadded'])} without padding): "
-            f"{100 * ledger['teacher_flops_saved_fraction']:.1f}% saved "
-            f"({100 * ledger['teacher_flops_saved_fraction_unpadded']:.1f}% against the unpadded bound). "
+            f"{100 * ledger['teacher_flops_saved_fraction']:.1f}% saved. Dynamic KD's choices alone save "
+            f"{100 * ledger['teacher_flops_saved_fraction_selection']:.1f}% (the rows sent would cost "
+            f"{gflops(ledger['teacher_flops_requested'])} at their real lengths); the rest is the service's "
+            f"padding removal and its cache ({ledger['teacher_cache_hits']:,} rows answered from it). "
         )
     text += f"Student training cost {gflops(ledger['student_flops'])}."
     return text
@@ -377,6 +395,9 @@ def _train(
         device=procs.device,
         seed=args.seed,
     )
+    label_orders = {
+        role: teacher_label_order(role, info, train_data.label_names) for role, info in infos.items()
+    }
     max_len = min(
         [args.max_seq_length, student.model.config.max_position_embeddings]
         + [info.max_seq_length for info in infos.values()]
@@ -520,6 +541,7 @@ def _train(
                 )
             except TeacherCallError as err:
                 answers, failure = {}, err
+            answers = {role: in_data_label_order(a, label_orders[role]) for role, a in answers.items()}
             teacher_seconds = time.perf_counter() - asked
             if any_rank(failure is not None, procs):
                 path = checkpoint(before_step)
@@ -550,6 +572,7 @@ def _train(
             counts = flops.all_reduce_counts(
                 {
                     **flops.teacher_counts(answers, plan.rows_sent),
+                    **flops.requested_counts(infos, plan.queries),
                     **flops.vanilla_counts(infos, real_lengths, seq_len),
                     **flops.student_counts(student.model.config, batch_size, seq_len),
                     "selected_instances": len(plan.selected),

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -135,6 +135,13 @@ async def ask_teachers(
         await asyncio.gather(*tasks.values(), return_exceptions=True)
         raise
     return {role: task.result() for role, task in tasks.items()}
+
+
+def in_data_label_order(answer: TeacherAnswer, order: list[int] | None) -> TeacherAnswer:
+    """The answer with its logit columns in the data's label order (see ``teacher_label_order``)."""
+    if order is None or answer.logits is None:
+        return answer
+    return replace(answer, logits=answer.logits[:, order])
 
 
 def _teacher_weights(args: DistillArguments, selected_logits: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -6,21 +6,25 @@ multiply-add, backward = 2 × forward):
 * **teacher FLOPs spent**: the sum of ``teacher_flops`` the teachers reported for every answer
   they returned. The service counts what it actually ran (padded tokens, layers run, cache
   hits free), so this is the real bill, not an estimate.
+* **teacher FLOPs requested**: what the rows the trainer sent would cost at their real token
+  counts, whoever answers them and however: the bill of dynamic KD's choices alone, before
+  the service's padding and its output cache (which, from the second epoch on, answers rows
+  it has seen for free — a saving any KD run with a cache would get, not dynamic KD's).
 * **vanilla KD FLOPs**: what the same teachers would have spent on the same batches without
   dynamic KD: every instance of every batch, padded as the trainer collated it (``B × L``), through
   the whole encoder and head of *every teacher the method's baseline uses* — the teacher itself
   for ``small``/``large``, both teachers for ``ensemble``/``hard``/``soft``/``soft-batch`` (the
   reference implementation ran both teachers on the full batch). Nothing for ``--no_kd``.
 * **vanilla KD FLOPs, unpadded**: the same rows at their real token counts — what vanilla KD
-  would cost on a server that wastes nothing on padding. The service strips padding and
-  buckets by length, so part of the saving against the padded figure is the service's, not
-  dynamic KD's; the saving against this lower bound is dynamic KD's alone (minus any padding
-  the teachers still ran), the conservative number.
+  would cost on a server that wastes nothing on padding (and caches nothing).
 * **student FLOPs**: the student's forward on the padded batch ``B × L`` (all its layers and
   its head) and its backward at 2 × that. The hidden-size projections are left out (< 0.1 %).
 
-``saved_fraction = 1 - spent / vanilla`` (likewise against the unpadded bound). Counts are
-integers so that summing them across DDP ranks and across resumed runs is exact.
+``saved_fraction = 1 - spent / vanilla`` is the whole saving on the bill: dynamic KD, the
+service's padding removal and its cache together. ``selection_saved_fraction = 1 - requested /
+vanilla_unpadded`` is dynamic KD's share alone: the same rows, the same unpadded accounting, only
+the choice of rows and teachers differs. Counts are integers so that summing them across DDP
+ranks and across resumed runs is exact.
 """
 
 from __future__ import annotations
@@ -32,13 +36,14 @@ import torch
 import torch.distributed as dist
 
 from shared.flops import BACKWARD_TO_FORWARD, encoder_forward_flops
-from shared.teacher_api import TeacherAnswer, TeacherInfo
+from shared.teacher_api import TeacherAnswer, TeacherInfo, TeacherQuery
 
 ROLES = ("small", "large")
 KEYS = (
     *(f"teacher_flops_{role}" for role in ROLES),
     *(f"vanilla_flops_{role}" for role in ROLES),
     *(f"vanilla_unpadded_flops_{role}" for role in ROLES),
+    *(f"requested_flops_{role}" for role in ROLES),
     *(f"teacher_rows_{role}" for role in ROLES),
     *(f"vanilla_rows_{role}" for role in ROLES),
     "teacher_requests",
@@ -72,6 +77,19 @@ def teacher_counts(answers: Mapping[str, TeacherAnswer], rows: Mapping[str, int]
     counts["teacher_requests"] = len(answers)
     counts["teacher_cache_hits"] = sum(int(a.cache_hits) for a in answers.values())
     return counts
+
+
+def requested_counts(
+    teachers: Mapping[str, TeacherInfo], queries: Mapping[str, TeacherQuery]
+) -> dict[str, int]:
+    """What the rows sent cost at their real lengths through the whole teacher (the trainer
+    always asks for logits), cache or not."""
+    return {
+        f"requested_flops_{role}": encoder_forward_flops(
+            teacher_flops_config(teachers[role]), query.attention_mask.sum(dim=1).tolist()
+        )
+        for role, query in queries.items()
+    }
 
 
 def vanilla_counts(
@@ -140,18 +158,28 @@ class FlopsLedger:
     def vanilla_unpadded_flops(self) -> int:
         return self._sum("vanilla_unpadded_flops")
 
-    def _saved(self, vanilla: int) -> float | None:
-        return None if vanilla == 0 else 1.0 - self.teacher_flops / vanilla
+    @property
+    def requested_flops(self) -> int:
+        return self._sum("requested_flops")
+
+    @staticmethod
+    def _saved(spent: int, vanilla: int) -> float | None:
+        return None if vanilla == 0 else 1.0 - spent / vanilla
 
     @property
     def saved_fraction(self) -> float | None:
         """``1 - spent / vanilla``; None when no teacher was used (nothing to compare)."""
-        return self._saved(self.vanilla_flops)
+        return self._saved(self.teacher_flops, self.vanilla_flops)
 
     @property
     def saved_fraction_unpadded(self) -> float | None:
-        """``1 - spent / vanilla_unpadded``: the saving of dynamic KD alone."""
-        return self._saved(self.vanilla_unpadded_flops)
+        """``1 - spent / vanilla_unpadded``: the bill against vanilla KD without padding."""
+        return self._saved(self.teacher_flops, self.vanilla_unpadded_flops)
+
+    @property
+    def selection_saved_fraction(self) -> float | None:
+        """``1 - requested / vanilla_unpadded``: what dynamic KD's choices alone save."""
+        return self._saved(self.requested_flops, self.vanilla_unpadded_flops)
 
     def state_dict(self) -> dict[str, int]:
         return dict(self.totals)
@@ -169,5 +197,7 @@ class FlopsLedger:
             "teacher_flops_saved_fraction": self.saved_fraction,
             "teacher_flops_vanilla_unpadded": self.vanilla_unpadded_flops,
             "teacher_flops_saved_fraction_unpadded": self.saved_fraction_unpadded,
+            "teacher_flops_requested": self.requested_flops,
+            "teacher_flops_saved_fraction_selection": self.selection_saved_fraction,
             "student_flops": self.totals["student_forward_flops"] + self.totals["student_backward_flops"],
         }

@@ -8,7 +8,8 @@ live in its checkpoints, and are dropped from the exported model (inference neve
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -56,6 +57,29 @@ def reset_classifier(model: PreTrainedModel) -> None:
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
+
+
+_INDEX_NAME = re.compile(r"^(label_)?\d+$")  # "LABEL_0", "0": names that only restate the index
+
+
+def teacher_label_order(role: str, info: TeacherInfo, data_labels: Sequence[str]) -> list[int] | None:
+    """The teacher's logit columns in the data's label order, matched by name (case aside).
+
+    ``None`` when the orders already agree, or when either side names its labels only by
+    index (then the index is the contract). A teacher fine-tuned elsewhere may list the same
+    classes in another order (``finetune --train_file`` sorts them; GLUE's MNLI does not):
+    distilling column ``i`` into column ``i`` would then teach the wrong classes.
+    """
+    teacher = [str(n).lower() for n in info.label_names]
+    data = [str(n).lower() for n in data_labels]
+    if teacher == data or any(all(_INDEX_NAME.match(n) for n in side) for side in (teacher, data)):
+        return None
+    if sorted(teacher) != sorted(data) or len(set(data)) != len(data):
+        raise UserError(
+            f"teacher {role} labels {list(info.label_names)} are not the data's labels {list(data_labels)}: "
+            "fine-tune the teacher on this task, or give it these label names (id2label in its config.json)"
+        )
+    return [teacher.index(name) for name in data]
 
 
 def build_student(

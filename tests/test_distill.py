@@ -8,10 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import BertForSequenceClassification
 
 from shared.errors import UserError
+from shared.teacher_api import TeacherInfo
 from student_trainer import distill
 from student_trainer.arguments import parse_distill_args
+from student_trainer.student import teacher_label_order
 from student_trainer.teacher_client import make_teacher_client
 from tests.distill_support import (
     METHODS,
@@ -24,6 +27,7 @@ from tests.distill_support import (
     train_log,
     write_sentences,
 )
+from tests.tiny_models import save_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +169,8 @@ def test_teacher_down_leaves_a_checkpoint_and_resuming_is_bit_identical(
         run_in_process(argv(workspace, interrupted, *RESUMABLE))
     assert sorted(p.name for p in interrupted.glob("checkpoint-*")) == ["checkpoint-7"]
     monkeypatch.undo()
+    with (interrupted / "metrics.jsonl").open("a") as log:
+        log.write('{"event": "train", "step": 8, "epo')  # what a kill in the middle of a write leaves
 
     resumed = run_in_process(argv(workspace, interrupted, *RESUMABLE, "--resume_from_checkpoint", "auto"))
     assert resumed["global_step"] == 12
@@ -238,3 +244,61 @@ def test_tensorboard_gets_the_same_scalars_when_installed(
     assert [step for step, _ in losses] == [1, 2, 3]
     assert [value for _, value in losses] == [s["loss"] for s in train_log(tmp_path)]
     assert scalars[-1][0] == "closed"
+
+
+@pytest.mark.parametrize(
+    ("teacher", "data", "order"),
+    [
+        (("negative", "positive"), ["negative", "positive"], None),
+        (("POSITIVE", "Negative"), ["negative", "positive"], [1, 0]),
+        (("contradiction", "entailment", "neutral"), ["entailment", "neutral", "contradiction"], [1, 2, 0]),
+        (("LABEL_0", "LABEL_1"), ["positive", "negative"], None),  # index names: the index is the contract
+        (("negative", "positive"), ["1", "0"], None),
+    ],
+)
+def test_teacher_label_order_matches_names(teacher, data, order) -> None:
+    info = TeacherInfo("t", 2, 32, len(teacher), teacher, 100, 64)
+    assert teacher_label_order("large", info, data) == order
+
+
+def test_teacher_with_other_label_names_is_refused_in_one_line() -> None:
+    info = TeacherInfo("t", 2, 32, 2, ("neg", "pos"), 100, 64)
+    with pytest.raises(UserError, match=r"teacher large labels \['neg', 'pos'\] are not the data's labels"):
+        teacher_label_order("large", info, ["negative", "positive"])
+
+
+def test_a_teacher_listing_the_labels_in_another_order_teaches_the_same(workspace, tmp_path: Path) -> None:
+    """The same teacher with its classes (head rows and names) swapped must give the same run."""
+    model = BertForSequenceClassification.from_pretrained(workspace["large"])
+    with torch.no_grad():
+        model.classifier.weight.copy_(model.classifier.weight.flip(0))
+        model.classifier.bias.copy_(model.classifier.bias.flip(0))
+    model.config.id2label, model.config.label2id = (
+        {0: "positive", 1: "negative"},
+        {"positive": 0, "negative": 1},
+    )
+    model.save_pretrained(tmp_path / "swapped")
+    save_tiny_tokenizer(tmp_path / "swapped")
+    named = tmp_path / "named.tsv"
+    lines = workspace["train"].read_text().splitlines()
+    named.write_text(
+        "\n".join(
+            [
+                lines[0],
+                *(
+                    f"{t}\t{'negative positive'.split()[int(y)]}"
+                    for t, y in (line.split("\t") for line in lines[1:])
+                ),
+            ]
+        )
+        + "\n"
+    )
+
+    def losses(teacher: Path, out: str) -> list[float]:
+        extra = ["--data_selection", "entropy", "--selection_ratio", "0.5", "--max_steps", "4"]
+        run_in_process(
+            distill_argv(workspace["student"], named, tmp_path / out, {"large": f"local:{teacher}"}, *extra)
+        )
+        return [step["kd"] for step in train_log(tmp_path / out)]
+
+    assert losses(tmp_path / "swapped", "swapped-run") == losses(workspace["large"], "plain-run")

@@ -48,10 +48,10 @@ def free_port() -> int:
 class Service:
     """`teacher-server` as a separate process on a loopback port."""
 
-    def __init__(self, root: Path, teachers: dict[str, Path]):
+    def __init__(self, root: Path, teachers: dict[str, Path], *, cache_bytes: int = 0):
         self.config = root / "teachers.yaml"
         entries = [{"name": r, "path": str(p), "max_queue_delay_ms": 1} for r, p in teachers.items()]
-        self.config.write_text(yaml.safe_dump({"cache_max_bytes": 0, "teachers": entries}))
+        self.config.write_text(yaml.safe_dump({"cache_max_bytes": cache_bytes, "teachers": entries}))
         self.log = root / "server.log"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -208,6 +208,24 @@ def test_ratio_one_tenth_spends_one_tenth_of_vanilla(workspace, service, tmp_pat
     assert service_flops / flops["teacher_flops_vanilla"] == pytest.approx(0.1, rel=1e-3)
     assert flops["teacher_flops_saved_fraction"] == pytest.approx(0.9, rel=1e-3)
     assert flops["teacher_flops_vanilla_unpadded"] == flops["teacher_flops_vanilla"]  # no padding to remove
+
+
+def test_the_service_cache_is_not_counted_as_dynamic_kd_saving(workspace, tmp_path) -> None:
+    """Vanilla KD (every row, one teacher) for two epochs with the cache on: the second epoch is
+    free on the bill, but dynamic KD's own saving stays exactly zero."""
+    root = tmp_path / "cached-service"
+    root.mkdir()
+    server = Service(root, {"large": workspace["large"]}, cache_bytes=10**7).start()
+    try:
+        argv = distill_argv(workspace["student"], workspace["train"], tmp_path / "out", {"large": server.url})
+        results = run_in_process(argv + ["--data_selection", "none", "--max_steps", "10"])  # 2 epochs of 5
+    finally:
+        server.stop()
+    flops = results["flops"]
+    assert flops["teacher_cache_hits"] == 40  # the whole second epoch
+    assert flops["teacher_flops_saved_fraction"] > 0.5
+    assert flops["teacher_flops_requested"] == flops["teacher_flops_vanilla_unpadded"]
+    assert flops["teacher_flops_saved_fraction_selection"] == 0
 
 
 def test_remote_and_local_teachers_give_the_same_loss_trajectory(workspace, service, tmp_path) -> None:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from shared.flops import encoder_forward_flops
-from shared.teacher_api import TeacherAnswer, TeacherInfo
+from shared.teacher_api import TeacherAnswer, TeacherInfo, TeacherQuery
 from student_trainer.ledger import (
     KEYS,
     FlopsLedger,
     all_reduce_counts,
+    requested_counts,
     student_counts,
     teacher_counts,
     teacher_flops_config,
@@ -59,6 +61,25 @@ def test_teacher_counts_take_the_reported_flops() -> None:
         "teacher_requests": 2,
         "teacher_cache_hits": 1,
     }
+
+
+def test_requested_is_the_rows_sent_at_their_real_lengths_through_the_whole_teacher() -> None:
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    query = TeacherQuery(torch.ones_like(mask), mask, None, want_logits=True)
+    counts = requested_counts({"large": BASE}, {"large": query})
+    assert counts == {"requested_flops_large": encoder_forward_flops(teacher_flops_config(BASE), [3, 4, 1])}
+
+
+def test_selection_saving_compares_requested_with_unpadded_vanilla() -> None:
+    ledger = FlopsLedger()
+    assert ledger.selection_saved_fraction is None
+    # a cache made the bill 0, yet every row was requested: dynamic KD itself saved nothing
+    ledger.add({"teacher_flops_large": 0, "requested_flops_large": 500, "vanilla_unpadded_flops_large": 500})
+    ledger.add({"vanilla_flops_large": 800})
+    assert ledger.saved_fraction == 1.0 and ledger.selection_saved_fraction == 0.0
+    ledger.add({"requested_flops_small": 100, "vanilla_unpadded_flops_small": 1500})
+    assert ledger.selection_saved_fraction == pytest.approx(1 - 600 / 2000)
+    assert ledger.summary()["teacher_flops_saved_fraction_selection"] == pytest.approx(0.7)
 
 
 def test_student_backward_is_twice_forward() -> None:
