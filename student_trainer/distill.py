@@ -101,13 +101,23 @@ def init_processes(device_name: str) -> Processes:
 
 
 def average_gradients(parameters: list[torch.nn.Parameter], world_size: int) -> None:
-    """Average every gradient over the ranks (a rank that did not use a parameter adds zeros)."""
+    """Average every gradient over the ranks, as one process on the whole batch would see it.
+
+    A rank that did not use a parameter this step adds zeros; a parameter no rank used (a
+    projection on a step that selected no rows) keeps ``grad = None``, so AdamW skips it —
+    weight decay and momentum included — exactly as a single process does.
+    """
+    used = torch.tensor(
+        [p.grad is not None for p in parameters], dtype=torch.float32, device=parameters[0].device
+    )
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat = torch.cat([*(g.reshape(-1) for g in grads), used])
     dist.all_reduce(flat)
     flat /= world_size
-    for p, g in zip(parameters, flat.split([g.numel() for g in grads]), strict=True):
-        p.grad = g.view_as(p)
+    sizes = [g.numel() for g in grads]
+    *averaged, used_anywhere = flat.split([*sizes, len(parameters)])
+    for p, g, anywhere in zip(parameters, averaged, used_anywhere.tolist(), strict=True):
+        p.grad = g.view_as(p) if anywhere > 0 else None
 
 
 def any_rank(flag: bool, procs: Processes) -> bool:

@@ -72,3 +72,21 @@ def test_two_processes_train_like_one_with_the_union_batch(
         assert torch.allclose(got[name], tensor, atol=2e-5), name
     moved = [n for n in initial if n in expected and not torch.allclose(initial[n], expected[n], atol=1e-4)]
     assert len(moved) > 10  # training did change the weights, so the comparison means something
+
+
+def test_a_parameter_no_rank_used_keeps_no_gradient(tmp_path: Path) -> None:
+    """AdamW skips a parameter whose grad is None (no decay, no momentum step); averaging must not
+    turn "unused everywhere" into a zero gradient, or DDP runs would decay what one process leaves."""
+    import torch.distributed as dist
+
+    from student_trainer.distill import average_gradients
+
+    used, unused = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    used.grad = torch.tensor([2.0, 4.0, 6.0])
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        average_gradients([used, unused], world_size=1)
+    finally:
+        dist.destroy_process_group()
+    assert unused.grad is None
+    assert torch.equal(used.grad, torch.tensor([2.0, 4.0, 6.0]))
