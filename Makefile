@@ -1,6 +1,9 @@
 # Two commands for users: `make demo` (install + run the end-to-end demo) and `make test`.
 # Both install into ./.venv first; a second run skips the install unless pyproject.toml changed.
 
+SHELL  := /bin/bash
+# pipefail: pip's own exit status must survive the filter of its noise below
+.SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -14,8 +17,8 @@ PIP    := $(BIN)/python -m pip --disable-pip-version-check
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q "$(TORCH)" 2>&1 | grep -v "^WARNING: Location" || true
-	$(PIP) install -q -e ".[dev,demo]" 2>&1 | grep -v "^WARNING: Location" || true
+	$(PIP) install -q "$(TORCH)" 2>&1 | { grep -v "^WARNING: Location" || true; }
+	$(PIP) install -q -e ".[dev,demo]" 2>&1 | { grep -v "^WARNING: Location" || true; }
 	@$(BIN)/python -c "import torch, transformers, fastapi, pytest" || { echo "install failed"; exit 1; }
 	@touch $(STAMP)
 

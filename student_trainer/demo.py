@@ -69,6 +69,22 @@ class DemoSettings:
     seed: int = 42
     port: int = 0  # 0 = a free port
 
+    def __post_init__(self) -> None:
+        """Refuse settings no run could use, naming the option (the CLI prints it as one line)."""
+        positive = ("num_train", "num_dev", "teacher_epochs_scale", "student_layers", "student_epochs")
+        positive += ("student_learning_rate", "max_seq_length")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise UserError(f"--{name} must be positive, got {getattr(self, name)}")
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise UserError(f"--{name} must be positive, got {value}")
+        if not 0 < self.selection_ratio <= 1:
+            raise UserError(f"--selection_ratio must be in (0, 1], got {self.selection_ratio}")
+        if not 0 <= self.port <= 65535:
+            raise UserError(f"--port must be in 0..65535, got {self.port}")
+
 
 def default_base_model() -> str:
     """The pretrained MiniLM on disk, shipped by the demo extra's PyPI package."""

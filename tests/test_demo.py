@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from shared.errors import UserError
+from student_trainer.cli import main
 from student_trainer.demo import DemoSettings, format_report, run_demo
 from tests.tiny_models import save_tiny_bert
 
@@ -38,7 +39,10 @@ def test_demo_runs_every_stage_and_reports_real_numbers(demo_report, capsys):
     assert sum(report["served_rows"].values()) == 3 * 16
     saved = json.loads((Path(report["run_dir"]) / "demo_report.json").read_text())
     assert saved["flops"] == flops
-    assert "saved" in format_report(report)
+    # dynamic KD's own share, cache and padding aside: the rows sent, each to one teacher, at real lengths
+    assert 0 < flops["teacher_flops_requested"] < 0.5 * flops["teacher_flops_vanilla_unpadded"]
+    assert flops["teacher_flops_saved_fraction_selection"] > 0.5
+    assert "by dynamic KD's choices" in format_report(report)
 
 
 def test_second_run_reuses_cached_teachers(demo_report):
@@ -50,3 +54,12 @@ def test_second_run_reuses_cached_teachers(demo_report):
 def test_bad_data_folder_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="not a directory"):
         run_demo(DemoSettings(data=str(tmp_path / "missing"), base_model="unused", work_dir=str(tmp_path)))
+
+
+@pytest.mark.parametrize(
+    ("option", "value"), [("num_train", "0"), ("selection_ratio", "1.5"), ("port", "70000")]
+)
+def test_impossible_settings_are_one_line_errors(option, value, capsys):
+    assert main(["demo", f"--{option}", value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--{option} must be" in err[0]
