@@ -147,8 +147,6 @@ class DistillArguments:
         """Fill what can be inferred and reject contradictions, each with a one-line reason."""
         if not self.model_name_or_path:
             raise UserError("--model_name_or_path is required (the pretrained model the student starts from)")
-        if not self.output_dir:
-            raise UserError("--output_dir is required")
         if bool(self.task) == bool(self.train_file):
             raise UserError("give either --task (with --data_dir) or --train_file")
         if self.task and not self.data_dir:
@@ -174,25 +172,64 @@ class DistillArguments:
             raise UserError(f"--selection_ratio must be in [0, 1], got {self.selection_ratio}")
         if self.data_selection == "none" and self.selection_ratio != 1.0:
             raise UserError("--selection_ratio needs --data_selection random, entropy, margin or lc")
-        positive = ("per_device_train_batch_size", "per_device_eval_batch_size", "max_seq_length")
-        positive += ("logging_steps", "save_steps", "temperature", "teacher_timeout", "teacher_ready_timeout")
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise UserError(f"--{name} must be > 0, got {getattr(self, name)}")
-        if self.student_num_layers is not None and self.student_num_layers < 1:
-            raise UserError(f"--student_num_layers must be >= 1, got {self.student_num_layers}")
-        if not 0.0 <= self.warmup_ratio <= 1.0:
-            raise UserError(f"--warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
-        if self.max_steps <= 0 and not self.num_train_epochs > 0:
-            raise UserError("--num_train_epochs must be > 0 (or give --max_steps)")
-        if self.save_total_limit is not None and self.save_total_limit < 1:
-            raise UserError(f"--save_total_limit must be >= 1, got {self.save_total_limit}")
         if self.eval_steps is None:
             self.eval_steps = self.logging_steps
+        check_training_options(self)
+        _require_positive(
+            self, "eval_steps", "save_steps", "temperature", "teacher_timeout", "teacher_ready_timeout"
+        )
+        _require_non_negative(self, "adam_epsilon")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise UserError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.student_num_layers is not None and self.student_num_layers < 1:
+            raise UserError(f"--student_num_layers must be >= 1, got {self.student_num_layers}")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise UserError(f"--save_total_limit must be >= 1, got {self.save_total_limit}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# -- checks both commands share --------------------------------------------------------------------
+
+
+def _require_positive(args: object, *names: str) -> None:
+    """Sizes, rates and ``step % N`` periods: zero or less would fail deep inside torch or the loop."""
+    for name in names:
+        if not getattr(args, name) > 0:
+            raise UserError(f"--{name} must be > 0, got {getattr(args, name)}")
+
+
+def _require_non_negative(args: object, *names: str) -> None:
+    for name in names:
+        if not getattr(args, name) >= 0:
+            raise UserError(f"--{name} must be >= 0, got {getattr(args, name)}")
+
+
+def _check_output_dir(output_dir: str | None) -> None:
+    """A file where the folder (or one above it) should be would only fail at the first save."""
+    if not output_dir:
+        raise UserError("--output_dir is required")
+    path = Path(output_dir)
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise UserError(f"--output_dir {output_dir}: {folder} is a file, not a folder")
+            return
+
+
+def check_training_options(args: DistillArguments | FinetuneArguments) -> None:
+    """The options `distill` and `finetune` both have, checked the same way."""
+    _require_positive(args, "per_device_train_batch_size", "per_device_eval_batch_size", "max_seq_length")
+    _require_positive(args, "logging_steps", "learning_rate")
+    _require_non_negative(args, "weight_decay", "max_grad_norm")
+    if not 0.0 <= args.warmup_ratio <= 1.0:
+        raise UserError(f"--warmup_ratio must be in [0, 1], got {args.warmup_ratio}")
+    if args.max_steps <= 0 and not args.num_train_epochs > 0:
+        raise UserError("--num_train_epochs must be > 0 (or give --max_steps)")
+    _check_output_dir(args.output_dir)
 
 
 # -- command line and YAML ------------------------------------------------------------------------
@@ -242,10 +279,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _coerce_yaml(name: str, value: Any, source: Path) -> Any:
     """Check one YAML value against the field's type (YAML already typed it)."""
     kind = _base_type(name)
-    if value is None:
-        return None
+    if value is None:  # `key:` with nothing after it
+        if type(None) in typing.get_args(_HINTS[name]):
+            return None
+        wanted = f"a list of {kind.__name__}" if _is_list(name) else kind.__name__
+        raise UserError(f"{source}: key {name!r} has no value; it must be {wanted}")
     if name == "teacher" and isinstance(value, dict):  # teacher: {small: SPEC, large: SPEC}
-        return [f"{role}={spec}" for role, spec in value.items()]
+        return [f"{role}={_coerce_yaml_scalar(name, spec, str, source)}" for role, spec in value.items()]
     if _is_list(name):
         values = value if isinstance(value, list) else [value]
         return [_coerce_yaml_scalar(name, v, kind, source) for v in values]
@@ -334,18 +374,7 @@ class FinetuneArguments:
     disable_tqdm: bool = option(False, "Hide the progress bar.")
 
     def validate(self) -> FinetuneArguments:
-        for name in ("model_name_or_path", "output_dir"):
-            if not getattr(self, name):
-                raise UserError(f"--{name} is required")
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "max_seq_length"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if not self.learning_rate > 0:
-            raise UserError(f"--learning_rate must be > 0, got {self.learning_rate}")
-        if not 0.0 <= self.warmup_ratio <= 1.0:
-            raise UserError(f"--warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
-        if self.max_steps <= 0 and not self.num_train_epochs > 0:
-            raise UserError("--num_train_epochs must be > 0 (or give --max_steps)")
-        if self.logging_steps < 1:
-            raise UserError(f"--logging_steps must be >= 1, got {self.logging_steps}")
+        if not self.model_name_or_path:
+            raise UserError("--model_name_or_path is required")
+        check_training_options(self)
         return self

@@ -20,16 +20,18 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from shared.errors import UserError
@@ -175,25 +177,46 @@ def rotate_checkpoints(output_dir: str | Path, keep: int | None) -> list[Path]:
 # -- reading ------------------------------------------------------------------------------------
 
 
-def load_checkpoint(path: Path, *, student: torch.nn.Module, map_location: torch.device) -> dict[str, Any]:
-    """Load the weights into ``student``; return the rest for the trainer to restore."""
-    projections_file = path / "projections.safetensors"
+def _read(path: Path, name: str, reader: Callable[[Path], Any]) -> Any:
+    """One file of a checkpoint; a missing or damaged one is the user's to fix (another checkpoint)."""
+    file = path / name
+    if not file.is_file():
+        raise UserError(f"{path} has no {name}: an incomplete checkpoint; resume from another one")
     try:
-        student.model.load_state_dict(load_file(str(path / "model.safetensors"), device=str(map_location)))
-        if len(student.projections.state_dict()) or projections_file.exists():
-            if not projections_file.exists():
-                raise UserError(f"{path} has no projections.safetensors but this run needs projections")
-            student.projections.load_state_dict(load_file(str(projections_file), device=str(map_location)))
+        return reader(file)
+    except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError, SafetensorError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"{file} is damaged ({first}); resume from another checkpoint") from err
+
+
+def load_checkpoint(path: Path, *, student: torch.nn.Module, map_location: torch.device) -> dict[str, Any]:
+    """Load the weights into ``student``; return the rest for the trainer to restore.
+
+    Every file is read before anything is applied, so a broken checkpoint leaves the student as it was.
+    """
+    projections_file = path / "projections.safetensors"
+    if len(student.projections.state_dict()) and not projections_file.exists():
+        raise UserError(f"{path} has no projections.safetensors but this run needs projections")
+
+    def _tensors(file: Path) -> dict[str, torch.Tensor]:
+        return load_file(str(file), device=str(map_location))
+
+    def _torch(file: Path) -> Any:
+        return torch.load(file, map_location="cpu", weights_only=True)
+
+    weights = _read(path, "model.safetensors", _tensors)
+    projections = _read(path, projections_file.name, _tensors) if projections_file.exists() else None
+    saved = {
+        "optimizer": _read(path, "optimizer.pt", _torch),
+        "scheduler": _read(path, "scheduler.pt", _torch),
+        "rank_states": _read(path, "rng_state.pth", _torch),
+        "trainer_state": _read(path, TRAINER_STATE, lambda file: json.loads(file.read_text())),
+    }
+    try:
+        student.model.load_state_dict(weights)
+        if projections is not None:
+            student.projections.load_state_dict(projections)
     except RuntimeError as err:  # shape or key mismatch: a checkpoint of another configuration
         first = str(err).strip().splitlines()[0]
         raise UserError(f"{path} does not fit this student (other model or KD options?): {first}") from err
-
-    def _load(name: str) -> Any:
-        return torch.load(path / name, map_location="cpu", weights_only=True)
-
-    return {
-        "optimizer": _load("optimizer.pt"),
-        "scheduler": _load("scheduler.pt"),
-        "rank_states": _load("rng_state.pth"),
-        "trainer_state": json.loads((path / TRAINER_STATE).read_text()),
-    }
+    return saved

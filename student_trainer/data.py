@@ -3,16 +3,18 @@
 Every loader returns a :class:`TaskData` (texts + integer labels + label names + metric). GLUE TSV
 files are read with **no quote handling** (fields may start with ``"``); MRPC files start with a
 UTF-8 BOM; CoLA train/dev have no header. A malformed row raises :class:`UserError` naming the
-file and line, or is skipped and counted with ``skip_bad_rows``.
+file and line, or is skipped and counted with ``skip_bad_rows``; a file that cannot be read at all
+(not UTF-8, a broken ``.gz``, CSV a stray quote makes unparseable) is always a :class:`UserError`.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
-import io
 import json
 import warnings
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,27 +268,49 @@ class _Row:
     problem: str | None = None
 
 
-def _open_text(path: Path, encoding: str) -> io.TextIOBase:
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding=encoding, newline="")  # type: ignore[return-value]
-    return open(path, encoding=encoding, newline="")  # noqa: SIM115 - the caller closes it
+def _read_lines(path: Path, encoding: str) -> Iterator[str]:
+    """The lines of ``path`` (``.gz`` too), decoded one at a time so a bad byte is named by its line."""
+    decoder = codecs.getincrementaldecoder(encoding)()
+    line_no = 0
+    try:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as handle:
+            for raw in handle:
+                line_no += 1
+                yield decoder.decode(raw)
+            decoder.decode(b"", final=True)  # a multi-byte character cut off at the end of the file
+    except UnicodeDecodeError as err:
+        wanted = encoding.upper().removesuffix("-SIG")
+        raise UserError(
+            f"{path}, line {line_no}: not {wanted} text (byte {err.object[err.start]:#04x}: {err.reason}); "
+            f"save the file as {wanted}"
+        ) from err
+    except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
+        raise UserError(f"{path}: cannot read it ({err})") from err
 
 
 def _split_lines(
     path: Path, *, delimiter: str, quoting: bool, encoding: str
 ) -> Iterator[tuple[int, list[str]]]:
-    """(line number, fields) for every non-blank line; without quoting a line is a plain split."""
-    with _open_text(path, encoding) as handle:
-        if quoting:
-            reader = csv.reader(handle, delimiter=delimiter)
-            for fields in reader:
-                if fields:
-                    yield reader.line_num, fields
-        else:
-            for line_no, line in enumerate(handle, start=1):
-                line = line.rstrip("\r\n")
-                if line:
-                    yield line_no, line.split(delimiter)
+    """(first line number, fields) of every non-blank record; without quoting a record is one line."""
+    lines = _read_lines(path, encoding)
+    if not quoting:
+        for line_no, line in enumerate(lines, start=1):
+            line = line.rstrip("\r\n")
+            if line:
+                yield line_no, line.split(delimiter)
+        return
+    reader = csv.reader(lines, delimiter=delimiter)
+    start = 1
+    while True:
+        try:
+            fields = next(reader, None)
+        except csv.Error as err:  # it cannot find where the next record starts: nothing to skip to
+            raise UserError(f"{path}, line {start}: malformed CSV ({err}); is a quote left open?") from err
+        if fields is None:
+            return
+        if fields:
+            yield start, fields
+        start = reader.line_num + 1
 
 
 def _column_indices(columns: Sequence[str | int], header: list[str] | None, path: Path) -> list[int]:
@@ -317,29 +341,51 @@ def _delimited_rows(path: Path, fmt: FileFormat, *, delimiter: str, quoting: boo
     needed = max([*text_idx, label_idx or 0]) + 1
     for line_no, fields in lines:
         if (expected is not None and len(fields) != expected) or len(fields) < needed:
-            yield _Row(line_no, problem=f"expected {expected or needed} columns, found {len(fields)}")
+            problem = f"expected {expected or needed} columns, found {len(fields)}"
+            if any("\n" in f for f in fields):
+                problem += " (a field runs over several lines: an unclosed quote?)"
+            yield _Row(line_no, problem=problem)
             continue
         raw_label = None if label_idx is None else fields[label_idx]
         yield _Row(line_no, [fields[i] for i in text_idx], raw_label)
 
 
+def _cell_text(value: object) -> str | None:
+    """A JSON / dataset value as text: a string as it is, a number as written, anything else None."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def _record_row(line_no: int, record: object, text_columns: Sequence[str], label_column: str | None) -> _Row:
+    """One JSON object or dataset record -> a row; null, lists and objects are bad rows, not "None"."""
+    wanted = [*text_columns, *([label_column] if label_column is not None else [])]
+    missing = [c for c in wanted if not isinstance(record, dict) or c not in record]
+    if missing or not isinstance(record, dict):
+        return _Row(line_no, problem=f"missing field(s) {missing}")
+    cells: list[str] = []
+    for column in wanted:
+        cell = _cell_text(record[column])
+        if cell is None:
+            shown = json.dumps(record[column], default=repr)[:60]
+            return _Row(line_no, problem=f"field {column!r} must be a string, got {shown}")
+        cells.append(cell)
+    texts, labels = cells[: len(text_columns)], cells[len(text_columns) :]
+    return _Row(line_no, texts, labels[0] if labels else None)
+
+
 def _jsonl_rows(path: Path, text_columns: Sequence[str], label_column: str | None) -> Iterator[_Row]:
-    with _open_text(path, "utf-8-sig") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                yield _Row(line_no, problem=f"invalid JSON ({err.msg})")
-                continue
-            wanted = [*text_columns, *([label_column] if label_column is not None else [])]
-            missing = [c for c in wanted if not isinstance(record, dict) or c not in record]
-            if missing:
-                yield _Row(line_no, problem=f"missing field(s) {missing}")
-                continue
-            raw_label = None if label_column is None else str(record[label_column])
-            yield _Row(line_no, [str(record[c]) for c in text_columns], raw_label)
+    for line_no, line in enumerate(_read_lines(path, "utf-8-sig"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            yield _Row(line_no, problem=f"invalid JSON ({err.msg})")
+            continue
+        yield _record_row(line_no, record, text_columns, label_column)
 
 
 def _label_lookup(raw_values: Sequence[str]) -> dict[str, int]:
@@ -506,14 +552,7 @@ def load_hf_dataset(
         label_names = list(feature.names) if hasattr(feature, "names") else None
     if max_examples is not None:
         dataset = dataset.select(range(min(max_examples, len(dataset))))
-    rows = (
-        _Row(
-            i + 1,
-            [str(record[c]) for c in text_columns],
-            None if label_column is None else str(record[label_column]),
-        )
-        for i, record in enumerate(dataset)
-    )
+    rows = (_record_row(i + 1, record, text_columns, label_column) for i, record in enumerate(dataset))
     labelled = label_column is not None
     return _collect(
         rows,
@@ -559,6 +598,7 @@ def load_train_and_eval(
         train = load_task(
             task, data_dir, "train", skip_bad_rows=skip_bad_rows, max_examples=max_train_samples
         )
+        _require_two_labels(train, f"{data_dir} ({task} train)")
         evaluation = load_task(
             task, data_dir, spec.eval_split, skip_bad_rows=skip_bad_rows, max_examples=max_eval_samples
         )
@@ -571,6 +611,7 @@ def load_train_and_eval(
         skip_bad_rows=skip_bad_rows,
         max_examples=max_train_samples,
     )
+    _require_two_labels(train, str(train_file))
     if not validation_file:
         return train, None
     evaluation = load_file(
@@ -582,6 +623,17 @@ def load_train_and_eval(
         max_examples=max_eval_samples,
     )
     return train, evaluation
+
+
+def _require_two_labels(train: TaskData, source: str) -> None:
+    """One label would make a 1-output (regression) head and KD against a 2-way teacher fail."""
+    present = sorted({train.label_names[e.label] for e in train.examples if e.label != UNLABELLED})
+    if len(present) < 2:
+        shown = ", ".join(repr(name) for name in present)
+        raise UserError(
+            f"{source}: the training data has {len(present)} distinct label ({shown}); "
+            "a classifier needs at least 2"
+        )
 
 
 #: The data options `distill` and `finetune` share (same names on both argument dataclasses).

@@ -94,8 +94,9 @@ def finetune(args: FinetuneArguments) -> dict[str, Any]:
     model = load_sequence_classifier(
         args.model_name_or_path, label_names=train_data.label_names, num_layers=args.num_layers, device=device
     )
-    train_set = TokenizedDataset(train_data, tokenizer, args.max_seq_length)
-    eval_set = TokenizedDataset(eval_data, tokenizer, args.max_seq_length) if eval_data is not None else None
+    max_len = min(args.max_seq_length, model.config.max_position_embeddings)  # longer has no positions
+    train_set = TokenizedDataset(train_data, tokenizer, max_len)
+    eval_set = TokenizedDataset(eval_data, tokenizer, max_len) if eval_data is not None else None
 
     collate = partial(collate_batch, pad_token_id=tokenizer.pad_token_id)
     generator = torch.Generator().manual_seed(args.seed)

@@ -1,4 +1,4 @@
-"""`distill` options: HF names on the command line, the same keys in YAML, clear one-line errors."""
+"""`distill` and `finetune` options: HF names on the command line, the same keys in YAML, one-line errors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from shared.errors import UserError
-from student_trainer.arguments import DistillArguments, parse_distill_args
+from student_trainer.arguments import DistillArguments, FinetuneArguments, parse_distill_args
 
 BASE = ["--model_name_or_path", "bert", "--output_dir", "out", "--task", "sst2", "--data_dir", "data"]
 
@@ -101,6 +101,9 @@ def test_yaml_teacher_list_form(tmp_path: Path) -> None:
         ("no_kd: 3\n", "key 'no_kd' must be bool"),
         ("[1, 2]\n", "must be a mapping"),
         ("a: [\n", "invalid YAML"),
+        ("per_device_train_batch_size:\n", "key 'per_device_train_batch_size' has no value; it must be int"),
+        ("text_columns:\n", "key 'text_columns' has no value; it must be str"),
+        ("teacher:\n  small:\n", "key 'teacher' must be str, got None"),
     ],
 )
 def test_bad_yaml_names_the_file_and_the_key(tmp_path: Path, text: str, message: str) -> None:
@@ -134,6 +137,15 @@ def test_missing_config_file_is_one_line(tmp_path: Path) -> None:
         (["--teacher", "small=local:/a", "--temperature", "0"], "temperature must be > 0"),
         (["--teacher", "small=local:/a", "--selection_ratio", "0.5"], "needs --data_selection"),
         (["--no_kd", "--student_num_layers", "0"], "student_num_layers must be >= 1"),
+        (["--no_kd", "--eval_strategy", "steps", "--eval_steps", "0"], "--eval_steps must be > 0, got 0"),
+        (["--no_kd", "--save_steps", "0"], "--save_steps must be > 0"),
+        (["--no_kd", "--logging_steps", "-1"], "--logging_steps must be > 0"),
+        (["--no_kd", "--learning_rate", "-1"], "--learning_rate must be > 0, got -1.0"),
+        (["--no_kd", "--weight_decay", "-0.1"], "--weight_decay must be >= 0"),
+        (["--no_kd", "--adam_epsilon=-1e-8"], "--adam_epsilon must be >= 0"),
+        (["--no_kd", "--adam_beta1", "1"], r"--adam_beta1 must be in \[0, 1\)"),
+        (["--no_kd", "--adam_beta2", "-0.5"], r"--adam_beta2 must be in \[0, 1\)"),
+        (["--no_kd", "--max_grad_norm", "-1"], "--max_grad_norm must be >= 0"),
     ],
 )
 def test_contradictions_are_rejected_with_a_reason(extra: list[str], message: str) -> None:
@@ -169,3 +181,38 @@ def test_unknown_choice_on_the_command_line_is_an_argparse_error(capsys: pytest.
         parse_distill_args(BASE + ["--teacher_selection", "biggest"])
     assert info.value.code == 2
     assert "invalid choice: 'biggest'" in capsys.readouterr().err
+
+
+def test_optional_yaml_keys_may_be_left_empty(tmp_path: Path) -> None:
+    config = write_yaml(tmp_path, "max_train_samples:\neval_steps:\n")
+    args = parse_distill_args(BASE + ["--no_kd", "--config", str(config)])
+    assert args.max_train_samples is None and args.eval_steps == args.logging_steps
+
+
+def test_output_dir_must_not_be_a_file(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    base = ["--model_name_or_path", "m", "--task", "sst2", "--data_dir", "d", "--no_kd"]
+    for output_dir in (afile, afile / "run1"):
+        with pytest.raises(UserError, match=rf"--output_dir {re.escape(str(output_dir))}: .*afile is a file"):
+            parse_distill_args(base + ["--output_dir", str(output_dir)])
+        with pytest.raises(UserError, match=r"afile is a file"):
+            FinetuneArguments(model_name_or_path="m", output_dir=str(output_dir), task="sst2").validate()
+    assert parse_distill_args(base + ["--output_dir", str(tmp_path / "new" / "run")]).output_dir
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"learning_rate": -1.0}, "--learning_rate must be > 0"),
+        ({"weight_decay": -0.01}, "--weight_decay must be >= 0"),
+        ({"max_grad_norm": -1.0}, "--max_grad_norm must be >= 0"),
+        ({"logging_steps": 0}, "--logging_steps must be > 0"),
+        ({"per_device_eval_batch_size": 0}, "--per_device_eval_batch_size must be > 0"),
+        ({"num_train_epochs": 0.0}, "--num_train_epochs must be > 0"),
+    ],
+)
+def test_finetune_options_share_the_checks(tmp_path: Path, options: dict, message: str) -> None:
+    args = FinetuneArguments(model_name_or_path="m", output_dir=str(tmp_path / "o"), task="sst2", **options)
+    with pytest.raises(UserError, match=message):
+        args.validate()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -122,3 +123,18 @@ def test_rng_state_round_trip_replays_every_generator(tmp_path: Path) -> None:
     restore_rng_state(torch.load(tmp_path / "rng.pth", weights_only=True))  # no pickled code needed
     second = (random.random(), np.random.rand(), torch.rand(3))
     assert first[0] == second[0] and first[1] == second[1] and torch.equal(first[2], second[2])
+
+
+@pytest.mark.parametrize("missing", ["optimizer.pt", "scheduler.pt", "rng_state.pth", "model.safetensors"])
+def test_a_checkpoint_missing_a_file_names_it(tmp_path: Path, tokenizer, missing: str) -> None:
+    path = save(tmp_path, 2, make_student(1), tokenizer)
+    (path / missing).unlink()
+    with pytest.raises(UserError, match=rf"checkpoint-2 has no {re.escape(missing)}"):
+        load_checkpoint(path, student=make_student(1), map_location=torch.device("cpu"))
+
+
+def test_a_damaged_checkpoint_file_is_a_user_error(tmp_path: Path, tokenizer) -> None:
+    path = save(tmp_path, 2, make_student(1), tokenizer)
+    (path / "scheduler.pt").write_bytes((path / "scheduler.pt").read_bytes()[:40])  # cut short by a full disk
+    with pytest.raises(UserError, match=r"checkpoint-2/scheduler\.pt is damaged"):
+        load_checkpoint(path, student=make_student(1), map_location=torch.device("cpu"))

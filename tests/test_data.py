@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import sys
+import types
 from collections import Counter
 from pathlib import Path
 
@@ -265,3 +266,94 @@ def test_load_train_and_eval_follows_the_cli_options(tmp_path: Path) -> None:
         load_train_and_eval(task="sst2", data_dir=tmp_path, train_file=first)
     with pytest.raises(UserError, match="--task needs --data_dir"):
         load_train_and_eval(task="sst2")
+
+
+@pytest.mark.parametrize("skip_bad_rows", [False, True])
+def test_unreadable_files_are_one_line_errors_even_when_skipping_rows(
+    tmp_path: Path, skip_bad_rows: bool
+) -> None:
+    def load(path: Path) -> object:
+        return load_file(path, text_columns=["sentence"], label_column="label", skip_bad_rows=skip_bad_rows)
+
+    latin1 = tmp_path / "latin1.tsv"
+    latin1.write_bytes("sentence\tlabel\ngood movie\t1\ncafé bad\t0\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"latin1\.tsv, line 3: not UTF-8 text \(byte 0xe9"):
+        load(latin1)
+    (tmp_path / "sst2").mkdir()
+    (tmp_path / "sst2" / "train.tsv").write_bytes(latin1.read_bytes())  # the GLUE loader reads the same way
+    with pytest.raises(UserError, match=r"train\.tsv, line 3: not UTF-8 text"):
+        load_task("sst2", tmp_path, skip_bad_rows=skip_bad_rows)
+    jsonl = tmp_path / "l.jsonl"
+    jsonl.write_bytes(b'{"sentence": "ok", "label": 1}\n{"sentence": "caf\xe9", "label": 0}\n')
+    with pytest.raises(UserError, match=r"l\.jsonl, line 2: not UTF-8 text"):
+        load(jsonl)
+
+    not_gzip = tmp_path / "broken.tsv.gz"
+    not_gzip.write_bytes(b"not gzip at all")
+    with pytest.raises(UserError, match=r"broken\.tsv\.gz: cannot read it \(Not a gzipped file"):
+        load(not_gzip)
+    truncated = tmp_path / "cut.tsv.gz"
+    truncated.write_bytes(gzip.compress(b"sentence\tlabel\n" + b"good film\t1\n" * 100)[:-12])
+    with pytest.raises(UserError, match=r"cut\.tsv\.gz: cannot read it"):
+        load(truncated)
+
+    # one quote left open swallows the rest of the file into one field, past csv's field limit
+    stray = _write(
+        tmp_path / "strayquote.csv",
+        'sentence,label\n"this opens a quote and never closes it,1\n'
+        + "".join(f"movie number {i} was good,{i % 2}\n" for i in range(6000)),
+    )
+    with pytest.raises(UserError, match=r"strayquote\.csv, line 2: malformed CSV \(field larger than"):
+        load(stray)
+
+
+def test_an_unclosed_quote_in_a_small_csv_is_a_bad_row_at_the_line_it_opens(tmp_path: Path) -> None:
+    path = _write(tmp_path / "q.csv", 'sentence,label\ngood,1\n"opens here,0\nbad,0\n')
+    with pytest.raises(UserError, match=r"q\.csv, line 3: expected 2 columns, found 1 \(.*unclosed quote"):
+        load_file(path, text_columns=["sentence"], label_column="label")
+
+
+def test_json_texts_must_be_strings(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path / "null.jsonl",
+        '{"sentence": null, "label": 1}\n{"sentence": ["good", "movie"], "label": 0}\n'
+        '{"sentence": "fine", "label": 1}\n{"sentence": 42, "label": 0}\n'
+        '{"sentence": "meh", "label": null}\n',
+    )
+    with pytest.raises(UserError, match=r"null\.jsonl, line 1: field 'sentence' must be a string, got null"):
+        load_file(path, text_columns=["sentence"], label_column="label")
+    with pytest.warns(UserWarning, match=r"skipped 3 malformed row\(s\).*first: line 1: field 'sentence'"):
+        data = load_file(path, text_columns=["sentence"], label_column="label", skip_bad_rows=True)
+    assert data.examples == [Example("fine", None, 1), Example("42", None, 0)]  # a number is its text
+    assert data.skipped_rows == 3 and data.label_names == ["0", "1"]
+    path.write_text('{"sentence": "a", "label": 1}\n{"sentence": ["a", "b"], "label": 0}\n', encoding="utf-8")
+    with pytest.raises(UserError, match=r"line 2: field 'sentence' must be a string, got \[\"a\", \"b\"\]"):
+        load_file(path, text_columns=["sentence"], label_column="label")
+
+
+def test_hub_records_are_checked_like_json_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Rows(list):
+        features: dict = {}
+
+    rows = Rows([{"sentence": "good", "label": 1}, {"sentence": None, "label": 0}])
+    fake = types.SimpleNamespace(load_dataset=lambda name, config, split: rows)
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    with pytest.raises(UserError, match=r"line 2: field 'sentence' must be a string, got null"):
+        load_hf_dataset("fake", text_columns=["sentence"], label_column="label", label_names=["n", "p"])
+    with pytest.raises(UserError, match=r"line 1: missing field\(s\) \['text'\]"):
+        load_hf_dataset("fake", text_columns=["text"], label_column="label", label_names=["n", "p"])
+
+
+def test_training_data_needs_two_distinct_labels(tmp_path: Path) -> None:
+    one = _write(tmp_path / "onelabel.tsv", "sentence\tlabel\ngood movie\tpos\nfine film\tpos\n")
+    with pytest.raises(UserError, match=r"onelabel\.tsv: the training data has 1 distinct label \('pos'\)"):
+        load_train_and_eval(train_file=one)
+    _write(tmp_path / "sst2" / "train.tsv", "sentence\tlabel\ngood\t1\nfine\t1\n")
+    _write(tmp_path / "sst2" / "dev.tsv", "sentence\tlabel\nbad\t0\n")  # one label is fine for evaluation
+    with pytest.raises(
+        UserError, match=r"has 1 distinct label \('positive'\); a classifier needs at least 2"
+    ):
+        load_train_and_eval(task="sst2", data_dir=tmp_path)
+    _write(tmp_path / "sst2" / "train.tsv", "sentence\tlabel\ngood\t1\nbad\t0\n")
+    train, evaluation = load_train_and_eval(task="sst2", data_dir=tmp_path)
+    assert len(train) == 2 and evaluation is not None and len(evaluation) == 1

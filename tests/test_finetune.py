@@ -153,3 +153,32 @@ def test_cli_prints_one_line_and_exits_2(tmp_path: Path, capsys: pytest.CaptureF
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("student-trainer finetune: error: no such file") and "\n" not in err
+
+
+def test_max_seq_length_beyond_the_model_is_capped_to_its_positions(base_model: Path, tmp_path: Path) -> None:
+    train = tmp_path / "long.tsv"
+    long_text = " ".join(["good film"] * 150)  # ~300 tokens; the tiny model has 128 positions
+    train.write_text(f"sentence\tlabel\n{long_text}\t1\nbad\t0\n", encoding="utf-8")
+    results = finetune(
+        FinetuneArguments(
+            model_name_or_path=str(base_model),
+            output_dir=str(tmp_path / "out"),
+            train_file=str(train),
+            validation_file=str(train),
+            max_seq_length=512,
+            max_steps=1,
+            per_device_train_batch_size=2,
+            disable_tqdm=True,
+        )
+    )
+    assert results["train_steps"] == 1 and results["eval_samples"] == 2
+
+
+def test_one_label_training_data_is_refused(base_model: Path, tmp_path: Path) -> None:
+    train = tmp_path / "onelabel.tsv"
+    train.write_text("sentence\tlabel\ngood movie\tpos\nfine film\tpos\n", encoding="utf-8")
+    args = parse(["--model_name_or_path", str(base_model), "--output_dir", str(tmp_path / "o")])
+    args.train_file = str(train)
+    with pytest.raises(UserError, match=r"onelabel\.tsv: the training data has 1 distinct label"):
+        args.func(args)
+    assert not (tmp_path / "o").exists()
