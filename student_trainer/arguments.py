@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from shared.errors import UserError
+from student_trainer.metrics import METRICS
 
 TEACHER_ROLES = ("small", "large")
 TEACHER_SELECTIONS = ("small", "large", "ensemble", "hard", "soft", "soft-batch")
@@ -52,6 +53,11 @@ class DistillArguments:
     validation_file: str | None = option(None, "The matching evaluation file (optional).")
     text_columns: str = option("sentence", "Comma-separated text column(s) of the data files.")
     label_column: str = option("label", "Label column of --train_file/--validation_file.")
+    metric: str | None = option(
+        None,
+        "Metric reported besides accuracy: f1 or mcc (default: the task's own; accuracy for files).",
+        choices=METRICS,
+    )
     skip_bad_rows: bool = option(False, "Skip (and count) malformed data rows instead of failing.")
     max_train_samples: int | None = option(None, "Use only the first N training examples.")
     max_eval_samples: int | None = option(None, "Use only the first N evaluation examples.")
@@ -356,6 +362,11 @@ class FinetuneArguments:
     validation_file: str | None = option(None, "The matching evaluation file.")
     text_columns: str = option("sentence", "Comma-separated text column(s) of --train_file.")
     label_column: str = option("label", "Label column of --train_file.")
+    metric: str | None = option(
+        None,
+        "Metric reported besides accuracy: f1 or mcc (default: the task's own; accuracy for files).",
+        choices=METRICS,
+    )
     skip_bad_rows: bool = option(False, "Skip (and count) malformed rows instead of failing.")
     max_train_samples: int | None = option(None, "Use only the first N training examples.")
     max_eval_samples: int | None = option(None, "Use only the first N evaluation examples.")

@@ -585,10 +585,42 @@ def load_train_and_eval(
     skip_bad_rows: bool = False,
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
+    metric: str | None = None,
 ) -> tuple[TaskData, TaskData | None]:
     """What the CLIs' data options mean: ``--task``/``--data_dir`` (train + the task's eval split) or
     ``--train_file`` [``--validation_file``] with a column mapping; eval labels follow the train labels.
+    ``metric`` replaces the task's own (files default to accuracy: e.g. CoLA augmented into a file
+    still wants MCC).
     """
+    train, evaluation = _load_train_and_eval(
+        task,
+        data_dir,
+        train_file,
+        validation_file,
+        text_columns,
+        label_column,
+        skip_bad_rows,
+        max_train_samples,
+        max_eval_samples,
+    )
+    if metric is not None:
+        for split in (train, evaluation):
+            if split is not None:
+                split.metric = metric
+    return train, evaluation
+
+
+def _load_train_and_eval(
+    task: str | None,
+    data_dir: str | Path | None,
+    train_file: str | Path | None,
+    validation_file: str | Path | None,
+    text_columns: str | Sequence[str | int],
+    label_column: str | int,
+    skip_bad_rows: bool,
+    max_train_samples: int | None,
+    max_eval_samples: int | None,
+) -> tuple[TaskData, TaskData | None]:
     if bool(task) == bool(train_file):
         raise UserError("give either --task (with --data_dir) or --train_file")
     if task:
@@ -644,6 +676,7 @@ DATA_OPTIONS = (
     "validation_file",
     "text_columns",
     "label_column",
+    "metric",
     "skip_bad_rows",
     "max_train_samples",
     "max_eval_samples",

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from shared.errors import UserError
+from student_trainer.arguments import parse_distill_args
 from student_trainer.data import (
     TASKS,
     Example,
@@ -22,6 +23,7 @@ from student_trainer.data import (
     load_hf_dataset,
     load_task,
     load_train_and_eval,
+    load_train_and_eval_from,
     write_tsv,
 )
 from tests.tiny_models import save_tiny_tokenizer
@@ -357,3 +359,18 @@ def test_training_data_needs_two_distinct_labels(tmp_path: Path) -> None:
     _write(tmp_path / "sst2" / "train.tsv", "sentence\tlabel\ngood\t1\nbad\t0\n")
     train, evaluation = load_train_and_eval(task="sst2", data_dir=tmp_path)
     assert len(train) == 2 and evaluation is not None and len(evaluation) == 1
+
+
+def test_metric_option_replaces_the_default_of_files(tmp_path: Path) -> None:
+    """An augmented CoLA file still wants MCC: ``--metric`` says so for train and eval."""
+    rows = "sentence\tlabel\n" + "".join(f"s{i}\t{i % 2}\n" for i in range(6))
+    (tmp_path / "train.tsv").write_text(rows)
+    (tmp_path / "dev.tsv").write_text(rows)
+    files = {"train_file": tmp_path / "train.tsv", "validation_file": tmp_path / "dev.tsv"}
+    train, evaluation = load_train_and_eval(**files)
+    assert train.metric == evaluation.metric == "accuracy"
+    train, evaluation = load_train_and_eval(**files, metric="mcc")
+    assert train.metric == evaluation.metric == "mcc"
+    argv = ["--train_file", str(files["train_file"]), "--metric", "mcc", "--no_kd", "--output_dir", "o"]
+    args = parse_distill_args([*argv, "--model_name_or_path", "unused"])
+    assert load_train_and_eval_from(args)[0].metric == "mcc"
