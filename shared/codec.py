@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -142,10 +142,8 @@ def to_binary(value: Tensor) -> bytes:
 
 def from_json_data(data: list[Any], datatype: str, shape: Sequence[int], *, field: str) -> Tensor:
     """Decode a JSON ``data`` list (flat or nested, row-major), checking count and value types."""
-    flat = _flatten(data)
     count = math.prod(shape)
-    if len(flat) != count:
-        raise CodecError(f"{len(flat)} values given but shape {list(shape)} holds {count}", field)
+    flat = _flatten(data, count, shape, field)
     if datatype == "BYTES":
         if not all(isinstance(v, str) for v in flat):
             raise CodecError("BYTES values must be strings", field)
@@ -163,7 +161,11 @@ def from_json_data(data: list[Any], datatype: str, shape: Sequence[int], *, fiel
         info = torch.iinfo(dtype)
         if flat and (min(flat) < info.min or max(flat) > info.max):
             raise CodecError(f"{datatype} values must lie in [{info.min}, {info.max}]", field)
-    return torch.tensor(flat, dtype=dtype).reshape(tuple(shape))
+    try:
+        tensor = torch.tensor(flat, dtype=dtype)
+    except OverflowError:  # a float input given an integer literal beyond any float, e.g. 400 digits
+        raise CodecError(f"{datatype} values must lie within the float64 range", field) from None
+    return tensor.reshape(tuple(shape))
 
 
 def from_binary(blob: bytes | memoryview, datatype: str, shape: Sequence[int], *, field: str) -> Tensor:
@@ -208,13 +210,28 @@ def _bytes_from_binary(blob: memoryview, count: int, *, field: str) -> list[str]
     return values
 
 
-def _flatten(data: list[Any]) -> list[Any]:
+def _flatten(data: list[Any], count: int, shape: Sequence[int], field: str) -> list[Any]:
+    """The values of nested ``data`` in row-major order, which must be exactly ``count``.
+
+    A level without sub-lists is copied whole (C speed), after checking it does not overflow
+    ``count``: a huge list under a small shape is refused without walking it value by value.
+    """
     flat: list[Any] = []
-    for item in data:
-        if isinstance(item, list):
-            flat.extend(_flatten(item))
-        else:
-            flat.append(item)
+
+    def walk(level: list[Any]) -> None:
+        if list not in set(map(type, level)):
+            if len(flat) + len(level) > count:
+                raise CodecError(
+                    f"more than {count} values given but shape {list(shape)} holds {count}", field
+                )
+            flat.extend(level)
+            return
+        for item in level:
+            walk(item if type(item) is list else [item])
+
+    walk(data)
+    if len(flat) != count:
+        raise CodecError(f"{len(flat)} values given but shape {list(shape)} holds {count}", field)
     return flat
 
 
@@ -293,10 +310,20 @@ def wants_binary(request: InferenceRequest, output_name: str) -> bool:
     return bool(request.parameters and request.parameters.get("binary_data_output") is True)
 
 
-def parse_request_body(body: bytes, header_length: str | int | None) -> DecodedRequest:
-    """Decode a request body; ``header_length`` is the ``Inference-Header-Content-Length`` header or None."""
+def parse_request_body(
+    body: bytes,
+    header_length: str | int | None,
+    check_header: Callable[[InferenceRequest], None] | None = None,
+) -> DecodedRequest:
+    """Decode a request body; ``header_length`` is the ``Inference-Header-Content-Length`` header or None.
+
+    ``check_header`` sees the JSON header before any tensor is decoded, so a server refuses an
+    unknown input name or an oversized shape without decoding megabytes of data first.
+    """
     json_part, blobs = _split_body(body, header_length)
     header = _validate(InferenceRequest, json_part)
+    if check_header is not None:
+        check_header(header)
     return DecodedRequest(header, _decode_tensors(header.inputs, blobs, "inputs"))
 
 
@@ -418,7 +445,7 @@ def parse_layers(value: ParameterValue, *, field: str) -> tuple[int, ...]:
         items: list[Any] = [value]
     elif isinstance(value, str):
         items = [part.strip() for part in value.split(",")] if value.strip() else []
-        if not all(part.isdigit() for part in items):
+        if not all(part.isascii() and part.isdigit() for part in items):  # not "²", not "٣"
             raise CodecError(f"{value!r} is not a comma-separated list of non-negative integers", field)
         items = [int(part) for part in items]
     elif isinstance(value, list):

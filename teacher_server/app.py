@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -24,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from shared.codec import (
     HEADER_LENGTH,
@@ -49,7 +52,9 @@ from teacher_server.metrics import ServiceMetrics
 
 logger = logging.getLogger("teacher_server")
 
-INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids", "text", "text_pair")
+TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+TEXT_INPUTS = ("text", "text_pair")
+INPUT_NAMES = TOKEN_INPUTS + TEXT_INPUTS
 OUTPUT_NAMES = ("logits", "probs", "hidden_cls", "hidden_states")
 OUTPUT_DTYPES = {name: TORCH_DTYPES[name] for name in OUTPUT_DATATYPES}
 CLIENT_CLOSED_REQUEST = 499  # nginx's code: nobody reads it, the metrics and logs do
@@ -185,11 +190,14 @@ async def read_body(request: Request, service: TeacherService = Depends(get_serv
     if declared.isdigit() and int(declared) > limit:
         raise too_large
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+    except ClientDisconnect:  # hung up mid-upload: nobody to answer, but the metrics count it
+        raise ApiError(CLIENT_CLOSED_REQUEST, "client disconnected while sending the body", "body") from None
     return b"".join(chunks)
 
 
@@ -207,36 +215,55 @@ class InferPlan:
     timeout_s: float | None
 
 
-def plan_inference(request: DecodedRequest, engine: TeacherEngine, max_rows: int) -> InferPlan:
-    """Check names, types and parameters (400) and build the query; the engine checks values (422)."""
-    header, inputs = request.header, request.inputs
-    where = {entry.name: f"inputs[{i}]" for i, entry in enumerate(header.inputs)}
-    for name, location in where.items():
-        if name not in INPUT_NAMES:
+def check_inputs(header: InferenceRequest, engine: TeacherEngine, max_rows: int) -> None:
+    """Names, datatypes and sizes from the JSON header alone (400, 422), before any tensor is
+    decoded: a 12 MB ``data`` list under a wrong name or an oversized shape is refused unread."""
+    where: dict[str, str] = {}
+    for i, entry in enumerate(header.inputs):
+        name, location = entry.name, f"inputs[{i}]"
+        if name in TOKEN_INPUTS:
+            if entry.datatype not in ("INT32", "INT64"):
+                raise ApiError(400, f"{name} must be INT32 or INT64", f"{location}.datatype")
+            if len(entry.shape) != 2:
+                raise ApiError(
+                    400, f"{name} must have shape [batch, length], got {entry.shape}", f"{location}.shape"
+                )
+            rows, length = entry.shape
+            if length > engine.info.max_seq_length:
+                raise QueryError(name, f"length {length} exceeds max_seq_length {engine.info.max_seq_length}")
+        elif name in TEXT_INPUTS:
+            if entry.datatype != "BYTES":
+                raise ApiError(400, f"{name} must be BYTES of shape [batch]", f"{location}.datatype")
+            rows = math.prod(entry.shape)
+        else:
             raise ApiError(
                 400, f"unknown input {name!r}; inputs are {', '.join(INPUT_NAMES)}", f"{location}.name"
             )
-    if "text" in inputs:
-        for name in ("input_ids", "attention_mask", "token_type_ids"):
-            if name in inputs:
+        if rows > max_rows:
+            raise QueryError(name, f"{rows} rows exceed max_batch_size {max_rows}")
+        where[name] = location
+    if "text" in where:
+        for name in TOKEN_INPUTS:
+            if name in where:
                 raise ApiError(400, f"give either text or {name}, not both", f"{where[name]}.name")
-        texts = _texts(inputs, "text", where)
-        if len(texts) > max_rows:  # before tokenizing: the event loop tokenizes
-            raise QueryError("text", f"{len(texts)} rows exceed max_batch_size {max_rows}")
-        pairs = _texts(inputs, "text_pair", where) if "text_pair" in inputs else None
-        ids, mask, types = engine.tokenize(texts, pairs)
-    elif "input_ids" in inputs:
-        if "text_pair" in inputs:
+    elif "input_ids" in where:
+        if "text_pair" in where:
             raise ApiError(400, "text_pair goes with text, not input_ids", f"{where['text_pair']}.name")
-        ids = _token_ids(inputs, "input_ids", where)
-        mask = (
-            _token_ids(inputs, "attention_mask", where)
-            if "attention_mask" in inputs
-            else torch.ones_like(ids)
-        )
-        types = _token_ids(inputs, "token_type_ids", where) if "token_type_ids" in inputs else None
     else:
         raise ApiError(400, "send input_ids (INT32/INT64 [B, L]) or text (BYTES [B])", "inputs")
+
+
+def plan_inference(request: DecodedRequest, engine: TeacherEngine) -> InferPlan:
+    """Build the query from inputs that :func:`check_inputs` passed; check outputs and parameters
+    (400); the engine checks values (422)."""
+    header, inputs = request.header, request.inputs
+    if "text" in inputs:
+        pairs = _texts(inputs, "text_pair") if "text_pair" in inputs else None
+        ids, mask, types = engine.tokenize(_texts(inputs, "text"), pairs)
+    else:
+        ids = _token_ids(inputs, "input_ids")
+        mask = _token_ids(inputs, "attention_mask") if "attention_mask" in inputs else torch.ones_like(ids)
+        types = _token_ids(inputs, "token_type_ids") if "token_type_ids" in inputs else None
 
     requested = [entry.name for entry in header.outputs] if header.outputs else ["logits"]
     for i, name in enumerate(requested):
@@ -264,21 +291,15 @@ def plan_inference(request: DecodedRequest, engine: TeacherEngine, max_rows: int
     )
 
 
-def _texts(inputs: dict[str, Tensor], name: str, where: dict[str, str]) -> list[str]:
+def _texts(inputs: dict[str, Tensor], name: str) -> list[str]:
     value = inputs[name]
-    if not isinstance(value, list):
-        raise ApiError(400, f"{name} must be BYTES of shape [batch]", f"{where[name]}.datatype")
+    assert isinstance(value, list)  # BYTES: check_inputs made sure
     return value
 
 
-def _token_ids(inputs: dict[str, Tensor], name: str, where: dict[str, str]) -> torch.Tensor:
+def _token_ids(inputs: dict[str, Tensor], name: str) -> torch.Tensor:
     value = inputs[name]
-    if not isinstance(value, torch.Tensor) or value.dtype not in (torch.int32, torch.int64):
-        raise ApiError(400, f"{name} must be INT32 or INT64", f"{where[name]}.datatype")
-    if value.dim() != 2:
-        raise ApiError(
-            400, f"{name} must have shape [batch, length], got {list(value.shape)}", f"{where[name]}.shape"
-        )
+    assert isinstance(value, torch.Tensor)  # INT32/INT64 [batch, length]: check_inputs made sure
     return value.long()
 
 
@@ -505,11 +526,12 @@ async def infer(
     body: bytes = Depends(read_body),
     service: TeacherService = Depends(get_service),
 ) -> Response:
-    started, status = time.perf_counter(), 500
+    started = time.perf_counter()
+    check = functools.partial(check_inputs, engine=batcher.engine, max_rows=batcher.config.max_batch_size)
     try:
         try:
-            decoded = parse_request_body(body, request.headers.get(HEADER_LENGTH))
-            plan = plan_inference(decoded, batcher.engine, batcher.config.max_batch_size)
+            decoded = parse_request_body(body, request.headers.get(HEADER_LENGTH), check)
+            plan = plan_inference(decoded, batcher.engine)
             answer = await unless_disconnected(request, batcher.infer(plan.query, timeout_s=plan.timeout_s))
         except (CodecError, QueryError, QueueFullError, DeadlineExceededError, ShuttingDownError) as err:
             raise as_api_error(err) from None
@@ -522,13 +544,9 @@ async def infer(
             request_id=decoded.header.id,
             parameters=response_parameters(answer),
         )
-        status = 200
+        service.metrics.requests.labels(name, "200").inc()  # errors: counted by the error handlers
         return Response(content, headers=headers)
-    except ApiError as err:
-        status = err.status
-        raise
     finally:
-        service.metrics.requests.labels(name, str(status)).inc()
         service.metrics.latency.labels(name).observe(time.perf_counter() - started)
 
 
@@ -541,11 +559,24 @@ def error_response(
     return JSONResponse({"error": message, "field": field}, status_code=status, headers=headers)
 
 
+def count_infer_error(request: Request, status: int) -> None:
+    """Count a failed inference in ``teacher_requests_total``, also one its dependencies refused
+    (401, 404, 413, 503) before the route ran; a name that is no teacher is counted as model ""
+    so that clients cannot mint label values."""
+    if request.scope.get("endpoint") is not infer:
+        return
+    service = get_service(request)
+    name = request.path_params.get("name", "")
+    model = name if any(t.name == name for t in service.config.teachers) else ""
+    service.metrics.requests.labels(model, str(status)).inc()
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Every error, ours or the framework's, as ``{"error", "field"}``."""
 
-    async def api_error(_: Request, err: Exception) -> JSONResponse:
+    async def api_error(request: Request, err: Exception) -> JSONResponse:
         assert isinstance(err, ApiError)
+        count_infer_error(request, err.status)
         return error_response(err.status, err.message, err.field, err.headers)
 
     async def validation_error(_: Request, err: Exception) -> JSONResponse:
@@ -558,8 +589,9 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(err, StarletteHTTPException)
         return error_response(err.status_code, str(err.detail), None, err.headers)
 
-    async def unexpected(_: Request, err: Exception) -> JSONResponse:
+    async def unexpected(request: Request, err: Exception) -> JSONResponse:
         logger.exception("unhandled error", exc_info=err, extra={"event": "internal_error"})
+        count_infer_error(request, 500)
         return error_response(500, "internal server error", None)
 
     app.add_exception_handler(ApiError, api_error)

@@ -8,8 +8,9 @@ Forward passes run one at a time in a worker thread, so the event loop keeps ans
 health checks and metrics. Every request gets its own rows back and, per row, an exact share
 of the FLOPs of the pass it rode in (rows of one pass have the same padded length).
 
-A request whose client went away or whose deadline passed is cancelled by its handler and
-its rows are skipped before the next pass is built.
+A request whose client went away or whose deadline passed is cancelled by its handler: it
+leaves the queue at once (its slot is free for live requests) and, if already taken into a
+round, its rows are skipped before the next pass is built.
 """
 
 from __future__ import annotations
@@ -136,6 +137,7 @@ class DynamicBatcher:
         self.metrics = metrics
         self.name = engine.info.name
         self._queue: deque[_Request] = deque()
+        self._round: list[_Request] = []  # taken from the queue, being computed
         self._wakeup = asyncio.Event()
         self._closing = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"teacher-{self.name}")
@@ -167,9 +169,11 @@ class DynamicBatcher:
         try:
             return await asyncio.wait_for(request.future, timeout_s)
         except TimeoutError:
+            self._withdraw(request)
             self.metrics.rejected.labels(self.name, "deadline").inc()
             raise DeadlineExceededError(f"no answer within {timeout_s * 1000:.0f} ms") from None
         except asyncio.CancelledError:  # the handler gave up: its client disconnected
+            self._withdraw(request)
             self.metrics.rejected.labels(self.name, "cancelled").inc()
             raise
 
@@ -182,9 +186,12 @@ class DynamicBatcher:
                 await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
             except TimeoutError:
                 self._task.cancel()
-        for request in self._queue:
+        for request in [*self._round, *self._queue]:  # a cancelled round leaves its requests unanswered
             if not request.future.done():
-                request.future.set_exception(ShuttingDownError("the service stopped before this request ran"))
+                request.future.set_exception(
+                    ShuttingDownError("the service stopped before this request was answered")
+                )
+        self._round = []
         self._queue.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
@@ -224,6 +231,13 @@ class DynamicBatcher:
             todo_tokens=sum(n for n, out in zip(lengths, outputs, strict=True) if out is None),
         )
 
+    def _withdraw(self, request: _Request) -> None:
+        """Take a request its handler gave up on out of the queue, so it neither holds a slot a live
+        request could use nor counts in the queue depth and Retry-After."""
+        with contextlib.suppress(ValueError):  # already taken into a round
+            self._queue.remove(request)
+            self.metrics.queue_depth.labels(self.name).set(len(self._queue))
+
     def _retry_after_s(self) -> int:
         queued_rows = sum(r.todo for r in self._queue)
         return max(1, min(60, math.ceil(queued_rows * self._seconds_per_row)))
@@ -232,17 +246,17 @@ class DynamicBatcher:
 
     async def _serve(self) -> None:
         while True:
-            requests = await self._next_round()
-            if not requests:
+            self._round = await self._next_round()
+            if not self._round:
                 return
-            await self._run_round(requests)
+            await self._run_round(self._round)
+            self._round = []
 
     async def _next_round(self) -> list[_Request]:
         """Wait for work, then for company (bounded delay), then take a round FIFO."""
         loop = asyncio.get_running_loop()
         delay = self.config.max_queue_delay_ms / 1000
         while True:
-            self._drop_finished()
             if not self._queue:
                 if self._closing:
                     return []
@@ -269,13 +283,6 @@ class DynamicBatcher:
             tokens += request.todo_tokens
         self.metrics.queue_depth.labels(self.name).set(len(self._queue))
         return taken
-
-    def _drop_finished(self) -> None:
-        """Forget requests that were cancelled (client gone, deadline passed) while queued."""
-        live = [r for r in self._queue if not r.future.done()]
-        if len(live) != len(self._queue):
-            self._queue = deque(live)
-            self.metrics.queue_depth.labels(self.name).set(len(live))
 
     def _a_pass_is_full(self) -> bool:
         rows = sum(r.todo for r in self._queue)

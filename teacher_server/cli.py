@@ -64,6 +64,17 @@ def read_api_key(variable: str | None) -> str | None:
     return key
 
 
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, so a typo is a usage error rather than a traceback from bind()."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a TCP port (1-65535)")
+    return port
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="teacher-server",
@@ -71,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", required=True, help="YAML file listing the teachers")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=port_number, default=8000, help="TCP port, 1-65535 (default: 8000)")
     parser.add_argument("--api-key-env", metavar="NAME", help="require 'Authorization: Bearer $NAME'")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
@@ -101,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             port=args.port,
             log_config=None,
             log_level=args.log_level,
-            timeout_graceful_shutdown=int(config.drain_timeout_s),
+            timeout_graceful_shutdown=config.drain_timeout_s,  # a float (0.5 s, or .inf) works
         )
     )
     server.run()

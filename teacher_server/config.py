@@ -101,6 +101,8 @@ def load_config(path: str | Path) -> ServerConfig:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as err:
         raise UserError(f"{path}: cannot read config: {err.strerror or err}") from err
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text (byte {err.start}): is this the YAML config?") from err
     except yaml.YAMLError as err:
         raise UserError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from err
     if not isinstance(raw, dict):
@@ -118,7 +120,10 @@ def load_config(path: str | Path) -> ServerConfig:
 
 def _resolve_model_path(value: str, base: Path, where: str) -> str:
     """Relative local paths are relative to the config file; anything else not on disk is a hub id."""
-    candidate = Path(value).expanduser()
+    try:
+        candidate = Path(value).expanduser()
+    except RuntimeError as err:  # ~name of a user who does not exist
+        raise UserError(f"{where}: {value!r}: cannot expand '~': no such user or home directory") from err
     if not candidate.is_absolute():
         candidate = base / candidate
     if candidate.exists():

@@ -218,11 +218,24 @@ IDS = {"name": "input_ids", "shape": [1, 2], "datatype": "INT64", "data": [1, 2]
         (request(IDS, output=[]), None, "output", "Extra"),
         (request(IDS, {**IDS, "name": "mask", "datatype": "INT33"}), None, "inputs[1].datatype", "INT64"),
         (request(IDS, {**IDS, "name": "mask", "shape": [1, -2]}), None, "inputs[1].shape[1]", "greater"),
-        (request(IDS, {**IDS, "name": "mask", "data": [1, 2, 3]}), None, "inputs[1].data", "3 values"),
+        (
+            request(IDS, {**IDS, "name": "mask", "data": [1, 2, 3]}),
+            None,
+            "inputs[1].data",
+            "more than 2 values",
+        ),
+        (request(IDS, {**IDS, "name": "mask", "data": [[1], []]}), None, "inputs[1].data", "1 values"),
         (request({**IDS, "data": [1, 2.5]}), None, "inputs[0].data", "integers"),
         (request({**IDS, "data": [1, True]}), None, "inputs[0].data", "integers"),
         (request({**IDS, "datatype": "INT8", "data": [1, 300]}), None, "inputs[0].data", "[-128, 127]"),
         (request({**IDS, "datatype": "FP32", "data": [1, "a"]}), None, "inputs[0].data", "numbers"),
+        (request({**IDS, "datatype": "FP32", "data": [1, 10**400]}), None, "inputs[0].data", "float64 range"),
+        (
+            request({**IDS, "datatype": "FP64", "data": [-(10**309), 1]}),
+            None,
+            "inputs[0].data",
+            "float64 range",
+        ),
         (request({**IDS, "datatype": "BYTES", "data": [1, 2]}), None, "inputs[0].data", "strings"),
         (request({**IDS, "data": None}), None, "inputs[0].data", "no tensor data"),
         (request(IDS, IDS), None, "inputs[1].name", "twice"),
@@ -245,6 +258,29 @@ def test_bad_json_requests_name_the_field(body: bytes, length: object, field: st
         parse_request_body(body, length)
     assert err.value.field == field
     assert words in err.value.message
+
+
+def test_a_huge_list_under_a_small_shape_is_refused_unwalked() -> None:
+    data = [7] * 2_000_000
+    with pytest.raises(CodecError) as err:
+        parse_request_body(request({**IDS, "data": data}), None)
+    assert err.value.field == "inputs[0].data" and "more than 2 values" in err.value.message
+
+
+def test_check_header_runs_before_any_tensor_is_decoded() -> None:
+    seen: list[str] = []
+
+    def refuse(header: InferenceRequest) -> None:
+        seen.extend(entry.name for entry in header.inputs)
+        raise CodecError("not served here", "inputs[1].name")
+
+    body = request(IDS, {**IDS, "name": "pixels", "data": [1, 2, 3]})  # its data would fail to decode
+    with pytest.raises(CodecError) as err:
+        parse_request_body(body, None, refuse)
+    assert err.value.field == "inputs[1].name" and seen == ["input_ids", "pixels"]
+    assert_same(
+        parse_request_body(request(IDS), None, seen.append).inputs["input_ids"], torch.tensor([[1, 2]])
+    )
 
 
 def binary_request(size_param: object, blob: bytes, datatype: str = "INT64", shape: list[int] | None = None):
@@ -305,7 +341,10 @@ def test_parse_layers(value: object, want: tuple[int, ...]) -> None:
     assert parse_layers(value, field="parameters.layers") == want
 
 
-@pytest.mark.parametrize("value", ["", "1,,2", "a", "-1", "1.5", [], [1, -2], True, 2.0])
+@pytest.mark.parametrize(
+    "value",
+    ["", "1,,2", "a", "-1", "1.5", [], [1, -2], True, 2.0, "²", "1,²", "٣", "１"],  # ASCII digits only
+)
 def test_parse_layers_rejects(value: object) -> None:
     with pytest.raises(CodecError) as err:
         parse_layers(value, field="outputs[0].parameters.layers")

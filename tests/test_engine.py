@@ -12,7 +12,7 @@ from shared.flops import encoder_forward_flops
 from shared.teacher_api import TeacherQuery
 from student_trainer.local_client import LocalTeacherClient
 from student_trainer.teacher_client import make_teacher_client
-from teacher_server.engine import QueryError, TeacherEngine
+from teacher_server.engine import MAX_CHARS_PER_TOKEN, QueryError, TeacherEngine
 from tests.tiny_models import save_tiny_tokenizer, tiny_vocab
 
 TEXTS = ["a good movie", "the plot was boring and the acting awful , really bad", "fun !"]
@@ -136,6 +136,28 @@ def test_tokenize_truncates_and_checks_pairs(tiny_teachers):
     with pytest.raises(QueryError) as err:
         engine.tokenize(["a", "b"], ["c"])
     assert err.value.field == "text_pair"
+
+
+def test_huge_texts_are_cut_before_tokenizing_without_changing_the_tokens(engines, monkeypatch):
+    engine = engines["small"]  # max_seq_length 128: texts are cut to 128 × 64 characters
+    huge, prefix = "good movie " * 300_000, "good movie " * 100  # 3.3 MB; 200 tokens > 128
+    seen: list[int] = []
+    tokenizer = engine.tokenizer
+
+    def recording(texts, pairs=None, **options):
+        seen.extend(len(t) for t in [*texts, *(pairs or [])])
+        return tokenizer(texts, pairs, **options)
+
+    monkeypatch.setattr(engine, "tokenizer", recording)
+    for texts, pairs, same_texts, same_pairs in (
+        ([huge, "fun !"], None, [prefix, "fun !"], None),
+        (["fun !", "a good movie"], [huge, "i like it"], ["fun !", "a good movie"], [prefix, "i like it"]),
+    ):
+        got = engine.tokenize(texts, pairs)
+        want = engine.tokenize(same_texts, same_pairs)
+        for g, w in zip(got, want, strict=True):
+            assert torch.equal(g, w)
+    assert max(seen) <= 128 * MAX_CHARS_PER_TOKEN
 
 
 def test_info_describes_the_teacher(engines):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 import torch
@@ -215,6 +216,85 @@ def test_expired_and_cancelled_requests_are_dropped_before_compute(engine):
     assert engine.passes == []
     assert sample(batcher.metrics, "teacher_rejected_total", reason="deadline") == 1
     assert sample(batcher.metrics, "teacher_rejected_total", reason="cancelled") == 1
+
+
+class Gate:
+    """Holds the engine's next forward passes in the worker thread until opened."""
+
+    def __init__(self, monkeypatch, engine):
+        self.entered, self.opened = threading.Event(), threading.Event()
+        run = engine.run
+
+        def gated(query):
+            self.entered.set()
+            assert self.opened.wait(10), "the test never opened the gate"
+            return run(query)
+
+        monkeypatch.setattr(engine, "run", gated)
+
+    async def wait_until_a_pass_runs(self):
+        for _ in range(500):
+            if self.entered.is_set():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("no pass started")
+
+
+def test_given_up_requests_free_their_queue_slot_at_once(engine, monkeypatch):
+    """A request that got 504 or whose client left must not hold a slot while a pass runs."""
+    batcher = make_batcher(engine, max_queue_delay_ms=0, max_queue_size=1)
+    gate = Gate(monkeypatch, engine)
+    depth = lambda: sample(batcher.metrics, "teacher_queue_depth")  # noqa: E731
+
+    async def scenario():
+        batcher.start()
+        running = asyncio.ensure_future(batcher.infer(query(engine, SENTENCES[:1])))
+        await gate.wait_until_a_pass_runs()
+        with pytest.raises(DeadlineExceededError):
+            await batcher.infer(query(engine, SENTENCES[1:2]), timeout_s=0.02)
+        assert depth() == 0
+        abandoned = asyncio.ensure_future(batcher.infer(query(engine, SENTENCES[2:3])))
+        await asyncio.sleep(0.02)
+        assert depth() == 1
+        abandoned.cancel()
+        await asyncio.sleep(0)
+        assert depth() == 0
+        live = asyncio.ensure_future(batcher.infer(query(engine, SENTENCES[3:4])))  # not QueueFullError
+        await asyncio.sleep(0.02)
+        assert depth() == 1
+        gate.opened.set()
+        answers = await asyncio.gather(running, live)
+        await batcher.close(5)
+        return answers
+
+    try:
+        answers = asyncio.run(asyncio.wait_for(scenario(), 10))
+    finally:
+        gate.opened.set()
+    assert [a.logits.shape for a in answers] == [(1, 2), (1, 2)]
+    assert sample(batcher.metrics, "teacher_rejected_total", reason="queue_full") == 0
+    assert len(engine.passes) == 2  # the given-up requests never ran
+
+
+def test_close_fails_the_round_in_flight_when_the_drain_times_out(engine, monkeypatch):
+    batcher = make_batcher(engine, max_queue_delay_ms=0, max_batch_size=2, pass_overhead_tokens=10_000)
+    gate = Gate(monkeypatch, engine)
+
+    async def scenario():
+        batcher.start()
+        # one request per pass: a round of three requests, the first pass held at the gate
+        tasks = [asyncio.ensure_future(batcher.infer(query(engine, SENTENCES[i : i + 2]))) for i in (0, 2, 4)]
+        await gate.wait_until_a_pass_runs()
+        await batcher.close(0.05)
+        done, pending = await asyncio.wait(tasks, timeout=2)
+        return done, pending
+
+    try:
+        done, pending = asyncio.run(scenario())
+    finally:
+        gate.opened.set()
+    assert not pending
+    assert all(isinstance(task.exception(), ShuttingDownError) for task in done)
 
 
 def test_close_finishes_queued_work_then_refuses(engine):

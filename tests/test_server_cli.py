@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import uvicorn
 
 from shared.errors import UserError
 from teacher_server.cli import main
@@ -52,6 +53,10 @@ def write(path: Path, text: str) -> Path:
             "teachers: Value error, teacher names must be",
         ),
         ("teachers:\n  - {name: a, path: ./missing}", "teachers.0.path: './missing' does not exist"),
+        (
+            "teachers:\n  - {name: a, path: '~no-such-user-x9/model'}",
+            "teachers.0.path: '~no-such-user-x9/model': cannot expand '~'",
+        ),
     ],
 )
 def test_bad_config_is_one_line_naming_file_and_key(tmp_path, yaml_text, expected):
@@ -65,6 +70,14 @@ def test_bad_config_is_one_line_naming_file_and_key(tmp_path, yaml_text, expecte
 def test_missing_config_file(tmp_path):
     with pytest.raises(UserError, match="cannot read config"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_config_that_is_not_utf8_text(tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_bytes(b"teachers:\n  - {name: a, path: m\xff\xfe}\n")
+    with pytest.raises(UserError) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"{path}: not UTF-8 text")
 
 
 def test_paths_are_relative_to_the_config_file(tmp_path, tiny_teachers):
@@ -94,6 +107,26 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
     assert main(["--config", str(good), "--api-key-env", "NO_SUCH_KEY_VAR"]) == 2
     assert "NO_SUCH_KEY_VAR is not set" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("drain", "seconds"), [(".inf", float("inf")), ("0.5", 0.5)])
+def test_drain_timeout_reaches_uvicorn_as_given(tmp_path, monkeypatch, drain, seconds):
+    seen = {}
+    monkeypatch.setattr(
+        uvicorn.Server, "run", lambda self: seen.update(timeout=self.config.timeout_graceful_shutdown)
+    )
+    path = write(
+        tmp_path / "t.yaml", f"drain_timeout_s: {drain}\nteachers:\n  - {{name: a, path: org/model}}"
+    )
+    main(["--config", str(path)])  # not started: uvicorn's run is replaced
+    assert seen["timeout"] == seconds
+
+
+@pytest.mark.parametrize("port", ["70000", "-1", "0", "http"])
+def test_port_outside_1_to_65535_is_a_usage_error(capsys, port):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--config", "never-read.yaml", f"--port={port}"])
+    assert exit_.value.code == 2 and "argument --port: " in capsys.readouterr().err
 
 
 def free_port() -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import socket
 import threading
 import time
 
@@ -15,6 +17,7 @@ import tritonclient.http as triton
 import uvicorn
 from transformers import AutoTokenizer, BertForSequenceClassification
 
+from shared import codec
 from shared.codec import HEADER_LENGTH, build_request_body, parse_response_body
 from shared.flops import encoder_forward_flops
 from teacher_server.app import create_app
@@ -413,6 +416,34 @@ def test_errors_are_json_naming_the_field(server, model, content, headers, statu
     assert error["field"] == field and error["error"]
 
 
+def test_refused_requests_are_counted_with_bounded_labels(server):
+    def count(model, code):
+        return server.metric("teacher_requests_total", model=model, code=code)
+
+    def post(model, content):
+        return httpx.post(f"{server.url}/v2/models/{model}/infer", content=content, trust_env=False)
+
+    before = count("", "404"), count("large", "413")
+    for name in ("nobody-1", "nobody-2"):  # not teachers: counted as model "", not one label each
+        assert post(name, body_of(GOOD)).status_code == 404
+    assert post("large", body_of(ids_input([[2, 3] * 64] * 300))).status_code == 413
+    assert (count("", "404"), count("large", "413")) == (before[0] + 2, before[1] + 1)
+    assert "nobody" not in httpx.get(f"{server.url}/metrics", trust_env=False).text
+
+
+def test_client_leaving_mid_upload_is_counted_499_not_an_internal_error(server, caplog):
+    before = server.metric("teacher_requests_total", model="small", code="499")
+    port = int(server.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"POST /v2/models/small/infer HTTP/1.1\r\nHost: t\r\nContent-Length: 10000\r\n\r\n{")
+        time.sleep(0.1)
+    deadline = time.monotonic() + 5
+    while server.metric("teacher_requests_total", model="small", code="499") == before:
+        assert time.monotonic() < deadline, "the hang-up was not counted"
+        time.sleep(0.02)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
 def test_unknown_routes_and_methods_answer_json(server):
     assert httpx.get(f"{server.url}/v3", trust_env=False).json()["error"]
     response = httpx.get(f"{server.url}/v2/models/large/infer", trust_env=False)
@@ -503,6 +534,7 @@ def test_api_key_is_required_except_for_probes(tiny_teachers):
                 )
                 assert response.status_code == 401 and response.json()["field"] == "Authorization"
                 assert response.headers["www-authenticate"] == "Bearer"
+        assert live.metric("teacher_requests_total", model="small", code="401") == 3  # refused: counted
         good = {"Authorization": "Bearer s3cret-key"}
         assert httpx.get(f"{live.url}/v2/models/small", headers=good, trust_env=False).status_code == 200
         response = httpx.post(
@@ -535,4 +567,57 @@ def test_not_ready_until_every_teacher_loaded(tmp_path, tiny_teachers):
         response = httpx.post(f"{live.url}/v2/models/small/infer", content=body_of(GOOD), trust_env=False)
         assert response.status_code == 503 and response.json()["field"] == "model_name"
         assert response.headers["retry-after"] == "1"
+        assert live.metric("teacher_requests_total", model="small", code="503") == 1
     assert failures[0].startswith("teacher 'broken' failed to load")
+
+
+# --- huge inputs ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def roomy_server(tiny_teachers):
+    """A teacher taking bodies of many megabytes, as the default 64 MiB limit does."""
+    config = ServerConfig(
+        teachers=[{"name": "small", "path": str(tiny_teachers["small"]), "max_queue_delay_ms": 0}],
+        max_body_bytes=32 * 2**20,
+    )
+    with LiveServer(config) as live:
+        yield live
+
+
+def test_a_text_of_megabytes_is_cut_not_tokenized_whole(roomy_server, references):
+    huge = "good movie " * 600_000  # 6.6 MB: tokenized whole, it held the event loop for seconds
+    started = time.perf_counter()
+    response = infer(roomy_server.url, "small", {"text": [huge]}, parameters={"cache": False}, timeout=60)
+    took = time.perf_counter() - started
+    model, tokenizer = references["small"]
+    first_part = tokenizer(["good movie " * 100], truncation=True, max_length=128, return_tensors="pt")
+    with torch.inference_mode():
+        logits = model(**first_part).logits
+    torch.testing.assert_close(decode(response).outputs["logits"], logits, atol=1e-5, rtol=0)
+    assert took < 2.0, f"{took:.2f} s"
+
+
+def test_oversized_inputs_are_refused_before_their_data_is_decoded(roomy_server, monkeypatch):
+    decoded: list[str] = []
+    decode_json = codec.from_json_data
+
+    def spy(data, datatype, shape, *, field):
+        decoded.append(field)
+        return decode_json(data, datatype, shape, field=field)
+
+    monkeypatch.setattr(codec, "from_json_data", spy)
+    many = [7] * 2_000_000
+    cases = [  # body, status, field
+        (
+            body_of(GOOD, {"name": "foo", "shape": [len(many)], "datatype": "INT64", "data": many}),
+            400,
+            "inputs[1].name",
+        ),
+        (body_of(ids_input([many])), 422, "input_ids"),  # 2M tokens: longer than max_seq_length
+        (body_of({"name": "text", "shape": [65], "datatype": "BYTES", "data": ["a"] * 65}), 422, "text"),
+    ]
+    for content, status, field in cases:
+        response = httpx.post(f"{roomy_server.url}/v2/models/small/infer", content=content, trust_env=False)
+        assert (response.status_code, response.json()["field"]) == (status, field)
+    assert decoded == []
