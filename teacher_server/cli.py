@@ -58,9 +58,11 @@ def read_api_key(variable: str | None) -> str | None:
     """The key lives in the environment, never on the command line (it would show in ``ps``)."""
     if variable is None:
         return None
-    key = os.environ.get(variable, "")
+    key = os.environ.get(variable, "").strip()  # a key read from a secret file often ends in a newline
     if not key:
         raise UserError(f"--api-key-env {variable}: the environment variable {variable} is not set or empty")
+    if not key.isprintable():
+        raise UserError(f"--api-key-env {variable}: the key holds control characters (not shown here)")
     return key
 
 

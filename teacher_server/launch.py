@@ -27,6 +27,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 @contextlib.contextmanager
 def serve_in_subprocess(
     config_path: str | Path,
@@ -37,7 +46,14 @@ def serve_in_subprocess(
     ready_timeout_s: float = 180.0,
     log_level: str = "info",
 ) -> Iterator[str]:
-    """Start the service, yield its URL once ``/v2/health/ready`` answers 200, stop it gracefully."""
+    """Start the service, yield its URL once ``/v2/health/ready`` answers 200, stop it gracefully.
+
+    A port something already listens on is refused up front: the child binds only after loading
+    its teachers, and until then the other server would answer the readiness poll (and every
+    request after it) in the child's name.
+    """
+    if port and not port_is_free(port):
+        raise UserError(f"port {port} on 127.0.0.1 is in use: choose another, or 0 for a free one")
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "teacher_server.cli", "--config", str(config_path)]

@@ -17,8 +17,9 @@ import pytest
 import uvicorn
 
 from shared.errors import UserError
-from teacher_server.cli import main
+from teacher_server.cli import main, read_api_key
 from teacher_server.config import load_config
+from teacher_server.launch import serve_in_subprocess
 
 
 def write(path: Path, text: str) -> Path:
@@ -107,6 +108,26 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
     assert main(["--config", str(good), "--api-key-env", "NO_SUCH_KEY_VAR"]) == 2
     assert "NO_SUCH_KEY_VAR is not set" in capsys.readouterr().err
+
+
+def test_api_key_from_a_secret_file_loses_its_newline(monkeypatch, capsys):
+    monkeypatch.setenv("TEACHER_KEY", "sekret\n")
+    assert read_api_key("TEACHER_KEY") == "sekret"
+    monkeypatch.setenv("TEACHER_KEY", "sek\x07ret")
+    with pytest.raises(UserError, match="control characters") as error:
+        read_api_key("TEACHER_KEY")
+    assert "sek" not in str(error.value)  # the key itself is never echoed
+
+
+def test_launcher_refuses_a_port_in_use(tmp_path):
+    """Another server on the port would answer the readiness poll in the child's name."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        launch = serve_in_subprocess(tmp_path / "never-read.yaml", port=port)
+        with pytest.raises(UserError, match=f"port {port} on 127.0.0.1 is in use"):
+            launch.__enter__()
 
 
 @pytest.mark.parametrize(("drain", "seconds"), [(".inf", float("inf")), ("0.5", 0.5)])
