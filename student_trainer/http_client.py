@@ -3,10 +3,23 @@
 Each query is one binary v2 request (token ids in, only the outputs the loss needs out) sent
 to the replica with the fewest requests in flight. Failures are retried with exponential
 backoff and full jitter: ``429``/``503`` wait at least the server's ``Retry-After`` (capped at
-``backoff_max_s``) before that replica is asked again, other replicas are tried meanwhile; connection
+``backoff_max_s``) before that replica is asked again, other replicas are tried meanwhile (when
+every replica is waiting out a ``Retry-After``, the one free soonest is asked); connection
 errors, timeouts and other ``5xx`` fail over to another replica at once and put the failing
 one in a cool-down so later queries skip it while another is healthy. Other ``4xx`` mean the
 request itself is wrong, so they are raised at once with the server's error text.
+
+A replica that fails is suspect until it answers an infer request again. Its cool-down starts
+at ``cooldown_s`` and doubles with each failure in a row (capped at ``cooldown_max_s``), and
+before real traffic goes back to it a ``GET /v2/health/ready`` must answer 200 within
+``PROBE_TIMEOUT_S``; a failed probe counts as another failure. So a replica that hangs costs
+one ``timeout_s`` when it first hangs and then at most one short probe per (growing)
+cool-down, instead of a full ``timeout_s`` every ``cooldown_s``; one whose health check
+passes but whose infer still hangs costs a ``timeout_s`` per cool-down, at most once per
+``cooldown_max_s``.
+
+Proxy variables (``HTTP_PROXY``, ``NO_PROXY``, …) apply to remote replicas, never to loopback
+ones: a service on this machine is always reached directly.
 """
 
 from __future__ import annotations
@@ -16,7 +29,7 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from email.utils import parsedate_to_datetime
 
 import httpx
@@ -38,6 +51,9 @@ log = logging.getLogger(__name__)
 
 ANSWER_COUNTERS = ("teacher_flops", "tokens", "padded_tokens", "cache_hits")
 RETRY_STATUSES = (429, 503)
+PROBE_TIMEOUT_S = 1.0  # a health check answers in milliseconds unless the replica is stuck
+# ``None`` = the client's own direct transport; these win over the proxies httpx reads from the environment.
+LOOPBACK_DIRECT = {"all://127.0.0.1": None, "all://localhost": None, "all://[::1]": None}
 
 
 class TeacherUnavailableError(UserError):
@@ -69,11 +85,13 @@ class _Replica:
     outstanding: int = 0
     last_pick: int = 0  # ties go to the least recently picked replica
     cool_until: float = 0.0  # skipped while another replica is healthy
+    cooldown: float = 0.0  # length of the last cool-down; 0 once an infer succeeded (not suspect)
     retry_at: float = 0.0  # the server's Retry-After: never sent to before this
 
-    def order(self, now: float) -> tuple[bool, bool, int, int]:
-        """Sort key: usable now, not cooling down, fewest in flight, least recently picked."""
-        return (self.retry_at > now, self.cool_until > now, self.outstanding, self.last_pick)
+    def order(self, now: float) -> tuple[float, float, int, int]:
+        """Sort key: free of Retry-After soonest, out of cool-down soonest, fewest in flight,
+        least recently picked (replicas usable now tie on the first two at ``now``)."""
+        return (max(self.retry_at, now), max(self.cool_until, now), self.outstanding, self.last_pick)
 
 
 class HttpTeacherClient:
@@ -81,8 +99,10 @@ class HttpTeacherClient:
 
     ``timeout_s`` bounds each attempt end to end (and is sent as the server-side deadline);
     ``max_retries`` counts attempts after the first; ``cooldown_s`` is how long a replica that
-    failed is skipped while another one is healthy. Options of the in-process backend
-    (device, dtype, …) are accepted and ignored so one set of trainer options fits both.
+    failed is skipped while another one is healthy, doubling per failure in a row up to
+    ``cooldown_max_s``. ``api_key`` is stripped of surrounding whitespace (keys read from
+    files end in a newline). Options of the in-process backend (device, dtype, …) are accepted
+    and ignored so one set of trainer options fits both.
     """
 
     def __init__(
@@ -96,6 +116,7 @@ class HttpTeacherClient:
         backoff_base_s: float = 0.2,
         backoff_max_s: float = 10.0,
         cooldown_s: float = 5.0,
+        cooldown_max_s: float = 120.0,
         output_dtype: str = "FP32",
         binary: bool = True,
         **ignored_local_options: object,
@@ -107,6 +128,14 @@ class HttpTeacherClient:
             raise UserError(f"teacher {model!r}: service URLs must start with http:// or https://, got {bad}")
         if output_dtype.upper() not in OUTPUT_DATATYPES:
             raise UserError(f"output_dtype {output_dtype!r} is not one of {list(OUTPUT_DATATYPES)}")
+        if api_key is not None:
+            api_key = api_key.strip()
+            if not (api_key.isascii() and api_key.isprintable()):
+                # never echo the key: this message ends up in logs
+                raise UserError(
+                    f"teacher {model!r}: the API key contains control or non-ASCII characters "
+                    "(a line break inside it?); an HTTP header cannot carry them"
+                )
         self.urls = [url.rstrip("/") for url in urls]
         self.model = model
         self.api_key = api_key
@@ -115,6 +144,7 @@ class HttpTeacherClient:
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
         self.cooldown_s = cooldown_s
+        self.cooldown_max_s = max(cooldown_max_s, cooldown_s)
         self.output_dtype = output_dtype.upper()
         self.binary = binary
         self.info: TeacherInfo | None = None
@@ -143,10 +173,9 @@ class HttpTeacherClient:
                 )
             await asyncio.sleep(min(poll_s, left))
             poll_s = min(poll_s * 2, 1.0)
-        now = time.monotonic()
         for replica in replicas:
             if replica not in ready:
-                replica.cool_until = now + self.cooldown_s
+                self._cool_down(replica)
         try:
             response = await ready[0].client.get(f"/v2/models/{self.model}", timeout=self.timeout_s)
         except httpx.HTTPError as err:
@@ -199,7 +228,9 @@ class HttpTeacherClient:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=32)
         for replica in self._replicas:
-            replica.client = httpx.AsyncClient(base_url=replica.url, headers=headers, limits=limits)
+            replica.client = httpx.AsyncClient(
+                base_url=replica.url, headers=headers, limits=limits, mounts=LOOPBACK_DIRECT
+            )
         self._loop = None
 
     # --- queries ------------------------------------------------------------------------------
@@ -309,7 +340,7 @@ class HttpTeacherClient:
                 self._mark_failed(replica, err)
                 failed = replica
                 continue
-            replica.cool_until = 0.0
+            replica.cool_until = replica.cooldown = 0.0
             return replica, response
         raise TeacherUnavailableError(
             f"teacher {self.model!r} unavailable at {', '.join(self.urls)} after "
@@ -319,19 +350,17 @@ class HttpTeacherClient:
     async def _attempt(
         self, replica: _Replica, path: str, body: bytes, headers: dict[str, str]
     ) -> httpx.Response:
-        """One request to one replica, bounded end to end by ``timeout_s``."""
+        """One request to one replica (health-probed first if suspect), bounded by ``timeout_s``."""
         self._picks += 1
         replica.outstanding += 1
         replica.last_pick = self._picks
         try:
-            response = await asyncio.wait_for(
+            if replica.cooldown:
+                await self._probe(replica)
+            response = await _bounded(
                 replica.client.post(path, content=body, headers=headers, timeout=self.timeout_s),
                 self.timeout_s,
             )
-        except (asyncio.TimeoutError, httpx.TimeoutException):
-            raise _Retryable(f"timed out after {self.timeout_s:g}s") from None
-        except httpx.TransportError as err:
-            raise _Retryable(_describe(err)) from None
         finally:
             replica.outstanding -= 1
         if response.status_code == 200:
@@ -346,12 +375,28 @@ class HttpTeacherClient:
             raise _Retryable(f"HTTP {response.status_code} {_error_text(response)}")
         raise self._refusal(replica, response)
 
+    async def _probe(self, replica: _Replica) -> None:
+        """Let real traffic back to a suspect replica only if its health check answers 200 quickly."""
+        probe_s = min(self.timeout_s, PROBE_TIMEOUT_S)
+        try:
+            health = await _bounded(replica.client.get("/v2/health/ready", timeout=probe_s), probe_s)
+        except _Retryable as err:
+            raise _Retryable(f"health probe {err}") from None
+        if health.status_code != 200:
+            raise _Retryable(f"health probe: HTTP {health.status_code}")
+
     def _mark_failed(self, replica: _Replica, err: _Retryable) -> None:
-        now = time.monotonic()
         if err.retry_after_s is not None:
-            replica.retry_at = now + min(err.retry_after_s, self.backoff_max_s)
+            replica.retry_at = time.monotonic() + min(err.retry_after_s, self.backoff_max_s)
         if err.replica_down:
-            replica.cool_until = now + self.cooldown_s
+            self._cool_down(replica)
+
+    def _cool_down(self, replica: _Replica) -> None:
+        """Skip a failed replica for a while: ``cooldown_s``, doubled per failure in a row, capped."""
+        replica.cooldown = (
+            min(2 * replica.cooldown, self.cooldown_max_s) if replica.cooldown else self.cooldown_s
+        )
+        replica.cool_until = time.monotonic() + replica.cooldown
 
     def _backoff(self, attempt: int) -> float:
         """Full jitter: uniform in [0, min(max, base * 2^attempt))."""
@@ -376,6 +421,16 @@ class HttpTeacherClient:
 def _layer_list(layers: tuple[int, ...]) -> str:
     """v2 parameters are scalars, so layers travel as ``"0,6,12"``."""
     return ",".join(str(int(i)) for i in layers)
+
+
+async def _bounded(request: Awaitable[httpx.Response], timeout_s: float) -> httpx.Response:
+    """Await one request, at most ``timeout_s`` end to end; timeouts and transport errors are retryable."""
+    try:
+        return await asyncio.wait_for(request, timeout_s)
+    except (asyncio.TimeoutError, httpx.TimeoutException):
+        raise _Retryable(f"timed out after {timeout_s:g}s") from None
+    except httpx.TransportError as err:
+        raise _Retryable(_describe(err)) from None
 
 
 def _describe(err: Exception) -> str:

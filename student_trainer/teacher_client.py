@@ -7,7 +7,11 @@ backend from the spec string the user passes on the command line:
   served by ``teacher-server`` (least-outstanding-requests balancing, retries, failover);
   the model name defaults to the teacher's role (``small`` / ``large``);
 * ``local:PATH``: the checkpoint at ``PATH`` runs in this process with the service's own
-  engine (same outputs, same FLOPs accounting), for offline runs and comparisons.
+  engine, for offline runs and comparisons. Outputs, shapes and ``tokens`` match the service;
+  ``teacher_flops``/``padded_tokens`` match when the service runs the request alone in one pass
+  (both drop all-padding columns); otherwise they differ, usually in the service's favour,
+  since it also splits rows into passes and batches them across requests by length (see
+  ``student_trainer.local_client``).
 """
 
 from __future__ import annotations

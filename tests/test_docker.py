@@ -18,8 +18,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -278,6 +280,38 @@ def test_health_check_fails_when_nothing_answers() -> None:
     )
     assert result.returncode == 1
     assert url in result.stderr
+
+
+def test_health_check_goes_straight_to_the_container_despite_proxy_variables() -> None:
+    class Ready(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200 if self.path == "/v2/health/ready" else 404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    dead_proxy = f"http://127.0.0.1:{free_port()}"
+    env = {k: v for k, v in os.environ.items() if k.lower() != "no_proxy"}
+    env |= {name: dead_proxy for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY")}
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Ready)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v2/health/ready"
+        result = subprocess.run(
+            [sys.executable, str(REPO / "docker" / "healthcheck.py"), url],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    assert result.returncode == 0, result.stderr
 
 
 # -- the CPU profile's commands, run outside Docker ---------------------------------------------------

@@ -9,10 +9,13 @@ over real sockets.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
@@ -28,6 +31,7 @@ from shared.codec import (
     requested_layers,
     wants_binary,
 )
+from shared.errors import UserError
 from shared.protocol import InferenceRequest
 from shared.teacher_api import TeacherAnswer, TeacherQuery
 from student_trainer.http_client import HttpTeacherClient, TeacherRequestError, TeacherUnavailableError
@@ -103,6 +107,7 @@ class FakeReplica(ServerThread):
         self.plan: list[str] = []  # "429:<retry-after>", "503", "500", "400", "drop", "sleep:<s>"
         self.ready = True
         self.infers = 0
+        self.health_checks: list[float] = []  # when GET /v2/health/ready came in (monotonic)
         self.requests: list[tuple[DecodedRequest, dict[str, str]]] = []
         super().__init__(self._asgi())
 
@@ -119,6 +124,7 @@ class FakeReplica(ServerThread):
 
         @app.get("/v2/health/ready")
         def server_ready() -> Response:
+            self.health_checks.append(time.monotonic())
             return Response(status_code=200 if self.ready else 503)
 
         @app.get("/v2/models/{name}/ready")
@@ -292,6 +298,75 @@ def test_api_key_is_sent_as_a_bearer_token(replicas) -> None:
     assert err.value.status == 401 and "API key" in str(err.value)
 
 
+def test_an_api_key_read_from_a_file_works_and_a_broken_one_is_refused_unechoed(replicas, tmp_path) -> None:
+    replica = replicas(api_key="s3cret")
+    key_file = tmp_path / "teacher.key"
+    key_file.write_text("s3cret\n")
+    client = HttpTeacherClient([replica.url], model="fake", api_key=key_file.read_text())
+    (answer,) = run(client, query(), ready_timeout_s=2)
+    assert answer.logits is not None
+    for broken in ("s3c\nret", "s3c\x00ret", "s3crét"):
+        with pytest.raises(UserError) as err:
+            HttpTeacherClient([replica.url], model="fake", api_key=broken)
+        assert "API key" in str(err.value) and "s3c" not in str(err.value)
+
+
+# --- proxies -----------------------------------------------------------------------------------------------
+
+PROXY_VARIABLES = ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
+def set_proxy(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    for name in PROXY_VARIABLES:
+        monkeypatch.setenv(name, url)
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@contextlib.contextmanager
+def recording_proxy() -> Iterator[tuple[str, list[str]]]:
+    """A loopback HTTP proxy that records each request line and answers 503 without forwarding."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            lines.append(self.requestline)
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    lines: list[str] = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", lines
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def test_proxy_variables_never_apply_to_loopback_replicas(replicas, monkeypatch) -> None:
+    replica = replicas()
+    set_proxy(monkeypatch, closed_url())  # a proxy that refuses every connection
+    for url in (replica.url, replica.url.replace("127.0.0.1", "localhost")):
+        (answer,) = run(HttpTeacherClient([url], model="fake"), query(), ready_timeout_s=2)
+        assert answer.logits is not None
+    assert replica.infers == 2
+
+
+def test_proxy_variables_still_apply_to_remote_replicas(monkeypatch) -> None:
+    with recording_proxy() as (proxy_url, lines):
+        set_proxy(monkeypatch, proxy_url)
+        with pytest.raises(TeacherUnavailableError) as err:
+            asyncio.run(HttpTeacherClient(["http://teacher.invalid:8000"], model="fake").start(0.2))
+    assert lines and lines[0] == "GET http://teacher.invalid:8000/v2/health/ready HTTP/1.1"
+    assert "HTTP 503" in str(err.value)
+
+
 # --- what is asked and what comes back -----------------------------------------------------------------
 
 
@@ -396,6 +471,15 @@ def test_429_fails_over_at_once_and_the_busy_replica_rests(replicas) -> None:
     assert (busy.infers, free.infers) == (1, 4) and len(answers) == 4
 
 
+def test_when_every_replica_is_busy_the_one_free_soonest_is_asked(replicas) -> None:
+    slow, soon = replicas(), replicas()
+    slow.plan, soon.plan = ["429:3"], ["429:0.2"]
+    began = time.monotonic()
+    (answer,) = asyncio.run(_sequential(HttpTeacherClient([slow.url, soon.url], model="fake"), 1))
+    assert 0.2 <= time.monotonic() - began < 2  # not the 3 s the slow one asked for
+    assert (slow.infers, soon.infers) == (1, 2) and answer.logits is not None
+
+
 def test_503_and_500_are_retried(replicas) -> None:
     replica = replicas()
     replica.plan = ["503", "500"]
@@ -431,6 +515,66 @@ def test_a_dead_replica_is_skipped_for_its_cooldown_then_used_again(replicas) ->
 
     asyncio.run(main())
     assert a.infers == 2 and b.infers == 8
+
+
+def test_a_failed_replica_gets_real_traffic_only_once_its_health_probe_passes(replicas) -> None:
+    a, b = replicas(), replicas()
+    client = HttpTeacherClient(
+        [a.url, b.url], model="fake", timeout_s=0.3, cooldown_s=0.05, cooldown_max_s=0.1
+    )
+
+    async def main() -> None:
+        await client.start(5)
+        a.plan, a.ready = ["sleep:5"], False  # hangs on the next infer, then says it is not ready
+        a.health_checks.clear()
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            await client.infer(query())
+        assert a.infers == 1 and len(a.health_checks) >= 3  # probed every <= 0.1 s, never sent work
+        a.ready = True
+        await asyncio.sleep(0.15)
+        for _ in range(4):
+            await client.infer(query())
+        await client.aclose()
+
+    asyncio.run(main())
+    assert a.infers == 3  # back in the rotation: 2 of the last 4 queries
+
+
+def test_the_cooldown_doubles_while_a_replica_keeps_failing_and_resets_once_it_answers(replicas) -> None:
+    a, b = replicas(), replicas()
+    client = HttpTeacherClient([a.url, b.url], model="fake", cooldown_s=0.05, cooldown_max_s=0.4)
+
+    async def until(condition: Callable[[], bool], limit_s: float = 3.0) -> float:
+        """Send queries one by one until ``condition`` holds; the time it first held."""
+        deadline = time.monotonic() + limit_s
+        while not condition():
+            assert time.monotonic() < deadline, "condition never held"
+            await client.infer(query())
+        return time.monotonic()
+
+    async def main() -> tuple[list[float], float]:
+        await client.start(5)
+        a.plan, a.ready = ["503"], False
+        a.health_checks.clear()
+        began = time.monotonic()
+        await until(lambda: time.monotonic() - began > 1.6)
+        probes = list(a.health_checks)
+        a.ready = True
+        served = a.infers
+        await until(lambda: a.infers > served)  # probe passed, an infer succeeded: no longer suspect
+        a.plan = ["503"]
+        failed = await until(lambda: a.infers > served + 1)
+        checks = len(a.health_checks)
+        probed = await until(lambda: len(a.health_checks) > checks)
+        await client.aclose()
+        return probes, probed - failed
+
+    probes, cooldown_after_reset = asyncio.run(main())
+    gaps = [later - earlier for earlier, later in itertools.pairwise(probes)]
+    assert len(gaps) >= 3, probes
+    assert 0.08 < gaps[0] < gaps[1] < gaps[2] and 0.35 < gaps[-1] < 0.6, gaps  # 0.1, 0.2, 0.4 (cap), …
+    assert cooldown_after_reset < 0.3  # 0.05 again, not the 0.4 it had grown to
 
 
 def test_per_request_timeout_then_failover(replicas) -> None:
@@ -532,12 +676,15 @@ def real_queries(num_layers: int) -> list[TeacherQuery]:
     mask[3, 3:] = 0
     types = torch.zeros_like(ids)
     types[:, 5:] = 1
+    short = torch.ones_like(ids)
+    short[:, 6:] = 0  # the last 3 columns are padding in every row
     return [
         TeacherQuery(ids, mask, types, want_logits=True, cls_layers=(0, num_layers), use_cache=False),
         TeacherQuery(
             ids, mask, types, want_logits=False, cls_layers=(1,), token_layers=(0, 1), use_cache=False
         ),
         TeacherQuery(ids[:2, :7], mask[:2, :7], None, want_logits=True, use_cache=False),
+        TeacherQuery(ids, short, types, want_logits=True, token_layers=(num_layers,), use_cache=False),
     ]
 
 
@@ -573,6 +720,31 @@ def test_real_service_answers_like_the_in_process_teacher(
 
     for name in tiny_teachers:
         asyncio.run(main(name))
+
+
+def test_the_in_process_teacher_skips_all_padding_columns(tiny_teachers) -> None:
+    from student_trainer.local_client import LocalTeacherClient
+
+    padded = real_queries(2)[3]
+    trimmed = TeacherQuery(
+        padded.input_ids[:, :6], padded.attention_mask[:, :6], padded.token_type_ids[:, :6],
+        want_logits=True, token_layers=padded.token_layers, use_cache=False,
+    )  # fmt: skip
+
+    async def main() -> tuple[TeacherAnswer, TeacherAnswer]:
+        local = LocalTeacherClient(tiny_teachers["small"], name="small")
+        await local.start(60)
+        try:
+            return await local.infer(padded), await local.infer(trimmed)
+        finally:
+            await local.aclose()
+
+    got, want = asyncio.run(main())
+    assert (got.teacher_flops, got.tokens, got.padded_tokens) == (want.teacher_flops, 24, 24)
+    torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=0)
+    assert got.hidden_states.shape == (4, 1, 9, 32)  # the query's own width, as the service answers
+    torch.testing.assert_close(got.hidden_states[:, :, :6], want.hidden_states, rtol=0, atol=0)
+    assert not got.hidden_states[:, :, 6:].any()
 
 
 def test_real_service_reports_cache_hits_and_refuses_bad_input(teacher_service) -> None:
