@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedModel, get_linear_schedule_with_warmup, set_seed
+from transformers.utils import logging as hf_logging
 
 from shared.errors import UserError
 from shared.modeling import load_sequence_classifier
@@ -82,6 +83,7 @@ def _total_steps(args: FinetuneArguments, steps_per_epoch: int) -> int:
 def finetune(args: FinetuneArguments) -> dict[str, Any]:
     """Train, evaluate, save; returns the results written to ``eval_results.json`` (plus training stats)."""
     args.validate()
+    hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards": our log says what happens
     set_seed(args.seed)
     device = resolve_device(args.device)
     train_data, eval_data = load_train_and_eval_from(args)
