@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from shared.teacher_api import TeacherAnswer, TeacherQuery
 from student_trainer.alignment import LayerAlignment
 from student_trainer.arguments import DistillArguments
+from student_trainer.http_client import TeacherRequestError
 from student_trainer.losses import kd_loss, patient_loss
 from student_trainer.selection import hard_split, soft_teacher_weights, supervision_weights
 from student_trainer.student import DistillStudent
@@ -109,13 +110,15 @@ async def ask_teachers(
 
     A client gives up after its own retries; the teacher may still be restarting, so wait
     (at most ``ready_timeout_s``) for it to report ready again — as the same model — and ask
-    once more.
+    once more. A request the teacher refused (4xx) is not asked again.
     """
 
     async def ask(role: str) -> TeacherAnswer:
         client = clients[role]
         try:
             return await client.infer(queries[role])
+        except TeacherRequestError as refused:  # a 4xx: the same request would be refused again
+            raise TeacherCallError(role, refused) from refused
         except Exception as first:
             known = client.info
             try:

@@ -15,6 +15,7 @@ from transformers import BertForSequenceClassification
 from shared.teacher_api import TeacherAnswer, TeacherInfo, TeacherQuery
 from student_trainer.alignment import LayerAlignment, make_projection
 from student_trainer.arguments import DistillArguments
+from student_trainer.http_client import TeacherRequestError
 from student_trainer.kd_step import TeacherCallError, ask_teachers, distillation_loss, plan_batch
 from student_trainer.losses import kd_loss, patient_loss
 from student_trainer.selection import select_instances, soft_teacher_weights, supervision_weights
@@ -250,3 +251,17 @@ def test_a_teacher_that_comes_back_as_another_model_is_not_trusted() -> None:
     swapped.start = start
     with pytest.raises(TeacherCallError, match="came back as a different model"):
         asyncio.run(ask_teachers({"small": swapped}, {"small": queries()["small"]}, ready_timeout_s=1.0))
+
+
+def test_a_refused_request_is_not_asked_again() -> None:
+    """A 4xx (e.g. more rows than the service's max_batch_size) would be refused again: fail at once."""
+    refusing = FakeClient("large")
+
+    async def infer(query: TeacherQuery) -> TeacherAnswer:
+        refusing.calls += 1
+        raise TeacherRequestError("http://t: 422 input_ids: 64 rows exceed max_batch_size 32", status=422)
+
+    refusing.infer = infer
+    with pytest.raises(TeacherCallError, match="teacher 'large' failed: TeacherRequestError: .*422"):
+        asyncio.run(ask_teachers({"large": refusing}, {"large": queries()["large"]}, ready_timeout_s=1.0))
+    assert refusing.calls == 1 and refusing.starts == 0
