@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import time
 from collections import defaultdict, deque
@@ -34,6 +35,8 @@ from teacher_server.metrics import ServiceMetrics
 # A round looks ahead at this many passes' worth of queued rows: enough choice for length
 # bucketing, little enough that the oldest requests are not held back behind new ones.
 ROUND_PASSES = 4
+
+log = logging.getLogger(__name__)
 
 
 class QueueFullError(Exception):
@@ -249,7 +252,13 @@ class DynamicBatcher:
             self._round = await self._next_round()
             if not self._round:
                 return
-            await self._run_round(self._round)
+            try:
+                await self._run_round(self._round)
+            except Exception as err:  # a bug outside the forward pass: fail this round, keep serving
+                log.exception("teacher %s: a round failed", self.name)
+                for request in self._round:
+                    if not request.future.done():
+                        request.future.set_exception(err)
             self._round = []
 
     async def _next_round(self) -> list[_Request]:

@@ -218,6 +218,32 @@ def test_expired_and_cancelled_requests_are_dropped_before_compute(engine):
     assert sample(batcher.metrics, "teacher_rejected_total", reason="cancelled") == 1
 
 
+def test_a_round_that_fails_outside_the_forward_pass_fails_its_requests_and_serving_goes_on(
+    engine, monkeypatch
+):
+    batcher = make_batcher(engine, max_queue_delay_ms=0)
+    merge = batcher._merge
+    calls = []
+
+    def merge_once_broken(rows, spec):
+        calls.append(len(rows))
+        if len(calls) == 1:
+            raise MemoryError("no room for the batch")
+        return merge(rows, spec)
+
+    monkeypatch.setattr(batcher, "_merge", merge_once_broken)
+
+    async def scenario():
+        batcher.start()
+        with pytest.raises(MemoryError):
+            await asyncio.wait_for(batcher.infer(query(engine, SENTENCES[:2])), 5)
+        answer = await asyncio.wait_for(batcher.infer(query(engine, SENTENCES[2:3])), 5)
+        await batcher.close(5)
+        return answer
+
+    assert asyncio.run(scenario()).logits.shape == (1, 2)
+
+
 class Gate:
     """Holds the engine's next forward passes in the worker thread until opened."""
 
