@@ -351,10 +351,11 @@ def _delimited_rows(path: Path, fmt: FileFormat, *, delimiter: str, quoting: boo
 
 
 def _cell_text(value: object) -> str | None:
-    """A JSON / dataset value as text: a string as it is, a number as written, anything else None."""
+    """A JSON / dataset value as text: a string as it is, a number or boolean as Python writes it
+    (``True``/``False`` labels, as a bool column of a hub dataset gives), anything else None."""
     if isinstance(value, str):
         return value
-    if isinstance(value, int | float) and not isinstance(value, bool):
+    if isinstance(value, int | float):  # bool is an int
         return str(value)
     return None
 
@@ -370,7 +371,7 @@ def _record_row(line_no: int, record: object, text_columns: Sequence[str], label
         cell = _cell_text(record[column])
         if cell is None:
             shown = json.dumps(record[column], default=repr)[:60]
-            return _Row(line_no, problem=f"field {column!r} must be a string, got {shown}")
+            return _Row(line_no, problem=f"field {column!r} must be a string or a number, got {shown}")
         cells.append(cell)
     texts, labels = cells[: len(text_columns)], cells[len(text_columns) :]
     return _Row(line_no, texts, labels[0] if labels else None)
@@ -592,35 +593,6 @@ def load_train_and_eval(
     ``metric`` replaces the task's own (files default to accuracy: e.g. CoLA augmented into a file
     still wants MCC).
     """
-    train, evaluation = _load_train_and_eval(
-        task,
-        data_dir,
-        train_file,
-        validation_file,
-        text_columns,
-        label_column,
-        skip_bad_rows,
-        max_train_samples,
-        max_eval_samples,
-    )
-    if metric is not None:
-        for split in (train, evaluation):
-            if split is not None:
-                split.metric = metric
-    return train, evaluation
-
-
-def _load_train_and_eval(
-    task: str | None,
-    data_dir: str | Path | None,
-    train_file: str | Path | None,
-    validation_file: str | Path | None,
-    text_columns: str | Sequence[str | int],
-    label_column: str | int,
-    skip_bad_rows: bool,
-    max_train_samples: int | None,
-    max_eval_samples: int | None,
-) -> tuple[TaskData, TaskData | None]:
     if bool(task) == bool(train_file):
         raise UserError("give either --task (with --data_dir) or --train_file")
     if task:
@@ -631,29 +603,25 @@ def _load_train_and_eval(
             task, data_dir, "train", skip_bad_rows=skip_bad_rows, max_examples=max_train_samples
         )
         _require_two_labels(train, f"{data_dir} ({task} train)")
-        evaluation = load_task(
+        evaluation: TaskData | None = load_task(
             task, data_dir, spec.eval_split, skip_bad_rows=skip_bad_rows, max_examples=max_eval_samples
         )
-        return train, evaluation
-    columns = split_columns(text_columns)
-    train = load_file(
-        train_file,  # type: ignore[arg-type]
-        text_columns=columns,
-        label_column=label_column,
-        skip_bad_rows=skip_bad_rows,
-        max_examples=max_train_samples,
-    )
-    _require_two_labels(train, str(train_file))
-    if not validation_file:
-        return train, None
-    evaluation = load_file(
-        validation_file,
-        text_columns=columns,
-        label_column=label_column,
-        label_names=train.label_names,
-        skip_bad_rows=skip_bad_rows,
-        max_examples=max_eval_samples,
-    )
+    else:
+        columns = split_columns(text_columns)
+        file_options = {"text_columns": columns, "label_column": label_column, "skip_bad_rows": skip_bad_rows}
+        train = load_file(train_file, **file_options, max_examples=max_train_samples)  # type: ignore[arg-type]
+        _require_two_labels(train, str(train_file))
+        evaluation = None
+        if validation_file:
+            evaluation = load_file(
+                validation_file, **file_options, label_names=train.label_names, max_examples=max_eval_samples
+            )
+    if metric is not None:
+        if metric == "f1" and train.num_labels != 2:
+            raise UserError(f"--metric f1 is binary F1, but the data has {train.num_labels} labels")
+        for split in (train, evaluation):
+            if split is not None:
+                split.metric = metric
     return train, evaluation
 
 

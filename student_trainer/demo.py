@@ -169,7 +169,7 @@ def ensure_teacher(
 
 def served_rows(url: str) -> dict[str, float]:
     """Rows each teacher computed, read from the service's own Prometheus metrics."""
-    text = httpx.get(f"{url}/metrics", timeout=5.0).text
+    text = httpx.get(f"{url}/metrics", timeout=5.0, trust_env=False).text  # loopback: never via a proxy
     return {
         sample.labels["model"]: sample.value
         for family in text_string_to_metric_families(text)

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 from transformers.utils import logging as hf_logging
 
+from shared.api_key import clean_api_key
 from shared.errors import UserError
 from student_trainer import ledger as flops
 from student_trainer.alignment import LayerAlignment
@@ -200,9 +201,7 @@ def make_clients(args: DistillArguments, device: torch.device) -> dict[str, Teac
     """One client per teacher the method uses (nothing is contacted yet)."""
     api_key = None
     if args.api_key_env:
-        api_key = os.environ.get(args.api_key_env)
-        if not api_key:
-            raise UserError(f"--api_key_env {args.api_key_env}: that environment variable is empty or unset")
+        api_key = clean_api_key(os.environ.get(args.api_key_env), f"--api_key_env {args.api_key_env}")
     # each backend ignores the other's options (local: device; HTTP: timeout, API key)
     options = {"timeout_s": args.teacher_timeout, "api_key": api_key, "device": str(device)}
     return {

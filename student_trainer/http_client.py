@@ -35,6 +35,7 @@ from email.utils import parsedate_to_datetime
 import httpx
 import torch
 
+from shared.api_key import clean_api_key
 from shared.codec import (
     HEADER_LENGTH,
     OUTPUT_DATATYPES,
@@ -129,13 +130,7 @@ class HttpTeacherClient:
         if output_dtype.upper() not in OUTPUT_DATATYPES:
             raise UserError(f"output_dtype {output_dtype!r} is not one of {list(OUTPUT_DATATYPES)}")
         if api_key is not None:
-            api_key = api_key.strip()
-            if not (api_key.isascii() and api_key.isprintable()):
-                # never echo the key: this message ends up in logs
-                raise UserError(
-                    f"teacher {model!r}: the API key contains control or non-ASCII characters "
-                    "(a line break inside it?); an HTTP header cannot carry them"
-                )
+            api_key = clean_api_key(api_key, f"teacher {model!r}")
         self.urls = [url.rstrip("/") for url in urls]
         self.model = model
         self.api_key = api_key

@@ -1,9 +1,8 @@
 """The in-process teacher backend: the service's own engine, no network in between.
 
 Same interface and outputs as the HTTP client, for offline runs and for measuring what the
-service costs over a plain forward pass. Like the service, it validates the query as sent,
-then drops the columns that are padding in every row, runs the rest as one pass and pads
-``hidden_states`` back to the query's length with zeros. Outputs (up to float rounding),
+service costs over a plain forward pass. The engine runs the query as one pass (without the
+columns that are padding in every row, as the service does). Outputs (up to float rounding),
 their shapes and ``tokens`` match the service; ``teacher_flops`` and ``padded_tokens`` match
 when the service runs the request alone in one pass. Otherwise they differ, usually in the
 service's favour: it may split a request's rows into several passes and batch rows of
@@ -14,10 +13,7 @@ The service also has a result cache (``cache_hits``); this backend has none.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from pathlib import Path
-
-import torch
 
 from shared.teacher_api import TeacherAnswer, TeacherInfo, TeacherQuery
 from teacher_server.engine import TeacherEngine
@@ -70,25 +66,7 @@ class LocalTeacherClient:
         """Run the query in a worker thread so the caller's event loop keeps going."""
         if self._engine is None:
             raise RuntimeError("LocalTeacherClient.start() must be awaited before infer()")
-        return await asyncio.to_thread(self._run_trimmed, self._engine, query)
-
-    @staticmethod
-    def _run_trimmed(engine: TeacherEngine, query: TeacherQuery) -> TeacherAnswer:
-        """Run without the all-padding columns, as the service does, then restore the query's shapes."""
-        engine.validate(query)  # as sent: right padding, length limit, ids in range
-        length = query.input_ids.shape[1]
-        width = int(query.attention_mask.sum(dim=1).max())
-        answer = engine.run(
-            dataclasses.replace(
-                query,
-                input_ids=query.input_ids[:, :width],
-                attention_mask=query.attention_mask[:, :width],
-                token_type_ids=None if query.token_type_ids is None else query.token_type_ids[:, :width],
-            )
-        )
-        if answer.hidden_states is not None:
-            answer.hidden_states = torch.nn.functional.pad(answer.hidden_states, (0, 0, 0, length - width))
-        return answer
+        return await asyncio.to_thread(self._engine.run, query)
 
     async def aclose(self) -> None:
         self._engine = None

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 import uvicorn
 from transformers.utils import logging as hf_logging
 
+from shared.api_key import clean_api_key
 from shared.errors import UserError
 from teacher_server.app import create_app
 from teacher_server.config import load_config
@@ -58,12 +59,7 @@ def read_api_key(variable: str | None) -> str | None:
     """The key lives in the environment, never on the command line (it would show in ``ps``)."""
     if variable is None:
         return None
-    key = os.environ.get(variable, "").strip()  # a key read from a secret file often ends in a newline
-    if not key:
-        raise UserError(f"--api-key-env {variable}: the environment variable {variable} is not set or empty")
-    if not key.isprintable():
-        raise UserError(f"--api-key-env {variable}: the key holds control characters (not shown here)")
-    return key
+    return clean_api_key(os.environ.get(variable), f"--api-key-env {variable}")
 
 
 def port_number(text: str) -> int:

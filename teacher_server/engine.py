@@ -12,10 +12,11 @@ run the model's own forward with ``output_hidden_states`` and are charged every 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from transformers import (
     AutoTokenizer,
     BertForSequenceClassification,
@@ -29,10 +30,25 @@ from shared.modeling import load_sequence_classifier
 from shared.teacher_api import TeacherAnswer, TeacherInfo, TeacherQuery
 
 # Texts are cut to max_seq_length × this many characters before tokenizing. The tokenizer keeps
-# only max_seq_length tokens anyway, and real text averages far fewer than 64 characters per
-# token, so the cut never changes the result; it stops an 8 MB text from holding the event
+# only max_seq_length tokens anyway, and ordinary text averages far fewer than 64 characters per
+# token, so for it the cut changes nothing (text made of words longer than WordPiece's 100
+# characters, each one [UNK], can lose tokens); it stops an 8 MB text from holding the event
 # loop for seconds while it is tokenized whole.
 MAX_CHARS_PER_TOKEN = 64
+
+
+def trim_padding(query: TeacherQuery) -> TeacherQuery:
+    """The query without the columns that are padding in every row (right padding, validated)."""
+    width = max(1, int(query.attention_mask.sum(dim=1).max()))
+    if width == query.input_ids.shape[1]:
+        return query
+    types = query.token_type_ids
+    return replace(
+        query,
+        input_ids=query.input_ids[:, :width],
+        attention_mask=query.attention_mask[:, :width],
+        token_type_ids=None if types is None else types[:, :width],
+    )
 
 
 class QueryError(ValueError):
@@ -175,8 +191,14 @@ class TeacherEngine:
     # -- compute ------------------------------------------------------------------------------
 
     def run(self, query: TeacherQuery) -> TeacherAnswer:
-        """Answer one padded batch: float32 CPU tensors plus the FLOPs actually run."""
+        """Answer one padded batch: float32 CPU tensors plus the FLOPs actually run.
+
+        Columns that are padding in every row are not run (they cost FLOPs and change nothing);
+        ``hidden_states`` is padded back to the query's length with zeros.
+        """
         self.validate(query)
+        query_length = query.input_ids.shape[1]
+        query = trim_padding(query)
         spec = OutputSpec.of(query)
         depth = spec.depth(self.info.num_layers)
         mask_cpu = query.attention_mask.long()
@@ -195,6 +217,8 @@ class TeacherEngine:
             if spec.token_layers:
                 stacked = torch.stack([states[i] for i in spec.token_layers], dim=1).float().cpu()
                 hidden_states = stacked.mul_(mask_cpu[:, None, :, None])  # padding → exact zeros, in place
+                if stacked.shape[2] < query_length:  # back to the query's length (trimmed columns)
+                    hidden_states = F.pad(hidden_states, (0, 0, 0, query_length - stacked.shape[2]))
             logits = logits.float().cpu() if spec.want_logits else None
         batch, length = ids.shape
         flops = encoder_forward_flops(self.config, [length] * batch, depth, with_head=spec.want_logits)

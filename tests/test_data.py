@@ -322,15 +322,26 @@ def test_json_texts_must_be_strings(tmp_path: Path) -> None:
         '{"sentence": "fine", "label": 1}\n{"sentence": 42, "label": 0}\n'
         '{"sentence": "meh", "label": null}\n',
     )
-    with pytest.raises(UserError, match=r"null\.jsonl, line 1: field 'sentence' must be a string, got null"):
+    with pytest.raises(
+        UserError, match=r"null\.jsonl, line 1: field 'sentence' must be a string or a number, got null"
+    ):
         load_file(path, text_columns=["sentence"], label_column="label")
     with pytest.warns(UserWarning, match=r"skipped 3 malformed row\(s\).*first: line 1: field 'sentence'"):
         data = load_file(path, text_columns=["sentence"], label_column="label", skip_bad_rows=True)
     assert data.examples == [Example("fine", None, 1), Example("42", None, 0)]  # a number is its text
     assert data.skipped_rows == 3 and data.label_names == ["0", "1"]
     path.write_text('{"sentence": "a", "label": 1}\n{"sentence": ["a", "b"], "label": 0}\n', encoding="utf-8")
-    with pytest.raises(UserError, match=r"line 2: field 'sentence' must be a string, got \[\"a\", \"b\"\]"):
+    with pytest.raises(
+        UserError, match=r"line 2: field 'sentence' must be a string or a number, got \[\"a\", \"b\"\]"
+    ):
         load_file(path, text_columns=["sentence"], label_column="label")
+
+
+def test_json_boolean_labels_load_as_true_and_false(tmp_path: Path) -> None:
+    """A boolean label (BoolQ's answer, a hub bool column) is a label, not a bad row."""
+    rows = "".join(json.dumps({"sentence": f"s{i}", "label": i % 2 == 0}) + "\n" for i in range(4))
+    data = load_file(_write(tmp_path / "bool.jsonl", rows), text_columns=["sentence"], label_column="label")
+    assert data.label_names == ["False", "True"] and [e.label for e in data.examples] == [1, 0, 1, 0]
 
 
 def test_hub_records_are_checked_like_json_lines(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -340,7 +351,7 @@ def test_hub_records_are_checked_like_json_lines(monkeypatch: pytest.MonkeyPatch
     rows = Rows([{"sentence": "good", "label": 1}, {"sentence": None, "label": 0}])
     fake = types.SimpleNamespace(load_dataset=lambda name, config, split: rows)
     monkeypatch.setitem(sys.modules, "datasets", fake)
-    with pytest.raises(UserError, match=r"line 2: field 'sentence' must be a string, got null"):
+    with pytest.raises(UserError, match=r"line 2: field 'sentence' must be a string or a number, got null"):
         load_hf_dataset("fake", text_columns=["sentence"], label_column="label", label_names=["n", "p"])
     with pytest.raises(UserError, match=r"line 1: missing field\(s\) \['text'\]"):
         load_hf_dataset("fake", text_columns=["text"], label_column="label", label_names=["n", "p"])
@@ -371,6 +382,9 @@ def test_metric_option_replaces_the_default_of_files(tmp_path: Path) -> None:
     assert train.metric == evaluation.metric == "accuracy"
     train, evaluation = load_train_and_eval(**files, metric="mcc")
     assert train.metric == evaluation.metric == "mcc"
+    (tmp_path / "three.tsv").write_text("sentence\tlabel\n" + "".join(f"s{i}\t{i % 3}\n" for i in range(6)))
+    with pytest.raises(UserError, match="--metric f1 is binary F1, but the data has 3 labels"):
+        load_train_and_eval(train_file=tmp_path / "three.tsv", metric="f1")
     argv = ["--train_file", str(files["train_file"]), "--metric", "mcc", "--no_kd", "--output_dir", "o"]
     args = parse_distill_args([*argv, "--model_name_or_path", "unused"])
     assert load_train_and_eval_from(args)[0].metric == "mcc"

@@ -212,8 +212,11 @@ def test_the_api_key_comes_from_the_named_environment_variable(monkeypatch: pyte
     monkeypatch.setenv("KD_TEST_KEY", "s3cret")
     client = distill.make_clients(args, torch.device("cpu"))["large"]
     assert (client.api_key, client.timeout_s, client.model) == ("s3cret", 7.0, "large")
+    monkeypatch.setenv("KD_TEST_KEY", "\n")  # whitespace only: no key, not an empty Authorization header
+    with pytest.raises(UserError, match="--api_key_env KD_TEST_KEY: the API key is empty or unset"):
+        distill.make_clients(args, torch.device("cpu"))
     monkeypatch.delenv("KD_TEST_KEY")
-    with pytest.raises(UserError, match="--api_key_env KD_TEST_KEY: that environment variable is empty"):
+    with pytest.raises(UserError, match="--api_key_env KD_TEST_KEY: the API key is empty or unset"):
         distill.make_clients(args, torch.device("cpu"))
 
 
