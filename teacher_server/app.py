@@ -291,6 +291,24 @@ def plan_inference(request: DecodedRequest, engine: TeacherEngine) -> InferPlan:
     )
 
 
+def check_output_size(plan: InferPlan, engine: TeacherEngine, max_output_mb: float) -> None:
+    """Refuse (422) what would answer with more than ``max_output_mb`` of tensors, before it runs:
+    all-token hidden states of many layers grow as rows × layers × tokens × width, and the
+    service holds a few copies of an answer while it renders it."""
+    rows, length = plan.query.input_ids.shape
+    width, labels = engine.info.hidden_size, engine.info.num_labels
+    per_row = sum(labels for name in plan.outputs if name in ("logits", "probs"))
+    per_row += len(plan.query.cls_layers) * width + len(plan.query.token_layers) * length * width
+    megabytes = rows * per_row * plan.output_dtype.itemsize / 2**20
+    if megabytes > max_output_mb:
+        raise ApiError(
+            422,
+            f"the outputs would take {megabytes:,.1f} MB, above this teacher's max_output_mb "
+            f"{max_output_mb:g}: ask for fewer rows, layers or tokens, or FP16/BF16 outputs",
+            "outputs",
+        )
+
+
 def _texts(inputs: dict[str, Tensor], name: str) -> list[str]:
     value = inputs[name]
     assert isinstance(value, list)  # BYTES: check_inputs made sure
@@ -532,6 +550,7 @@ async def infer(
         try:
             decoded = parse_request_body(body, request.headers.get(HEADER_LENGTH), check)
             plan = plan_inference(decoded, batcher.engine)
+            check_output_size(plan, batcher.engine, batcher.config.max_output_mb)
             answer = await unless_disconnected(request, batcher.infer(plan.query, timeout_s=plan.timeout_s))
         except (CodecError, QueryError, QueueFullError, DeadlineExceededError, ShuttingDownError) as err:
             raise as_api_error(err) from None

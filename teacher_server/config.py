@@ -43,6 +43,9 @@ class TeacherConfig(BaseModel):
     max_batch_size: int = Field(64, ge=1, description="rows per forward pass and per request")
     max_queue_delay_ms: float = Field(5.0, ge=0, description="how long a request may wait for company")
     max_queue_size: int = Field(256, ge=1, description="queued requests before 429")
+    max_output_mb: float = Field(
+        256.0, gt=0, description="a request whose outputs would be larger is refused (422) before it runs"
+    )
     dynamic_batching: bool = Field(True, description="false: every request runs alone (for comparisons)")
     pass_overhead_tokens: int | None = Field(
         None, ge=0, description="what one more forward pass costs, in padded tokens (default: by device)"

@@ -576,11 +576,10 @@ def test_not_ready_until_every_teacher_loaded(tmp_path, tiny_teachers):
 
 @pytest.fixture(scope="module")
 def roomy_server(tiny_teachers):
-    """A teacher taking bodies of many megabytes, as the default 64 MiB limit does."""
-    config = ServerConfig(
-        teachers=[{"name": "small", "path": str(tiny_teachers["small"]), "max_queue_delay_ms": 0}],
-        max_body_bytes=32 * 2**20,
-    )
+    """A teacher taking bodies of many megabytes, as the default 64 MiB limit does, and answering
+    with at most 16 KB of outputs."""
+    teacher = {"name": "small", "path": str(tiny_teachers["small"]), "max_queue_delay_ms": 0}
+    config = ServerConfig(teachers=[{**teacher, "max_output_mb": 1 / 64}], max_body_bytes=32 * 2**20)
     with LiveServer(config) as live:
         yield live
 
@@ -621,3 +620,20 @@ def test_oversized_inputs_are_refused_before_their_data_is_decoded(roomy_server,
         response = httpx.post(f"{roomy_server.url}/v2/models/small/infer", content=content, trust_env=False)
         assert (response.status_code, response.json()["field"]) == (status, field)
     assert decoded == []
+
+
+def test_outputs_larger_than_max_output_mb_are_refused_before_they_run(roomy_server):
+    ids = torch.randint(5, 50, (8, 64))
+    passes = roomy_server.metric("teacher_batch_size_count", model="small")
+    response = infer(roomy_server.url, "small", {"input_ids": ids}, outputs={"hidden_states": None})
+    assert response.status_code == 422 and response.json()["field"] == "outputs"
+    assert "would take 0.2 MB, above this teacher's max_output_mb 0.015625" in response.json()["error"]
+    assert roomy_server.metric("teacher_batch_size_count", model="small") == passes  # nothing ran
+    # 8 × 3 states × 64 tokens × 32 wide in FP32 is 192 KB; the logits and two [CLS] states are not
+    fine = infer(
+        roomy_server.url,
+        "small",
+        {"input_ids": ids},
+        outputs={"logits": None, "hidden_cls": {"layers": "1,2"}},
+    )
+    assert decode(fine).outputs["hidden_cls"].shape == (8, 2, 32)
