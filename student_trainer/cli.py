@@ -13,7 +13,7 @@ import sys
 
 from shared.errors import UserError
 
-COMMANDS = ("distill", "finetune", "augment", "demo")
+COMMANDS = ("distill", "finetune", "augment", "demo", "experiment")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -183,7 +183,7 @@ def distillation_loss(
     """The training loss of one batch and its parts (for logging); see the module docstring."""
     ce = F.cross_entropy(logits, batch["labels"])
     loss = args.ce_alpha * ce
-    parts = {"ce": ce.item(), "kd": 0.0, "pt": 0.0}
+    parts = {"ce": ce.item(), "kd": 0.0, "pt": 0.0, "w_kl": 0.0}
     n = len(plan.selected)
     if n == 0:
         return loss, parts
@@ -218,5 +218,6 @@ def distillation_loss(
     else:
         w_kl, w_pt = args.lambda_kl, (args.lambda_pt if args.supervision == "pkd" else 0.0)
     distill = (w_kl * kd_per_row + w_pt * pt_per_row).mean()
-    parts.update(kd=kd_per_row.mean().item(), pt=pt_per_row.mean().item())
+    mean_w_kl = float(w_kl.mean()) if isinstance(w_kl, torch.Tensor) else float(w_kl)  # Fig. 6's curve
+    parts.update(kd=kd_per_row.mean().item(), pt=pt_per_row.mean().item(), w_kl=mean_w_kl)
     return loss + args.kd_alpha * distill, parts

@@ -105,6 +105,7 @@ class TeacherService:
                     device=teacher.device,
                     dtype=teacher.dtype,
                     max_seq_length=teacher.max_seq_length,
+                    batch_invariant=teacher.batch_invariant,
                 )
                 if self.config.warmup:
                     await asyncio.to_thread(_warm_up, engine)

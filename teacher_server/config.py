@@ -47,6 +47,9 @@ class TeacherConfig(BaseModel):
         256.0, gt=0, description="a request whose outputs would be larger is refused (422) before it runs"
     )
     dynamic_batching: bool = Field(True, description="false: every request runs alone (for comparisons)")
+    batch_invariant: bool = Field(
+        False, description="true: each row runs alone, so its answer is bit-identical whoever shares its pass"
+    )
     pass_overhead_tokens: int | None = Field(
         None, ge=0, description="what one more forward pass costs, in padded tokens (default: by device)"
     )

@@ -51,6 +51,17 @@ def trim_padding(query: TeacherQuery) -> TeacherQuery:
     )
 
 
+def _row(query: TeacherQuery, i: int) -> TeacherQuery:
+    """Row ``i`` of a query, as a query of one."""
+    types = query.token_type_ids
+    return replace(
+        query,
+        input_ids=query.input_ids[i : i + 1],
+        attention_mask=query.attention_mask[i : i + 1],
+        token_type_ids=None if types is None else types[i : i + 1],
+    )
+
+
 class QueryError(ValueError):
     """A query the teacher cannot answer; ``field`` names the input at fault (HTTP 4xx)."""
 
@@ -90,8 +101,10 @@ class TeacherEngine:
         *,
         revision: str | None = None,
         max_seq_length: int = 512,
+        batch_invariant: bool = False,
     ):
         self.model = model.eval()
+        self.batch_invariant = batch_invariant
         self.tokenizer = tokenizer
         self.revision = revision
         self.device = next(model.parameters()).device
@@ -122,11 +135,19 @@ class TeacherEngine:
         device: str = "cpu",
         dtype: str = "fp32",
         max_seq_length: int = 512,
+        batch_invariant: bool = False,
     ) -> TeacherEngine:
         """Load checkpoint + tokenizer from a local dir or hub id (never ``trust_remote_code``)."""
         model = load_sequence_classifier(path, revision=revision, device=device, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(str(path), revision=revision, trust_remote_code=False)
-        return cls(name, model, tokenizer, revision=revision, max_seq_length=max_seq_length)
+        return cls(
+            name,
+            model,
+            tokenizer,
+            revision=revision,
+            max_seq_length=max_seq_length,
+            batch_invariant=batch_invariant,
+        )
 
     # -- inputs -------------------------------------------------------------------------------
 
@@ -197,6 +218,8 @@ class TeacherEngine:
         ``hidden_states`` is padded back to the query's length with zeros.
         """
         self.validate(query)
+        if self.batch_invariant and query.input_ids.shape[0] > 1:
+            return self._run_rows(query)
         query_length = query.input_ids.shape[1]
         query = trim_padding(query)
         spec = OutputSpec.of(query)
@@ -229,6 +252,33 @@ class TeacherEngine:
             teacher_flops=flops,
             tokens=int(mask_cpu.sum()),
             padded_tokens=batch * length,
+        )
+
+    def _run_rows(self, query: TeacherQuery) -> TeacherAnswer:
+        """Each row alone at its own length, so its answer never depends on the rows beside it.
+
+        CPU and GPU matrix kernels pick their blocking from the whole batch's shape, so a row
+        computed among others differs from the same row alone in the last bits; a grid of
+        experiments sharing the service's cache must get the same answer whoever asked first.
+        """
+        rows = [self.run(_row(query, i)) for i in range(query.input_ids.shape[0])]
+        length = query.input_ids.shape[1]
+
+        def cat(name: str) -> torch.Tensor | None:
+            parts = [getattr(answer, name) for answer in rows]
+            if parts[0] is None:
+                return None
+            if name == "hidden_states":  # back to the query's length (each row ran at its own)
+                parts = [F.pad(p, (0, 0, 0, length - p.shape[2])) for p in parts]
+            return torch.cat(parts)
+
+        return TeacherAnswer(
+            logits=cat("logits"),
+            hidden_cls=cat("hidden_cls"),
+            hidden_states=cat("hidden_states"),
+            teacher_flops=sum(answer.teacher_flops for answer in rows),
+            tokens=sum(answer.tokens for answer in rows),
+            padded_tokens=sum(answer.padded_tokens for answer in rows),
         )
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:

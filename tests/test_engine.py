@@ -223,3 +223,32 @@ def test_local_client_answers_like_the_engine(tiny_teachers, engines):
         torch.testing.assert_close(answer.logits, expected.logits, atol=1e-5, rtol=0)
         torch.testing.assert_close(answer.hidden_cls, expected.hidden_cls, atol=1e-5, rtol=0)
         assert answer.teacher_flops == expected.teacher_flops > 0
+
+
+@pytest.mark.parametrize("teacher", ["small", "large"])
+def test_batch_invariant_rows_do_not_depend_on_their_neighbours(tiny_teachers, teacher):
+    """A row answers bit-identically alone and among others of any length; FLOPs count real tokens."""
+    engine = TeacherEngine.load(teacher, tiny_teachers[teacher], batch_invariant=True)
+    ids, mask, types = engine.tokenize(TEXTS, PAIRS)
+    query = TeacherQuery(ids, mask, types, want_logits=True, cls_layers=(0, 1), token_layers=(1,))
+    together = engine.run(query)
+    lengths = mask.sum(dim=1).tolist()
+    for i, length in enumerate(lengths):
+        alone = engine.run(
+            TeacherQuery(
+                ids[i : i + 1, :length],
+                mask[i : i + 1, :length],
+                types[i : i + 1, :length],
+                want_logits=True,
+                cls_layers=(0, 1),
+                token_layers=(1,),
+            )
+        )
+        assert torch.equal(together.logits[i], alone.logits[0])
+        assert torch.equal(together.hidden_cls[i], alone.hidden_cls[0])
+        assert torch.equal(together.hidden_states[i, :, :length], alone.hidden_states[0])
+        assert not together.hidden_states[i, :, length:].any()  # padding stays exact zeros
+    assert together.padded_tokens == together.tokens == sum(lengths)
+    assert together.teacher_flops == encoder_forward_flops(engine.config, lengths, engine.info.num_layers)
+    reference_logits, _ = reference(engine, ids, mask, types)
+    torch.testing.assert_close(together.logits, reference_logits, atol=1e-5, rtol=0)

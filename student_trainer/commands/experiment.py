@@ -1,0 +1,55 @@
+"""`student-trainer experiment`: a grid of distill runs from a YAML file, resumable, then a report.
+
+``--config experiments/X.yaml`` runs what is not done yet (teachers fine-tuned once per task
+and cached, one teacher-server per task, each run an ordinary ``distill``) and writes the report;
+``--dry_run`` prints the plan with estimated FLOPs and runs nothing; ``--report_only`` rebuilds
+the tables and plots from the results on disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "experiment",
+        help="run a grid of distill runs from a YAML file and report mean ± std over seeds",
+        description=__doc__.splitlines()[0] if __doc__ else None,
+    )
+    parser.add_argument("--config", required=True, help="experiment YAML (see experiments/)")
+    parser.add_argument("--profile", help="profile of the file to apply (default: its first, e.g. cpu)")
+    parser.add_argument("--results_dir", default="results", help="root of the committed results")
+    parser.add_argument("--work_dir", default="runs/experiments", help="root of checkpoints and logs")
+    parser.add_argument("--teachers_dir", default=".cache/experiments/teachers", help="fine-tuned teachers")
+    parser.add_argument("--dry_run", action="store_true", help="print the plan and estimated FLOPs only")
+    parser.add_argument("--report_only", action="store_true", help="only rebuild the report from results")
+    parser.add_argument("--keep_models", action="store_true", help="keep each run's checkpoints and model")
+    parser.set_defaults(func=run)
+
+
+def run(namespace: argparse.Namespace) -> int:
+    from student_trainer.experiments.config import load_experiment
+    from student_trainer.experiments.layout import Layout
+
+    config = load_experiment(namespace.config, profile=namespace.profile)
+    profile = config.profile or "default"
+    layout = Layout(
+        results=Path(namespace.results_dir) / profile / config.name,
+        work=Path(namespace.work_dir) / profile / config.name,
+        teachers=Path(namespace.teachers_dir),
+    )
+    if namespace.dry_run:
+        from student_trainer.experiments.plan import print_plan
+
+        print_plan(config, layout)
+        return 0
+    if not namespace.report_only:
+        from student_trainer.experiments.runner import run_grid
+
+        run_grid(config, layout, keep_models=namespace.keep_models)
+    from student_trainer.experiments.report import write_report
+
+    write_report(config, layout)
+    return 0

@@ -1,0 +1,1 @@
+"""Experiment grids of ``distill`` runs: config, runner, report."""

@@ -1,0 +1,245 @@
+"""An experiment grid as a YAML file: tasks × methods × seeds of ordinary ``distill`` runs.
+
+The file names the tasks, the teachers to fine-tune once per task, the student, the ``distill``
+flags every run shares, and the methods (each a set of extra ``distill`` flags; ``sweep`` expands
+one method over every combination of values). ``profiles`` holds named overrides merged over
+the file (``cpu`` for this kind of machine, ``paper`` for the paper's settings), and ``tables``
+and ``plots`` say how the report groups the runs. Mistakes are one line naming the key.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from shared.errors import UserError
+
+TEACHER_ROLES = ("small", "large")
+PLOT_KINDS = ("ratio_curve", "kl_weight", "accuracy_vs_flops")
+# Flags the runner sets itself for every run: a method may not set them.
+RUNNER_FLAGS = frozenset({"output_dir", "teacher", "task", "data_dir", "seed", "resume_from_checkpoint"})
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A checkpoint (path, hub id or alias such as ``minilm``) and how many layers to keep."""
+
+    model: str
+    num_layers: int | None = None
+
+
+@dataclass(frozen=True)
+class TeacherSpec(ModelSpec):
+    """A teacher and its fine-tuning recipe (``finetune`` flags), done once per task."""
+
+    finetune: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of a table: a name and the ``distill`` flags that make it."""
+
+    name: str
+    args: dict[str, Any]
+    tasks: tuple[str, ...] | None = None  # None: every task of the grid
+
+    @property
+    def teacher_roles(self) -> tuple[str, ...]:
+        """The teachers this method asks: none without KD, one for small/large, else both."""
+        if self.args.get("no_kd"):
+            return ()
+        selection = self.args.get("teacher_selection", "large")
+        return (selection,) if selection in TEACHER_ROLES else TEACHER_ROLES
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    title: str
+    methods: tuple[str, ...]
+    baselines: tuple[str, ...] = ()
+    tasks: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class PlotSpec:
+    kind: str
+    title: str
+    task: str | None = None
+    methods: tuple[str, ...] = ()
+    baseline: str | None = None
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str
+    tasks: dict[str, dict[str, Any]]  # task -> {data_dir, ...}
+    seeds: tuple[int, ...]
+    teachers: dict[str, TeacherSpec]
+    student: ModelSpec
+    distill: dict[str, Any]
+    server: dict[str, Any]
+    methods: tuple[Method, ...]
+    tables: tuple[TableSpec, ...] = ()
+    plots: tuple[PlotSpec, ...] = ()
+    description: str = ""
+    profile: str | None = None
+
+    def method(self, name: str) -> Method:
+        for method in self.methods:
+            if method.name == name:
+                return method
+        raise UserError(f"experiment {self.name!r}: no method {name!r}")
+
+    def runs(self) -> list[tuple[str, Method, int]]:
+        """Every (task, method, seed) of the grid, in the order they run: task by task, then method
+        by method in the file's order with all its seeds, so a partial grid holds whole rows."""
+        return [
+            (task, method, seed)
+            for task in self.tasks
+            for method in self.methods
+            if method.tasks is None or task in method.tasks
+            for seed in self.seeds
+        ]
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``override`` over ``base``, recursively for nested mappings (a profile over the file)."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def expand_methods(entries: list[dict[str, Any]]) -> tuple[Method, ...]:
+    """Methods as written, each ``sweep`` expanded over the product of its values.
+
+    ``{name: "{data_selection}-r{selection_ratio}", sweep: {data_selection: [entropy, lc],
+    selection_ratio: [0.5, 0.1]}}`` gives four methods whose args hold those two flags.
+    """
+    methods: list[Method] = []
+    for entry in entries:
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise UserError(f"methods: each entry needs a name, got {entry!r}")
+        unknown = set(entry) - {"name", "args", "sweep", "tasks"}
+        if unknown:
+            raise UserError(f"methods: {entry['name']!r} has unknown keys {sorted(unknown)}")
+        args = dict(entry.get("args") or {})
+        clash = RUNNER_FLAGS & set(args)
+        if clash:
+            raise UserError(f"methods: {entry['name']!r} sets {sorted(clash)}, which the runner sets per run")
+        tasks = tuple(entry["tasks"]) if entry.get("tasks") else None
+        sweep = entry.get("sweep") or {}
+        keys = list(sweep)
+        for values in itertools.product(*(sweep[k] for k in keys)):
+            combo = dict(zip(keys, values, strict=True))
+            name = str(entry["name"]).format(**combo)
+            methods.append(Method(name=name, args={**args, **combo}, tasks=tasks))
+    names = [m.name for m in methods]
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise UserError(f"methods: names {duplicated} appear twice (a sweep's name must use its keys)")
+    return tuple(methods)
+
+
+def _model_spec(raw: Any, where: str) -> dict[str, Any]:
+    if not isinstance(raw, dict) or not raw.get("model"):
+        raise UserError(f"{where}: needs 'model' (a path, hub id or alias such as minilm)")
+    return raw
+
+
+def parse_config(raw: dict[str, Any], *, profile: str | None = None) -> ExperimentConfig:
+    """Validate a loaded YAML mapping (with ``profile``'s overrides merged in)."""
+    profiles = raw.pop("profiles", None) or {}
+    if profile is None and profiles:  # the file's first profile is its default (``cpu`` in ours)
+        profile = next(iter(profiles))
+    if profile is not None:
+        if profile not in profiles:
+            raise UserError(f"unknown profile {profile!r}; this file has: {', '.join(profiles) or 'none'}")
+        raw = deep_merge(raw, profiles[profile])
+    for key in ("name", "tasks", "seeds", "methods", "student"):
+        if not raw.get(key):
+            raise UserError(f"experiment config: '{key}' is required")
+    unknown = set(raw) - {
+        "name", "description", "tasks", "seeds", "teachers", "student", "distill", "server", "methods",
+        "tables", "plots",
+    }  # fmt: skip
+    if unknown:
+        raise UserError(f"experiment config: unknown keys {sorted(unknown)}")
+    tasks = raw["tasks"]
+    if not isinstance(tasks, dict) or any(
+        not isinstance(v, dict) or "data_dir" not in v for v in tasks.values()
+    ):
+        raise UserError("tasks: a mapping of task name -> {data_dir: ..., other distill data flags}")
+    teachers = {}
+    for role, spec in (raw.get("teachers") or {}).items():
+        if role not in TEACHER_ROLES:
+            raise UserError(f"teachers: role {role!r} is not one of {', '.join(TEACHER_ROLES)}")
+        spec = dict(_model_spec(spec, f"teachers.{role}"))
+        teachers[role] = TeacherSpec(spec.pop("model"), spec.pop("num_layers", None), finetune=spec)
+    student = _model_spec(raw["student"], "student")
+    methods = expand_methods(raw["methods"])
+    missing = sorted({r for m in methods for r in m.teacher_roles} - set(teachers))
+    if missing:
+        raise UserError(f"teachers: methods use {missing} but the config defines only {sorted(teachers)}")
+    config = ExperimentConfig(
+        name=str(raw["name"]),
+        description=str(raw.get("description", "")),
+        tasks={str(k): dict(v) for k, v in tasks.items()},
+        seeds=tuple(int(s) for s in raw["seeds"]),
+        teachers=teachers,
+        student=ModelSpec(student["model"], student.get("num_layers")),
+        distill=dict(raw.get("distill") or {}),
+        server=dict(raw.get("server") or {}),
+        methods=methods,
+        tables=tuple(_table(t) for t in raw.get("tables") or ()),
+        plots=tuple(_plot(p) for p in raw.get("plots") or ()),
+        profile=profile,
+    )
+    for table in config.tables:
+        for name in (*table.methods, *table.baselines):
+            config.method(name)
+    return config
+
+
+def _table(raw: dict[str, Any]) -> TableSpec:
+    return TableSpec(
+        title=str(raw["title"]),
+        methods=tuple(raw["methods"]),
+        baselines=tuple(raw.get("baselines") or ()),
+        tasks=tuple(raw["tasks"]) if raw.get("tasks") else None,
+    )
+
+
+def _plot(raw: dict[str, Any]) -> PlotSpec:
+    if raw.get("kind") not in PLOT_KINDS:
+        raise UserError(f"plots: kind {raw.get('kind')!r} is not one of {', '.join(PLOT_KINDS)}")
+    return PlotSpec(
+        kind=raw["kind"],
+        title=str(raw.get("title", raw["kind"])),
+        task=raw.get("task"),
+        methods=tuple(raw.get("methods") or ()),
+        baseline=raw.get("baseline"),
+    )
+
+
+def load_experiment(path: str | Path, *, profile: str | None = None) -> ExperimentConfig:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise UserError(f"cannot read experiment config {path}: {err.strerror or err}") from None
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping at the top level")
+    try:
+        return parse_config(raw, profile=profile)
+    except (KeyError, TypeError, ValueError) as err:
+        raise UserError(f"{path}: {err}") from None

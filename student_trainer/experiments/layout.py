@@ -1,0 +1,66 @@
+"""Where an experiment's files live: small results (committed) apart from bulky work files."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+def run_id(task: str, method: str, seed: int) -> str:
+    return f"{task}/{method}/seed{seed}"
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write atomically (a kill mid-write leaves the old file or none, never half of one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(data, indent=1, default=str) + "\n", encoding="utf-8")
+    os.replace(partial, path)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """``results``: what the report reads (commit it); ``work``: checkpoints and logs (ignored);
+    ``teachers``: fine-tuned teachers, shared by every experiment that asks for the same one."""
+
+    results: Path
+    work: Path
+    teachers: Path
+
+    write_json = staticmethod(write_json)
+
+    def run_results(self, task: str, method: str, seed: int) -> Path:
+        return self.results / "runs" / run_id(task, method, seed)
+
+    def is_done(self, task: str, method: Any, seed: int) -> bool:
+        name = getattr(method, "name", method)
+        return (self.run_results(task, name, seed) / "results.json").exists()
+
+    def run_work_dir(self, task: str, method: str, seed: int) -> Path:
+        return self.work / "runs" / run_id(task, method, seed)
+
+    def task_work_dir(self, task: str) -> Path:
+        return self.work / "service" / task
+
+    def teacher_dir(self, task: str, role: str, key: str) -> Path:
+        return self.teachers / f"{task}-{role}-{key}"
+
+    def teacher_record(self, task: str, role: str) -> Path:
+        return self.results / "teachers" / f"{task}-{role}.json"
+
+    def task_record(self, task: str) -> Path:
+        return self.results / "tasks" / f"{task}.json"
+
+    def save_run(self, task: str, method: str, seed: int, **files: Any) -> None:
+        """results.json last: its presence is what marks the run done."""
+        folder = self.run_results(task, method, seed)
+        for name in sorted(files, key=lambda n: n == "results"):
+            write_json(folder / f"{name}.json", files[name])
+
+    def append_service_record(self, task: str, record: dict[str, Any]) -> None:
+        path = self.results / "service" / f"{task}.json"
+        history = json.loads(path.read_text()) if path.exists() else []
+        write_json(path, [*history, record])

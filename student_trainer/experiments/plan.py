@@ -1,0 +1,115 @@
+"""``--dry_run``: the grid's runs, which are done, and what each will cost in FLOPs.
+
+Estimates use the FLOPs model of ``shared/flops.py`` on the task's real token lengths (the
+student's tokenizer, cut at ``max_seq_length``): vanilla KD sends every row of every epoch to
+every teacher the method uses; data selection sends a fraction ``r`` of the rows (its real rows
+are the most uncertain ones, whose lengths differ, so the ledger of a real run is the truth);
+``hard`` sends each selected row to one teacher (half to each); training costs 3 × forward.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from types import SimpleNamespace
+from typing import Any
+
+from shared.errors import UserError
+from student_trainer.experiments.config import ExperimentConfig, Method
+from student_trainer.experiments.layout import Layout, run_id
+from student_trainer.experiments.models import resolve_model
+
+# Sizes of public checkpoints a dry run may name without having them on disk (the paper profile).
+KNOWN_CONFIGS = {
+    "bert-base-uncased": {"num_hidden_layers": 12, "hidden_size": 768, "intermediate_size": 3072},
+    "bert-large-uncased": {"num_hidden_layers": 24, "hidden_size": 1024, "intermediate_size": 4096},
+}
+# The tokenizer that measures lengths when the student's is not on disk: MiniLM-L6 ships the
+# bert-base-uncased WordPiece vocabulary, so its lengths are BERT's.
+FALLBACK_TOKENIZER = "minilm"
+
+
+@cache
+def model_config(name: str, num_layers: int | None, num_labels: int) -> SimpleNamespace:
+    """The encoder's size (layers cut to ``num_layers``), from disk or :data:`KNOWN_CONFIGS`."""
+    if name in KNOWN_CONFIGS:
+        sizes = dict(KNOWN_CONFIGS[name])
+    else:
+        from transformers import AutoConfig
+
+        try:
+            loaded = AutoConfig.from_pretrained(resolve_model(name))
+        except (OSError, ValueError) as err:
+            raise UserError(f"cannot read the config of {name!r} for the estimate: {err}") from None
+        sizes = {k: getattr(loaded, k) for k in ("num_hidden_layers", "hidden_size", "intermediate_size")}
+    if num_layers:
+        sizes["num_hidden_layers"] = num_layers
+    return SimpleNamespace(**sizes, num_labels=num_labels)
+
+
+@cache
+def token_lengths(
+    model: str, task: str, data_dir: str, max_samples: int | None, max_len: int
+) -> tuple[tuple[int, ...], int]:
+    """Token counts of the training rows, and the number of labels."""
+    from transformers import AutoTokenizer
+
+    from student_trainer.data import load_task
+
+    data = load_task(task, data_dir, "train", max_examples=max_samples)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
+    except (OSError, ValueError):
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(FALLBACK_TOKENIZER))
+    pairs = [e.text_b for e in data.examples] if data.examples and data.examples[0].text_b else None
+    enc = tokenizer([e.text_a for e in data.examples], pairs, truncation=True, max_length=max_len)
+    return tuple(len(ids) for ids in enc["input_ids"]), len(data.label_names)
+
+
+def estimate(config: ExperimentConfig, task: str, method: Method) -> dict[str, float]:
+    """Teacher and student FLOPs of one run (see the module docstring for the assumptions)."""
+    from shared.flops import encoder_forward_flops
+
+    options: dict[str, Any] = {**config.distill, **config.tasks[task], **method.args}
+    max_len = int(options.get("max_seq_length", 128))
+    lengths, num_labels = token_lengths(
+        config.student.model, task, options["data_dir"], options.get("max_train_samples"), max_len
+    )
+    epochs = float(options.get("num_train_epochs", 3.0))
+    if int(options.get("max_steps", -1)) > 0:  # as distill does: max_steps wins over epochs
+        epochs = int(options["max_steps"]) * int(options.get("per_device_train_batch_size", 8)) / len(lengths)
+    ratio = (
+        float(options.get("selection_ratio", 1.0)) if options.get("data_selection", "none") != "none" else 1.0
+    )
+    share = 0.5 if options.get("teacher_selection") == "hard" else 1.0
+    teacher = 0.0
+    for role in method.teacher_roles:
+        spec = config.teachers[role]
+        teacher_config = model_config(spec.model, spec.num_layers, num_labels)
+        teacher += share * ratio * epochs * encoder_forward_flops(teacher_config, list(lengths))
+    student_config = model_config(config.student.model, config.student.num_layers, num_labels)
+    student = 3 * epochs * encoder_forward_flops(student_config, list(lengths))
+    return {"teacher": teacher, "student": student, "instances": epochs * len(lengths)}
+
+
+def print_plan(config: ExperimentConfig, layout: Layout) -> None:
+    runs = config.runs()
+    print(f"experiment {config.name!r} (profile {config.profile}): {len(config.tasks)} task(s) x "
+          f"{len(config.methods)} method(s) x {len(config.seeds)} seed(s) = {len(runs)} runs")  # fmt: skip
+    print(f"results: {layout.results}   work: {layout.work}")
+    print(f"{'run':<44} {'status':<8} {'teacher TFLOPs':>15} {'per instance GF':>16} {'student TFLOPs':>15}")
+    totals = {"teacher": 0.0, "student": 0.0}
+    done = 0
+    for task, method, seed in runs:
+        cost = estimate(config, task, method)
+        status = "done" if layout.is_done(task, method, seed) else "pending"
+        done += status == "done"
+        totals["teacher"] += cost["teacher"]
+        totals["student"] += cost["student"]
+        print(
+            f"{run_id(task, method.name, seed):<44} {status:<8} {cost['teacher'] / 1e12:15.2f} "
+            f"{cost['teacher'] / cost['instances'] / 1e9:16.3f} {cost['student'] / 1e12:15.2f}"
+        )
+    print(
+        f"total: {done}/{len(runs)} done; teachers {totals['teacher'] / 1e12:,.1f} TFLOPs, "
+        f"students {totals['student'] / 1e12:,.1f} TFLOPs (before the service's cache)"
+    )

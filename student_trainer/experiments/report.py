@@ -1,0 +1,226 @@
+"""The report of an experiment grid: tables of mean ± std over seeds with a paired test, plots.
+
+Significance follows the paper's asterisk: a method's cell is marked ``*`` when its mean beats the
+best baseline of its table (highest mean among the table's ``baselines``) and a two-sided paired
+t-test over the seeds both have (``scipy.stats.ttest_rel``) gives p < 0.05. With 3 seeds that
+needs a consistent gain; ``p`` is stored in ``report.json`` for every comparison.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from student_trainer.experiments.config import ExperimentConfig, TableSpec
+from student_trainer.experiments.layout import Layout, write_json
+
+SIGNIFICANCE = 0.05
+
+
+@dataclass
+class Cell:
+    """One (task, method) over its seeds."""
+
+    scores: dict[int, float] = field(default_factory=dict)  # seed -> the task's metric
+    flops_per_instance: list[float] = field(default_factory=list)
+    wall_time_s: list[float] = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        return len(self.scores)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.scores.values())
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.scores.values()) if self.n > 1 else 0.0
+
+
+def paired_p_value(a: dict[int, float], b: dict[int, float]) -> float | None:
+    """Two-sided paired t-test over the seeds both cells have; None below 2 pairs or no spread."""
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < 2:
+        return None
+    from scipy.stats import ttest_rel
+
+    p = float(ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]).pvalue)
+    return None if math.isnan(p) else p
+
+
+def collect(config: ExperimentConfig, layout: Layout) -> dict[str, Any]:
+    """Every finished run's score, teacher FLOPs per instance and wall time, by (task, method)."""
+    tasks = {t: _read(layout.task_record(t)) for t in config.tasks}
+    cells: dict[tuple[str, str], Cell] = defaultdict(Cell)
+    for task, method, seed in config.runs():
+        folder = layout.run_results(task, method.name, seed)
+        if not (folder / "results.json").exists():
+            continue
+        results, meta = _read(folder / "results.json"), _read(folder / "run.json")
+        metric = tasks[task]["metric"] if tasks[task] else "accuracy"
+        cell = cells[(task, method.name)]
+        cell.scores[seed] = float(results["eval"][f"eval_{metric}"])
+        instances = results["epoch"] * tasks[task]["train_size"] if tasks[task] else float("nan")
+        cell.flops_per_instance.append(results["flops"]["teacher_flops_requested"] / instances)
+        cell.wall_time_s.append(float(meta.get("wall_time_s", results["train_runtime_s"])))
+    return {"tasks": tasks, "cells": cells}
+
+
+def _read(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def table_rows(
+    table: TableSpec, tasks: list[str], cells: dict[tuple[str, str], Cell]
+) -> list[dict[str, Any]]:
+    """Each method's cells per task, with the comparison against the best baseline."""
+    rows = []
+    for method in table.methods:
+        row: dict[str, Any] = {"method": method, "baseline": method in table.baselines, "tasks": {}}
+        for task in tasks:
+            cell = cells.get((task, method))
+            if cell is None or cell.n == 0:
+                continue
+            entry = {
+                "mean": cell.mean,
+                "std": cell.std,
+                "n": cell.n,
+                "scores": cell.scores,
+                "teacher_gflops_per_instance": statistics.fmean(cell.flops_per_instance) / 1e9,
+                "mean_wall_time_s": statistics.fmean(cell.wall_time_s),
+            }
+            best = _best_baseline(table, task, cells)
+            if best is not None and method not in table.baselines:
+                p = paired_p_value(cell.scores, cells[(task, best)].scores)
+                entry.update(
+                    vs=best,
+                    p_value=p,
+                    significant=bool(
+                        p is not None and p < SIGNIFICANCE and cell.mean > cells[(task, best)].mean
+                    ),
+                )
+            row["tasks"][task] = entry
+        rows.append(row)
+    return rows
+
+
+def _best_baseline(table: TableSpec, task: str, cells: dict[tuple[str, str], Cell]) -> str | None:
+    present = [b for b in table.baselines if (task, b) in cells and cells[(task, b)].n > 0]
+    return max(present, key=lambda b: cells[(task, b)].mean, default=None)
+
+
+def format_table(
+    table: TableSpec, tasks: list[str], rows: list[dict[str, Any]], task_info: dict[str, Any], teachers: dict
+) -> str:
+    """A markdown table: one score column and one teacher-FLOPs column per task."""
+    header = ["method"]
+    for task in tasks:
+        metric = (task_info.get(task) or {}).get("metric", "accuracy")
+        header += [f"{task} {metric}", f"{task} teacher GFLOPs/inst."]
+    lines = [f"### {table.title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row["method"] + (" (baseline)" if row["baseline"] else "")]
+        for task in tasks:
+            entry = row["tasks"].get(task)
+            if entry is None:
+                cells += ["—", "—"]
+                continue
+            mark = "*" if entry.get("significant") else ""
+            cells.append(f"{entry['mean']:.4f} ± {entry['std']:.4f}{mark} (n={entry['n']})")
+            cells.append(f"{entry['teacher_gflops_per_instance']:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    for label, key in (("majority baseline", None), *((f"teacher `{r}`", r) for r in sorted(teachers))):
+        cells = [label]
+        for task in tasks:
+            info = task_info.get(task) or {}
+            metric = info.get("metric", "accuracy")
+            if key is None:
+                value = (info.get("majority_baseline") or {}).get(metric)
+            else:
+                value = ((teachers[key].get(task) or {}).get("eval") or {}).get(f"eval_{metric}")
+            cells += [f"{value:.4f}" if value is not None else "—", ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def below_majority(rows: list[dict[str, Any]], task_info: dict[str, Any]) -> list[str]:
+    """Cells whose mean does not beat the majority-class baseline (the report says so plainly)."""
+    found = []
+    for row in rows:
+        for task, entry in row["tasks"].items():
+            info = task_info.get(task) or {}
+            floor = (info.get("majority_baseline") or {}).get(info.get("metric", "accuracy"))
+            if floor is not None and entry["mean"] <= floor:
+                found.append(f"{task}/{row['method']} ({entry['mean']:.4f} <= {floor:.4f})")
+    return found
+
+
+def service_savings(config: ExperimentConfig, layout: Layout) -> dict[str, Any]:
+    """Teacher FLOPs the runs requested vs what the service computed: the cache's share."""
+    out = {}
+    for task in config.tasks:
+        history = _read(layout.results / "service" / f"{task}.json") or []
+        computed = sum(t.get("flops_computed", 0) for s in history for t in s["teachers"].values())
+        requested = 0.0
+        for _, method, seed in (r for r in config.runs() if r[0] == task):
+            results = _read(layout.run_results(task, method.name, seed) / "results.json")
+            if results:
+                requested += results["flops"]["teacher_flops_requested"]
+        if history:
+            out[task] = {
+                "requested_tflops": requested / 1e12,
+                "computed_tflops": computed / 1e12,
+                "saved_by_cache": 1 - computed / requested if requested else None,
+                "service_sessions": len(history),
+            }
+    return out
+
+
+def write_report(config: ExperimentConfig, layout: Layout) -> Path:
+    """``report.md`` + ``report.json`` (+ PNG plots) in the experiment's results folder."""
+    data = collect(config, layout)
+    cells, task_info = data["cells"], data["tasks"]
+    teachers = {
+        role: {t: _read(layout.teacher_record(t, role)) for t in config.tasks} for role in config.teachers
+    }
+    parts = [f"# {config.name} (profile {config.profile})", "", config.description, ""]
+    tables_json = []
+    for table in config.tables:
+        tasks = [t for t in config.tasks if table.tasks is None or t in table.tasks]
+        rows = table_rows(table, tasks, cells)
+        parts += [format_table(table, tasks, rows, task_info, teachers), ""]
+        weak = below_majority(rows, task_info)
+        if weak:
+            parts += ["Not above the majority baseline: " + "; ".join(weak), ""]
+        tables_json.append({"title": table.title, "tasks": tasks, "rows": rows, "below_majority": weak})
+    from student_trainer.experiments.plots import draw_plots
+
+    plots = draw_plots(config, cells, layout)
+    parts += [f"![{title}]({path.name})" for title, path in plots] + [""]
+    savings = service_savings(config, layout)
+    for task, s in savings.items():
+        parts.append(
+            f"- {task}: the runs requested {s['requested_tflops']:.2f} TFLOPs of teacher compute; "
+            f"the service computed {s['computed_tflops']:.2f} TFLOPs "
+            f"({100 * (s['saved_by_cache'] or 0):.1f}% answered from its cache, "
+            f"over {s['service_sessions']} service session(s))."
+        )
+    wall = sum(sum(c.wall_time_s) for c in cells.values())
+    done = sum(c.n for c in cells.values())
+    parts += [f"- {done} of {len(config.runs())} runs done; their wall time: {wall / 3600:.2f} h.", ""]
+    path = layout.results / "report.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(parts), encoding="utf-8")
+    write_json(
+        layout.results / "report.json",
+        {"tables": tables_json, "tasks": task_info, "teachers": teachers, "service": savings,
+         "runs_done": done, "runs_total": len(config.runs()), "wall_time_s": wall},
+    )  # fmt: skip
+    print(f"[experiment] report: {path}")
+    return path

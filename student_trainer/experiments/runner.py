@@ -1,0 +1,285 @@
+"""Run an experiment grid: teachers once per task, one long-lived service per task, then every
+(method, seed) as an ordinary ``student-trainer distill`` process.
+
+Resumable from what is on disk: a run whose ``results.json`` is under the results folder is
+skipped; an interrupted one resumes from its newest checkpoint (``--resume_from_checkpoint
+auto``) in the work folder. Results are small files meant to be committed; checkpoints, models
+and fine-tuned teachers stay in the (ignored) work folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from shared.errors import UserError
+from student_trainer.experiments.config import ExperimentConfig, Method, TeacherSpec
+from student_trainer.experiments.layout import Layout, run_id
+from student_trainer.experiments.models import resolve_model
+from student_trainer.experiments.tasks import task_record
+
+# What every subprocess gets: OpenMP threads that sleep instead of spinning while the other
+# process (trainer or service) computes; on a 2-core machine spinning doubles the wall time.
+SUBPROCESS_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
+# Kept from metrics.jsonl per step: enough for the curves, small enough to commit.
+TRACE_FIELDS = ("step", "loss", "ce", "kd", "pt", "w_kl", "selected_instances", "teacher_flops_requested")
+
+
+def cli_flags(args: Mapping[str, Any]) -> list[str]:
+    """``{"no_kd": True, "selection_ratio": 0.5}`` -> ``["--no_kd", "--selection_ratio", "0.5"]``."""
+    flags: list[str] = []
+    for key, value in args.items():
+        if value is None or value is False:
+            continue
+        if value is True:
+            flags.append(f"--{key}")
+        elif isinstance(value, list | tuple):
+            for item in value:
+                flags += [f"--{key}", str(item)]
+        else:
+            flags += [f"--{key}", str(value)]
+    return flags
+
+
+def _trainer(command: str, flags: list[str], log_path: Path) -> float:
+    """Run ``student-trainer COMMAND FLAGS`` to the end, output in ``log_path``; its wall seconds."""
+    started = time.perf_counter()
+    with open(log_path, "a", encoding="utf-8") as log:
+        code = subprocess.call(
+            [sys.executable, "-m", "student_trainer.cli", command, *flags],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **SUBPROCESS_ENV},
+        )
+    if code != 0:
+        tail = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:]
+        raise UserError(f"{command} failed (exit {code}): {' '.join(tail)}; log: {log_path}")
+    return time.perf_counter() - started
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def teacher_key(task: str, data: Mapping[str, Any], spec: TeacherSpec, max_seq_length: int) -> str:
+    """A fingerprint of everything that shapes a fine-tuned teacher, so the cache is never stale."""
+    fields = {"task": task, "data": dict(data), "spec": [spec.model, spec.num_layers, spec.finetune]}
+    fields["max_seq_length"] = max_seq_length
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def ensure_teacher(config: ExperimentConfig, layout: Layout, task: str, role: str) -> dict[str, Any]:
+    """Fine-tune (or reuse) one task's teacher; its record (scores, size, time) goes to results."""
+    spec = config.teachers[role]
+    data = config.tasks[task]
+    max_len = int(spec.finetune.get("max_seq_length", config.distill.get("max_seq_length", 128)))
+    out = layout.teacher_dir(task, role, teacher_key(task, data, spec, max_len))
+    record_path = layout.teacher_record(task, role)
+    if (out / "eval_results.json").exists() and record_path.exists():
+        record = json.loads(record_path.read_text())
+        if record.get("dir") == str(out):
+            return record
+    if not (out / "eval_results.json").exists():
+        partial = out.with_name(out.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        print(f"[experiment] fine-tuning the {role} teacher for {task} ({spec.model}) ...", flush=True)
+        flags = {
+            "model_name_or_path": resolve_model(spec.model),
+            "num_layers": spec.num_layers,
+            "task": task,
+            "data_dir": data["data_dir"],
+            "max_seq_length": max_len,
+            "output_dir": str(partial),
+            "disable_tqdm": True,
+            "logging_steps": 10**6,
+            **{k: v for k, v in spec.finetune.items() if k != "max_seq_length"},
+        }
+        wall = _trainer("finetune", cli_flags(flags), partial / "finetune.log")
+        (partial / "wall_time_s.txt").write_text(f"{wall:.1f}\n")
+        partial.rename(out)
+    record = _teacher_record(out, task, role, spec)
+    layout.write_json(record_path, record)
+    return record
+
+
+def _teacher_record(out: Path, task: str, role: str, spec: TeacherSpec) -> dict[str, Any]:
+    from transformers import AutoConfig  # heavy: only when a teacher is recorded
+
+    from shared.flops import flops_per_token
+
+    model_config = AutoConfig.from_pretrained(out)
+    weights = out / "model.safetensors"
+    return {
+        "task": task,
+        "role": role,
+        "model": spec.model,
+        "num_layers": int(model_config.num_hidden_layers),
+        "hidden_size": int(model_config.hidden_size),
+        "model_type": model_config.model_type,
+        "flops_per_token_at_128": flops_per_token(model_config, 128),
+        "finetune": spec.finetune,
+        "eval": json.loads((out / "eval_results.json").read_text()),
+        "wall_time_s": float((out / "wall_time_s.txt").read_text()),
+        "weights_sha256": _sha256(weights) if weights.exists() else None,
+        "dir": str(out),
+    }
+
+
+@contextmanager
+def task_service(
+    config: ExperimentConfig, layout: Layout, task: str, teachers: Mapping[str, dict[str, Any]]
+) -> Iterator[str | None]:
+    """One teacher-server for all runs of a task (its cache answers what earlier runs asked)."""
+    if not teachers:
+        yield None
+        return
+    from teacher_server.launch import serve_in_subprocess
+
+    max_len = int(config.distill.get("max_seq_length", 128))
+    entries = [
+        {"name": role, "path": record["dir"], "max_seq_length": max_len, **config.server}
+        for role, record in teachers.items()
+    ]
+    work = layout.task_work_dir(task)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "teachers.yaml").write_text(yaml.safe_dump({"teachers": entries}))
+    env = {**SUBPROCESS_ENV}
+    with serve_in_subprocess(work / "teachers.yaml", log_path=work / "server.log", env=env) as url:
+        yield url
+        layout.append_service_record(task, _service_counters(url))
+
+
+def _service_counters(url: str) -> dict[str, Any]:
+    """Rows computed, cache hits and FLOPs per teacher, read from the service's own /metrics."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    wanted = {
+        "teacher_batch_size_sum": "rows_computed",
+        "teacher_cache_hits_total": "cache_hits",
+        "teacher_cache_misses_total": "cache_misses",
+        "teacher_flops_total": "flops_computed",
+        "teacher_tokens_total": "tokens_computed",
+    }
+    text = httpx.get(f"{url}/metrics", timeout=10.0, trust_env=False).text
+    counters: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in wanted and "model" in sample.labels:
+                counters.setdefault(sample.labels["model"], {})[wanted[sample.name]] = sample.value
+    return {"finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "teachers": counters}
+
+
+def distill_flags(
+    config: ExperimentConfig, task: str, method: Method, seed: int, url: str | None, output_dir: Path
+) -> list[str]:
+    """The ``distill`` command line of one run: shared flags < the task's < the method's."""
+    args: dict[str, Any] = {
+        "model_name_or_path": resolve_model(config.student.model),
+        "student_num_layers": config.student.num_layers,
+        "task": task,
+        **config.distill,
+        **config.tasks[task],
+        **method.args,
+        "seed": seed,
+        "output_dir": str(output_dir),
+        "resume_from_checkpoint": "auto",
+        "disable_tqdm": True,
+    }
+    if url is not None:
+        args["teacher"] = [f"{role}={url}#{role}" for role in method.teacher_roles]
+    return cli_flags(args)
+
+
+def extract_trace(metrics_path: Path) -> dict[str, list[float]]:
+    """Per-step columns of ``metrics.jsonl`` (train events only), for the report's curves."""
+    columns: dict[str, list[float]] = {name: [] for name in TRACE_FIELDS}
+    for line in metrics_path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a torn last line of an interrupted run
+        if record.get("event") != "train":
+            continue
+        for name in TRACE_FIELDS:
+            columns[name].append(record.get(name))
+    return {name: values for name, values in columns.items() if any(v is not None for v in values)}
+
+
+def run_grid(config: ExperimentConfig, layout: Layout, *, keep_models: bool = False) -> None:
+    """Every pending run of the grid, task by task; progress and ETA after each run."""
+    runs = config.runs()
+    pending = [r for r in runs if not layout.is_done(*r)]
+    print(f"[experiment] {config.name}: {len(runs)} runs, {len(runs) - len(pending)} done, "
+          f"{len(pending)} to go", flush=True)  # fmt: skip
+    walls: list[float] = []
+    for task in config.tasks:
+        todo = [r for r in pending if r[0] == task]
+        if not todo:
+            continue
+        layout.write_json(layout.task_record(task), task_record(task, config.tasks[task], config.distill))
+        roles = sorted({role for _, method, _ in todo for role in method.teacher_roles})
+        teachers = {role: ensure_teacher(config, layout, task, role) for role in roles}
+        with task_service(config, layout, task, teachers) as url:
+            for _, method, seed in todo:
+                done = len(runs) - len(pending) + len(walls)
+                print(
+                    f"[experiment] run {done + 1}/{len(runs)}: {run_id(task, method.name, seed)} ...",
+                    flush=True,
+                )
+                walls.append(run_one(config, layout, task, method, seed, url, keep_models=keep_models))
+                left = len(pending) - len(walls)
+                eta = left * sum(walls) / len(walls)
+                print(
+                    f"[experiment] finished in {walls[-1]:.0f} s; {left} left, ETA {eta / 60:.0f} min",
+                    flush=True,
+                )
+
+
+def run_one(
+    config: ExperimentConfig,
+    layout: Layout,
+    task: str,
+    method: Method,
+    seed: int,
+    url: str | None,
+    *,
+    keep_models: bool = False,
+) -> float:
+    """One ``distill`` run; its small results are copied into the results folder."""
+    work = layout.run_work_dir(task, method.name, seed)
+    work.mkdir(parents=True, exist_ok=True)
+    flags = distill_flags(config, task, method, seed, url, work)
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    wall = _trainer("distill", flags, work / "run.log")
+    results = json.loads((work / "results.json").read_text())
+    layout.save_run(
+        task,
+        method.name,
+        seed,
+        results=results,
+        trace=extract_trace(work / "metrics.jsonl"),
+        run={"wall_time_s": wall, "started_utc": started, "command": ["student-trainer", "distill", *flags]},
+    )
+    if not keep_models:  # the results are what the grid is for; weights are 60+ MB a run
+        for path in work.glob("checkpoint-*"):
+            shutil.rmtree(path, ignore_errors=True)
+        for path in work.glob("*.safetensors"):
+            path.unlink()
+    return wall

@@ -1,0 +1,278 @@
+"""The experiment runner on tiny models: a grid runs, is skipped when re-run, resumes after a
+SIGKILL to the same numbers, and the report's statistics match ones computed by hand."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from shared.errors import UserError
+from student_trainer.experiments.config import expand_methods, load_experiment, parse_config
+from student_trainer.experiments.layout import Layout
+from student_trainer.experiments.report import collect, paired_p_value, write_report
+from tests.distill_support import REPO, save_student, write_sentences
+
+pytestmark = pytest.mark.slow
+
+METHODS = ["vanilla-kd", "entropy-r0.5"]
+SEEDS = [1, 2]
+
+
+def grid_config(root: Path, teacher: Path, student: Path, data: Path, **distill: object) -> Path:
+    config = {
+        "name": "tiny",
+        "tasks": {"sst2": {"data_dir": str(data)}},
+        "seeds": SEEDS,
+        "teachers": {
+            "large": {
+                "model": str(teacher),
+                "learning_rate": 1e-3,
+                "max_steps": 4,
+                "per_device_train_batch_size": 8,
+                "seed": 1,
+            },
+        },  # fmt: skip
+        "student": {"model": str(student), "num_layers": 2},
+        "distill": {
+            "max_seq_length": 16,
+            "learning_rate": 1e-3,
+            "max_steps": 8,
+            "per_device_train_batch_size": 8,
+            "eval_strategy": "no",
+            "save_strategy": "steps",
+            "save_steps": 2,
+            "logging_steps": 1,
+            **distill,
+        },  # fmt: skip
+        "server": {"batch_invariant": True},
+        "methods": [
+            {"name": "vanilla-kd", "args": {"teacher_selection": "large"}},
+            {
+                "name": "{data_selection}-r{selection_ratio}",
+                "args": {"teacher_selection": "large"},
+                "sweep": {"data_selection": ["entropy"], "selection_ratio": [0.5]},
+            },
+        ],  # fmt: skip
+        "tables": [{"title": "tiny table", "methods": METHODS, "baselines": ["vanilla-kd"]}],
+        "plots": [{"kind": "accuracy_vs_flops", "title": "tiny plot"}],
+    }
+    path = root / "grid.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def experiment_argv(config: Path, root: Path) -> list[str]:
+    return [sys.executable, "-m", "student_trainer.cli", "experiment", "--config", str(config),
+            "--results_dir", str(root / "results"), "--work_dir", str(root / "work"),
+            "--teachers_dir", str(root / "teachers")]  # fmt: skip
+
+
+def run_experiment(config: Path, root: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        experiment_argv(config, root), cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("experiment")
+    data = root / "data"
+    data.mkdir()
+    write_sentences(data / "train.tsv", 48, seed=1)
+    write_sentences(data / "dev.tsv", 24, seed=2)
+    return {
+        "root": root,
+        "data": data,
+        "teacher": save_student(root / "teacher", num_layers=3, seed=5),
+        "student": save_student(root / "student", num_layers=3, seed=6),
+    }
+
+
+@pytest.fixture(scope="module")
+def finished_grid(workspace) -> Path:
+    """A whole 2-method x 2-seed grid, run once for the tests below."""
+    root = workspace["root"] / "first"
+    root.mkdir()
+    config = grid_config(root, workspace["teacher"], workspace["student"], workspace["data"])
+    done = run_experiment(config, root)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return root
+
+
+def results_of(root: Path) -> dict[str, dict]:
+    runs = root / "results" / "default" / "tiny" / "runs"
+    return {
+        str(path.parent.relative_to(runs)): json.loads(path.read_text())
+        for path in runs.rglob("results.json")
+    }
+
+
+def test_grid_runs_every_cell_and_reports(finished_grid):
+    results = results_of(finished_grid)
+    assert sorted(results) == sorted(f"sst2/{m}/seed{s}" for m in METHODS for s in SEEDS)
+    for run, result in results.items():
+        assert result["global_step"] == 8
+        assert result["args"]["seed"] == int(run[-1])
+    selected = results["sst2/entropy-r0.5/seed1"]["flops"]["teacher_flops_requested"]
+    vanilla = results["sst2/vanilla-kd/seed1"]["flops"]["teacher_flops_requested"]
+    assert 0 < selected < vanilla
+    folder = finished_grid / "results" / "default" / "tiny"
+    assert (folder / "runs/sst2/vanilla-kd/seed1/trace.json").exists()
+    teacher = json.loads((folder / "teachers/sst2-large.json").read_text())
+    assert teacher["num_layers"] == 3 and "eval_accuracy" in teacher["eval"]
+    service = json.loads((folder / "service/sst2.json").read_text())
+    assert service[0]["teachers"]["large"]["rows_computed"] > 0
+    report = (folder / "report.md").read_text()
+    assert "tiny table" in report and "majority baseline" in report
+    assert (folder / "fig1_accuracy_vs_flops.png").stat().st_size > 1000
+
+
+def test_rerun_skips_finished_runs(finished_grid, workspace):
+    before = {p: p.stat().st_mtime_ns for p in (finished_grid / "results").rglob("results.json")}
+    again = run_experiment(finished_grid / "grid.yaml", finished_grid)
+    assert again.returncode == 0, again.stderr
+    assert "4 done, 0 to go" in again.stdout
+    assert "fine-tuning" not in again.stdout
+    assert before == {p: p.stat().st_mtime_ns for p in (finished_grid / "results").rglob("results.json")}
+
+
+def test_sigkill_mid_grid_resumes_to_the_same_numbers(finished_grid, workspace):
+    root = workspace["root"] / "killed"
+    root.mkdir()
+    config = grid_config(root, workspace["teacher"], workspace["student"], workspace["data"])
+    runner = subprocess.Popen(
+        experiment_argv(config, root), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    killed_run = root / "work" / "default" / "tiny" / "runs" / "sst2" / "entropy-r0.5" / "seed1"
+    deadline = time.monotonic() + 300
+    while not list(killed_run.glob("checkpoint-*")):
+        assert runner.poll() is None, "the runner ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(runner.pid, signal.SIGKILL)  # the runner, its distill and its teacher-server
+    runner.wait()
+    assert not (root / "results/default/tiny/runs/sst2/entropy-r0.5/seed1/results.json").exists()
+    resumed = run_experiment(config, root)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "2 done, 2 to go" in resumed.stdout  # vanilla-kd's two seeds ran before the kill
+    assert "resum" in (killed_run / "run.log").read_text().lower()
+    for run, result in results_of(root).items():
+        expected = results_of(finished_grid)[run]
+        assert result["eval"] == expected["eval"], run
+        assert result["flops"]["teacher_flops_requested"] == expected["flops"]["teacher_flops_requested"]
+
+
+def test_report_statistics_match_hand_computation(tmp_path):
+    config = parse_config(
+        {
+            "name": "hand",
+            "tasks": {"sst2": {"data_dir": "unused"}},
+            "seeds": [1, 2, 3],
+            "teachers": {"large": {"model": "unused"}},
+            "student": {"model": "unused"},
+            "methods": [
+                {"name": "base", "args": {}},
+                {"name": "ours", "args": {"data_selection": "entropy"}},
+            ],
+            "tables": [{"title": "T", "methods": ["base", "ours"], "baselines": ["base"]}],
+        }
+    )
+    layout = Layout(tmp_path / "results", tmp_path / "work", tmp_path / "teachers")
+    layout.write_json(layout.task_record("sst2"), {"metric": "accuracy", "train_size": 100,
+                                                   "majority_baseline": {"accuracy": 0.5}})  # fmt: skip
+    scores = {"base": [0.80, 0.82, 0.81], "ours": [0.84, 0.85, 0.855]}
+    for method, values in scores.items():
+        for seed, value in zip([1, 2, 3], values, strict=True):
+            results = {"eval": {"eval_accuracy": value}, "epoch": 2.0, "train_runtime_s": 1.0,
+                       "flops": {"teacher_flops_requested": 4e11 if method == "base" else 1e11}}  # fmt: skip
+            layout.save_run("sst2", method, seed, results=results, run={"wall_time_s": 3.0})
+    cells = collect(config, layout)["cells"]
+    ours = cells[("sst2", "ours")]
+    assert ours.mean == pytest.approx(statistics.fmean(scores["ours"]))
+    assert ours.std == pytest.approx(math.sqrt(sum((v - ours.mean) ** 2 for v in scores["ours"]) / 2))
+    assert ours.flops_per_instance == [1e11 / 200] * 3
+    diffs = [a - b for a, b in zip(scores["ours"], scores["base"], strict=True)]
+    t = statistics.fmean(diffs) / (statistics.stdev(diffs) / math.sqrt(3))
+    from scipy.stats import t as student_t
+
+    assert paired_p_value(ours.scores, cells[("sst2", "base")].scores) == pytest.approx(
+        2 * student_t.sf(t, 2)
+    )
+    write_report(config, layout)
+    report = json.loads((layout.results / "report.json").read_text())
+    row = report["tables"][0]["rows"][1]["tasks"]["sst2"]
+    assert 2 * student_t.sf(t, 2) < 0.05 and row["significant"] is True  # p = 0.013 with these numbers
+    assert row["teacher_gflops_per_instance"] == pytest.approx(0.5)
+    assert f"{ours.mean:.4f} ± {ours.std:.4f}* (n=3)" in (layout.results / "report.md").read_text()
+
+
+def test_sweep_expands_and_names_must_be_unique():
+    methods = expand_methods(
+        [
+            {
+                "name": "{s}-r{r}",
+                "args": {"teacher_selection": "large"},
+                "sweep": {"s": ["a", "b"], "r": [0.5, 0.1]},
+            }
+        ]
+    )
+    assert [m.name for m in methods] == ["a-r0.5", "a-r0.1", "b-r0.5", "b-r0.1"]
+    assert methods[3].args == {"teacher_selection": "large", "s": "b", "r": 0.1}
+    with pytest.raises(UserError, match="appear twice"):
+        expand_methods([{"name": "same", "sweep": {"s": ["a", "b"]}}])
+    with pytest.raises(UserError, match="runner sets"):
+        expand_methods([{"name": "x", "args": {"seed": 3}}])
+
+
+BAD_CONFIGS = [
+    ({"bogus": 1}, "unknown keys"),
+    ({"teachers": {"medium": {"model": "m"}}}, "role 'medium'"),
+    ({"tables": [{"title": "t", "methods": ["nope"]}]}, "no method 'nope'"),
+    ({"plots": [{"kind": "pie"}]}, "kind 'pie'"),
+    ({"methods": [{"name": "small-only", "args": {"teacher_selection": "small"}}]}, "defines only"),
+]
+
+
+def test_bad_configs_fail_in_one_line(tmp_path):
+    for change, message in BAD_CONFIGS:
+        raw = {"name": "x", "tasks": {"sst2": {"data_dir": "d"}}, "seeds": [1], "student": {"model": "m"},
+               "teachers": {"large": {"model": "m"}}, "methods": [{"name": "kd", "args": {}}]}  # fmt: skip
+        raw.update(change)
+        path = tmp_path / "bad.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        with pytest.raises(UserError, match=message):
+            load_experiment(path)
+    done = subprocess.run(  # the last one through the CLI: one line, exit 2
+        [sys.executable, "-m", "student_trainer.cli", "experiment", "--config", str(path), "--dry_run"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "defines only" in done.stderr
+
+
+def test_dry_run_estimates_flops_from_real_lengths(workspace, tmp_path):
+    config = grid_config(tmp_path, workspace["teacher"], workspace["student"], workspace["data"])
+    done = subprocess.run(
+        [*experiment_argv(config, tmp_path), "--dry_run"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "2 method(s) x 2 seed(s) = 4 runs" in done.stdout
+    rows = {line.split()[0]: line.split() for line in done.stdout.splitlines() if line.startswith("sst2/")}
+    vanilla, entropy = float(rows["sst2/vanilla-kd/seed1"][2]), float(rows["sst2/entropy-r0.5/seed1"][2])
+    assert entropy == pytest.approx(vanilla / 2, rel=0.02)
+    assert not (tmp_path / "results").exists()  # a dry run writes nothing
