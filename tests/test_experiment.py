@@ -72,9 +72,10 @@ def grid_config(root: Path, teacher: Path, student: Path, data: Path, **distill:
 
 
 def experiment_argv(config: Path, root: Path) -> list[str]:
+    """Results and work under ``root``; fine-tuned teachers shared by every grid of the module."""
     return [sys.executable, "-m", "student_trainer.cli", "experiment", "--config", str(config),
             "--results_dir", str(root / "results"), "--work_dir", str(root / "work"),
-            "--teachers_dir", str(root / "teachers")]  # fmt: skip
+            "--teachers_dir", str(root.parent / "teachers")]  # fmt: skip
 
 
 def run_experiment(config: Path, root: Path) -> subprocess.CompletedProcess:

@@ -114,6 +114,13 @@ def ensure_teacher(config: ExperimentConfig, layout: Layout, task: str, role: st
         (partial / "wall_time_s.txt").write_text(f"{wall:.1f}\n")
         partial.rename(out)
     record = _teacher_record(out, task, role, spec)
+    earlier = json.loads(record_path.read_text()) if record_path.exists() else {}
+    if earlier.get("weights_sha256") not in (None, record["weights_sha256"]):
+        # a fresh machine re-made the teacher with other weights: runs before and after differ
+        now, before = record["weights_sha256"][:12], earlier["weights_sha256"][:12]
+        print(f"[experiment] WARNING: the {role} teacher for {task} (sha256 {now}) is not the one the "
+              f"committed runs used ({before})")  # fmt: skip
+        record["earlier_weights_sha256"] = earlier["weights_sha256"]
     layout.write_json(record_path, record)
     return record
 
