@@ -1,13 +1,30 @@
-"""Exact forward FLOPs of a BERT encoder, from its config and the real sequence lengths.
+"""Exact forward FLOPs of an encoder classifier, from its config and the real sequence lengths.
 
 Convention (the one ``torch.utils.flop_counter.FlopCounterMode`` uses): one multiply-add
-= 2 FLOPs, only matrix products counted (embedding look-ups, layer norms, softmax and
-GELU are a fraction of a per cent and left out). For a sequence of ``n`` tokens, hidden
-size ``d``, feed-forward size ``f``:
+= 2 FLOPs, only matrix products and convolutions counted (embedding look-ups, layer norms,
+softmax, GELU, rotary and bias additions are a fraction of a per cent and left out). For a
+sequence of ``n`` tokens, hidden size ``d``, feed-forward size ``f``:
 
-* each layer: ``2n·(4d² + 2d·f)`` (Q, K, V, output projections and the two FFN matrices)
-  ``+ 4n²d`` (``QKᵀ`` and ``attention·V``);
-* the head: ``2d²`` (pooler, on [CLS] only) ``+ 2dK`` (classifier).
+* each layer: ``2n·(4d² + m·d·f)`` (Q, K, V, output projections; ``m`` FFN matrices: 2, or
+  3 for ModernBERT's gated GLU whose input matrix is ``d × 2f``) ``+ 4n²d`` (``QKᵀ`` and
+  ``attention·V``, over every key: the eager and SDPA kernels compute ModernBERT's
+  sliding-window layers in full and mask them, so they cost what global layers cost);
+* the head: ``2d² + 2dK`` — the pooler (BERT), the dense layer of the classification head
+  (RoBERTa, XLM-R, ELECTRA, MPNet, ModernBERT), ``pre_classifier`` (DistilBERT, no pooler) or
+  the context pooler (DeBERTa) are all ``d × d`` on [CLS] (or the mean), then ``d × K``.
+
+Family extras, counted where the model really computes them:
+
+* ELECTRA / DeBERTa with ``embedding_size != hidden_size``: ``2n·e·d`` for the projection of
+  the embeddings (whenever the encoder runs);
+* DeBERTa's disentangled attention (``relative_attention``): per layer and per attention kind
+  in ``pos_att_type`` (c2p, p2c), ``2n·2S·d`` for the scores against the ``2S`` relative
+  position embeddings (``S`` = ``position_buckets`` or ``max_relative_positions``), plus the
+  projection of those ``2S`` embeddings, ``2·2S·d²`` each
+  (two with ``share_att_key``, else one per kind) — once per forward **call**, whatever the
+  batch, so a caller that ran a batch says so with ``batches``; ``conv_kernel_size`` adds the
+  first layer's convolution, ``2n·d·(d/groups)·k``;
+* MPNet's relative position bias is a table look-up added to the scores: nothing to count.
 
 Backward is counted as 2× forward (the usual convention: gradients w.r.t. activations and
 weights each cost about one forward), so a training step is 3× forward.
@@ -16,13 +33,15 @@ weights each cost about one forward), so a training step is 3× forward.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Protocol
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Protocol
 
 BACKWARD_TO_FORWARD = 2
 
 
 class EncoderConfig(Protocol):
-    """The fields of a ``transformers`` BERT config that the count depends on."""
+    """The fields of a ``transformers`` config that every count depends on (BERT's names; the
+    family extras are read with defaults, so a namespace with these four is a BERT)."""
 
     hidden_size: int
     intermediate_size: int
@@ -30,42 +49,133 @@ class EncoderConfig(Protocol):
     num_labels: int
 
 
-def layer_forward_flops(hidden_size: int, intermediate_size: int, seq_len: int) -> int:
-    """FLOPs of one encoder layer on one sequence of ``seq_len`` tokens."""
+@dataclass(frozen=True)
+class FlopsShape:
+    """What the count reads from a config, under one set of names for every family.
+
+    ``asdict`` of it is what a teacher publishes as ``flops_config``: a
+    ``SimpleNamespace(**flops_config)`` counts the same as the teacher's own config.
+    """
+
+    model_type: str
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_labels: int
+    ffn_matrices: int = 2
+    embedding_size: int = 0  # != hidden_size: the embeddings are projected (ELECTRA, DeBERTa)
+    relative_kinds: int = 0  # DeBERTa: attention kinds (c2p, p2c) against relative positions
+    relative_span: int = 0  # DeBERTa: rows of relative position embeddings (2S)
+    relative_projections: int = 0  # DeBERTa: projections of those rows per layer and call
+    conv_kernel: int = 0  # DeBERTa: the first layer's convolution
+    conv_groups: int = 1
+
+    @classmethod
+    def of(cls, config: Any) -> FlopsShape:
+        """Read a ``transformers`` config (any supported family) or a published ``flops_config``
+        (a namespace with BERT's four fields only counts as a BERT)."""
+        if isinstance(config, FlopsShape):
+            return config
+        if hasattr(config, "ffn_matrices"):  # a published flops_config
+            return cls(**{name: getattr(config, name) for name in cls.__dataclass_fields__})
+        model_type = str(getattr(config, "model_type", "") or "bert")
+        hidden = int(config.hidden_size)
+        shape = cls(
+            model_type=model_type,
+            hidden_size=hidden,
+            # DistilBERT names its FFN width hidden_dim
+            intermediate_size=int(getattr(config, "intermediate_size", None) or config.hidden_dim),
+            num_hidden_layers=int(config.num_hidden_layers),
+            num_labels=int(config.num_labels),
+            ffn_matrices=3 if model_type == "modernbert" else 2,
+        )
+        if model_type in ("electra", "deberta-v2"):
+            shape = replace(shape, embedding_size=int(getattr(config, "embedding_size", None) or hidden))
+        if model_type == "deberta-v2":
+            shape = replace(shape, **_deberta_fields(config))
+        return shape
+
+
+def _deberta_fields(config: Any) -> dict[str, Any]:
+    """DeBERTa-v2's disentangled attention and convolution, as its modules build them."""
+    fields: dict[str, Any] = {}
+    if getattr(config, "relative_attention", False):
+        kinds = [kind for kind in ("c2p", "p2c") if kind in (config.pos_att_type or ())]
+        span = int(getattr(config, "max_relative_positions", -1))
+        span = int(config.max_position_embeddings) if span < 1 else span
+        buckets = int(getattr(config, "position_buckets", -1))
+        fields.update(
+            relative_kinds=len(kinds),
+            relative_span=2 * (buckets if buckets > 0 else span),
+            relative_projections=2 if getattr(config, "share_att_key", False) else len(kinds),
+        )
+    if int(getattr(config, "conv_kernel_size", 0) or 0) > 0:
+        fields.update(
+            conv_kernel=int(config.conv_kernel_size), conv_groups=int(getattr(config, "conv_groups", 1))
+        )
+    return fields
+
+
+def flops_config(config: Any) -> dict[str, Any]:
+    """The fields a teacher publishes so that a remote trainer counts as the teacher does."""
+    return asdict(FlopsShape.of(config))
+
+
+def layer_forward_flops(hidden_size: int, intermediate_size: int, seq_len: int, ffn_matrices: int = 2) -> int:
+    """FLOPs of one BERT-style encoder layer on one sequence of ``seq_len`` tokens."""
     d, f, n = hidden_size, intermediate_size, seq_len
-    return 2 * n * (4 * d * d + 2 * d * f) + 4 * n * n * d
+    return 2 * n * (4 * d * d + ffn_matrices * d * f) + 4 * n * n * d
 
 
 def head_forward_flops(hidden_size: int, num_labels: int) -> int:
-    """FLOPs of the pooler and classifier on one sequence."""
+    """FLOPs of the pooler (or dense layer of the head) and classifier on one sequence."""
     return 2 * hidden_size * hidden_size + 2 * hidden_size * num_labels
 
 
+def _sequence_flops(shape: FlopsShape, n: int, layers: int) -> int:
+    """Every per-token and per-pair term of one sequence through ``layers`` layers."""
+    d = shape.hidden_size
+    total = layers * layer_forward_flops(d, shape.intermediate_size, n, shape.ffn_matrices)
+    if shape.embedding_size and shape.embedding_size != d:
+        total += 2 * n * shape.embedding_size * d
+    total += layers * shape.relative_kinds * 2 * n * shape.relative_span * d
+    if shape.conv_kernel and layers:
+        total += 2 * n * d * (d // shape.conv_groups) * shape.conv_kernel
+    return total
+
+
 def encoder_forward_flops(
-    config: EncoderConfig,
+    config: EncoderConfig | Any,
     seq_lens: Iterable[int],
     num_layers: int | None = None,
     *,
     with_head: bool | None = None,
+    batches: int | None = None,
 ) -> int:
     """Forward FLOPs for sequences of the given lengths through ``num_layers`` layers.
 
     ``num_layers`` defaults to the whole encoder; ``with_head`` (pooler + classifier)
-    defaults to "the whole encoder ran", because logits need every layer.
+    defaults to "the whole encoder ran", because logits need every layer. ``batches`` is how
+    many forward calls ran the sequences (default: each sequence on its own); only DeBERTa's
+    per-call projection of relative position embeddings depends on it.
     """
-    total_layers = int(config.num_hidden_layers)
+    shape = FlopsShape.of(config)
+    total_layers = shape.num_hidden_layers
     layers = total_layers if num_layers is None else int(num_layers)
     if not 0 <= layers <= total_layers:
         raise ValueError(f"num_layers must be in 0..{total_layers}, got {num_layers}")
     head = layers == total_layers if with_head is None else with_head
-    d, f, k = int(config.hidden_size), int(config.intermediate_size), int(config.num_labels)
-    total = 0
+    total = count = 0
     for n in seq_lens:
         if n < 0:
             raise ValueError(f"seq_lens must be non-negative, got {n}")
-        total += layers * layer_forward_flops(d, f, int(n))
+        count += 1
+        total += _sequence_flops(shape, int(n), layers)
         if head:
-            total += head_forward_flops(d, k)
+            total += head_forward_flops(shape.hidden_size, shape.num_labels)
+    calls = count if batches is None else min(int(batches), count)
+    d = shape.hidden_size
+    total += calls * layers * shape.relative_projections * 2 * shape.relative_span * d * d
     return total
 
 
@@ -74,7 +184,7 @@ def training_flops(config: EncoderConfig, seq_lens: Iterable[int], num_layers: i
     return (1 + BACKWARD_TO_FORWARD) * encoder_forward_flops(config, seq_lens, num_layers)
 
 
-def flops_per_token(config: EncoderConfig, seq_len: int = 128) -> float:
+def flops_per_token(config: EncoderConfig | Any, seq_len: int = 128) -> float:
     """Encoder FLOPs per token at a typical length: a one-number summary for model metadata."""
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")

@@ -45,12 +45,14 @@ def load_sequence_classifier(
     revision: str | None = None,
     device: str | torch.device = "cpu",
     dtype: str = "fp32",
-    attn_implementation: str = "sdpa",
+    attn_implementation: str | None = None,
 ) -> PreTrainedModel:
     """Load a checkpoint (local dir or hub id) as ``AutoModelForSequenceClassification``.
 
     ``label_names`` (or ``num_labels``) replace the head when the checkpoint has none or a
-    different one; ``num_layers`` truncates the encoder before the weights are loaded.
+    different one; ``num_layers`` truncates the encoder before the weights are loaded (any family
+    of :mod:`shared.families`: ModernBERT's per-layer attention kinds are cut with it).
+    ``attn_implementation`` None: SDPA where the family has it (MPNet and DeBERTa have not), else eager.
     """
     kwargs: dict = {"revision": revision, "trust_remote_code": False}
     try:
@@ -71,6 +73,8 @@ def load_sequence_classifier(
                 f"num_layers={num_layers} must be in 1..{config.num_hidden_layers} for {name_or_path}"
             )
         config.num_hidden_layers = num_layers
+        if isinstance(getattr(config, "layer_types", None), list):  # ModernBERT: one kind per layer
+            config.layer_types = config.layer_types[:num_layers]
     with _LOAD_LOCK:
         # transformers prints a multi-screen "LOAD REPORT" listing every dropped layer's weights
         # when we truncate on purpose; one line saying what is new is what a user needs.

@@ -112,6 +112,11 @@ class TeacherParameters(BaseModel):
     revision: str | None = None
     flops_per_token: float | None = None
     intermediate_size: int | None = None
+    model_type: str | None = None
+    tokenizer_class: str | None = None
+    tokenizer_vocab_sha256: str | None = None
+    tokenizer_sha256: str | None = None
+    flops_config: dict[str, Any] | None = None
 
 
 class ModelMetadata(_Response):
@@ -138,6 +143,11 @@ class ModelMetadata(_Response):
             vocab_size=p.vocab_size,
             max_seq_length=p.max_seq_length,
             intermediate_size=p.intermediate_size,
+            model_type=p.model_type,
+            tokenizer_class=p.tokenizer_class,
+            tokenizer_vocab_sha256=p.tokenizer_vocab_sha256,
+            tokenizer_sha256=p.tokenizer_sha256,
+            flops_config=p.flops_config,
         )
 
 

@@ -7,6 +7,7 @@ Both sides use these: the service's engine answers a :class:`TeacherQuery` with 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -23,6 +24,24 @@ class TeacherInfo:
     vocab_size: int
     max_seq_length: int
     intermediate_size: int | None = None  # FFN width: the trainer's FLOPs model of vanilla KD needs it
+    # Family and tokenizer (decide whether the student's token ids mean the same tokens, else send
+    # text) and the FLOPs model's fields (``SimpleNamespace(**flops_config)`` counts as the teacher)
+    model_type: str | None = None
+    tokenizer_class: str | None = None
+    tokenizer_vocab_sha256: str | None = None
+    tokenizer_sha256: str | None = None
+    flops_config: dict[str, Any] | None = None
+
+    def metadata_parameters(self) -> dict[str, Any]:
+        """These fields as the service publishes them in the model metadata ``parameters``."""
+        names = (
+            "model_type",
+            "tokenizer_class",
+            "tokenizer_vocab_sha256",
+            "tokenizer_sha256",
+            "flops_config",
+        )
+        return {name: getattr(self, name) for name in names}
 
 
 @dataclass

@@ -504,6 +504,7 @@ def model_metadata(name: str, engine: TeacherEngine = Depends(get_engine)) -> di
             "revision": engine.revision,
             "flops_per_token": engine.flops_per_token,
             "intermediate_size": info.intermediate_size,
+            **info.metadata_parameters(),
         },
     }
 

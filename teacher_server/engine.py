@@ -3,10 +3,10 @@
 The service's batcher and the trainer's in-process client both call :meth:`TeacherEngine.run`,
 so both sides return the same numbers and the same FLOPs accounting.
 
-Early exit: for ``BertForSequenceClassification`` the engine runs the embeddings and the first
-``k`` ``BertLayer``s itself (with the mask the model would build for its attention backend) and
-the pooler + classifier only when logits are asked for. Other BERT-family heads (RoBERTa, …)
-run the model's own forward with ``output_hidden_states`` and are charged every layer.
+Early exit, for every family in :mod:`shared.families` (BERT, RoBERTa, XLM-R, ELECTRA, MPNet,
+DistilBERT, DeBERTa-v2/v3, ModernBERT): the engine runs the embeddings and the first ``k``
+layers itself, through the family's adapter (with the masks and position extras the model
+would build), and the head only when logits are asked for. Other model types are refused at load.
 """
 
 from __future__ import annotations
@@ -17,17 +17,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import (
-    AutoTokenizer,
-    BertForSequenceClassification,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
-from transformers.masking_utils import create_bidirectional_mask
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from shared.flops import encoder_forward_flops, flops_per_token
+from shared.families import family_of
+from shared.flops import FlopsShape, encoder_forward_flops, flops_config, flops_per_token
 from shared.modeling import load_sequence_classifier
 from shared.teacher_api import TeacherAnswer, TeacherInfo, TeacherQuery
+from shared.vocabulary import tokenizer_parameters
 
 # Texts are cut to max_seq_length × this many characters before tokenizing. The tokenizer keeps
 # only max_seq_length tokens anyway, and ordinary text averages far fewer than 64 characters per
@@ -103,25 +99,29 @@ class TeacherEngine:
         max_seq_length: int = 512,
         batch_invariant: bool = False,
     ):
+        config = model.config
+        self.family = family_of(config)  # before anything else: an unknown model_type is refused
         self.model = model.eval()
         self.batch_invariant = batch_invariant
         self.tokenizer = tokenizer
         self.revision = revision
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        config = model.config
         self.config = config
-        self.early_exit = isinstance(model, BertForSequenceClassification)
+        self.type_vocab_size = self.family.type_vocab_size(config)
         labels = tuple(str(config.id2label.get(i, f"LABEL_{i}")) for i in range(config.num_labels))
         self.info = TeacherInfo(
             name=name,
-            num_layers=int(config.num_hidden_layers),
+            num_layers=len(self.family.layers(model)),
             hidden_size=int(config.hidden_size),
             num_labels=int(config.num_labels),
             label_names=labels,
             vocab_size=int(config.vocab_size),
-            max_seq_length=min(int(max_seq_length), int(config.max_position_embeddings)),
-            intermediate_size=getattr(config, "intermediate_size", None),
+            max_seq_length=min(int(max_seq_length), self.family.max_positions(config)),
+            intermediate_size=FlopsShape.of(config).intermediate_size,
+            model_type=str(config.model_type),
+            **tokenizer_parameters(tokenizer),
+            flops_config=flops_config(config),
         )
         self.flops_per_token = flops_per_token(config, min(128, self.info.max_seq_length))
 
@@ -170,9 +170,9 @@ class TeacherEngine:
             truncation=True,
             max_length=self.info.max_seq_length,
             return_tensors="pt",
-            return_token_type_ids=True,
+            return_token_type_ids=self.type_vocab_size > 0,
         )
-        return enc["input_ids"], enc["attention_mask"], enc["token_type_ids"]
+        return enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids")
 
     def validate(self, query: TeacherQuery) -> None:
         """Reject what would crash or silently mislead the model, naming the input at fault."""
@@ -199,7 +199,7 @@ class TeacherEngine:
         if types is not None:
             if not isinstance(types, torch.Tensor) or types.shape != ids.shape:
                 raise QueryError("token_type_ids", f"shape must equal input_ids shape {list(ids.shape)}")
-            type_vocab = int(self.config.type_vocab_size)
+            type_vocab = max(1, self.type_vocab_size)  # a model without token types accepts all zeros
             if int(types.min()) < 0 or int(types.max()) >= type_vocab:
                 raise QueryError("token_type_ids", f"values must be in [0, {type_vocab})")
         for field, layers in (("cls_layers", query.cls_layers), ("token_layers", query.token_layers)):
@@ -226,14 +226,11 @@ class TeacherEngine:
         depth = spec.depth(self.info.num_layers)
         mask_cpu = query.attention_mask.long()
         ids, mask = self._to_device(query.input_ids), self._to_device(mask_cpu)
-        types = self._to_device(query.token_type_ids) if query.token_type_ids is not None else None
+        given_types = query.token_type_ids is not None and self.type_vocab_size > 0
+        types = self._to_device(query.token_type_ids) if given_types else None
         wanted = set(spec.cls_layers) | set(spec.token_layers)
         with torch.inference_mode():
-            if self.early_exit:
-                states, logits = self._forward_early_exit(ids, mask, types, depth, wanted, spec.want_logits)
-            else:
-                states, logits = self._forward_full(ids, mask, types)
-                depth = self.info.num_layers
+            states, logits = self._forward_early_exit(ids, mask, types, depth, wanted, spec.want_logits)
             hidden_cls = hidden_states = None
             if spec.cls_layers:
                 hidden_cls = torch.stack([states[i][:, 0] for i in spec.cls_layers], dim=1).float().cpu()
@@ -244,7 +241,9 @@ class TeacherEngine:
                     hidden_states = F.pad(hidden_states, (0, 0, 0, query_length - stacked.shape[2]))
             logits = logits.float().cpu() if spec.want_logits else None
         batch, length = ids.shape
-        flops = encoder_forward_flops(self.config, [length] * batch, depth, with_head=spec.want_logits)
+        flops = encoder_forward_flops(
+            self.config, [length] * batch, depth, with_head=spec.want_logits, batches=1
+        )
         return TeacherAnswer(
             logits=logits,
             hidden_cls=hidden_cls,
@@ -297,21 +296,16 @@ class TeacherEngine:
         want_logits: bool,
     ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
         """Embeddings, then layers 1..depth; the head only when logits are requested."""
-        bert = self.model.bert
-        hidden = bert.embeddings(input_ids=ids, token_type_ids=types)
+        family, model = self.family, self.model
+        hidden = family.embed(model, ids, types, mask)
         states = {0: hidden} if 0 in wanted else {}
-        attn_mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=mask)
-        for index, layer in enumerate(bert.encoder.layer[:depth], start=1):
-            hidden = layer(hidden, attn_mask)
-            if index in wanted:
-                states[index] = hidden
-        logits = None
-        if want_logits:
-            logits = self.model.classifier(self.model.dropout(bert.pooler(hidden)))
+        context = family.context(model, hidden, mask)
+        layers = family.layers(model)
+        for index, layer in enumerate(layers[:depth]):
+            hidden = family.layer(layer, index, hidden, context)
+            if index + 1 == len(layers):
+                hidden = family.last(model, hidden)
+            if index + 1 in wanted:
+                states[index + 1] = hidden
+        logits = family.head(model, hidden, mask) if want_logits else None
         return states, logits
-
-    def _forward_full(
-        self, ids: torch.Tensor, mask: torch.Tensor, types: torch.Tensor | None
-    ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-        out = self.model(input_ids=ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True)
-        return dict(enumerate(out.hidden_states)), out.logits

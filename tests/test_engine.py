@@ -6,14 +6,13 @@ import asyncio
 
 import pytest
 import torch
-from transformers import RobertaConfig, RobertaForSequenceClassification
 
 from shared.flops import encoder_forward_flops
 from shared.teacher_api import TeacherQuery
 from student_trainer.local_client import LocalTeacherClient
 from student_trainer.teacher_client import make_teacher_client
 from teacher_server.engine import MAX_CHARS_PER_TOKEN, QueryError, TeacherEngine
-from tests.tiny_models import save_tiny_tokenizer, tiny_vocab
+from tests.tiny_models import tiny_vocab
 
 TEXTS = ["a good movie", "the plot was boring and the acting awful , really bad", "fun !"]
 PAIRS = ["i like it", "not great", "the best film of the year"]
@@ -166,30 +165,6 @@ def test_info_describes_the_teacher(engines):
     assert info.label_names == ("negative", "positive")
     assert info.vocab_size == len(tiny_vocab())
     assert info.max_seq_length == 128  # min(512 asked, 128 position embeddings)
-
-
-def test_other_bert_family_heads_run_the_full_model(tmp_path):
-    torch.manual_seed(0)
-    config = RobertaConfig(
-        vocab_size=len(tiny_vocab()),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=130,
-        num_labels=3,
-        type_vocab_size=1,
-    )
-    RobertaForSequenceClassification(config).eval().save_pretrained(tmp_path)
-    save_tiny_tokenizer(tmp_path)
-    engine = TeacherEngine.load("roberta", tmp_path)
-    assert not engine.early_exit
-    ids, mask, _ = engine.tokenize(TEXTS)
-    answer = engine.run(TeacherQuery(ids, mask, None, want_logits=True, cls_layers=(1,)))
-    logits, hidden = reference(engine, ids, mask, None)
-    torch.testing.assert_close(answer.logits, logits, atol=1e-5, rtol=0)
-    torch.testing.assert_close(answer.hidden_cls[:, 0], hidden[1][:, 0], atol=1e-5, rtol=0)
-    assert answer.teacher_flops == encoder_forward_flops(engine.config, [ids.shape[1]] * 3)
 
 
 def test_bf16_teacher_returns_float32_close_to_fp32(tiny_teachers, engines):

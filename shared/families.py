@@ -1,0 +1,246 @@
+"""Where each encoder family keeps its parts, so a teacher can run any of them layer by layer.
+
+The engine's early exit runs the embeddings, then only the first ``k`` layers a request needs,
+then the classification head only when logits are asked for. Each Hugging Face family keeps
+those parts under different names and feeds its layers different extras (attention masks,
+relative position biases, rotary embeddings), so each gets one small adapter here that says
+where they live. The engine's tests prove, for every family, that the adapter's pieces put
+together equal the model's own forward (``*ForSequenceClassification``, fp32, atol 1e-5).
+
+Hidden state ``j`` is what the model's own ``output_hidden_states`` returns at index ``j``:
+0 = the embeddings as the first layer sees them, ``j`` = the output of layer ``j``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+from transformers.masking_utils import create_bidirectional_mask, create_bidirectional_sliding_window_mask
+
+from shared.errors import UserError
+
+Context = dict[str, Any]  # what every layer of one forward pass needs besides the hidden states
+# A ``*ForSequenceClassification`` model: its parts are found by attribute name, so typed loosely.
+Model = Any
+
+
+class Family:
+    """BERT's layout; the other families override what differs.
+
+    ``base`` is the attribute of the ``*ForSequenceClassification`` model that holds the encoder;
+    ``position_offset`` is how many position ids the embeddings reserve (RoBERTa-style models
+    number positions from ``pad_token_id + 1``), so the longest input is shorter by that much.
+    """
+
+    model_types: ClassVar[tuple[str, ...]] = ("bert",)
+    base: ClassVar[str] = "bert"
+    token_types: ClassVar[bool] = True
+
+    def position_offset(self, config: Any) -> int:
+        return 0
+
+    def encoder(self, model: Model) -> Any:
+        return getattr(model, self.base)
+
+    def layers(self, model: Model) -> nn.ModuleList:
+        return self.encoder(model).encoder.layer
+
+    def embed(self, model: Model, ids: Tensor, types: Tensor | None, mask: Tensor) -> Tensor:
+        return self.encoder(model).embeddings(input_ids=ids, token_type_ids=types)
+
+    def context(self, model: Model, hidden: Tensor, mask: Tensor) -> Context:
+        return {
+            "mask": create_bidirectional_mask(config=model.config, inputs_embeds=hidden, attention_mask=mask)
+        }
+
+    def layer(self, layer: nn.Module, index: int, hidden: Tensor, ctx: Context) -> Tensor:
+        return layer(hidden, ctx["mask"])
+
+    def last(self, model: Model, hidden: Tensor) -> Tensor:
+        """The last layer's output as the model publishes it (and its head reads it)."""
+        return hidden
+
+    def head(self, model: Model, hidden: Tensor, mask: Tensor) -> Tensor:
+        """Logits from the last hidden state (pooler + classifier)."""
+        return model.classifier(model.dropout(self.encoder(model).pooler(hidden)))
+
+    def type_vocab_size(self, config: Any) -> int:
+        """How many token types the embeddings take (0: the family takes none)."""
+        return int(getattr(config, "type_vocab_size", 0) or 0) if self.token_types else 0
+
+    def max_positions(self, config: Any) -> int:
+        return int(config.max_position_embeddings) - self.position_offset(config)
+
+
+class RobertaFamily(Family):
+    """RoBERTa and XLM-R: BERT's layers; positions from ``pad_token_id + 1``; a dense+tanh head on <s>."""
+
+    model_types = ("roberta", "xlm-roberta")
+    base = "roberta"
+
+    def position_offset(self, config: Any) -> int:
+        return int(config.pad_token_id) + 1
+
+    def head(self, model: Model, hidden: Tensor, mask: Tensor) -> Tensor:
+        return model.classifier(hidden)
+
+
+class ElectraFamily(Family):
+    """ELECTRA: BERT's layers; embeddings narrower than the layers go through ``embeddings_project``."""
+
+    model_types = ("electra",)
+    base = "electra"
+
+    def embed(self, model: Model, ids: Tensor, types: Tensor | None, mask: Tensor) -> Tensor:
+        electra = self.encoder(model)
+        hidden = electra.embeddings(input_ids=ids, token_type_ids=types)
+        project = getattr(electra, "embeddings_project", None)
+        return hidden if project is None else project(hidden)
+
+    def head(self, model: Model, hidden: Tensor, mask: Tensor) -> Tensor:
+        return model.classifier(hidden)
+
+
+class MPNetFamily(Family):
+    """MPNet: no token types; one relative-position bias computed once and shared by every layer."""
+
+    model_types = ("mpnet",)
+    base = "mpnet"
+    token_types = False
+
+    def position_offset(self, config: Any) -> int:
+        return 2  # MPNetEmbeddings numbers positions from padding_idx + 1 = 2, whatever the config says
+
+    def embed(self, model: Model, ids: Tensor, types: Tensor | None, mask: Tensor) -> Tensor:
+        return self.encoder(model).embeddings(input_ids=ids)
+
+    def context(self, model: Model, hidden: Tensor, mask: Tensor) -> Context:
+        bias = self.encoder(model).encoder.compute_position_bias(hidden)
+        return {**super().context(model, hidden, mask), "position_bias": bias}
+
+    def layer(self, layer: nn.Module, index: int, hidden: Tensor, ctx: Context) -> Tensor:
+        return layer(hidden, ctx["mask"], ctx["position_bias"])[0]
+
+    def head(self, model: Model, hidden: Tensor, mask: Tensor) -> Tensor:
+        return model.classifier(hidden)
+
+
+class DistilBertFamily(Family):
+    """DistilBERT: no token types, no pooler; ``pre_classifier`` + ReLU on [CLS] instead."""
+
+    model_types = ("distilbert",)
+    base = "distilbert"
+    token_types = False
+
+    def layers(self, model: Model) -> nn.ModuleList:
+        return self.encoder(model).transformer.layer
+
+    def embed(self, model: Model, ids: Tensor, types: Tensor | None, mask: Tensor) -> Tensor:
+        return self.encoder(model).embeddings(ids)
+
+    def head(self, model: Model, hidden: Tensor, mask: Tensor) -> Tensor:
+        pooled = torch.relu(model.pre_classifier(hidden[:, 0]))
+        return model.classifier(model.dropout(pooled))
+
+
+class DebertaV2Family(Family):
+    """DeBERTa-v2/v3: disentangled attention fed the relative positions and their embeddings; the
+    padding mask also zeroes the embeddings; an optional convolution after the first layer."""
+
+    model_types = ("deberta-v2",)
+    base = "deberta"
+
+    def embed(self, model: Model, ids: Tensor, types: Tensor | None, mask: Tensor) -> Tensor:
+        if types is None:
+            types = torch.zeros_like(ids)
+        return self.encoder(model).embeddings(input_ids=ids, token_type_ids=types, mask=mask)
+
+    def context(self, model: Model, hidden: Tensor, mask: Tensor) -> Context:
+        encoder = self.encoder(model).encoder
+        return {
+            "mask": encoder.get_attention_mask(mask),
+            "input_mask": mask,
+            "relative_pos": encoder.get_rel_pos(hidden),
+            "rel_embeddings": encoder.get_rel_embedding(),
+            "conv": encoder.conv,
+            "embeddings": hidden,
+        }
+
+    def layer(self, layer: nn.Module, index: int, hidden: Tensor, ctx: Context) -> Tensor:
+        out = layer(
+            hidden, ctx["mask"], relative_pos=ctx["relative_pos"], rel_embeddings=ctx["rel_embeddings"]
+        )[0]
+        if index == 0 and ctx["conv"] is not None:
+            out = ctx["conv"](ctx["embeddings"], out, ctx["input_mask"])
+        return out
+
+    def head(self, model: Model, hidden: Tensor, mask: Tensor) -> Tensor:
+        return model.classifier(model.dropout(model.pooler(hidden)))
+
+
+class ModernBertFamily(Family):
+    """ModernBERT: no token types; rotary positions; global and sliding-window layers, each with its
+    own mask and rotary table; a final norm on the last layer's output; [CLS] or mean pooling."""
+
+    model_types = ("modernbert",)
+    base = "model"
+    token_types = False
+
+    def layers(self, model: Model) -> nn.ModuleList:
+        return self.encoder(model).layers
+
+    def embed(self, model: Model, ids: Tensor, types: Tensor | None, mask: Tensor) -> Tensor:
+        return self.encoder(model).embeddings(input_ids=ids)
+
+    def context(self, model: Model, hidden: Tensor, mask: Tensor) -> Context:
+        encoder = self.encoder(model)
+        kwargs = {"config": model.config, "inputs_embeds": hidden, "attention_mask": mask}
+        masks = {
+            "full_attention": create_bidirectional_mask(**kwargs),
+            "sliding_attention": create_bidirectional_sliding_window_mask(**kwargs),
+        }
+        positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        rotary = {kind: encoder.rotary_emb(hidden, positions, kind) for kind in set(model.config.layer_types)}
+        return {"masks": masks, "rotary": rotary}
+
+    def layer(self, layer: nn.Module, index: int, hidden: Tensor, ctx: Context) -> Tensor:
+        kind = layer.attention_type
+        return layer(hidden, attention_mask=ctx["masks"][kind], position_embeddings=ctx["rotary"][kind])
+
+    def last(self, model: Model, hidden: Tensor) -> Tensor:
+        return self.encoder(model).final_norm(hidden)
+
+    def head(self, model: Model, hidden: Tensor, mask: Tensor) -> Tensor:
+        if model.config.classifier_pooling == "mean":
+            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1)
+        else:
+            pooled = hidden[:, 0]
+        return model.classifier(model.drop(model.head(pooled)))
+
+
+FAMILIES: dict[str, Family] = {
+    model_type: family
+    for family in (
+        Family(),
+        RobertaFamily(),
+        ElectraFamily(),
+        MPNetFamily(),
+        DistilBertFamily(),
+        DebertaV2Family(),
+        ModernBertFamily(),
+    )
+    for model_type in family.model_types
+}
+
+
+def family_of(config: Any) -> Family:
+    """The adapter for a config's ``model_type``; an unsupported one is refused in one line."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise UserError(
+            f"model_type {model_type!r} is not supported; supported families: {', '.join(sorted(FAMILIES))}"
+        )
+    return FAMILIES[model_type]

@@ -1,0 +1,85 @@
+"""Tiny random classifiers of every supported family, built with ``AutoConfig.for_model``.
+
+Each is small (hidden 32, 3 layers) but keeps what makes its family different: ELECTRA's
+narrower embeddings, DeBERTa's disentangled attention with buckets, shared or separate
+position keys and its convolution, ModernBERT's alternating global and sliding-window layers
+(a window shorter than the test sentences) with [CLS] or mean pooling.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel
+
+from tests.tiny_models import save_tiny_tokenizer, tiny_vocab
+
+COMMON = {"hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2, "intermediate_size": 64}
+
+# case name -> (model_type, config overrides)
+FAMILY_CASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "bert": ("bert", {}),
+    "roberta": ("roberta", {"type_vocab_size": 1, "pad_token_id": 0}),
+    "xlm-roberta": ("xlm-roberta", {"type_vocab_size": 1, "pad_token_id": 0}),
+    "electra": ("electra", {"embedding_size": 16}),
+    "mpnet": ("mpnet", {}),
+    "distilbert": ("distilbert", {"dim": 32, "n_layers": 3, "n_heads": 2, "hidden_dim": 64}),
+    "deberta-v3": (
+        "deberta-v2",
+        {
+            "relative_attention": True,
+            "pos_att_type": ["p2c", "c2p"],
+            "position_buckets": 8,
+            "max_relative_positions": 64,
+            "norm_rel_ebd": "layer_norm",
+            "share_att_key": True,
+            "position_biased_input": False,
+            "type_vocab_size": 0,
+        },
+    ),
+    "deberta-v2-conv": (
+        "deberta-v2",
+        {
+            "relative_attention": True,
+            "pos_att_type": ["c2p"],
+            "max_relative_positions": 16,
+            "conv_kernel_size": 3,
+            "embedding_size": 24,
+            "type_vocab_size": 2,
+        },
+    ),
+    "modernbert": (
+        "modernbert",
+        {"global_attn_every_n_layers": 2, "local_attention": 8, "classifier_pooling": "cls"},
+    ),
+    "modernbert-mean": (
+        "modernbert",
+        {"global_attn_every_n_layers": 2, "local_attention": 8, "classifier_pooling": "mean"},
+    ),
+}
+
+SPECIAL_IDS = {"pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3, "cls_token_id": 2, "sep_token_id": 3}
+
+
+def tiny_family_config(case: str, num_labels: int = 3) -> PretrainedConfig:
+    model_type, overrides = FAMILY_CASES[case]
+    fields: dict[str, Any] = {**COMMON, "vocab_size": len(tiny_vocab()), "max_position_embeddings": 128}
+    if model_type == "distilbert":
+        fields = {"vocab_size": fields["vocab_size"], "max_position_embeddings": 128}
+    if model_type == "modernbert":
+        fields.update(SPECIAL_IDS)
+    return AutoConfig.for_model(model_type, **fields, **overrides, num_labels=num_labels)
+
+
+def tiny_family_model(case: str, seed: int = 0) -> PreTrainedModel:
+    torch.manual_seed(seed)
+    return AutoModelForSequenceClassification.from_config(tiny_family_config(case)).eval()
+
+
+def save_tiny_family(case: str, path: Path, seed: int = 0) -> Path:
+    """Save a random classifier of ``case`` with the tiny WordPiece tokenizer to ``path``."""
+    tiny_family_model(case, seed).save_pretrained(path)
+    save_tiny_tokenizer(path)
+    return path
