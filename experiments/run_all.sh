@@ -4,6 +4,6 @@
 #   nohup experiments/run_all.sh > runs/experiments.log 2>&1 &
 set -uo pipefail
 cd "$(dirname "$0")/.."
-for config in smoke single_teacher "$@"; do
+for config in smoke single_teacher adoption "$@"; do
   .venv/bin/student-trainer experiment --config "experiments/$config.yaml" || echo "[run_all] $config failed"
 done
