@@ -313,9 +313,9 @@ class DynamicBatcher:
             group.token_layers.update(request.spec.token_layers)
         for (_, want_logits), group in groups.items():
             spec = OutputSpec(want_logits, tuple(sorted(group.cls_layers)), tuple(sorted(group.token_layers)))
-            passes = plan_batches(
-                group.rows, self.config.max_batch_size, self.config.max_batch_tokens, overhead
-            )
+            # batch-invariant: one row per pass, so each row's FLOPs share is its own exact cost
+            max_rows = 1 if self.engine.batch_invariant else self.config.max_batch_size
+            passes = plan_batches(group.rows, max_rows, self.config.max_batch_tokens, overhead)
             for batch in passes:
                 live = [row for row in batch if not row.request.future.done()]
                 if live:
