@@ -597,7 +597,7 @@ class Pod:
 
 
 @contextmanager
-def run_pod(doc: dict, root: Path, models: Path, config_map: str, mounts: dict[str, Path]) -> Iterator[Pod]:
+def run_pod(doc: dict, root: Path, config_map: str, mounts: dict[str, Path]) -> Iterator[Pod]:
     """Start a teacher container's command line here; yield once its readiness probe passes."""
     (container_spec,) = [c for c in containers(doc) if "image" in c]
     listen = option(container_spec["args"], "--port")
@@ -660,9 +660,7 @@ def volumes(tiny_teachers: dict[str, Path], tmp_path_factory: pytest.TempPathFac
 def plain_pod(volumes: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pod]:
     deployment = find(documents(), "Deployment", "teacher-server")[0]
     root = tmp_path_factory.mktemp("teacher-server-pod")
-    with run_pod(
-        deployment, root, volumes["/models"], "teacher-server-config", {"/models": volumes["/models"]}
-    ) as pod:
+    with run_pod(deployment, root, "teacher-server-config", {"/models": volumes["/models"]}) as pod:
         yield pod
 
 
@@ -677,7 +675,7 @@ def kserve_pod(volumes: dict[str, Path], tmp_path_factory: pytest.TempPathFactor
     assert claim == "teacher-models"
     root = tmp_path_factory.mktemp("teacher-small-predictor")
     mounts = {"/mnt/models": volumes["/models"] / sub_path}
-    with run_pod(runtime, root, volumes["/models"], "teacher-small-config", mounts) as pod:
+    with run_pod(runtime, root, "teacher-small-config", mounts) as pod:
         yield pod
 
 
@@ -937,3 +935,14 @@ def test_a_host_that_cannot_be_a_header_is_refused() -> None:
 
     with pytest.raises(UserError, match="is not a host name"):
         make_teacher_client("http://10.0.0.1:80#small@http://teacher-small", name="small")
+
+
+if __name__ == "__main__":  # python -m tests.test_kubernetes: the static checks alone, one line per problem
+    import sys
+
+    problems = all_errors(list(documents()))
+    print(
+        "\n".join(problems)
+        or f"{len(documents())} manifests in {len(MANIFESTS)} files: schemas and cross-checks pass"
+    )
+    sys.exit(1 if problems else 0)
