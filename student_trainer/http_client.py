@@ -20,6 +20,9 @@ passes but whose infer still hangs costs a ``timeout_s`` per cool-down, at most 
 
 Proxy variables (``HTTP_PROXY``, ``NO_PROXY``, …) apply to remote replicas, never to loopback
 ones: a service on this machine is always reached directly.
+
+``host`` sends every request with that ``Host`` header: a KServe InferenceService reached through
+its ingress gateway's address is routed by the host name in its ``status.url``.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import asyncio
 import dataclasses
 import logging
 import random
+import re
 import time
 from collections.abc import Awaitable, Mapping
 from email.utils import parsedate_to_datetime
@@ -53,6 +57,7 @@ log = logging.getLogger(__name__)
 ANSWER_COUNTERS = ("teacher_flops", "tokens", "padded_tokens", "cache_hits")
 RETRY_STATUSES = (429, 503)
 PROBE_TIMEOUT_S = 1.0  # a health check answers in milliseconds unless the replica is stuck
+HOST_PATTERN = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(:\d{1,5})?")  # a Host header: name[:port]
 # ``None`` = the client's own direct transport; these win over the proxies httpx reads from the environment.
 LOOPBACK_DIRECT = {"all://127.0.0.1": None, "all://localhost": None, "all://[::1]": None}
 
@@ -120,6 +125,7 @@ class HttpTeacherClient:
         cooldown_max_s: float = 120.0,
         output_dtype: str = "FP32",
         binary: bool = True,
+        host: str | None = None,
         **ignored_local_options: object,
     ):
         if not urls:
@@ -131,6 +137,9 @@ class HttpTeacherClient:
             raise UserError(f"output_dtype {output_dtype!r} is not one of {list(OUTPUT_DATATYPES)}")
         if api_key is not None:
             api_key = clean_api_key(api_key, f"teacher {model!r}")
+        if host is not None and not HOST_PATTERN.fullmatch(host):
+            raise UserError(f"teacher {model!r}: {host!r} is not a host name (HOST or HOST:PORT)")
+        self.host = host
         self.urls = [url.rstrip("/") for url in urls]
         self.model = model
         self.api_key = api_key
@@ -221,6 +230,8 @@ class HttpTeacherClient:
 
     def _reconnect(self) -> None:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        if self.host:
+            headers["Host"] = self.host
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=32)
         for replica in self._replicas:
             replica.client = httpx.AsyncClient(

@@ -5,7 +5,8 @@ backend from the spec string the user passes on the command line:
 
 * ``URL[,URL...]`` or ``URL[,URL...]#MODEL``: one or more replicas of the same teacher
   served by ``teacher-server`` (least-outstanding-requests balancing, retries, failover);
-  the model name defaults to the teacher's role (``small`` / ``large``);
+  the model name defaults to the teacher's role (``small`` / ``large``); ``...#MODEL@HOST``
+  sends ``Host: HOST`` (a KServe InferenceService behind its ingress gateway's address);
 * ``local:PATH``: the checkpoint at ``PATH`` runs in this process with the service's own
   engine, for offline runs and comparisons. Outputs, shapes and ``tokens`` match the service;
   ``teacher_flops``/``padded_tokens`` match when the service runs the request alone in one pass
@@ -47,9 +48,11 @@ def make_teacher_client(spec: str, *, name: str, **options: object) -> TeacherCl
         return LocalTeacherClient(spec.removeprefix("local:"), name=name, **options)  # type: ignore[arg-type]
     from student_trainer.http_client import HttpTeacherClient
 
-    urls, _, model = spec.partition("#")
+    urls, _, target = spec.partition("#")
+    model, _, host = target.partition("@")
     return HttpTeacherClient(
         [u.strip() for u in urls.split(",") if u.strip()],
         model=model or name,
+        host=host or None,
         **options,  # type: ignore[arg-type]
     )
