@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from transformers import BertForSequenceClassification
 
-from student_trainer.arguments import DATA_SELECTIONS, SUPERVISIONS, TEACHER_SELECTIONS, parse_distill_args
-from student_trainer.distill import train
+from student_trainer.args.distill import DATA_SELECTIONS, SUPERVISIONS, TEACHER_SELECTIONS, parse_distill_args
+from student_trainer.train.loop import train
 from tests.tiny_models import WORDS, save_tiny_tokenizer, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]

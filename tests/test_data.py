@@ -12,20 +12,12 @@ from pathlib import Path
 import pytest
 
 from shared.errors import UserError
-from student_trainer.arguments import parse_distill_args
-from student_trainer.data import (
-    TASKS,
-    Example,
-    TaskData,
-    TokenizedDataset,
-    collate_batch,
-    load_file,
-    load_hf_dataset,
-    load_task,
-    load_train_and_eval,
-    load_train_and_eval_from,
-    write_tsv,
-)
+from student_trainer.args.distill import parse_distill_args
+from student_trainer.data.loading import load_train_and_eval, load_train_and_eval_from
+from student_trainer.data.readers import load_file, load_hf_dataset, load_task
+from student_trainer.data.tasks import TASKS, Example, TaskData
+from student_trainer.data.tokenized import TokenizedDataset, collate_batch
+from student_trainer.data.tsv import write_tsv
 from tests.tiny_models import save_tiny_tokenizer
 
 # (task, split) -> label counts as listed in the MANIFEST (unlabelled test files: {-1: rows}).

@@ -12,10 +12,10 @@ from transformers import BertForSequenceClassification
 
 from shared.errors import UserError
 from shared.teacher_api import TeacherInfo
-from student_trainer import distill
-from student_trainer.arguments import parse_distill_args
-from student_trainer.student import teacher_label_order
-from student_trainer.teacher_client import make_teacher_client
+from student_trainer.args.distill import parse_distill_args
+from student_trainer.teachers.client import make_teacher_client
+from student_trainer.train import loop as distill
+from student_trainer.train.student import teacher_label_order
 from tests.distill_support import (
     METHODS,
     WrappedTeacher,

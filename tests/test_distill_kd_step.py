@@ -13,13 +13,13 @@ import torch.nn.functional as F
 from transformers import BertForSequenceClassification
 
 from shared.teacher_api import TeacherAnswer, TeacherInfo, TeacherQuery
-from student_trainer.alignment import LayerAlignment, make_projection
-from student_trainer.arguments import DistillArguments
-from student_trainer.http_client import TeacherRequestError
-from student_trainer.kd_step import TeacherCallError, ask_teachers, distillation_loss, plan_batch
-from student_trainer.losses import kd_loss, patient_loss
-from student_trainer.selection import select_instances, soft_teacher_weights, supervision_weights
-from student_trainer.student import DistillStudent
+from student_trainer.args.distill import DistillArguments
+from student_trainer.kd.alignment import LayerAlignment, make_projection
+from student_trainer.kd.losses import kd_loss, patient_loss
+from student_trainer.kd.selection import select_instances, soft_teacher_weights, supervision_weights
+from student_trainer.kd.step import TeacherCallError, ask_teachers, distillation_loss, plan_batch
+from student_trainer.teachers.http import TeacherRequestError
+from student_trainer.train.student import DistillStudent
 from tests.tiny_models import tiny_config
 
 LENGTHS = [5, 9, 3, 7, 6, 4, 8, 2]

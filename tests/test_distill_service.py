@@ -22,8 +22,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from student_trainer import distill
-from student_trainer.teacher_client import make_teacher_client
+from student_trainer.teachers.client import make_teacher_client
+from student_trainer.train import loop as distill
 from tests.distill_support import (
     METHODS,
     REPO,

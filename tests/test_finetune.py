@@ -13,12 +13,12 @@ from safetensors.torch import load_file as load_safetensors
 
 from shared.errors import UserError
 from shared.teacher_api import TeacherQuery
-from student_trainer.arguments import parse_distill_args
+from student_trainer.args.distill import parse_distill_args
 from student_trainer.commands import finetune as finetune_command
-from student_trainer.data import load_task
-from student_trainer.distill import train as train_student
-from student_trainer.finetune import FinetuneArguments, finetune
-from student_trainer.synthetic import write_synthetic_task
+from student_trainer.data.readers import load_task
+from student_trainer.data.synthetic import write_synthetic_task
+from student_trainer.train.finetune import FinetuneArguments, finetune
+from student_trainer.train.loop import train as train_student
 from teacher_server.engine import TeacherEngine
 from teacher_server.launch import serve_in_subprocess
 from tests.tiny_models import save_tiny_bert

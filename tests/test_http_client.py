@@ -34,7 +34,7 @@ from shared.codec import (
 from shared.errors import UserError
 from shared.protocol import InferenceRequest
 from shared.teacher_api import TeacherAnswer, TeacherQuery
-from student_trainer.http_client import HttpTeacherClient, TeacherRequestError, TeacherUnavailableError
+from student_trainer.teachers.http import HttpTeacherClient, TeacherRequestError, TeacherUnavailableError
 
 HIDDEN = 4
 LABELS = ["neg", "pos", "neutral"]
@@ -692,7 +692,7 @@ def real_queries(num_layers: int) -> list[TeacherQuery]:
 def test_real_service_answers_like_the_in_process_teacher(
     teacher_service, tiny_teachers, binary: bool
 ) -> None:
-    from student_trainer.local_client import LocalTeacherClient
+    from student_trainer.teachers.local import LocalTeacherClient
 
     async def main(name: str) -> None:
         remote = HttpTeacherClient([teacher_service.url], model=name, api_key="k3y", binary=binary)
@@ -723,7 +723,7 @@ def test_real_service_answers_like_the_in_process_teacher(
 
 
 def test_the_in_process_teacher_skips_all_padding_columns(tiny_teachers) -> None:
-    from student_trainer.local_client import LocalTeacherClient
+    from student_trainer.teachers.local import LocalTeacherClient
 
     padded = real_queries(2)[3]
     trimmed = TeacherQuery(

@@ -7,7 +7,7 @@ import dataclasses
 import types
 import typing
 
-from student_trainer.arguments import FinetuneArguments
+from student_trainer.args.distill import FinetuneArguments
 
 
 def _value_type(hint: typing.Any) -> type:
@@ -37,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     names = {f.name for f in dataclasses.fields(FinetuneArguments)}
     arguments = FinetuneArguments(**{k: v for k, v in vars(args).items() if k in names})
-    from student_trainer.finetune import finetune  # torch + transformers: only when this command runs
+    from student_trainer.train.finetune import finetune  # torch + transformers: only when this command runs
 
     results = finetune(arguments)
     summary = ", ".join(

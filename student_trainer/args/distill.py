@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from shared.errors import UserError
-from student_trainer.metrics import METRICS
+from student_trainer.train.metrics import METRICS
 
 TEACHER_ROLES = ("small", "large")
 TEACHER_SELECTIONS = ("small", "large", "ensemble", "hard", "soft", "soft-batch")

@@ -11,7 +11,7 @@ backend from the spec string the user passes on the command line:
   ``teacher_flops``/``padded_tokens`` match when the service runs the request alone in one pass
   (both drop all-padding columns); otherwise they differ, usually in the service's favour,
   since it also splits rows into passes and batches them across requests by length (see
-  ``student_trainer.local_client``).
+  ``student_trainer.teachers.local``).
 """
 
 from __future__ import annotations
@@ -42,10 +42,10 @@ class TeacherClient(Protocol):
 def make_teacher_client(spec: str, *, name: str, **options: object) -> TeacherClient:
     """Build the backend a spec names (see module docstring); ``options`` go to the backend."""
     if spec.startswith("local:"):
-        from student_trainer.local_client import LocalTeacherClient
+        from student_trainer.teachers.local import LocalTeacherClient
 
         return LocalTeacherClient(spec.removeprefix("local:"), name=name, **options)  # type: ignore[arg-type]
-    from student_trainer.http_client import HttpTeacherClient
+    from student_trainer.teachers.http import HttpTeacherClient
 
     urls, _, model = spec.partition("#")
     return HttpTeacherClient(

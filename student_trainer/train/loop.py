@@ -42,10 +42,21 @@ from transformers.utils import logging as hf_logging
 
 from shared.api_key import clean_api_key
 from shared.errors import UserError
-from student_trainer import ledger as flops
-from student_trainer.alignment import LayerAlignment
-from student_trainer.arguments import DistillArguments
-from student_trainer.checkpoint import (
+from student_trainer.args.distill import DistillArguments
+from student_trainer.data.loading import load_train_and_eval_from
+from student_trainer.data.tokenized import TokenizedDataset, collate_batch
+from student_trainer.kd import ledger as flops
+from student_trainer.kd.alignment import LayerAlignment
+from student_trainer.kd.selection import ExactBudgetSelector, select_instances
+from student_trainer.kd.step import (
+    TeacherCallError,
+    ask_teachers,
+    distillation_loss,
+    in_data_label_order,
+    plan_batch,
+)
+from student_trainer.teachers.client import TeacherClient, TeacherInfo, make_teacher_client
+from student_trainer.train.checkpoint import (
     capture_rng_state,
     list_checkpoints,
     load_checkpoint,
@@ -54,23 +65,9 @@ from student_trainer.checkpoint import (
     rotate_checkpoints,
     save_checkpoint,
 )
-from student_trainer.data import (
-    TokenizedDataset,
-    collate_batch,
-    load_train_and_eval_from,
-)
-from student_trainer.kd_step import (
-    TeacherCallError,
-    ask_teachers,
-    distillation_loss,
-    in_data_label_order,
-    plan_batch,
-)
-from student_trainer.metrics import compute_metrics
-from student_trainer.selection import ExactBudgetSelector, select_instances
-from student_trainer.student import DistillStudent, build_student, teacher_label_order
-from student_trainer.teacher_client import TeacherClient, TeacherInfo, make_teacher_client
-from student_trainer.training import adamw_with_decay_groups, resolve_device
+from student_trainer.train.metrics import compute_metrics
+from student_trainer.train.optim import adamw_with_decay_groups, resolve_device
+from student_trainer.train.student import DistillStudent, build_student, teacher_label_order
 
 # -- processes ------------------------------------------------------------------------------------
 

@@ -25,10 +25,12 @@ from transformers.utils import logging as hf_logging
 
 from shared.errors import UserError
 from shared.modeling import load_sequence_classifier
-from student_trainer.arguments import FinetuneArguments
-from student_trainer.data import TaskData, TokenizedDataset, collate_batch, load_train_and_eval_from
-from student_trainer.metrics import compute_metrics
-from student_trainer.training import adamw_with_decay_groups, resolve_device
+from student_trainer.args.distill import FinetuneArguments
+from student_trainer.data.loading import load_train_and_eval_from
+from student_trainer.data.tasks import TaskData
+from student_trainer.data.tokenized import TokenizedDataset, collate_batch
+from student_trainer.train.metrics import compute_metrics
+from student_trainer.train.optim import adamw_with_decay_groups, resolve_device
 
 
 def _model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -96,7 +96,7 @@ class _Replica:
 
 
 class HttpTeacherClient:
-    """A :class:`~student_trainer.teacher_client.TeacherClient` for ``teacher-server`` replicas.
+    """A :class:`~student_trainer.teachers.client.TeacherClient` for ``teacher-server`` replicas.
 
     ``timeout_s`` bounds each attempt end to end (and is sent as the server-side deadline);
     ``max_retries`` counts attempts after the first; ``cooldown_s`` is how long a replica that

@@ -1,7 +1,7 @@
 """One batch of dynamic KD: which rows the teachers see, what they are asked, how the losses combine.
 
-The decisions and the losses are the pure functions of :mod:`student_trainer.selection` and
-:mod:`student_trainer.losses`; this module applies them to a batch:
+The decisions and the losses are the pure functions of :mod:`student_trainer.kd.selection` and
+:mod:`student_trainer.kd.losses`; this module applies them to a batch:
 
 1. :func:`plan_batch` — from the student's (detached) logits of its training forward pass:
    the ``int(B·r)`` selected rows, then which teacher answers which of them (``hard`` sends
@@ -30,13 +30,13 @@ import torch
 import torch.nn.functional as F
 
 from shared.teacher_api import TeacherAnswer, TeacherQuery
-from student_trainer.alignment import LayerAlignment
-from student_trainer.arguments import DistillArguments
-from student_trainer.http_client import TeacherRequestError
-from student_trainer.losses import kd_loss, patient_loss
-from student_trainer.selection import hard_split, soft_teacher_weights, supervision_weights
-from student_trainer.student import DistillStudent
-from student_trainer.teacher_client import TeacherClient
+from student_trainer.args.distill import DistillArguments
+from student_trainer.kd.alignment import LayerAlignment
+from student_trainer.kd.losses import kd_loss, patient_loss
+from student_trainer.kd.selection import hard_split, soft_teacher_weights, supervision_weights
+from student_trainer.teachers.client import TeacherClient
+from student_trainer.teachers.http import TeacherRequestError
+from student_trainer.train.student import DistillStudent
 
 
 @dataclass
