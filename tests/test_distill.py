@@ -14,7 +14,8 @@ from shared.errors import UserError
 from shared.teacher_api import TeacherInfo
 from student_trainer.args.distill import parse_distill_args
 from student_trainer.teachers.client import make_teacher_client
-from student_trainer.train import loop as distill
+from student_trainer.train import setup as distill_setup
+from student_trainer.train.setup import make_clients
 from student_trainer.train.student import teacher_label_order
 from tests.distill_support import (
     METHODS,
@@ -159,7 +160,7 @@ def test_teacher_down_leaves_a_checkpoint_and_resuming_is_bit_identical(
 
     interrupted = tmp_path / "interrupted"
     monkeypatch.setattr(
-        distill,
+        distill_setup,
         "make_teacher_client",
         lambda spec, name, **options: FlakyTeacher(
             make_teacher_client(spec, name=name, **options), answers=7 if name == "large" else 100
@@ -210,14 +211,14 @@ def test_the_api_key_comes_from_the_named_environment_variable(monkeypatch: pyte
     ]
     args = parse_distill_args(argv)
     monkeypatch.setenv("KD_TEST_KEY", "s3cret")
-    client = distill.make_clients(args, torch.device("cpu"))["large"]
+    client = make_clients(args, torch.device("cpu"))["large"]
     assert (client.api_key, client.timeout_s, client.model) == ("s3cret", 7.0, "large")
     monkeypatch.setenv("KD_TEST_KEY", "\n")  # whitespace only: no key, not an empty Authorization header
     with pytest.raises(UserError, match="--api_key_env KD_TEST_KEY: the API key is empty or unset"):
-        distill.make_clients(args, torch.device("cpu"))
+        make_clients(args, torch.device("cpu"))
     monkeypatch.delenv("KD_TEST_KEY")
     with pytest.raises(UserError, match="--api_key_env KD_TEST_KEY: the API key is empty or unset"):
-        distill.make_clients(args, torch.device("cpu"))
+        make_clients(args, torch.device("cpu"))
 
 
 def test_tensorboard_gets_the_same_scalars_when_installed(

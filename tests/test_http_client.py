@@ -34,7 +34,8 @@ from shared.codec import (
 from shared.errors import UserError
 from shared.protocol import InferenceRequest
 from shared.teacher_api import TeacherAnswer, TeacherQuery
-from student_trainer.teachers.http import HttpTeacherClient, TeacherRequestError, TeacherUnavailableError
+from student_trainer.teachers.client import TeacherRequestError, TeacherUnavailableError
+from student_trainer.teachers.http import HttpTeacherClient
 
 HIDDEN = 4
 LABELS = ["neg", "pos", "neutral"]

@@ -18,14 +18,11 @@ from typing import Any
 import yaml
 
 from shared.errors import UserError
+from student_trainer.kd.config import PT_FEATURES, SUPERVISIONS, TEACHER_ROLES, TEACHER_SELECTIONS, KDConfig
+from student_trainer.kd.losses import KD_LOSS_KINDS
+from student_trainer.kd.selection import SELECTION_STRATEGIES
 from student_trainer.train.metrics import METRICS
 
-TEACHER_ROLES = ("small", "large")
-TEACHER_SELECTIONS = ("small", "large", "ensemble", "hard", "soft", "soft-batch")
-DATA_SELECTIONS = ("none", "random", "entropy", "margin", "lc")
-SUPERVISIONS = ("kd", "pkd", "uncertainty")
-PT_FEATURES = ("cls", "all-tokens")
-KD_LOSSES = ("kl", "mse")
 STRATEGIES = ("no", "steps", "epoch")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 
@@ -106,14 +103,16 @@ class DistillArguments:
         None, "Which teacher(s) supervise (default: the only one given).", choices=TEACHER_SELECTIONS
     )
     no_kd: bool = option(False, "Baseline: cross-entropy only, no teacher at all.")
-    data_selection: str = option("none", "Which instances get teacher supervision.", choices=DATA_SELECTIONS)
+    data_selection: str = option(
+        "none", "Which instances get teacher supervision.", choices=SELECTION_STRATEGIES
+    )
     selection_ratio: float = option(1.0, "Fraction r of each batch sent to the teacher(s): int(B*r) rows.")
     exact_budget: bool = option(False, "Carry the fractional remainder so an epoch selects round(N*r).")
     supervision: str = option("kd", "Distillation objective.", choices=SUPERVISIONS)
     lambda_kl: float = option(1.0, "Weight of the logit (KD) term.")
     lambda_pt: float = option(1.0, "Weight of the patient (hidden-state) term for pkd/uncertainty.")
     pt_features: str = option("cls", "Hidden-state features of the patient loss.", choices=PT_FEATURES)
-    kd_loss: str = option("kl", "Loss on logits: KL at --temperature or MSE.", choices=KD_LOSSES)
+    kd_loss: str = option("kl", "Loss on logits: KL at --temperature or MSE.", choices=KD_LOSS_KINDS)
     temperature: float = option(1.0, "Softmax temperature of the KL loss.")
     ce_alpha: float = option(1.0, "Weight of the cross-entropy term (every instance).")
     kd_alpha: float = option(1.0, "Weight of the whole distillation term (selected instances).")
@@ -137,17 +136,31 @@ class DistillArguments:
         return parsed
 
     @property
+    def kd(self) -> KDConfig:
+        """What the distillation maths reads (after :meth:`validate`)."""
+        return KDConfig(
+            teacher_selection=None if self.no_kd else self.teacher_selection,
+            data_selection=self.data_selection,
+            selection_ratio=self.selection_ratio,
+            exact_budget=self.exact_budget,
+            supervision=self.supervision,
+            pt_features=self.pt_features,
+            kd_loss=self.kd_loss,
+            temperature=self.temperature,
+            ce_alpha=self.ce_alpha,
+            kd_alpha=self.kd_alpha,
+            lambda_kl=self.lambda_kl,
+            lambda_pt=self.lambda_pt,
+        )
+
+    @property
     def teacher_roles(self) -> tuple[str, ...]:
         """The teachers the chosen method queries (none for ``--no_kd``)."""
-        if self.no_kd:
-            return ()
-        if self.teacher_selection in TEACHER_ROLES:
-            return (self.teacher_selection,)
-        return TEACHER_ROLES
+        return self.kd.teacher_roles
 
     @property
     def uses_hidden_states(self) -> bool:
-        return not self.no_kd and self.supervision in ("pkd", "uncertainty")
+        return self.kd.uses_hidden_states
 
     def validate(self) -> DistillArguments:
         """Fill what can be inferred and reject contradictions, each with a one-line reason."""

@@ -8,7 +8,7 @@ from shared.errors import UserError
 from student_trainer.data.loading import split_columns
 from student_trainer.data.readers import load_file, load_task
 from student_trainer.data.tasks import TaskData
-from student_trainer.train.optim import resolve_device
+from student_trainer.train.distributed import resolve_device
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

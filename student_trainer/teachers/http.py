@@ -47,6 +47,7 @@ from shared.codec import (
 from shared.errors import UserError
 from shared.protocol import ErrorBody, ModelMetadata
 from shared.teacher_api import TeacherAnswer, TeacherInfo, TeacherQuery
+from student_trainer.teachers.client import TeacherRequestError, TeacherUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -55,19 +56,6 @@ RETRY_STATUSES = (429, 503)
 PROBE_TIMEOUT_S = 1.0  # a health check answers in milliseconds unless the replica is stuck
 # ``None`` = the client's own direct transport; these win over the proxies httpx reads from the environment.
 LOOPBACK_DIRECT = {"all://127.0.0.1": None, "all://localhost": None, "all://[::1]": None}
-
-
-class TeacherUnavailableError(UserError):
-    """No replica answered within the retry budget (or became ready in time)."""
-
-
-class TeacherRequestError(UserError):
-    """The service refused the request (4xx) or answered outside the protocol: retrying cannot help."""
-
-    def __init__(self, message: str, *, status: int | None = None, field: str | None = None):
-        super().__init__(message)
-        self.status = status
-        self.field = field
 
 
 class _Retryable(Exception):

@@ -29,8 +29,9 @@ from student_trainer.args.distill import FinetuneArguments
 from student_trainer.data.loading import load_train_and_eval_from
 from student_trainer.data.tasks import TaskData
 from student_trainer.data.tokenized import TokenizedDataset, collate_batch
+from student_trainer.train.distributed import resolve_device
 from student_trainer.train.metrics import compute_metrics
-from student_trainer.train.optim import adamw_with_decay_groups, resolve_device
+from student_trainer.train.optim import adamw_with_decay_groups
 
 
 def _model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

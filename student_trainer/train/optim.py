@@ -1,28 +1,14 @@
-"""Pieces every training loop here shares: where to run, and BERT's optimizer."""
+"""BERT's optimizer (AdamW, no decay on biases and LayerNorm weights) and the learning-rate schedule."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
+from transformers import get_scheduler
 
-from shared.errors import UserError
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` → CUDA when present; a bare ``cuda`` means this process's own GPU under torchrun."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise UserError(f"--device {name!r} is not a device (cpu, cuda, cuda:N, auto)") from err
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {name}: CUDA is not available here")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-    return device
+from student_trainer.args.distill import DistillArguments
 
 
 def adamw_with_decay_groups(
@@ -40,3 +26,18 @@ def adamw_with_decay_groups(
         {"params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps)
+
+
+def make_optimizer(
+    model: torch.nn.Module, args: DistillArguments, total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """BERT's AdamW (no decay on biases and LayerNorm weights) and the HF learning-rate schedule."""
+    optimizer = adamw_with_decay_groups(
+        model.parameters(),
+        learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+    )
+    warmup = args.warmup_steps if args.warmup_steps > 0 else math.ceil(args.warmup_ratio * total_steps)
+    return optimizer, get_scheduler(args.lr_scheduler_type, optimizer, warmup, total_steps)
