@@ -46,12 +46,11 @@ from shared.codec import (
 )
 from shared.errors import UserError
 from shared.protocol import ErrorBody, ModelMetadata
-from shared.teacher_api import TeacherAnswer, TeacherInfo, TeacherQuery
+from shared.teacher_api import TeacherAnswer, TeacherInfo, TeacherQuery, Timings
 from student_trainer.teachers.client import TeacherRequestError, TeacherUnavailableError
 
 log = logging.getLogger(__name__)
 
-ANSWER_COUNTERS = ("teacher_flops", "tokens", "padded_tokens", "cache_hits")
 RETRY_STATUSES = (429, 503)
 PROBE_TIMEOUT_S = 1.0  # a health check answers in milliseconds unless the replica is stuck
 # ``None`` = the client's own direct transport; these win over the proxies httpx reads from the environment.
@@ -272,9 +271,12 @@ class HttpTeacherClient:
                 )
             return value.to(torch.float32)
 
-        def count(name: str) -> int:
+        def number(name: str) -> float:
             value = params.get(name, 0)
-            return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0
+            return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
+
+        def count(name: str) -> int:
+            return int(number(name))
 
         cls_shape, token_shape = (
             (batch, len(query.cls_layers), None),
@@ -288,11 +290,7 @@ class HttpTeacherClient:
             tokens=count("tokens"),
             padded_tokens=count("padded_tokens"),
             cache_hits=count("cache_hits"),
-            extra={
-                k: float(v)
-                for k, v in params.items()
-                if k not in ANSWER_COUNTERS and isinstance(v, int | float) and not isinstance(v, bool)
-            },
+            timings=Timings(queue_us=number("queue_us"), compute_us=number("compute_us")),
         )
 
     async def _post(self, body: bytes, headers: dict[str, str]) -> tuple[_Replica, httpx.Response]:
