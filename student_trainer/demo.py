@@ -25,7 +25,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from shared.errors import UserError
-from student_trainer.args.distill import DistillArguments, FinetuneArguments
+from student_trainer.args.distill import DistillArguments
+from student_trainer.args.finetune import FinetuneArguments
 from student_trainer.data.synthetic import write_synthetic_task
 from student_trainer.data.tasks import get_task_spec
 from teacher_server.launch import serve_in_subprocess

@@ -1,42 +1,36 @@
-"""Every `student-trainer distill` and `finetune` option, as dataclasses with HF ``TrainingArguments`` names.
+"""`student-trainer distill` options: Hugging Face ``TrainingArguments`` names plus the KD knobs.
 
-The same keys work on the command line and in a YAML file given with ``--config``; the
-command line wins over the file, the file over the defaults. One declaration drives the
-parser, the YAML checks and the validation, so a flag can never exist in one and not the other.
+Built into flags and YAML keys by :mod:`student_trainer.args.builder`; the maths reads the
+:class:`~student_trainer.kd.config.KDConfig` that :attr:`DistillArguments.kd` makes of them.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import types
-import typing
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
 from shared.errors import UserError
+from student_trainer.args.builder import check_choices, option, parse_arguments
+from student_trainer.args.common import (
+    DataArguments,
+    check_training_options,
+    require_non_negative,
+    require_positive,
+)
 from student_trainer.kd.config import PT_FEATURES, SUPERVISIONS, TEACHER_ROLES, TEACHER_SELECTIONS, KDConfig
 from student_trainer.kd.losses import KD_LOSS_KINDS
 from student_trainer.kd.selection import SELECTION_STRATEGIES
-from student_trainer.train.metrics import METRICS
 
 STRATEGIES = ("no", "steps", "epoch")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 
 
-def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None) -> Any:
-    """A dataclass field carrying its command-line help (and allowed values)."""
-    metadata = {"help": help, "choices": choices}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
 @dataclass
-class DistillArguments:
+class DistillArguments(DataArguments):
+    """`student-trainer distill` options (Hugging Face ``TrainingArguments`` names, the data options
+    of :class:`DataArguments`, the KD knobs)."""
+
     # -- student and data ------------------------------------------------------------------------
     model_name_or_path: str | None = option(
         None, "Pretrained BERT (local dir or hub id) whose first layers initialise the student."
@@ -44,21 +38,6 @@ class DistillArguments:
     student_num_layers: int | None = option(
         None, "Keep only the first m encoder layers of that model (default: all of them)."
     )
-    task: str | None = option(None, "Registered task name (sst2, mrpc, cola, rte, ..., synthetic).")
-    data_dir: str | None = option(None, "Folder holding the task's files (GLUE layout).")
-    train_file: str | None = option(None, "A .tsv/.csv/.jsonl training file instead of --task.")
-    validation_file: str | None = option(None, "The matching evaluation file (optional).")
-    text_columns: str = option("sentence", "Comma-separated text column(s) of the data files.")
-    label_column: str = option("label", "Label column of --train_file/--validation_file.")
-    metric: str | None = option(
-        None,
-        "Metric reported besides accuracy: f1 or mcc (default: the task's own; accuracy for files).",
-        choices=METRICS,
-    )
-    skip_bad_rows: bool = option(False, "Skip (and count) malformed data rows instead of failing.")
-    max_train_samples: int | None = option(None, "Use only the first N training examples.")
-    max_eval_samples: int | None = option(None, "Use only the first N evaluation examples.")
-    max_seq_length: int = option(128, "Truncate inputs to this many tokens.")
 
     # -- training (Hugging Face TrainingArguments names and defaults) -----------------------------
     output_dir: str | None = option(None, "Where checkpoints, logs, the final model and results.json go.")
@@ -138,20 +117,10 @@ class DistillArguments:
     @property
     def kd(self) -> KDConfig:
         """What the distillation maths reads (after :meth:`validate`)."""
-        return KDConfig(
-            teacher_selection=None if self.no_kd else self.teacher_selection,
-            data_selection=self.data_selection,
-            selection_ratio=self.selection_ratio,
-            exact_budget=self.exact_budget,
-            supervision=self.supervision,
-            pt_features=self.pt_features,
-            kd_loss=self.kd_loss,
-            temperature=self.temperature,
-            ce_alpha=self.ce_alpha,
-            kd_alpha=self.kd_alpha,
-            lambda_kl=self.lambda_kl,
-            lambda_pt=self.lambda_pt,
-        )
+        knobs = {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(KDConfig)
+        }  # same names as the flags
+        return KDConfig(**{**knobs, "teacher_selection": None if self.no_kd else self.teacher_selection})
 
     @property
     def teacher_roles(self) -> tuple[str, ...]:
@@ -166,14 +135,8 @@ class DistillArguments:
         """Fill what can be inferred and reject contradictions, each with a one-line reason."""
         if not self.model_name_or_path:
             raise UserError("--model_name_or_path is required (the pretrained model the student starts from)")
-        if bool(self.task) == bool(self.train_file):
-            raise UserError("give either --task (with --data_dir) or --train_file")
-        if self.task and not self.data_dir:
-            raise UserError("--task needs --data_dir")
-        for f in dataclasses.fields(self):
-            value, choices = getattr(self, f.name), f.metadata["choices"]
-            if choices and value is not None and value not in choices:
-                raise UserError(f"--{f.name} must be one of {list(choices)}, got {value!r}")
+        self.check_data()
+        check_choices(self)
         teachers = self.teachers
         if not self.no_kd:
             if not teachers:
@@ -194,10 +157,10 @@ class DistillArguments:
         if self.eval_steps is None:
             self.eval_steps = self.logging_steps
         check_training_options(self)
-        _require_positive(
+        require_positive(
             self, "eval_steps", "save_steps", "temperature", "teacher_timeout", "teacher_ready_timeout"
         )
-        _require_non_negative(self, "adam_epsilon")
+        require_non_negative(self, "adam_epsilon")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise UserError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
@@ -211,194 +174,6 @@ class DistillArguments:
         return dataclasses.asdict(self)
 
 
-# -- checks both commands share --------------------------------------------------------------------
-
-
-def _require_positive(args: object, *names: str) -> None:
-    """Sizes, rates and ``step % N`` periods: zero or less would fail deep inside torch or the loop."""
-    for name in names:
-        if not getattr(args, name) > 0:
-            raise UserError(f"--{name} must be > 0, got {getattr(args, name)}")
-
-
-def _require_non_negative(args: object, *names: str) -> None:
-    for name in names:
-        if not getattr(args, name) >= 0:
-            raise UserError(f"--{name} must be >= 0, got {getattr(args, name)}")
-
-
-def _check_output_dir(output_dir: str | None) -> None:
-    """A file where the folder (or one above it) should be would only fail at the first save."""
-    if not output_dir:
-        raise UserError("--output_dir is required")
-    path = Path(output_dir)
-    for folder in (path, *path.parents):
-        if folder.exists():
-            if not folder.is_dir():
-                raise UserError(f"--output_dir {output_dir}: {folder} is a file, not a folder")
-            return
-
-
-def check_training_options(args: DistillArguments | FinetuneArguments) -> None:
-    """The options `distill` and `finetune` both have, checked the same way."""
-    _require_positive(args, "per_device_train_batch_size", "per_device_eval_batch_size", "max_seq_length")
-    _require_positive(args, "logging_steps", "learning_rate")
-    _require_non_negative(args, "weight_decay", "max_grad_norm")
-    if not 0.0 <= args.warmup_ratio <= 1.0:
-        raise UserError(f"--warmup_ratio must be in [0, 1], got {args.warmup_ratio}")
-    if args.max_steps <= 0 and not args.num_train_epochs > 0:
-        raise UserError("--num_train_epochs must be > 0 (or give --max_steps)")
-    _check_output_dir(args.output_dir)
-
-
-# -- command line and YAML ------------------------------------------------------------------------
-
-
-_FIELDS = {f.name: f for f in dataclasses.fields(DistillArguments)}
-_HINTS = typing.get_type_hints(DistillArguments)
-
-
-def _is_list(name: str) -> bool:
-    return typing.get_origin(_HINTS[name]) is list
-
-
-def _base_type(name: str) -> type:
-    """``int | None`` -> int, ``list[str]`` -> str: the type one value of field ``name`` has."""
-    hint = _HINTS[name]
-    if isinstance(hint, types.UnionType):
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
-    if _is_list(name):
-        hint = typing.get_args(hint)[0]
-    return hint
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per field. Defaults are left out (SUPPRESS) so YAML values can sit under the CLI."""
-    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file with any of these keys.")
-    for f in dataclasses.fields(DistillArguments):
-        kind = _base_type(f.name)
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        help_text = f"{f.metadata['help']} (default: {default})"
-        if kind is bool:
-            parser.add_argument(f"--{f.name}", action="store_true", default=argparse.SUPPRESS, help=help_text)
-        elif _is_list(f.name):
-            parser.add_argument(
-                f"--{f.name}", action="append", type=kind, default=argparse.SUPPRESS, help=help_text
-            )
-        else:
-            parser.add_argument(
-                f"--{f.name}",
-                type=kind,
-                choices=f.metadata["choices"],
-                default=argparse.SUPPRESS,
-                help=help_text,
-            )
-
-
-def _coerce_yaml(name: str, value: Any, source: Path) -> Any:
-    """Check one YAML value against the field's type (YAML already typed it)."""
-    kind = _base_type(name)
-    if value is None:  # `key:` with nothing after it
-        if type(None) in typing.get_args(_HINTS[name]):
-            return None
-        wanted = f"a list of {kind.__name__}" if _is_list(name) else kind.__name__
-        raise UserError(f"{source}: key {name!r} has no value; it must be {wanted}")
-    if name == "teacher" and isinstance(value, dict):  # teacher: {small: SPEC, large: SPEC}
-        return [f"{role}={_coerce_yaml_scalar(name, spec, str, source)}" for role, spec in value.items()]
-    if _is_list(name):
-        values = value if isinstance(value, list) else [value]
-        return [_coerce_yaml_scalar(name, v, kind, source) for v in values]
-    return _coerce_yaml_scalar(name, value, kind, source)
-
-
-def _coerce_yaml_scalar(name: str, value: Any, kind: type, source: Path) -> Any:
-    if kind is float and isinstance(value, int | float | str) and not isinstance(value, bool):
-        try:
-            return float(value)  # YAML reads 5e-5 as a string
-        except ValueError:
-            pass
-    if kind is int and isinstance(value, float) and value.is_integer():
-        return int(value)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise UserError(f"{source}: key {name!r} must be {kind.__name__}, got {value!r}")
-    return value
-
-
-def load_yaml_config(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping of option names to values, rejecting unknown keys by name."""
-    path = Path(path)
-    try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise UserError(f"cannot read config {path}: {err.strerror}") from err
-    except yaml.YAMLError as err:
-        raise UserError(f"{path}: invalid YAML: {err}") from err
-    if loaded is None:
-        return {}
-    if not isinstance(loaded, dict):
-        raise UserError(f"{path}: the config must be a mapping of option names to values")
-    unknown = sorted(str(k) for k in loaded if k not in _FIELDS)
-    if unknown:
-        raise UserError(f"{path}: unknown key {unknown[0]!r} (keys are the distill option names)")
-    return {key: _coerce_yaml(key, value, path) for key, value in loaded.items()}
-
-
-def arguments_from_namespace(namespace: argparse.Namespace) -> DistillArguments:
-    """Defaults, then the YAML file, then the flags actually given; validated."""
-    values: dict[str, Any] = {}
-    config = getattr(namespace, "config", None)
-    if config:
-        values.update(load_yaml_config(config))
-    values.update({k: v for k, v in vars(namespace).items() if k in _FIELDS})
-    return DistillArguments(**values).validate()
-
-
 def parse_distill_args(argv: list[str]) -> DistillArguments:
     """Parse a `distill` command line on its own (tests and scripts)."""
-    parser = argparse.ArgumentParser(prog="student-trainer distill")
-    add_arguments(parser)
-    return arguments_from_namespace(parser.parse_args(argv))
-
-
-@dataclass
-class FinetuneArguments:
-    """`student-trainer finetune` options (Hugging Face ``TrainingArguments`` names)."""
-
-    model_name_or_path: str = option(None, "Checkpoint to fine-tune (local dir or hub id).")
-    output_dir: str = option(None, "Where the fine-tuned teacher is saved.")
-    num_layers: int | None = option(None, "Keep only the first m encoder layers (default: all).")
-    task: str | None = option(
-        None, "Registered task (sst2, cola, mrpc, rte, mnli, qnli, qqp, sst5, imdb, ...)."
-    )
-    data_dir: str | None = option(None, "Folder with the task's files (GLUE layout).")
-    train_file: str | None = option(None, "A .tsv/.csv/.jsonl training file instead of --task.")
-    validation_file: str | None = option(None, "The matching evaluation file.")
-    text_columns: str = option("sentence", "Comma-separated text column(s) of --train_file.")
-    label_column: str = option("label", "Label column of --train_file.")
-    metric: str | None = option(
-        None,
-        "Metric reported besides accuracy: f1 or mcc (default: the task's own; accuracy for files).",
-        choices=METRICS,
-    )
-    skip_bad_rows: bool = option(False, "Skip (and count) malformed rows instead of failing.")
-    max_train_samples: int | None = option(None, "Use only the first N training examples.")
-    max_eval_samples: int | None = option(None, "Use only the first N evaluation examples.")
-    max_seq_length: int = option(128, "Truncate inputs to this many tokens.")
-    learning_rate: float = option(2e-5, "Peak AdamW learning rate.")
-    weight_decay: float = option(0.01, "AdamW weight decay (not on biases and LayerNorm weights).")
-    max_grad_norm: float = option(1.0, "Gradient clipping norm (0 disables clipping).")
-    num_train_epochs: float = option(3.0, "Epochs (fractions allowed); --max_steps > 0 overrides.")
-    max_steps: int = option(-1, "Total optimizer steps; overrides --num_train_epochs when > 0.")
-    per_device_train_batch_size: int = option(32, "Training batch size.")
-    per_device_eval_batch_size: int = option(64, "Evaluation batch size.")
-    warmup_ratio: float = option(0.1, "Fraction of the steps used for linear warm-up.")
-    seed: int = option(42, "Seed for the head's initialisation, data order and dropout.")
-    logging_steps: int = option(50, "Print the running loss every N steps.")
-    device: str = option("auto", "cpu, cuda, cuda:N or auto (cuda when available).")
-    disable_tqdm: bool = option(False, "Hide the progress bar.")
-
-    def validate(self) -> FinetuneArguments:
-        if not self.model_name_or_path:
-            raise UserError("--model_name_or_path is required")
-        check_training_options(self)
-        return self
+    return parse_arguments(DistillArguments, argv, prog="student-trainer distill")

@@ -21,6 +21,14 @@ def split_columns(text_columns: str | Sequence[str | int]) -> list[str | int]:
     return list(text_columns)
 
 
+def check_data_source(task: str | None, data_dir: str | Path | None, train_file: str | Path | None) -> None:
+    """The rule of the data options: a registered task with its folder, or a training file."""
+    if bool(task) == bool(train_file):
+        raise UserError("give either --task (with --data_dir) or --train_file")
+    if task and not data_dir:
+        raise UserError("--task needs --data_dir")
+
+
 def load_train_and_eval(
     *,
     task: str | None = None,
@@ -39,11 +47,8 @@ def load_train_and_eval(
     ``metric`` replaces the task's own (files default to accuracy: e.g. CoLA augmented into a file
     still wants MCC).
     """
-    if bool(task) == bool(train_file):
-        raise UserError("give either --task (with --data_dir) or --train_file")
+    check_data_source(task, data_dir, train_file)
     if task:
-        if not data_dir:
-            raise UserError("--task needs --data_dir")
         spec = get_task_spec(task)
         train = load_task(
             task, data_dir, "train", skip_bad_rows=skip_bad_rows, max_examples=max_train_samples

@@ -13,11 +13,7 @@ from student_trainer.data.tasks import (
 
 
 class TokenizedDataset(Dataset):
-    """A split tokenized once up front (fast tokenizer, batched, truncated, unpadded).
-
-    Items carry their ``index`` (position in this dataset): the trainer uses it for exact resume
-    and as the key of its teacher-output cache.
-    """
+    """A split tokenized once up front (fast tokenizer, batched, truncated, unpadded)."""
 
     def __init__(self, data: TaskData, tokenizer, max_seq_length: int, *, chunk_size: int = 2048):
         self.data = data
@@ -47,17 +43,11 @@ class TokenizedDataset(Dataset):
             "input_ids": self.input_ids[index],
             "token_type_ids": self.token_type_ids[index],
             "label": self.labels[index],
-            "index": index,
         }
-
-    @property
-    def lengths(self) -> list[int]:
-        """Real token counts (with [CLS]/[SEP]): what FLOPs and length bucketing need."""
-        return [len(ids) for ids in self.input_ids]
 
 
 def collate_batch(items: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Pad to the longest item in the batch: input_ids, attention_mask, token_type_ids, labels, index."""
+    """Pad to the longest item in the batch: input_ids, attention_mask, token_type_ids, labels."""
     width = max(len(item["input_ids"]) for item in items)
     input_ids = torch.full((len(items), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(items), width), dtype=torch.long)
@@ -72,5 +62,9 @@ def collate_batch(items: Sequence[dict], pad_token_id: int) -> dict[str, torch.T
         "attention_mask": attention_mask,
         "token_type_ids": token_type_ids,
         "labels": torch.tensor([item["label"] for item in items], dtype=torch.long),
-        "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
     }
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors a Hugging Face sequence classifier takes from a collated batch."""
+    return {key: batch[key] for key in ("input_ids", "attention_mask", "token_type_ids")}

@@ -380,7 +380,8 @@ class HttpTeacherClient:
         replica.cool_until = time.monotonic() + replica.cooldown
 
     def _backoff(self, attempt: int) -> float:
-        """Full jitter: uniform in [0, min(max, base * 2^attempt))."""
+        """Full jitter before retry ``attempt`` (1 = the first retry): uniform in
+        ``[0, min(backoff_max_s, backoff_base_s · 2^(attempt-1)))``."""
         return random.uniform(0.0, min(self.backoff_max_s, self.backoff_base_s * 2 ** (attempt - 1)))
 
     def _refusal(self, replica: _Replica, response: httpx.Response) -> TeacherRequestError:

@@ -180,14 +180,8 @@ def evaluate_once(run: DistillRun, marks: Milestones, reporter: Reporter) -> Non
     step = run.state.global_step
     if run.eval_set is not None and run.procs.is_main and marks.eval_step != step:
         assert run.eval_data is not None
-        marks.last_eval = evaluate(
-            run.student,
-            run.eval_set,
-            run.eval_data.metric,
-            run.pad_id,
-            run.args.per_device_eval_batch_size,
-            run.procs.device,
-        )
+        metric, batch_size = run.eval_data.metric, run.args.per_device_eval_batch_size
+        marks.last_eval = evaluate(run.student.model, run.eval_set, metric, run.pad_id, batch_size)
         marks.eval_step = step
         reporter.evaluation(step, marks.last_eval)
     barrier(run.procs)
