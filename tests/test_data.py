@@ -388,3 +388,39 @@ def test_metric_option_replaces_the_default_of_files(tmp_path: Path) -> None:
     argv = ["--train_file", str(files["train_file"]), "--metric", "mcc", "--no_kd", "--output_dir", "o"]
     args = parse_distill_args([*argv, "--model_name_or_path", "unused"])
     assert load_train_and_eval_from(args)[0].metric == "mcc"
+
+
+def _save_dataset(path: Path, splits: dict[str, list[tuple[str, int]]]) -> Path:
+    """A ``datasets`` DatasetDict written with ``save_to_disk`` (no network), labels as a ClassLabel."""
+    datasets = pytest.importorskip("datasets")
+    features = datasets.Features(
+        {"sentence": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])}
+    )
+    datasets.DatasetDict(
+        {
+            split: datasets.Dataset.from_dict(
+                {"sentence": [s for s, _ in rows], "label": [y for _, y in rows]}, features=features
+            )
+            for split, rows in splits.items()
+        }
+    ).save_to_disk(str(path))
+    return path
+
+
+def test_dataset_name_trains_on_train_and_evaluates_on_validation(tmp_path: Path) -> None:
+    path = _save_dataset(
+        tmp_path / "saved",
+        {"train": [("good film", 1), ("dull plot", 0), ("fun", 1)], "validation": [("bad", 0), ("great", 1)]},
+    )
+    argv = ["--model_name_or_path", "m", "--output_dir", str(tmp_path / "out"), "--no_kd"]
+    args = parse_distill_args([*argv, "--dataset_name", str(path), "--max_eval_samples", "1"])
+    train, evaluation = load_train_and_eval_from(args)
+    assert train.label_names == ["neg", "pos"] and train.metric == "accuracy"
+    assert [(e.text_a, e.label) for e in train.examples] == [("good film", 1), ("dull plot", 0), ("fun", 1)]
+    assert evaluation is not None and [(e.text_a, e.label) for e in evaluation.examples] == [("bad", 0)]
+    only_train = _save_dataset(tmp_path / "only_train", {"train": [("good", 1), ("bad", 0)]})
+    assert load_train_and_eval(dataset_name=str(only_train))[1] is None
+    with pytest.raises(UserError, match="give either --task"):
+        parse_distill_args([*argv, "--dataset_name", str(path), "--train_file", "t.tsv"])
+    with pytest.raises(UserError, match=r"cannot load dataset .*missing"):
+        load_train_and_eval(dataset_name=str(tmp_path / "missing"), dataset_config="x")

@@ -23,6 +23,13 @@ class DataArguments:
     data_dir: str | None = option(None, "Folder holding the task's files (GLUE layout).")
     train_file: str | None = option(None, "A .tsv/.csv/.jsonl training file instead of --task.")
     validation_file: str | None = option(None, "The matching evaluation file (optional).")
+    dataset_name: str | None = option(
+        None,
+        "A Hugging Face `datasets` dataset instead of --task: a hub id, a loading script or a folder written "
+        "by save_to_disk; trains on its train split, evaluates on its validation split if any "
+        "(needs the optional `datasets` package).",
+    )
+    dataset_config: str | None = option(None, "The configuration of --dataset_name (e.g. sst2 of glue).")
     text_columns: str = option("sentence", "Comma-separated text column(s) of the data files.")
     label_column: str = option("label", "Label column of --train_file/--validation_file.")
     metric: str | None = option(
@@ -36,7 +43,7 @@ class DataArguments:
     max_seq_length: int = option(128, "Truncate inputs to this many tokens.")
 
     def check_data(self) -> None:
-        check_data_source(self.task, self.data_dir, self.train_file)
+        check_data_source(self.task, self.data_dir, self.train_file, self.dataset_name)
 
 
 def require_positive(args: object, *names: str) -> None:

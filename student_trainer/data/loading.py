@@ -1,4 +1,5 @@
-"""What the CLIs' data options mean: ``--task``/``--data_dir`` or ``--train_file`` [``--validation_file``]."""
+"""What the CLIs' data options mean: ``--task``/``--data_dir``, ``--train_file`` [``--validation_file``],
+or ``--dataset_name`` [``--dataset_config``] (Hugging Face ``datasets``)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from shared.errors import UserError
-from student_trainer.data.readers import load_file, load_task
+from student_trainer.data.readers import hf_split_names, load_file, load_hf_dataset, load_task
 from student_trainer.data.tasks import (
     UNLABELLED,
     TaskData,
@@ -21,10 +22,15 @@ def split_columns(text_columns: str | Sequence[str | int]) -> list[str | int]:
     return list(text_columns)
 
 
-def check_data_source(task: str | None, data_dir: str | Path | None, train_file: str | Path | None) -> None:
-    """The rule of the data options: a registered task with its folder, or a training file."""
-    if bool(task) == bool(train_file):
-        raise UserError("give either --task (with --data_dir) or --train_file")
+def check_data_source(
+    task: str | None,
+    data_dir: str | Path | None,
+    train_file: str | Path | None,
+    dataset_name: str | None = None,
+) -> None:
+    """The rule of the data options: a registered task with its folder, a training file, or a dataset."""
+    if sum(bool(source) for source in (task, train_file, dataset_name)) != 1:
+        raise UserError("give either --task (with --data_dir), --train_file or --dataset_name")
     if task and not data_dir:
         raise UserError("--task needs --data_dir")
 
@@ -35,6 +41,8 @@ def load_train_and_eval(
     data_dir: str | Path | None = None,
     train_file: str | Path | None = None,
     validation_file: str | Path | None = None,
+    dataset_name: str | None = None,
+    dataset_config: str | None = None,
     text_columns: str | Sequence[str | int] = "sentence",
     label_column: str | int = "label",
     skip_bad_rows: bool = False,
@@ -42,22 +50,17 @@ def load_train_and_eval(
     max_eval_samples: int | None = None,
     metric: str | None = None,
 ) -> tuple[TaskData, TaskData | None]:
-    """What the CLIs' data options mean: ``--task``/``--data_dir`` (train + the task's eval split) or
-    ``--train_file`` [``--validation_file``] with a column mapping; eval labels follow the train labels.
-    ``metric`` replaces the task's own (files default to accuracy: e.g. CoLA augmented into a file
-    still wants MCC).
+    """What the CLIs' data options mean: ``--task``/``--data_dir`` (train + the task's eval split),
+    ``--train_file`` [``--validation_file``] with a column mapping, or ``--dataset_name``
+    [``--dataset_config``] (its ``train`` split, and its ``validation`` split when it has one);
+    eval labels follow the train labels. ``metric`` replaces the task's own (files and datasets
+    default to accuracy: e.g. CoLA augmented into a file still wants MCC).
     """
-    check_data_source(task, data_dir, train_file)
+    check_data_source(task, data_dir, train_file, dataset_name)
+    limits = (max_train_samples, max_eval_samples)
     if task:
-        spec = get_task_spec(task)
-        train = load_task(
-            task, data_dir, "train", skip_bad_rows=skip_bad_rows, max_examples=max_train_samples
-        )
-        _require_two_labels(train, f"{data_dir} ({task} train)")
-        evaluation: TaskData | None = load_task(
-            task, data_dir, spec.eval_split, skip_bad_rows=skip_bad_rows, max_examples=max_eval_samples
-        )
-    else:
+        train, evaluation = _task_splits(task, data_dir, skip_bad_rows, limits)
+    elif train_file:
         columns = split_columns(text_columns)
         file_options = {"text_columns": columns, "label_column": label_column, "skip_bad_rows": skip_bad_rows}
         train = load_file(train_file, **file_options, max_examples=max_train_samples)  # type: ignore[arg-type]
@@ -67,12 +70,54 @@ def load_train_and_eval(
             evaluation = load_file(
                 validation_file, **file_options, label_names=train.label_names, max_examples=max_eval_samples
             )
+    else:
+        assert dataset_name is not None
+        train, evaluation = _dataset_splits(
+            dataset_name, dataset_config, text_columns, str(label_column), limits
+        )
     if metric is not None:
         if metric == "f1" and train.num_labels != 2:
             raise UserError(f"--metric f1 is binary F1, but the data has {train.num_labels} labels")
         for split in (train, evaluation):
             if split is not None:
                 split.metric = metric
+    return train, evaluation
+
+
+def _task_splits(
+    task: str, data_dir: str | Path | None, skip_bad_rows: bool, limits: tuple[int | None, int | None]
+) -> tuple[TaskData, TaskData]:
+    spec = get_task_spec(task)
+    assert data_dir is not None
+    train = load_task(task, data_dir, "train", skip_bad_rows=skip_bad_rows, max_examples=limits[0])
+    _require_two_labels(train, f"{data_dir} ({task} train)")
+    evaluation = load_task(
+        task, data_dir, spec.eval_split, skip_bad_rows=skip_bad_rows, max_examples=limits[1]
+    )
+    return train, evaluation
+
+
+def _dataset_splits(
+    name: str,
+    config: str | None,
+    text_columns: str | Sequence[str | int],
+    label_column: str,
+    limits: tuple[int | None, int | None],
+) -> tuple[TaskData, TaskData | None]:
+    """A ``datasets`` dataset's ``train`` split, and its ``validation`` split when it has one."""
+    options = {"config": config, "text_columns": [str(c) for c in split_columns(text_columns)]}
+    train = load_hf_dataset(name, **options, split="train", label_column=label_column, max_examples=limits[0])
+    _require_two_labels(train, f"{name} (train)")
+    if "validation" not in hf_split_names(name, config):
+        return train, None
+    evaluation = load_hf_dataset(
+        name,
+        **options,
+        split="validation",
+        label_column=label_column,
+        label_names=train.label_names,
+        max_examples=limits[1],
+    )
     return train, evaluation
 
 
@@ -93,6 +138,8 @@ DATA_OPTIONS = (
     "data_dir",
     "train_file",
     "validation_file",
+    "dataset_name",
+    "dataset_config",
     "text_columns",
     "label_column",
     "metric",

@@ -299,6 +299,28 @@ def load_file(
     )
 
 
+def _datasets_module():
+    try:
+        import datasets  # type: ignore[import-not-found]
+    except ImportError as err:
+        raise UserError(
+            "loading hub datasets needs the `datasets` package: pip install 'dynamic-kd-service[datasets]'"
+        ) from err
+    return datasets
+
+
+def hf_split_names(name: str, config: str | None = None) -> list[str]:
+    """The splits of a ``datasets`` dataset: a folder written by ``save_to_disk``, or a hub id/script."""
+    datasets = _datasets_module()
+    try:
+        if Path(name).is_dir() and not any(Path(name).glob("*.py")):
+            saved = datasets.load_from_disk(name)
+            return list(saved.keys()) if hasattr(saved, "keys") else ["train"]
+        return list(datasets.get_dataset_split_names(name, config))
+    except Exception as err:  # the hub raises many types: network, missing config, bad folder
+        raise UserError(f"cannot list the splits of dataset {name!r} ({config}): {err}") from err
+
+
 def load_hf_dataset(
     name: str,
     *,
@@ -310,15 +332,15 @@ def load_hf_dataset(
     metric: str = "accuracy",
     max_examples: int | None = None,
 ) -> TaskData:
-    """Load a split of a Hugging Face hub dataset (needs the optional ``datasets`` package)."""
+    """Load a split of a Hugging Face ``datasets`` dataset (needs the optional package): a hub id or
+    loading script through ``load_dataset``, or a folder written by ``save_to_disk``."""
+    datasets = _datasets_module()
     try:
-        import datasets  # type: ignore[import-not-found]
-    except ImportError as err:
-        raise UserError(
-            "loading hub datasets needs the `datasets` package: pip install 'dynamic-kd-service[datasets]'"
-        ) from err
-    try:
-        dataset = datasets.load_dataset(name, config, split=split)
+        if Path(name).is_dir() and not any(Path(name).glob("*.py")):
+            dataset = datasets.load_from_disk(name)
+            dataset = dataset[split] if hasattr(dataset, "keys") else dataset
+        else:
+            dataset = datasets.load_dataset(name, config, split=split)
     except Exception as err:  # the hub raises many types: network, missing split, bad config
         raise UserError(f"cannot load dataset {name!r} ({config}, {split}): {err}") from err
     if label_column is not None and label_names is None:
