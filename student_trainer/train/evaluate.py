@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
@@ -32,3 +34,21 @@ def evaluate(
     model.train(training)
     scores = compute_metrics(metric, torch.cat(predictions), torch.cat(labels))
     return {"eval_loss": loss_sum / len(dataset), **{f"eval_{k}": float(v) for k, v in scores.items()}}
+
+
+def majority_baseline(
+    train_labels: list[int], eval_labels: list[int], metric: str, label_names: list[str]
+) -> dict[str, float | str]:
+    """What always predicting the most frequent training label scores on the evaluation set.
+
+    A student that does not beat it learned nothing usable (an unbalanced dev set makes a high
+    accuracy look better than it is). Ties go to the lower label index.
+    """
+    counts = Counter(train_labels)
+    label = min(counts, key=lambda k: (-counts[k], k))
+    scores = compute_metrics(metric, [label] * len(eval_labels), eval_labels)
+    return {
+        "label": label_names[label],
+        "metric": metric,
+        **{f"eval_{k}": float(v) for k, v in scores.items()},
+    }

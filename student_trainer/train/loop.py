@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -32,7 +33,7 @@ from shared.errors import UserError
 from student_trainer.args.distill import DistillArguments
 from student_trainer.teachers.client import TeacherCallError
 from student_trainer.train.distributed import any_rank, barrier, init_processes, mean_over_ranks
-from student_trainer.train.evaluate import evaluate
+from student_trainer.train.evaluate import evaluate, majority_baseline
 from student_trainer.train.logs import MetricsLog, Reporter, summary_paragraph
 from student_trainer.train.setup import (
     DistillRun,
@@ -199,12 +200,14 @@ def finish(run: DistillRun, teachers: Teachers, marks: Milestones, reporter: Rep
     evaluate_once(run, marks, reporter)
     if run.args.save_strategy != "no":
         save_once(run, marks)
-    results = run_results(run, teachers, marks.last_eval)
+    results = {**run_results(run, teachers, marks.last_eval), **baseline_check(run, marks.last_eval)}
     if run.procs.is_main:
         run.student.model.save_pretrained(run.output_dir)
         run.tokenizer.save_pretrained(run.output_dir)
         (run.output_dir / "results.json").write_text(json.dumps(results, indent=2))
         print(summary_paragraph(run.args, results))
+        if results["above_majority_baseline"] is False:
+            print(baseline_warning(results), file=sys.stderr)
     reporter.close()
     return results
 
@@ -227,3 +230,29 @@ def run_results(run: DistillRun, teachers: Teachers, last_eval: dict[str, float]
         },
         "args": args.to_dict(),
     }
+
+
+def baseline_check(run: DistillRun, last_eval: dict[str, float]) -> dict[str, Any]:
+    """The majority-class baseline of the evaluation set and whether the student beat it (None, None
+    without an evaluation)."""
+    if not last_eval or run.eval_data is None:
+        return {"majority_baseline": None, "above_majority_baseline": None}
+    metric = run.eval_data.metric
+    baseline = majority_baseline(
+        [e.label for e in run.train_data.examples],
+        [e.label for e in run.eval_data.examples],
+        metric,
+        run.train_data.label_names,
+    )
+    key = f"eval_{metric}"
+    return {"majority_baseline": baseline, "above_majority_baseline": last_eval[key] > baseline[key]}
+
+
+def baseline_warning(results: dict[str, Any]) -> str:
+    baseline = results["majority_baseline"]
+    key = f"eval_{baseline['metric']}"
+    return (
+        f"WARNING: the student's {baseline['metric']} {results['eval'][key]:.4f} is not above the "
+        f"majority-class baseline {baseline[key]:.4f} (always predicting {baseline['label']!r}): it has not "
+        "learned the task (more steps, a higher learning rate, or check the data)"
+    )
