@@ -45,9 +45,9 @@ import yaml
 from transformers import AutoTokenizer
 
 from shared.modeling import load_sequence_classifier
-from student_trainer.arguments import DistillArguments
-from student_trainer.distill import train
-from student_trainer.synthetic import write_synthetic_task
+from student_trainer.args.distill import DistillArguments
+from student_trainer.data.synthetic import write_synthetic_task
+from student_trainer.train.loop import train
 from teacher_server.launch import serve_in_subprocess
 
 ROOT = Path(__file__).resolve().parents[1]

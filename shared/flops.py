@@ -179,11 +179,6 @@ def encoder_forward_flops(
     return total
 
 
-def training_flops(config: EncoderConfig, seq_lens: Iterable[int], num_layers: int | None = None) -> int:
-    """Forward + backward FLOPs of one training step (backward = 2× forward)."""
-    return (1 + BACKWARD_TO_FORWARD) * encoder_forward_flops(config, seq_lens, num_layers)
-
-
 def flops_per_token(config: EncoderConfig | Any, seq_len: int = 128) -> float:
     """Encoder FLOPs per token at a typical length: a one-number summary for model metadata."""
     if seq_len < 1:

@@ -61,6 +61,14 @@ class TeacherQuery:
     use_cache: bool = True
 
 
+@dataclass(frozen=True)
+class Timings:
+    """Where the service spent a request's time, per stage, in microseconds (TEI's per-stage metadata)."""
+
+    queue_us: float = 0.0  # waiting in the batcher's queue
+    compute_us: float = 0.0  # the forward passes that computed its rows
+
+
 @dataclass
 class TeacherAnswer:
     """Teacher outputs as float32 CPU tensors, plus the service's own cost accounting."""
@@ -72,4 +80,4 @@ class TeacherAnswer:
     tokens: int
     padded_tokens: int
     cache_hits: int = 0
-    extra: dict[str, float] = field(default_factory=dict)
+    timings: Timings = field(default_factory=Timings)

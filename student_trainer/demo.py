@@ -25,9 +25,10 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from shared.errors import UserError
-from student_trainer.arguments import DistillArguments, FinetuneArguments
-from student_trainer.data import get_task_spec
-from student_trainer.synthetic import write_synthetic_task
+from student_trainer.args.distill import DistillArguments
+from student_trainer.args.finetune import FinetuneArguments
+from student_trainer.data.synthetic import write_synthetic_task
+from student_trainer.data.tasks import get_task_spec
 from teacher_server.launch import serve_in_subprocess
 
 
@@ -140,7 +141,7 @@ def ensure_teacher(
         return out, json.loads(results_file.read_text()), True
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    from student_trainer.finetune import finetune  # torch + transformers: only when there is work
+    from student_trainer.train.finetune import finetune  # torch + transformers: only when there is work
 
     print(f"[demo] fine-tuning the {role} teacher ({recipe.layers} layers of {Path(base_model).name}) ...")
     finetune(
@@ -238,7 +239,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
             selection_ratio=settings.selection_ratio,
             supervision="kd",
         )
-        from student_trainer.distill import train as distill
+        from student_trainer.train.loop import train as distill
 
         results = distill(replace(args).validate())
         rows = served_rows(url)

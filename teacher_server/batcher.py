@@ -21,15 +21,18 @@ import logging
 import math
 import time
 from collections import defaultdict, deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 
-from shared.teacher_api import TeacherAnswer, TeacherQuery
+from shared.teacher_api import TeacherAnswer, TeacherQuery, Timings
 from teacher_server.cache import OutputCache, RowOutputs, row_key
 from teacher_server.config import TeacherConfig
 from teacher_server.engine import OutputSpec, QueryError, TeacherEngine
+from teacher_server.errors import ServiceError
 from teacher_server.metrics import ServiceMetrics
 
 # A round looks ahead at this many passes' worth of queued rows: enough choice for length
@@ -37,22 +40,37 @@ from teacher_server.metrics import ServiceMetrics
 ROUND_PASSES = 4
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
-class QueueFullError(Exception):
-    """The bounded queue is full; retry after ``retry_after_s`` seconds (HTTP 429)."""
+class QueueFullError(ServiceError):
+    """The bounded queue is full; retry after ``retry_after_s`` seconds."""
+
+    status = 429
 
     def __init__(self, retry_after_s: int):
-        super().__init__(f"queue is full, retry after {retry_after_s} s")
+        super().__init__(
+            f"queue is full, retry after {retry_after_s} s", headers={"Retry-After": str(retry_after_s)}
+        )
         self.retry_after_s = retry_after_s
 
 
-class DeadlineExceededError(Exception):
+class DeadlineExceededError(ServiceError):
     """The request's own deadline passed before its answer was ready."""
 
+    status = 504
 
-class ShuttingDownError(Exception):
-    """The service is draining and takes no new work (HTTP 503)."""
+    def __init__(self, message: str):
+        super().__init__(message, "parameters.timeout_ms")
+
+
+class ShuttingDownError(ServiceError):
+    """The service is draining and takes no new work."""
+
+    status = 503
+
+    def __init__(self, message: str):
+        super().__init__(message, headers={"Retry-After": "1"})
 
 
 @dataclass(eq=False)
@@ -144,12 +162,19 @@ class DynamicBatcher:
         self._wakeup = asyncio.Event()
         self._closing = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"teacher-{self.name}")
+        # decoding and tokenizing requests: off the event loop, one at a time (a fast tokenizer
+        # must not be called from two threads at once), beside the forward passes, not behind them
+        self._preprocessor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tokenize-{self.name}")
         self._task: asyncio.Task[None] | None = None
         self._seconds_per_row = 0.05  # refined after every pass; only used for Retry-After
         self._pad_id = int(engine.config.pad_token_id or 0)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._serve(), name=f"batcher-{self.name}")
+
+    async def preprocess(self, work: Callable[..., T], *args: Any) -> T:
+        """Run ``work(*args)`` (decode and tokenize a request) on this teacher's preprocessing thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._preprocessor, work, *args)
 
     async def infer(self, query: TeacherQuery, *, timeout_s: float | None = None) -> TeacherAnswer:
         """Answer one request; raises QueryError, QueueFullError, DeadlineExceededError, ShuttingDownError."""
@@ -197,6 +222,7 @@ class DynamicBatcher:
         self._round = []
         self._queue.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._preprocessor.shutdown(wait=False, cancel_futures=True)
 
     # -- admission ------------------------------------------------------------------------------
 
@@ -420,5 +446,5 @@ class DynamicBatcher:
             tokens=sum(request.lengths),
             padded_tokens=request.padded_tokens,
             cache_hits=request.cache_hits,
-            extra={"queue_us": round(queue_s * 1e6), "compute_us": round(request.compute_s * 1e6)},
+            timings=Timings(queue_us=round(queue_s * 1e6), compute_us=round(request.compute_s * 1e6)),
         )

@@ -24,6 +24,7 @@ from shared.flops import FlopsShape, encoder_forward_flops, flops_config, flops_
 from shared.modeling import load_sequence_classifier
 from shared.teacher_api import TeacherAnswer, TeacherInfo, TeacherQuery
 from shared.vocabulary import tokenizer_parameters
+from teacher_server.errors import Unprocessable
 
 # Texts are cut to max_seq_length × this many characters before tokenizing. The tokenizer keeps
 # only max_seq_length tokens anyway, and ordinary text averages far fewer than 64 characters per
@@ -58,13 +59,14 @@ def _row(query: TeacherQuery, i: int) -> TeacherQuery:
     )
 
 
-class QueryError(ValueError):
-    """A query the teacher cannot answer; ``field`` names the input at fault (HTTP 4xx)."""
+class QueryError(Unprocessable, ValueError):
+    """A query the teacher cannot answer; ``field`` names the input at fault (HTTP 422)."""
 
     def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
+        super().__init__(message, field)
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
 
 
 @dataclass(frozen=True)

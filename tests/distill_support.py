@@ -13,8 +13,10 @@ from pathlib import Path
 import torch
 from transformers import BertForSequenceClassification
 
-from student_trainer.arguments import DATA_SELECTIONS, SUPERVISIONS, TEACHER_SELECTIONS, parse_distill_args
-from student_trainer.distill import train
+from student_trainer.args.distill import parse_distill_args
+from student_trainer.kd.config import SUPERVISIONS, TEACHER_SELECTIONS
+from student_trainer.kd.selection import SELECTION_STRATEGIES
+from student_trainer.train.loop import train
 from tests.tiny_models import WORDS, save_tiny_tokenizer, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,7 +24,7 @@ CONTENT_WORDS = [w for w in WORDS if w.isalpha()]
 
 # every teacher selection × every supervision; data selection, KD loss and PT features rotate
 METHODS = [
-    (teacher, supervision, DATA_SELECTIONS[i % 5], ("kl", "mse")[i % 2], ("cls", "all-tokens")[i % 2])
+    (teacher, supervision, SELECTION_STRATEGIES[i % 5], ("kl", "mse")[i % 2], ("cls", "all-tokens")[i % 2])
     for i, (teacher, supervision) in enumerate(itertools.product(TEACHER_SELECTIONS, SUPERVISIONS))
 ]
 

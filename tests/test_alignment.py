@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from student_trainer.alignment import LayerAlignment, layer_map, make_projection
+from student_trainer.kd.alignment import LayerAlignment, layer_map, make_projection
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from shared.errors import UserError
-from student_trainer.arguments import DistillArguments, FinetuneArguments, parse_distill_args
+from student_trainer.args.distill import DistillArguments, parse_distill_args
+from student_trainer.args.finetune import FinetuneArguments
 
 BASE = ["--model_name_or_path", "bert", "--output_dir", "out", "--task", "sst2", "--data_dir", "data"]
 

@@ -9,9 +9,17 @@ from pathlib import Path
 import pytest
 
 from shared.errors import UserError
-from student_trainer.augment import WORD, Augmenter, AugmentSettings, WordVectors, augment_task, replace_words
 from student_trainer.commands import augment as augment_command
-from student_trainer.data import Example, TaskData, load_file
+from student_trainer.data.augment import (
+    WORD,
+    Augmenter,
+    AugmentSettings,
+    WordVectors,
+    augment_task,
+    replace_words,
+)
+from student_trainer.data.readers import load_file
+from student_trainer.data.tasks import Example, TaskData
 from tests.tiny_models import save_tiny_mlm
 
 SENTENCES = [

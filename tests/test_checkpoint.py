@@ -13,7 +13,7 @@ from torch import nn
 from transformers import BertForSequenceClassification
 
 from shared.errors import UserError
-from student_trainer.checkpoint import (
+from student_trainer.train.checkpoint import (
     capture_rng_state,
     list_checkpoints,
     load_checkpoint,
@@ -22,7 +22,7 @@ from student_trainer.checkpoint import (
     rotate_checkpoints,
     save_checkpoint,
 )
-from student_trainer.student import DistillStudent
+from student_trainer.train.student import DistillStudent
 from tests.tiny_models import save_tiny_tokenizer, tiny_config
 
 

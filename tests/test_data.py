@@ -12,20 +12,12 @@ from pathlib import Path
 import pytest
 
 from shared.errors import UserError
-from student_trainer.arguments import parse_distill_args
-from student_trainer.data import (
-    TASKS,
-    Example,
-    TaskData,
-    TokenizedDataset,
-    collate_batch,
-    load_file,
-    load_hf_dataset,
-    load_task,
-    load_train_and_eval,
-    load_train_and_eval_from,
-    write_tsv,
-)
+from student_trainer.args.distill import parse_distill_args
+from student_trainer.data.loading import load_train_and_eval, load_train_and_eval_from
+from student_trainer.data.readers import load_file, load_hf_dataset, load_task
+from student_trainer.data.tasks import TASKS, Example, TaskData
+from student_trainer.data.tokenized import TokenizedDataset, collate_batch
+from student_trainer.data.tsv import write_tsv
 from tests.tiny_models import save_tiny_tokenizer
 
 # (task, split) -> label counts as listed in the MANIFEST (unlabelled test files: {-1: rows}).
@@ -234,15 +226,23 @@ def test_tokenized_dataset_and_dynamic_padding(tokenizer) -> None:
         [Example("good film", "it is", 1), Example("bad", "a very very long one that gets cut", 0)],
     )
     dataset = TokenizedDataset(data, tokenizer, max_seq_length=8)
-    assert len(dataset) == 2 and dataset.lengths == [7, 8]  # [CLS] good film [SEP] it is [SEP]; truncated
+    assert len(dataset) == 2 and [len(ids) for ids in dataset.input_ids] == [
+        7,
+        8,
+    ]  # [CLS] good film [SEP] it is [SEP]; truncated
     item = dataset[1]
-    assert item["index"] == 1 and item["label"] == 0
+    assert item["label"] == 0 and "index" not in item
     batch = collate_batch([dataset[0], dataset[1]], pad_token_id=tokenizer.pad_token_id)
     assert batch["input_ids"].shape == (2, 8)
     assert batch["input_ids"][0, 7].item() == tokenizer.pad_token_id
     assert batch["attention_mask"].sum(dim=1).tolist() == [7, 8]
     assert batch["token_type_ids"][0].tolist() == [0, 0, 0, 0, 1, 1, 1, 0]
-    assert batch["labels"].tolist() == [1, 0] and batch["index"].tolist() == [0, 1]
+    assert batch["labels"].tolist() == [1, 0] and set(batch) == {
+        "input_ids",
+        "attention_mask",
+        "token_type_ids",
+        "labels",
+    }
     assert tokenizer.decode(batch["input_ids"][0, :4]) == "[CLS] good film [SEP]"
     single = collate_batch([dataset[0]], pad_token_id=tokenizer.pad_token_id)
     assert single["input_ids"].shape == (1, 7)  # pads only to the longest in the batch
@@ -388,3 +388,39 @@ def test_metric_option_replaces_the_default_of_files(tmp_path: Path) -> None:
     argv = ["--train_file", str(files["train_file"]), "--metric", "mcc", "--no_kd", "--output_dir", "o"]
     args = parse_distill_args([*argv, "--model_name_or_path", "unused"])
     assert load_train_and_eval_from(args)[0].metric == "mcc"
+
+
+def _save_dataset(path: Path, splits: dict[str, list[tuple[str, int]]]) -> Path:
+    """A ``datasets`` DatasetDict written with ``save_to_disk`` (no network), labels as a ClassLabel."""
+    datasets = pytest.importorskip("datasets")
+    features = datasets.Features(
+        {"sentence": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])}
+    )
+    datasets.DatasetDict(
+        {
+            split: datasets.Dataset.from_dict(
+                {"sentence": [s for s, _ in rows], "label": [y for _, y in rows]}, features=features
+            )
+            for split, rows in splits.items()
+        }
+    ).save_to_disk(str(path))
+    return path
+
+
+def test_dataset_name_trains_on_train_and_evaluates_on_validation(tmp_path: Path) -> None:
+    path = _save_dataset(
+        tmp_path / "saved",
+        {"train": [("good film", 1), ("dull plot", 0), ("fun", 1)], "validation": [("bad", 0), ("great", 1)]},
+    )
+    argv = ["--model_name_or_path", "m", "--output_dir", str(tmp_path / "out"), "--no_kd"]
+    args = parse_distill_args([*argv, "--dataset_name", str(path), "--max_eval_samples", "1"])
+    train, evaluation = load_train_and_eval_from(args)
+    assert train.label_names == ["neg", "pos"] and train.metric == "accuracy"
+    assert [(e.text_a, e.label) for e in train.examples] == [("good film", 1), ("dull plot", 0), ("fun", 1)]
+    assert evaluation is not None and [(e.text_a, e.label) for e in evaluation.examples] == [("bad", 0)]
+    only_train = _save_dataset(tmp_path / "only_train", {"train": [("good", 1), ("bad", 0)]})
+    assert load_train_and_eval(dataset_name=str(only_train))[1] is None
+    with pytest.raises(UserError, match="give either --task"):
+        parse_distill_args([*argv, "--dataset_name", str(path), "--train_file", "t.tsv"])
+    with pytest.raises(UserError, match=r"cannot load dataset .*missing"):
+        load_train_and_eval(dataset_name=str(tmp_path / "missing"), dataset_config="x")

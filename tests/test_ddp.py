@@ -79,7 +79,7 @@ def test_a_parameter_no_rank_used_keeps_no_gradient(tmp_path: Path) -> None:
     turn "unused everywhere" into a zero gradient, or DDP runs would decay what one process leaves."""
     import torch.distributed as dist
 
-    from student_trainer.distill import average_gradients
+    from student_trainer.train.distributed import average_gradients
 
     used, unused = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
     used.grad = torch.tensor([2.0, 4.0, 6.0])

@@ -12,10 +12,12 @@ from transformers import BertForSequenceClassification
 
 from shared.errors import UserError
 from shared.teacher_api import TeacherInfo
-from student_trainer import distill
-from student_trainer.arguments import parse_distill_args
-from student_trainer.student import teacher_label_order
-from student_trainer.teacher_client import make_teacher_client
+from student_trainer.args.distill import parse_distill_args
+from student_trainer.teachers.client import make_teacher_client
+from student_trainer.train import setup as distill_setup
+from student_trainer.train.evaluate import majority_baseline
+from student_trainer.train.setup import make_clients
+from student_trainer.train.student import teacher_label_order
 from tests.distill_support import (
     METHODS,
     WrappedTeacher,
@@ -129,6 +131,49 @@ def test_evaluation_checkpoints_results_and_summary(workspace, tmp_path: Path, c
     assert exported.config.num_hidden_layers == 2 and exported.config.id2label == {0: "0", 1: "1"}
 
 
+def test_a_student_not_above_the_majority_baseline_is_flagged(workspace, tmp_path: Path, capsys) -> None:
+    """An evaluation set of one label: always predicting it scores 1.0, which no student can beat."""
+    lines = (workspace["dev"]).read_text().splitlines()
+    dev = tmp_path / "dev_one_label.tsv"
+    majority = max(
+        "01",
+        key=lambda y: sum(line.endswith(f"\t{y}") for line in workspace["train"].read_text().splitlines()),
+    )
+    dev.write_text(
+        "\n".join([lines[0], *(line.rsplit("\t", 1)[0] + f"\t{majority}" for line in lines[1:])]) + "\n"
+    )
+    extra = ["--validation_file", str(dev), "--no_kd", "--metric", "mcc"]
+    results = run_in_process(argv(workspace, tmp_path / "run", *extra))
+    assert results["majority_baseline"] == {
+        "label": majority,
+        "metric": "mcc",
+        "eval_accuracy": 1.0,
+        "eval_mcc": 0.0,  # a constant prediction has no correlation (MCC undefined -> 0)
+    }
+    # one true label: the student's MCC is 0 too (undefined), so it is not above the baseline
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["eval"]["eval_mcc"] == 0.0 and saved["above_majority_baseline"] is False
+    assert saved["majority_baseline"] == results["majority_baseline"]
+    err = capsys.readouterr().err
+    assert "WARNING: the student's mcc 0.0000 is not above the majority-class baseline 0.0000" in err
+    no_eval = run_in_process(argv(workspace, tmp_path / "no_eval", "--no_kd"))
+    assert no_eval["majority_baseline"] is None and no_eval["above_majority_baseline"] is None
+    assert "WARNING" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("metric", "train", "evaluation", "expected"),
+    [
+        ("accuracy", [1, 1, 0], [1, 0, 0, 0], {"label": "b", "eval_accuracy": 0.25}),
+        ("f1", [1, 1, 0], [1, 0, 0, 0], {"label": "b", "eval_accuracy": 0.25, "eval_f1": 0.4}),
+        ("f1", [0, 0, 1], [1, 1, 0], {"label": "a", "eval_accuracy": 1 / 3, "eval_f1": 0.0}),
+        ("mcc", [0, 1], [1, 0, 1], {"label": "a", "eval_accuracy": 1 / 3, "eval_mcc": 0.0}),  # tie: lower
+    ],
+)
+def test_majority_baseline_scores_the_constant_predictor(metric, train, evaluation, expected) -> None:
+    assert majority_baseline(train, evaluation, metric, ["a", "b"]) == {**expected, "metric": metric}
+
+
 class FlakyTeacher(WrappedTeacher):
     """A real in-process teacher that goes down for good after ``answers`` answers."""
 
@@ -159,7 +204,7 @@ def test_teacher_down_leaves_a_checkpoint_and_resuming_is_bit_identical(
 
     interrupted = tmp_path / "interrupted"
     monkeypatch.setattr(
-        distill,
+        distill_setup,
         "make_teacher_client",
         lambda spec, name, **options: FlakyTeacher(
             make_teacher_client(spec, name=name, **options), answers=7 if name == "large" else 100
@@ -210,14 +255,14 @@ def test_the_api_key_comes_from_the_named_environment_variable(monkeypatch: pyte
     ]
     args = parse_distill_args(argv)
     monkeypatch.setenv("KD_TEST_KEY", "s3cret")
-    client = distill.make_clients(args, torch.device("cpu"))["large"]
+    client = make_clients(args, torch.device("cpu"))["large"]
     assert (client.api_key, client.timeout_s, client.model) == ("s3cret", 7.0, "large")
     monkeypatch.setenv("KD_TEST_KEY", "\n")  # whitespace only: no key, not an empty Authorization header
     with pytest.raises(UserError, match="--api_key_env KD_TEST_KEY: the API key is empty or unset"):
-        distill.make_clients(args, torch.device("cpu"))
+        make_clients(args, torch.device("cpu"))
     monkeypatch.delenv("KD_TEST_KEY")
     with pytest.raises(UserError, match="--api_key_env KD_TEST_KEY: the API key is empty or unset"):
-        distill.make_clients(args, torch.device("cpu"))
+        make_clients(args, torch.device("cpu"))
 
 
 def test_tensorboard_gets_the_same_scalars_when_installed(

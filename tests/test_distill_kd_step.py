@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from dataclasses import replace
 from functools import partial
 
 import pytest
@@ -13,13 +14,14 @@ import torch.nn.functional as F
 from transformers import BertForSequenceClassification
 
 from shared.teacher_api import TeacherAnswer, TeacherInfo, TeacherQuery
-from student_trainer.alignment import LayerAlignment, make_projection
-from student_trainer.arguments import DistillArguments
-from student_trainer.http_client import TeacherRequestError
-from student_trainer.kd_step import TeacherCallError, ask_teachers, distillation_loss, plan_batch
-from student_trainer.losses import kd_loss, patient_loss
-from student_trainer.selection import select_instances, soft_teacher_weights, supervision_weights
-from student_trainer.student import DistillStudent
+from student_trainer.kd.alignment import LayerAlignment, make_projection
+from student_trainer.kd.config import KDConfig
+from student_trainer.kd.losses import kd_loss, patient_loss
+from student_trainer.kd.objective import distillation_loss
+from student_trainer.kd.plan import plan_batch
+from student_trainer.kd.selection import select_instances, soft_teacher_weights, supervision_weights
+from student_trainer.teachers.client import TeacherCallError, TeacherRequestError, ask_teachers
+from student_trainer.train.student import DistillStudent
 from tests.tiny_models import tiny_config
 
 LENGTHS = [5, 9, 3, 7, 6, 4, 8, 2]
@@ -27,10 +29,8 @@ ALIGN = {"small": LayerAlignment.between(2, 2), "large": LayerAlignment.between(
 HIDDEN = {"small": 32, "large": 48}
 
 
-def kd_args(**overrides) -> DistillArguments:
-    values = dict(model_name_or_path="m", output_dir="o", train_file="t.tsv", teacher_selection="hard")
-    values["teacher"] = ["small=local:/s", "large=local:/l"]
-    return DistillArguments(**{**values, **overrides}).validate()
+def kd_args(**overrides) -> KDConfig:
+    return KDConfig(**{"teacher_selection": "hard", **overrides})
 
 
 def make_batch() -> dict[str, torch.Tensor]:
@@ -46,7 +46,7 @@ def make_batch() -> dict[str, torch.Tensor]:
     }
 
 
-def make_student(args: DistillArguments) -> DistillStudent:
+def make_student(args: KDConfig) -> DistillStudent:
     torch.manual_seed(0)
     model = BertForSequenceClassification(tiny_config(num_layers=2))
     projections = (
@@ -72,7 +72,7 @@ def fake_answer(query: TeacherQuery, role: str, seed: int) -> TeacherAnswer:
     return TeacherAnswer(torch.randn(batch, 2, generator=generator), cls, tokens, 1000 * batch, 0, 0)
 
 
-def run(args: DistillArguments, select=None):
+def run(args: KDConfig, select=None):
     """Student forward, plan, fake answers, loss: what the trainer does for one batch."""
     student, batch = make_student(args), make_batch()
     logits, hidden = student(batch, output_hidden_states=args.uses_hidden_states)
@@ -139,7 +139,7 @@ def test_single_teacher_kd_is_cross_entropy_plus_kd_on_the_selected_rows() -> No
     args = kd_args(
         teacher_selection="large", data_selection="margin", selection_ratio=0.5, kd_loss="kl", temperature=2.0
     )
-    args.ce_alpha, args.kd_alpha, args.lambda_kl = 0.3, 0.7, 2.0
+    args = replace(args, ce_alpha=0.3, kd_alpha=0.7, lambda_kl=2.0)
     _, batch, logits, _, plan, answers, loss, _ = run(args)
     assert plan.selected.tolist() == select_instances(logits, "margin", 0.5).tolist()
     kd = kd_loss(logits[plan.selected], answers["large"].logits, "kl", 2.0).mean()

@@ -22,8 +22,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from student_trainer import distill
-from student_trainer.teacher_client import make_teacher_client
+from student_trainer.teachers.client import make_teacher_client
+from student_trainer.train import setup as distill_setup
 from tests.distill_support import (
     METHODS,
     REPO,
@@ -153,7 +153,7 @@ class MeteredTeacher(WrappedTeacher):
 def metered(monkeypatch: pytest.MonkeyPatch, service: Service) -> list[dict]:
     records: list[dict] = []
     monkeypatch.setattr(
-        distill,
+        distill_setup,
         "make_teacher_client",
         lambda spec, name, **options: MeteredTeacher(
             make_teacher_client(spec, name=name, **options), service, records

@@ -9,8 +9,8 @@ import torch
 
 from shared.flops import encoder_forward_flops
 from shared.teacher_api import TeacherQuery
-from student_trainer.local_client import LocalTeacherClient
-from student_trainer.teacher_client import make_teacher_client
+from student_trainer.teachers.client import make_teacher_client
+from student_trainer.teachers.local import LocalTeacherClient
 from teacher_server.engine import MAX_CHARS_PER_TOKEN, QueryError, TeacherEngine
 from tests.tiny_models import tiny_vocab
 

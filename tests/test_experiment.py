@@ -191,7 +191,7 @@ def test_report_statistics_match_hand_computation(tmp_path):
     )
     layout = Layout(tmp_path / "results", tmp_path / "work", tmp_path / "teachers")
     layout.write_json(layout.task_record("sst2"), {"metric": "accuracy", "train_size": 100,
-                                                   "majority_baseline": {"accuracy": 0.5}})  # fmt: skip
+                                                   "majority_baseline": {"eval_accuracy": 0.5}})  # fmt: skip
     scores = {"base": [0.80, 0.82, 0.81], "ours": [0.84, 0.85, 0.855]}
     for method, values in scores.items():
         for seed, value in zip([1, 2, 3], values, strict=True):

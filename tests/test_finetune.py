@@ -13,12 +13,13 @@ from safetensors.torch import load_file as load_safetensors
 
 from shared.errors import UserError
 from shared.teacher_api import TeacherQuery
-from student_trainer.arguments import parse_distill_args
+from student_trainer.args.distill import parse_distill_args
+from student_trainer.args.finetune import FinetuneArguments
 from student_trainer.commands import finetune as finetune_command
-from student_trainer.data import load_task
-from student_trainer.distill import train as train_student
-from student_trainer.finetune import FinetuneArguments, finetune
-from student_trainer.synthetic import write_synthetic_task
+from student_trainer.data.readers import load_task
+from student_trainer.data.synthetic import write_synthetic_task
+from student_trainer.train.finetune import finetune
+from student_trainer.train.loop import train as train_student
 from teacher_server.engine import TeacherEngine
 from teacher_server.launch import serve_in_subprocess
 from tests.tiny_models import save_tiny_bert
@@ -139,6 +140,18 @@ def test_bad_options_are_user_errors(
     args = parse(["--model_name_or_path", str(base_model), "--output_dir", str(tmp_path), *extra])
     with pytest.raises(UserError, match=message):
         args.func(args)
+
+
+def test_a_metric_outside_the_choices_is_refused_before_anything_runs(
+    synthetic_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """``--metric foo`` used to train to the end and fail when scoring; the parser refuses it now."""
+    argv = ["--model_name_or_path", "m", "--output_dir", str(tmp_path), "--task", "synthetic"]
+    with pytest.raises(SystemExit) as exited:
+        parse([*argv, "--data_dir", str(synthetic_dir), "--metric", "foo"])
+    assert exited.value.code == 2
+    assert "argument --metric: invalid choice: 'foo'" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
 
 
 def test_cli_prints_one_line_and_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -33,8 +33,9 @@ from shared.codec import (
 )
 from shared.errors import UserError
 from shared.protocol import InferenceRequest
-from shared.teacher_api import TeacherAnswer, TeacherQuery
-from student_trainer.http_client import HttpTeacherClient, TeacherRequestError, TeacherUnavailableError
+from shared.teacher_api import TeacherAnswer, TeacherQuery, Timings
+from student_trainer.teachers.client import TeacherRequestError, TeacherUnavailableError
+from student_trainer.teachers.http import HttpTeacherClient
 
 HIDDEN = 4
 LABELS = ["neg", "pos", "neutral"]
@@ -400,7 +401,7 @@ def test_infer_asks_only_for_what_the_query_needs(replicas, binary: bool) -> Non
     torch.testing.assert_close(a2.hidden_states, want2["hidden_states"], rtol=0, atol=0)
     tokens = int(q1.attention_mask.sum())
     assert (a1.tokens, a1.padded_tokens, a1.teacher_flops, a1.cache_hits) == (tokens, 15, 1000 * tokens, 1)
-    assert a2.cache_hits == 0 and a1.extra == {"queue_us": 5.0, "compute_us": 7.5}
+    assert a2.cache_hits == 0 and a1.timings == Timings(queue_us=5.0, compute_us=7.5)
 
 
 @pytest.mark.parametrize("output_dtype", ["FP16", "BF16"])
@@ -692,7 +693,7 @@ def real_queries(num_layers: int) -> list[TeacherQuery]:
 def test_real_service_answers_like_the_in_process_teacher(
     teacher_service, tiny_teachers, binary: bool
 ) -> None:
-    from student_trainer.local_client import LocalTeacherClient
+    from student_trainer.teachers.local import LocalTeacherClient
 
     async def main(name: str) -> None:
         remote = HttpTeacherClient([teacher_service.url], model=name, api_key="k3y", binary=binary)
@@ -723,7 +724,7 @@ def test_real_service_answers_like_the_in_process_teacher(
 
 
 def test_the_in_process_teacher_skips_all_padding_columns(tiny_teachers) -> None:
-    from student_trainer.local_client import LocalTeacherClient
+    from student_trainer.teachers.local import LocalTeacherClient
 
     padded = real_queries(2)[3]
     trimmed = TeacherQuery(

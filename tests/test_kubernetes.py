@@ -842,7 +842,7 @@ def ingress(kserve_pod: Pod) -> Iterator[Ingress]:
 
 
 def kserve_client(ingress: Ingress, host: str, **options: Any) -> Any:
-    from student_trainer.teacher_client import make_teacher_client
+    from student_trainer.teachers.client import make_teacher_client
 
     return make_teacher_client(f"{ingress.url}#small@{host}", name="small", api_key=API_KEY, **options)
 
@@ -878,7 +878,7 @@ def test_client_reaches_the_predictor_by_host_header(ingress: Ingress, host: str
 
 @pytest.mark.slow
 def test_client_with_a_wrong_host_is_told_so(ingress: Ingress) -> None:
-    from student_trainer.http_client import TeacherRequestError, TeacherUnavailableError
+    from student_trainer.teachers.client import TeacherRequestError, TeacherUnavailableError
 
     with pytest.raises((TeacherRequestError, TeacherUnavailableError)) as caught:
         asyncio.run(ask(kserve_client(ingress, f"teacher-smal.{NAMESPACE}.example.com"), ready_timeout_s=0.5))
@@ -901,7 +901,7 @@ def test_client_waits_out_429_and_503_from_the_ingress(ingress: Ingress) -> None
 
 @pytest.mark.slow
 def test_client_gives_up_after_its_retry_budget(ingress: Ingress) -> None:
-    from student_trainer.http_client import TeacherUnavailableError
+    from student_trainer.teachers.client import TeacherUnavailableError
 
     ingress.script = [(503, "0")] * 10
     client = kserve_client(ingress, EXTERNAL_HOST, max_retries=2, backoff_base_s=0.01, cooldown_s=0.01)
@@ -912,7 +912,7 @@ def test_client_gives_up_after_its_retry_budget(ingress: Ingress) -> None:
 
 @pytest.mark.slow
 def test_client_waits_until_the_predictor_is_ready(ingress: Ingress) -> None:
-    from student_trainer.http_client import TeacherUnavailableError
+    from student_trainer.teachers.client import TeacherUnavailableError
 
     ingress.ready = False
     with pytest.raises(TeacherUnavailableError, match="not ready after 0.5s"):
@@ -931,7 +931,7 @@ def test_client_waits_until_the_predictor_is_ready(ingress: Ingress) -> None:
 
 def test_a_host_that_cannot_be_a_header_is_refused() -> None:
     from shared.errors import UserError
-    from student_trainer.teacher_client import make_teacher_client
+    from student_trainer.teachers.client import make_teacher_client
 
     with pytest.raises(UserError, match="is not a host name"):
         make_teacher_client("http://10.0.0.1:80#small@http://teacher-small", name="small")

@@ -7,7 +7,7 @@ import torch
 
 from shared.flops import encoder_forward_flops
 from shared.teacher_api import TeacherAnswer, TeacherInfo, TeacherQuery
-from student_trainer.ledger import (
+from student_trainer.kd.ledger import (
     KEYS,
     FlopsLedger,
     all_reduce_counts,

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from student_trainer.losses import kd_loss, patient_loss
-from student_trainer.selection import supervision_weights
+from student_trainer.kd.losses import kd_loss, patient_loss
+from student_trainer.kd.selection import supervision_weights
 
 
 def test_kl_is_zero_for_identical_logits_and_positive_otherwise():

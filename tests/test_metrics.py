@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from student_trainer.metrics import compute_metrics
+from student_trainer.train.metrics import compute_metrics
 
 
 def test_accuracy_accepts_lists_arrays_and_tensors() -> None:

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared.uncertainty import entropy, max_entropy, uncertainty_scores
-from student_trainer.selection import (
+from student_trainer.kd.selection import (
     ExactBudgetSelector,
     hard_split,
     num_selected,
@@ -60,7 +60,7 @@ def test_float_ratio_rounding_is_robust():
 
 
 def test_zero_selection_gives_empty_index_and_no_nan_downstream():
-    from student_trainer.losses import kd_loss
+    from student_trainer.kd.losses import kd_loss
 
     logits = graded_logits(4).requires_grad_()
     idx = select_instances(logits, "entropy", 0.0)

@@ -20,6 +20,7 @@ from transformers import AutoTokenizer, BertForSequenceClassification
 from shared import codec
 from shared.codec import HEADER_LENGTH, build_request_body, parse_response_body
 from shared.flops import encoder_forward_flops
+from teacher_server import v2_adapter
 from teacher_server.app import create_app
 from teacher_server.config import ServerConfig
 
@@ -131,6 +132,35 @@ def decode(response):
 
 
 # --- correct numbers ------------------------------------------------------------------------
+
+
+def test_decoding_tokenizing_and_encoding_run_off_the_event_loop(server, monkeypatch):
+    """Heavy per-request work must not run on the event loop: a large request would stall every
+    health probe and every other request while it is tokenized (64 texts x 60 KB took 1 s; see
+    benchmarks/bench_health.py for the timing)."""
+    seen: dict[str, bool] = {}
+
+    def on_loop() -> bool:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        return True
+
+    def spy(name, work):
+        def wrapped(*args, **kwargs):
+            seen[name] = on_loop()
+            return work(*args, **kwargs)
+
+        return wrapped
+
+    engine = server.app.state.service.batchers["small"].engine
+    monkeypatch.setattr(engine, "tokenize", spy("tokenize", engine.tokenize))
+    monkeypatch.setattr(v2_adapter, "parse_request_body", spy("decode", v2_adapter.parse_request_body))
+    monkeypatch.setattr(v2_adapter, "build_response_body", spy("encode", v2_adapter.build_response_body))
+    texts = [t + " off the loop" for t in TEXTS]
+    decode(infer(server.url, "small", {"text": texts}))
+    assert seen == {"decode": False, "tokenize": False, "encode": False}
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from student_trainer import synthetic
-from student_trainer.data import load_task
-from student_trainer.synthetic import make_synthetic_task, write_synthetic_task
+from student_trainer.data import synthetic
+from student_trainer.data.readers import load_task
+from student_trainer.data.synthetic import make_synthetic_task, write_synthetic_task
 
 POSITIVE = (
     set(synthetic.POSITIVE_ADJECTIVES)

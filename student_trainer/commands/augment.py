@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 
 from shared.errors import UserError
-from student_trainer.data import TaskData, load_file, load_task, split_columns
-from student_trainer.training import resolve_device
+from student_trainer.data.loading import split_columns
+from student_trainer.data.readers import load_file, load_task
+from student_trainer.data.tasks import TaskData
+from student_trainer.train.distributed import resolve_device
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -63,7 +65,12 @@ def _load_input(args: argparse.Namespace) -> tuple[TaskData, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from student_trainer.augment import Augmenter, AugmentSettings, WordVectors, augment_task  # heavy: on use
+    from student_trainer.data.augment import (  # heavy: on use
+        Augmenter,
+        AugmentSettings,
+        WordVectors,
+        augment_task,
+    )
 
     for name in ("num_aug", "top_m", "batch_size", "max_seq_length", "max_word_vectors"):
         if getattr(args, name) < 1:

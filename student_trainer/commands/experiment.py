@@ -45,9 +45,10 @@ def run(namespace: argparse.Namespace) -> int:
 
         print_plan(config, layout)
         return 0
-    if not namespace.report_only:
-        from student_trainer.experiments.runner import run_grid
+    from student_trainer.experiments.runner import run_grid, write_task_records
 
+    write_task_records(config, layout)
+    if not namespace.report_only:
         run_grid(config, layout, keep_models=namespace.keep_models)
     from student_trainer.experiments.report import write_report
 

@@ -53,7 +53,7 @@ def token_lengths(
     """Token counts of the training rows, and the number of labels."""
     from transformers import AutoTokenizer
 
-    from student_trainer.data import load_task
+    from student_trainer.data.readers import load_task
 
     data = load_task(task, data_dir, "train", max_examples=max_samples)
     try:

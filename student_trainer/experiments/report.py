@@ -141,7 +141,7 @@ def format_table(
             info = task_info.get(task) or {}
             metric = info.get("metric", "accuracy")
             if key is None:
-                value = (info.get("majority_baseline") or {}).get(metric)
+                value = (info.get("majority_baseline") or {}).get(f"eval_{metric}")
             else:
                 value = ((teachers[key].get(task) or {}).get("eval") or {}).get(f"eval_{metric}")
             cells += [f"{value:.4f}" if value is not None else "—", ""]
@@ -155,7 +155,7 @@ def below_majority(rows: list[dict[str, Any]], task_info: dict[str, Any]) -> lis
     for row in rows:
         for task, entry in row["tasks"].items():
             info = task_info.get(task) or {}
-            floor = (info.get("majority_baseline") or {}).get(info.get("metric", "accuracy"))
+            floor = (info.get("majority_baseline") or {}).get(f"eval_{info.get('metric', 'accuracy')}")
             if floor is not None and entry["mean"] <= floor:
                 found.append(f"{task}/{row['method']} ({entry['mean']:.4f} <= {floor:.4f})")
     return found

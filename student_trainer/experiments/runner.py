@@ -229,6 +229,12 @@ def extract_trace(metrics_path: Path) -> dict[str, list[float]]:
     return {name: values for name, values in columns.items() if any(v is not None for v in values)}
 
 
+def write_task_records(config: ExperimentConfig, layout: Layout) -> None:
+    """Each task's sizes and majority baseline, as the runs see the data (the report reads them)."""
+    for task, data in config.tasks.items():
+        layout.write_json(layout.task_record(task), task_record(task, data, config.distill))
+
+
 def run_grid(config: ExperimentConfig, layout: Layout, *, keep_models: bool = False) -> None:
     """Every pending run of the grid, task by task; progress and ETA after each run."""
     runs = config.runs()
@@ -240,7 +246,6 @@ def run_grid(config: ExperimentConfig, layout: Layout, *, keep_models: bool = Fa
         todo = [r for r in pending if r[0] == task]
         if not todo:
             continue
-        layout.write_json(layout.task_record(task), task_record(task, config.tasks[task], config.distill))
         roles = sorted({role for _, method, _ in todo for role in method.teacher_roles})
         teachers = {role: ensure_teacher(config, layout, task, role) for role in roles}
         with task_service(config, layout, task, teachers) as url:

@@ -6,14 +6,9 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
-from student_trainer.data import get_task_spec, load_task
-from student_trainer.metrics import compute_metrics
-
-
-def majority_baseline(metric: str, train_labels: list[int], eval_labels: list[int]) -> dict[str, float]:
-    """The scores of always predicting the most frequent training label (what a student must beat)."""
-    majority = Counter(train_labels).most_common(1)[0][0]
-    return compute_metrics(metric, [majority] * len(eval_labels), eval_labels)
+from student_trainer.data.readers import load_task
+from student_trainer.data.tasks import get_task_spec
+from student_trainer.train.evaluate import majority_baseline
 
 
 def task_record(task: str, data: Mapping[str, Any], distill: Mapping[str, Any]) -> dict[str, Any]:
@@ -32,5 +27,7 @@ def task_record(task: str, data: Mapping[str, Any], distill: Mapping[str, Any]) 
         "eval_size": len(eval_labels),
         "train_label_counts": dict(sorted(Counter(train_labels).items())),
         "eval_label_counts": dict(sorted(Counter(eval_labels).items())),
-        "majority_baseline": majority_baseline(train.metric, train_labels, eval_labels),
+        "majority_baseline": majority_baseline(
+            train_labels, eval_labels, train.metric, list(train.label_names)
+        ),
     }

@@ -50,29 +50,16 @@ from shared.codec import (
 )
 from shared.errors import UserError
 from shared.protocol import ErrorBody, ModelMetadata
-from shared.teacher_api import TeacherAnswer, TeacherInfo, TeacherQuery
+from shared.teacher_api import TeacherAnswer, TeacherInfo, TeacherQuery, Timings
+from student_trainer.teachers.client import TeacherRequestError, TeacherUnavailableError
 
 log = logging.getLogger(__name__)
 
-ANSWER_COUNTERS = ("teacher_flops", "tokens", "padded_tokens", "cache_hits")
 RETRY_STATUSES = (429, 503)
 PROBE_TIMEOUT_S = 1.0  # a health check answers in milliseconds unless the replica is stuck
 HOST_PATTERN = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(:\d{1,5})?")  # a Host header: name[:port]
 # ``None`` = the client's own direct transport; these win over the proxies httpx reads from the environment.
 LOOPBACK_DIRECT = {"all://127.0.0.1": None, "all://localhost": None, "all://[::1]": None}
-
-
-class TeacherUnavailableError(UserError):
-    """No replica answered within the retry budget (or became ready in time)."""
-
-
-class TeacherRequestError(UserError):
-    """The service refused the request (4xx) or answered outside the protocol: retrying cannot help."""
-
-    def __init__(self, message: str, *, status: int | None = None, field: str | None = None):
-        super().__init__(message)
-        self.status = status
-        self.field = field
 
 
 class _Retryable(Exception):
@@ -101,7 +88,7 @@ class _Replica:
 
 
 class HttpTeacherClient:
-    """A :class:`~student_trainer.teacher_client.TeacherClient` for ``teacher-server`` replicas.
+    """A :class:`~student_trainer.teachers.client.TeacherClient` for ``teacher-server`` replicas.
 
     ``timeout_s`` bounds each attempt end to end (and is sent as the server-side deadline);
     ``max_retries`` counts attempts after the first; ``cooldown_s`` is how long a replica that
@@ -295,9 +282,12 @@ class HttpTeacherClient:
                 )
             return value.to(torch.float32)
 
-        def count(name: str) -> int:
+        def number(name: str) -> float:
             value = params.get(name, 0)
-            return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0
+            return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
+
+        def count(name: str) -> int:
+            return int(number(name))
 
         cls_shape, token_shape = (
             (batch, len(query.cls_layers), None),
@@ -311,11 +301,7 @@ class HttpTeacherClient:
             tokens=count("tokens"),
             padded_tokens=count("padded_tokens"),
             cache_hits=count("cache_hits"),
-            extra={
-                k: float(v)
-                for k, v in params.items()
-                if k not in ANSWER_COUNTERS and isinstance(v, int | float) and not isinstance(v, bool)
-            },
+            timings=Timings(queue_us=number("queue_us"), compute_us=number("compute_us")),
         )
 
     async def _post(self, body: bytes, headers: dict[str, str]) -> tuple[_Replica, httpx.Response]:
@@ -405,7 +391,8 @@ class HttpTeacherClient:
         replica.cool_until = time.monotonic() + replica.cooldown
 
     def _backoff(self, attempt: int) -> float:
-        """Full jitter: uniform in [0, min(max, base * 2^attempt))."""
+        """Full jitter before retry ``attempt`` (1 = the first retry): uniform in
+        ``[0, min(backoff_max_s, backoff_base_s · 2^(attempt-1)))``."""
         return random.uniform(0.0, min(self.backoff_max_s, self.backoff_base_s * 2 ** (attempt - 1)))
 
     def _refusal(self, replica: _Replica, response: httpx.Response) -> TeacherRequestError:

@@ -37,15 +37,15 @@ import torch.distributed as dist
 
 from shared.flops import BACKWARD_TO_FORWARD, encoder_forward_flops
 from shared.teacher_api import TeacherAnswer, TeacherInfo, TeacherQuery
+from student_trainer.kd.config import TEACHER_ROLES
 
-ROLES = ("small", "large")
 KEYS = (
-    *(f"teacher_flops_{role}" for role in ROLES),
-    *(f"vanilla_flops_{role}" for role in ROLES),
-    *(f"vanilla_unpadded_flops_{role}" for role in ROLES),
-    *(f"requested_flops_{role}" for role in ROLES),
-    *(f"teacher_rows_{role}" for role in ROLES),
-    *(f"vanilla_rows_{role}" for role in ROLES),
+    *(f"teacher_flops_{role}" for role in TEACHER_ROLES),
+    *(f"vanilla_flops_{role}" for role in TEACHER_ROLES),
+    *(f"vanilla_unpadded_flops_{role}" for role in TEACHER_ROLES),
+    *(f"requested_flops_{role}" for role in TEACHER_ROLES),
+    *(f"teacher_rows_{role}" for role in TEACHER_ROLES),
+    *(f"vanilla_rows_{role}" for role in TEACHER_ROLES),
     "teacher_requests",
     "teacher_cache_hits",
     "student_forward_flops",
@@ -143,7 +143,7 @@ class FlopsLedger:
         for key, value in counts.items():
             self.totals[key] += int(value)
 
-    def _sum(self, prefix: str, roles: Iterable[str] = ROLES) -> int:
+    def _sum(self, prefix: str, roles: Iterable[str] = TEACHER_ROLES) -> int:
         return sum(self.totals[f"{prefix}_{role}"] for role in roles)
 
     @property

@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel
 
 from shared.errors import UserError
-from student_trainer.data import Example, TaskData, tsv_header, tsv_line
+from student_trainer.data.tasks import Example, TaskData
+from student_trainer.data.tsv import tsv_header, tsv_line
 
 WORD = re.compile(r"\w+|[^\w\s]")
 STOP_WORDS = frozenset(

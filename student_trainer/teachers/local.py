@@ -20,7 +20,7 @@ from teacher_server.engine import TeacherEngine
 
 
 class LocalTeacherClient:
-    """A :class:`~student_trainer.teacher_client.TeacherClient` that runs the checkpoint here.
+    """A :class:`~student_trainer.teachers.client.TeacherClient` that runs the checkpoint here.
 
     HTTP-only options (timeouts, retries, API keys) are accepted and ignored so one set of
     trainer options works with both backends.

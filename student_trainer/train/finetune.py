@@ -25,53 +25,17 @@ from transformers.utils import logging as hf_logging
 
 from shared.errors import UserError
 from shared.modeling import load_sequence_classifier
-from student_trainer.arguments import FinetuneArguments
-from student_trainer.data import TaskData, TokenizedDataset, collate_batch, load_train_and_eval_from
-from student_trainer.metrics import compute_metrics
-from student_trainer.training import adamw_with_decay_groups, resolve_device
+from student_trainer.args.finetune import FinetuneArguments
+from student_trainer.data.loading import load_train_and_eval_from
+from student_trainer.data.tasks import TaskData
+from student_trainer.data.tokenized import TokenizedDataset, collate_batch, model_inputs
+from student_trainer.train.distributed import resolve_device
+from student_trainer.train.evaluate import evaluate
+from student_trainer.train.optim import adamw_with_decay_groups
 
 
 def _model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    keys = ("input_ids", "attention_mask", "token_type_ids")
-    return {key: batch[key].to(device) for key in keys}
-
-
-@torch.inference_mode()
-def predict(
-    model: PreTrainedModel,
-    dataset: TokenizedDataset,
-    batch_size: int,
-    pad_token_id: int,
-    device: torch.device,
-) -> tuple[torch.Tensor, float | None]:
-    """Predicted labels for every item in order, and the mean cross-entropy when labelled."""
-    model.eval()
-    loader = DataLoader(
-        dataset, batch_size=batch_size, collate_fn=partial(collate_batch, pad_token_id=pad_token_id)
-    )
-    predictions, loss_sum = [], 0.0
-    for batch in loader:
-        logits = model(**_model_inputs(batch, device)).logits.float()
-        predictions.append(logits.argmax(dim=-1).cpu())
-        if dataset.data.is_labelled:
-            loss_sum += torch.nn.functional.cross_entropy(
-                logits, batch["labels"].to(device), reduction="sum"
-            ).item()
-    return torch.cat(predictions), (loss_sum / len(dataset) if dataset.data.is_labelled else None)
-
-
-def evaluate(
-    model: PreTrainedModel,
-    dataset: TokenizedDataset,
-    batch_size: int,
-    pad_token_id: int,
-    device: torch.device,
-) -> dict[str, float]:
-    """``eval_<metric>`` for the task's metric (accuracy always), ``eval_loss``, ``eval_samples``."""
-    predictions, loss = predict(model, dataset, batch_size, pad_token_id, device)
-    labels = torch.tensor([e.label for e in dataset.data.examples])
-    results = {f"eval_{k}": v for k, v in compute_metrics(dataset.data.metric, predictions, labels).items()}
-    return {**results, "eval_loss": loss, "eval_samples": len(dataset)}
+    return {key: value.to(device) for key, value in model_inputs(batch).items()}
 
 
 def _total_steps(args: FinetuneArguments, steps_per_epoch: int) -> int:
@@ -155,10 +119,11 @@ def finetune(args: FinetuneArguments) -> dict[str, Any]:
         "train_runtime": train_runtime,
         "train_samples_per_second": step * args.per_device_train_batch_size / train_runtime,
     }
-    if eval_set is not None:
-        results.update(
-            evaluate(model, eval_set, args.per_device_eval_batch_size, tokenizer.pad_token_id, device)
+    if eval_set is not None and eval_set.data.is_labelled:
+        scores = evaluate(
+            model, eval_set, eval_set.data.metric, tokenizer.pad_token_id, args.per_device_eval_batch_size
         )
+        results.update({**scores, "eval_samples": len(eval_set)})
     save_teacher(model, tokenizer, args, results, train_data)
     return results
 

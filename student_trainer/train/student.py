@@ -18,7 +18,7 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from shared.errors import UserError
 from shared.modeling import load_sequence_classifier
 from shared.teacher_api import TeacherInfo
-from student_trainer.alignment import make_projection
+from student_trainer.kd.alignment import make_projection
 
 
 class DistillStudent(nn.Module):

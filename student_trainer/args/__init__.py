@@ -1,0 +1,1 @@
+"""Options of `distill` and `finetune`: dataclasses with Hugging Face ``TrainingArguments`` names."""

@@ -1,0 +1,83 @@
+"""What `distill` and `finetune` share: the data options (one declaration, inherited by both) and the
+checks of the training options both have."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shared.errors import UserError
+from student_trainer.args.builder import option
+from student_trainer.data.loading import check_data_source
+from student_trainer.train.metrics import METRICS
+
+
+@dataclass
+class DataArguments:
+    """Where the training and evaluation data come from (see :mod:`student_trainer.data.loading`)."""
+
+    task: str | None = option(
+        None, "Registered task (sst2, cola, mrpc, rte, mnli, qnli, qqp, sst5, imdb, synthetic, ...)."
+    )
+    data_dir: str | None = option(None, "Folder holding the task's files (GLUE layout).")
+    train_file: str | None = option(None, "A .tsv/.csv/.jsonl training file instead of --task.")
+    validation_file: str | None = option(None, "The matching evaluation file (optional).")
+    dataset_name: str | None = option(
+        None,
+        "A Hugging Face `datasets` dataset instead of --task: a hub id, a loading script or a folder written "
+        "by save_to_disk; trains on its train split, evaluates on its validation split if any "
+        "(needs the optional `datasets` package).",
+    )
+    dataset_config: str | None = option(None, "The configuration of --dataset_name (e.g. sst2 of glue).")
+    text_columns: str = option("sentence", "Comma-separated text column(s) of the data files.")
+    label_column: str = option("label", "Label column of --train_file/--validation_file.")
+    metric: str | None = option(
+        None,
+        "Metric reported besides accuracy: f1 or mcc (default: the task's own; accuracy for files).",
+        choices=METRICS,
+    )
+    skip_bad_rows: bool = option(False, "Skip (and count) malformed data rows instead of failing.")
+    max_train_samples: int | None = option(None, "Use only the first N training examples.")
+    max_eval_samples: int | None = option(None, "Use only the first N evaluation examples.")
+    max_seq_length: int = option(128, "Truncate inputs to this many tokens.")
+
+    def check_data(self) -> None:
+        check_data_source(self.task, self.data_dir, self.train_file, self.dataset_name)
+
+
+def require_positive(args: object, *names: str) -> None:
+    """Sizes, rates and ``step % N`` periods: zero or less would fail deep inside torch or the loop."""
+    for name in names:
+        if not getattr(args, name) > 0:
+            raise UserError(f"--{name} must be > 0, got {getattr(args, name)}")
+
+
+def require_non_negative(args: object, *names: str) -> None:
+    for name in names:
+        if not getattr(args, name) >= 0:
+            raise UserError(f"--{name} must be >= 0, got {getattr(args, name)}")
+
+
+def _check_output_dir(output_dir: str | None) -> None:
+    """A file where the folder (or one above it) should be would only fail at the first save."""
+    if not output_dir:
+        raise UserError("--output_dir is required")
+    path = Path(output_dir)
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise UserError(f"--output_dir {output_dir}: {folder} is a file, not a folder")
+            return
+
+
+def check_training_options(args: Any) -> None:
+    """The options `distill` and `finetune` both have, checked the same way."""
+    require_positive(args, "per_device_train_batch_size", "per_device_eval_batch_size", "max_seq_length")
+    require_positive(args, "logging_steps", "learning_rate")
+    require_non_negative(args, "weight_decay", "max_grad_norm")
+    if not 0.0 <= args.warmup_ratio <= 1.0:
+        raise UserError(f"--warmup_ratio must be in [0, 1], got {args.warmup_ratio}")
+    if args.max_steps <= 0 and not args.num_train_epochs > 0:
+        raise UserError("--num_train_epochs must be > 0 (or give --max_steps)")
+    _check_output_dir(args.output_dir)

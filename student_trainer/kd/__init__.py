@@ -1,0 +1,1 @@
+"""The knowledge-distillation maths and its bookkeeping: selection, losses, layer alignment, FLOPs ledger."""

@@ -1,0 +1,76 @@
+"""Which rows of a batch the teachers see and what each teacher is asked (a :class:`TeacherPlan`).
+
+From the student's (detached) logits of its training forward pass: the ``int(B·r)`` selected
+rows, then which teacher answers which of them (``hard`` sends each half only to its own
+teacher; every other method asks its teacher(s) about every selected row), and one
+:class:`TeacherQuery` per teacher asking only for what the loss needs (logits; hidden states of
+the aligned layers only for ``pkd``/``uncertainty``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from shared.teacher_api import TeacherQuery
+from student_trainer.kd.alignment import LayerAlignment
+from student_trainer.kd.config import KDConfig
+from student_trainer.kd.selection import hard_split
+
+
+@dataclass
+class TeacherPlan:
+    """Who is asked about what, for one batch."""
+
+    selected: torch.Tensor  # batch rows that get teacher supervision, most uncertain first
+    routes: dict[str, torch.Tensor]  # role -> positions in ``selected`` that this teacher answers
+    queries: dict[str, TeacherQuery]  # role -> the request (only teachers with rows to answer)
+
+    @property
+    def rows_sent(self) -> dict[str, int]:
+        return {role: int(query.input_ids.shape[0]) for role, query in self.queries.items()}
+
+
+def teacher_query(
+    batch: Mapping[str, torch.Tensor], rows: torch.Tensor, config: KDConfig, alignment: LayerAlignment
+) -> TeacherQuery:
+    """The chosen rows, trimmed to their own longest sequence, asking only for what the loss uses."""
+    mask = batch["attention_mask"][rows]
+    width = int(mask.sum(dim=1).max())
+    layers = alignment.teacher_layers if config.uses_hidden_states else ()
+    return TeacherQuery(
+        input_ids=batch["input_ids"][rows, :width].cpu(),
+        attention_mask=mask[:, :width].cpu(),
+        token_type_ids=batch["token_type_ids"][rows, :width].cpu(),
+        want_logits=True,
+        cls_layers=layers if config.pt_features == "cls" else (),
+        token_layers=layers if config.pt_features == "all-tokens" else (),
+    )
+
+
+def plan_batch(
+    config: KDConfig,
+    logits: torch.Tensor,
+    batch: Mapping[str, torch.Tensor],
+    select: Callable[[torch.Tensor], torch.Tensor],
+    alignments: Mapping[str, LayerAlignment],
+) -> TeacherPlan:
+    """Select rows by the student's uncertainty and route them (see the module docstring)."""
+    roles = config.teacher_roles
+    logits = logits.detach()
+    if not roles:
+        return TeacherPlan(torch.zeros(0, dtype=torch.long, device=logits.device), {}, {})
+    selected = select(logits)
+    if config.teacher_selection == "hard":
+        small, large = hard_split(logits[selected])
+        routes = {"small": small, "large": large}
+    else:
+        routes = {role: torch.arange(len(selected), device=logits.device) for role in roles}
+    queries = {
+        role: teacher_query(batch, selected[positions], config, alignments[role])
+        for role, positions in routes.items()
+        if len(positions)
+    }
+    return TeacherPlan(selected, routes, queries)

@@ -1,0 +1,1 @@
+"""Teacher clients: one protocol, an HTTP backend (replicas, retries) and an in-process backend."""

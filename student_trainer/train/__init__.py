@@ -1,0 +1,1 @@
+"""Training: the distill loop and its pieces, the teacher fine-tuning loop, evaluation, checkpoints."""

@@ -1,0 +1,147 @@
+"""What a distill run tells humans and tools: ``metrics.jsonl`` (+ TensorBoard), progress lines, the
+closing summary paragraph."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from student_trainer.args.distill import DistillArguments
+from student_trainer.kd.ledger import FlopsLedger
+
+
+class MetricsLog:
+    """``metrics.jsonl`` (one line per step and per evaluation) + TensorBoard when installed."""
+
+    def __init__(self, output_dir: Path, resume_step: int | None, enabled: bool):
+        self.path = output_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.tensorboard = None
+        if not enabled:
+            return
+        if resume_step is None:
+            self.path.unlink(missing_ok=True)
+        elif self.path.exists():  # drop what a killed run logged past its last checkpoint
+            self.path.write_text("".join(line + "\n" for line in self._lines_up_to(resume_step)))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return
+        self.tensorboard = SummaryWriter(str(output_dir / "runs"))
+
+    def _lines_up_to(self, step: int) -> list[str]:
+        """The log's records up to ``step``; a kill mid-write leaves a torn last line, dropped too."""
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            if record["step"] <= step:
+                kept.append(line)
+        return kept
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if isinstance(value, int | float) and key != "step":
+                    self.tensorboard.add_scalar(f"{record['event']}/{key}", value, record["step"])
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+class Reporter:
+    """Rank 0's voice: the metrics log, the progress bar and the averaged progress lines."""
+
+    def __init__(
+        self, log: MetricsLog, total_steps: int, initial_step: int, logging_steps: int, disable: bool
+    ):
+        self.log = log
+        self.logging_steps = logging_steps
+        self.total_steps = total_steps
+        self.progress = tqdm(total=total_steps, initial=initial_step, desc="distill", disable=disable)
+        self.window: list[dict[str, float]] = []  # step records since the last progress line
+
+    def train_step(
+        self, record: dict[str, Any], parts: dict[str, float], learning_rate: float, ledger: FlopsLedger
+    ) -> None:
+        """Log one step; every ``logging_steps`` print the mean since the last line."""
+        self.log.write(record)
+        self.progress.update(1)
+        if not self.log.enabled:  # only rank 0 prints, so only rank 0 keeps the window
+            return
+        self.window.append(parts)
+        step = record["step"]
+        if step % self.logging_steps == 0:
+            mean = {k: sum(w[k] for w in self.window) / len(self.window) for k in self.window[0]}
+            self.window.clear()
+            self.progress.write(
+                f"step {step}/{self.total_steps} epoch {record['epoch']:.2f} | "
+                + progress_line(mean, learning_rate, ledger)
+            )
+
+    def evaluation(self, step: int, scores: dict[str, float]) -> None:
+        self.log.write({"event": "eval", "step": step, **scores})
+        self.progress.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+
+    def close(self) -> None:
+        self.log.close()
+
+
+def gflops(value: float) -> str:
+    return f"{value / 1e9:,.2f} GFLOPs"
+
+
+def progress_line(mean: dict[str, float], learning_rate: float, ledger: FlopsLedger) -> str:
+    saved = ledger.saved_fraction
+    return (
+        f"loss {mean['loss']:.4f} (ce {mean['ce']:.4f} kd {mean['kd']:.4f} pt {mean['pt']:.4f}) | "
+        f"lr {learning_rate:.2e} | teacher wait {mean['teacher_seconds']:.3f} s/step | "
+        f"teachers {gflops(ledger.teacher_flops)}"
+        + (f" ({100 * saved:.1f}% saved vs vanilla KD)" if saved is not None else "")
+    )
+
+
+def summary_paragraph(args: DistillArguments, results: dict[str, Any]) -> str:
+    """The one paragraph a human reads at the end of a run."""
+    ledger = results["flops"]
+    method = (
+        "cross-entropy only (no KD)"
+        if args.no_kd
+        else f"teacher selection '{args.teacher_selection}', data selection '{args.data_selection}'"
+        f" (r = {args.selection_ratio:g}{', exact budget' if args.exact_budget else ''}),"
+        f" supervision '{args.supervision}' ({args.kd_loss} loss)"
+    )
+    evaluation = results.get("eval") or {}
+    scores = ", ".join(
+        f"{k.removeprefix('eval_')} {v:.4f}" for k, v in evaluation.items() if k != "eval_loss"
+    )
+    text = (
+        f"Distilled a {results['student_layers']}-layer student from {args.model_name_or_path} on "
+        f"{results['task']} for {results['global_step']} steps ({results['epoch']:.2f} epochs, "
+        f"{results['world_size']} process(es)) in {results['train_runtime_s']:.1f} s with {method}. "
+    )
+    text += f"Evaluation: {scores}. " if scores else "No evaluation data. "
+    if ledger["teacher_flops_saved_fraction"] is None:
+        text += "No teacher was queried. "
+    else:
+        text += (
+            f"Teachers spent {gflops(ledger['teacher_flops_spent'])} where vanilla KD on the same batches "
+            f"would have spent {gflops(ledger['teacher_flops_vanilla'])} "
+            f"({gflops(ledger['teacher_flops_vanilla_unpadded'])} without padding): "
+            f"{100 * ledger['teacher_flops_saved_fraction']:.1f}% saved. Dynamic KD's choices alone save "
+            f"{100 * ledger['teacher_flops_saved_fraction_selection']:.1f}% (the rows sent would cost "
+            f"{gflops(ledger['teacher_flops_requested'])} at their real lengths); the rest is the service's "
+            f"padding removal and its cache ({ledger['teacher_cache_hits']:,} rows answered from it). "
+        )
+    text += f"Student training cost {gflops(ledger['student_flops'])}."
+    return text

@@ -1,0 +1,101 @@
+"""One optimizer step of dynamic KD, in the order the loop calls its parts.
+
+1. :func:`ask_teachers_about` — the student's training forward pass; its own (detached)
+   uncertainty picks rows and teachers (:func:`~student_trainer.kd.plan.plan_batch`); every
+   teacher's query in flight at once. A teacher that stays down is returned as ``failure`` so
+   that the loop can checkpoint before it stops.
+2. :func:`update` — the loss (:func:`~student_trainer.kd.objective.distillation_loss`),
+   backward, the gradient all-reduce under ``torchrun``, clipping, optimizer and schedule.
+3. :func:`step_counts` — this step's FLOPs ledger entries, summed over the ranks.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from shared.teacher_api import TeacherAnswer
+from student_trainer.data.tokenized import collate_batch
+from student_trainer.kd import ledger as flops
+from student_trainer.kd.objective import distillation_loss
+from student_trainer.kd.plan import TeacherPlan, plan_batch
+from student_trainer.teachers.client import TeacherCallError, ask_teachers, in_data_label_order
+from student_trainer.train.distributed import average_gradients
+from student_trainer.train.setup import DistillRun, Teachers
+
+
+@dataclass
+class TeacherRound:
+    """The student's forward pass of one batch and what the teachers answered about it."""
+
+    logits: torch.Tensor
+    hidden_states: tuple[torch.Tensor, ...] | None
+    plan: TeacherPlan
+    answers: dict[str, TeacherAnswer]
+    failure: TeacherCallError | None
+    seconds: float  # waiting for the teachers
+
+
+def load_batch(run: DistillRun, rows: list[int]) -> dict[str, torch.Tensor]:
+    """Collate the training rows and move them to this process's device."""
+    batch = collate_batch([run.train_set[i] for i in rows], run.pad_id)
+    return {key: value.to(run.procs.device, non_blocking=True) for key, value in batch.items()}
+
+
+def ask_teachers_about(run: DistillRun, teachers: Teachers, batch: dict[str, torch.Tensor]) -> TeacherRound:
+    """Student forward; choose rows and teachers from its uncertainty; ask them (see module docstring)."""
+    logits, hidden_states = run.student(batch, output_hidden_states=run.kd.uses_hidden_states)
+    plan = plan_batch(run.kd, logits, batch, run.selector.select, run.alignments)
+    failure: TeacherCallError | None = None
+    asked = time.perf_counter()
+    try:
+        answers = teachers.loop.run_until_complete(
+            ask_teachers(teachers.clients, plan.queries, teachers.ready_timeout_s)
+        )
+    except TeacherCallError as err:
+        answers, failure = {}, err
+    answers = {role: in_data_label_order(a, teachers.label_orders[role]) for role, a in answers.items()}
+    return TeacherRound(logits, hidden_states, plan, answers, failure, time.perf_counter() - asked)
+
+
+def update(run: DistillRun, batch: dict[str, torch.Tensor], asked: TeacherRound) -> dict[str, float]:
+    """Loss, backward, step; returns the loss and its parts (for logging)."""
+    loss, parts = distillation_loss(
+        run.kd,
+        run.student,
+        asked.logits,
+        asked.hidden_states,
+        batch,
+        asked.plan,
+        asked.answers,
+        run.alignments,
+    )
+    loss.backward()
+    parameters = run.parameters
+    if run.procs.world_size > 1:
+        average_gradients(parameters, run.procs.world_size)
+    if run.args.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(parameters, run.args.max_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss.item(), **parts}
+
+
+def step_counts(
+    run: DistillRun, teachers: Teachers, batch: dict[str, torch.Tensor], asked: TeacherRound
+) -> dict[str, int]:
+    """This step's ledger entries (teachers spent / requested / vanilla, student), summed over ranks."""
+    batch_size, seq_len = batch["input_ids"].shape
+    real_lengths = batch["attention_mask"].sum(dim=1).tolist()
+    return flops.all_reduce_counts(
+        {
+            **flops.teacher_counts(asked.answers, asked.plan.rows_sent),
+            **flops.requested_counts(teachers.infos, asked.plan.queries),
+            **flops.vanilla_counts(teachers.infos, real_lengths, seq_len),
+            **flops.student_counts(run.student.model.config, batch_size, seq_len),
+            "selected_instances": len(asked.plan.selected),
+        }
+    )

@@ -1,0 +1,1 @@
+"""The service's routes: handlers only (dependencies in :mod:`teacher_server.deps`)."""

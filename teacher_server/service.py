@@ -1,0 +1,95 @@
+"""The service behind the routes: load, ready and close of every teacher's engine and batcher
+(Triton's python-backend shape: it knows nothing about HTTP).
+
+Teachers load and warm up in threads after start-up, so ``/v2/health/live`` answers at once and
+``ready`` turns true only when every teacher can serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from shared.teacher_api import TeacherQuery
+from teacher_server.batcher import DynamicBatcher
+from teacher_server.cache import OutputCache
+from teacher_server.config import ServerConfig
+from teacher_server.engine import TeacherEngine
+from teacher_server.metrics import ServiceMetrics
+
+logger = logging.getLogger("teacher_server")
+
+
+@dataclass
+class TeacherService:
+    """What the app holds: config, one batcher per loaded teacher, the cache and the metrics."""
+
+    config: ServerConfig
+    api_key: str | None = None
+    on_load_failure: Callable[[str], None] | None = None
+    metrics: ServiceMetrics = field(default_factory=ServiceMetrics)
+    batchers: dict[str, DynamicBatcher] = field(default_factory=dict)
+    loaded: bool = False
+    draining: bool = False
+
+    def __post_init__(self) -> None:
+        self.cache = OutputCache(self.config.cache_max_bytes)
+
+    @property
+    def ready(self) -> bool:
+        return self.loaded and not self.draining
+
+    async def load(self) -> None:
+        """Load and warm up every teacher (in threads); a failure is one log line, never ready."""
+        for teacher in self.config.teachers:
+            started = time.perf_counter()
+            try:
+                engine = await asyncio.to_thread(
+                    TeacherEngine.load,
+                    teacher.name,
+                    teacher.path,
+                    revision=teacher.revision,
+                    device=teacher.device,
+                    dtype=teacher.dtype,
+                    max_seq_length=teacher.max_seq_length,
+                    batch_invariant=teacher.batch_invariant,
+                )
+                if self.config.warmup:
+                    await asyncio.to_thread(_warm_up, engine)
+            except Exception as err:
+                message = f"teacher {teacher.name!r} failed to load from {teacher.path}: {err}"
+                logger.error(" ".join(message.split()), extra={"event": "load_failed", "model": teacher.name})
+                if self.on_load_failure is not None:
+                    self.on_load_failure(message)
+                return
+            batcher = DynamicBatcher(engine, teacher, cache=self.cache, metrics=self.metrics)
+            batcher.start()
+            self.batchers[teacher.name] = batcher
+            logger.info(
+                "teacher ready",
+                extra={
+                    "event": "teacher_ready",
+                    "model": teacher.name,
+                    "device": teacher.device,
+                    "dtype": teacher.dtype,
+                    "load_s": round(time.perf_counter() - started, 3),
+                },
+            )
+        self.loaded = True
+        logger.info("all teachers ready", extra={"event": "ready", "models": list(self.batchers)})
+
+    async def close(self) -> None:
+        """Stop taking work and let each batcher finish what it queued."""
+        self.draining = True
+        await asyncio.gather(*(b.close(self.config.drain_timeout_s) for b in self.batchers.values()))
+        logger.info("drained", extra={"event": "drained"})
+
+
+def _warm_up(engine: TeacherEngine) -> None:
+    """One full pass so the first real request does not pay for lazy initialisation."""
+    ids, mask, types = engine.tokenize(["warm up the teacher", "a second, longer warm-up sentence"])
+    every_layer = tuple(range(engine.info.num_layers + 1))
+    engine.run(TeacherQuery(ids, mask, types, want_logits=True, cls_layers=every_layer, use_cache=False))
