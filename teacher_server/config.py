@@ -18,9 +18,9 @@ import re
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from shared.config_file import read_yaml_mapping
 from shared.errors import UserError
 
 DEVICE_PATTERN = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
@@ -103,16 +103,7 @@ class ServerConfig(BaseModel):
 def load_config(path: str | Path) -> ServerConfig:
     """Read and validate a YAML config; any problem is one :class:`UserError` line naming file and key."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise UserError(f"{path}: cannot read config: {err.strerror or err}") from err
-    except UnicodeDecodeError as err:
-        raise UserError(f"{path}: not UTF-8 text (byte {err.start}): is this the YAML config?") from err
-    except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from err
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: the config must be a mapping with a 'teachers' list")
+    raw = read_yaml_mapping(path, "with a 'teachers' list")
     try:
         config = ServerConfig.model_validate(raw)
     except ValidationError as err:

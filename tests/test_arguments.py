@@ -101,7 +101,7 @@ def test_yaml_teacher_list_form(tmp_path: Path) -> None:
         ("max_steps: many\n", "key 'max_steps' must be int"),
         ("no_kd: 3\n", "key 'no_kd' must be bool"),
         ("[1, 2]\n", "must be a mapping"),
-        ("a: [\n", "invalid YAML"),
+        ("a: [\n", "not valid YAML"),
         ("per_device_train_batch_size:\n", "key 'per_device_train_batch_size' has no value; it must be int"),
         ("text_columns:\n", "key 'text_columns' has no value; it must be str"),
         ("teacher:\n  small:\n", "key 'teacher' must be str, got None"),

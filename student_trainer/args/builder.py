@@ -18,8 +18,7 @@ from dataclasses import field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-import yaml
-
+from shared.config_file import read_yaml_mapping
 from shared.errors import UserError
 
 
@@ -122,16 +121,7 @@ def _coerce_yaml_scalar(name: str, value: Any, kind: type, source: Path) -> Any:
 def load_yaml_config(path: str | Path, cls: type) -> dict[str, Any]:
     """Read a YAML mapping of option names to values, rejecting unknown keys by name."""
     path = Path(path)
-    try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise UserError(f"cannot read config {path}: {err.strerror}") from err
-    except yaml.YAMLError as err:
-        raise UserError(f"{path}: invalid YAML: {err}") from err
-    if loaded is None:
-        return {}
-    if not isinstance(loaded, dict):
-        raise UserError(f"{path}: the config must be a mapping of option names to values")
+    loaded = read_yaml_mapping(path, "of option names to values")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(str(k) for k in loaded if k not in names)
     if unknown:

@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from shared.config_file import read_yaml_mapping
 from shared.errors import UserError
 
 TEACHER_ROLES = ("small", "large")
@@ -231,14 +230,7 @@ def _plot(raw: dict[str, Any]) -> PlotSpec:
 
 def load_experiment(path: str | Path, *, profile: str | None = None) -> ExperimentConfig:
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise UserError(f"cannot read experiment config {path}: {err.strerror or err}") from None
-    except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: expected a mapping at the top level")
+    raw = read_yaml_mapping(path, "of experiment keys (name, tasks, seeds, methods, ...)")
     try:
         return parse_config(raw, profile=profile)
     except (KeyError, TypeError, ValueError) as err:
