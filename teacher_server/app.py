@@ -18,6 +18,7 @@ from fastapi import FastAPI
 
 from teacher_server import __version__
 from teacher_server.config import ServerConfig
+from teacher_server.drain import DrainMiddleware
 from teacher_server.handlers import install_error_handlers
 from teacher_server.routes import health, v2
 from teacher_server.service import TeacherService
@@ -43,6 +44,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.service = service
+    app.add_middleware(DrainMiddleware, service=service)
     app.include_router(health.router)
     app.include_router(v2.router)
     install_error_handlers(app, count_error=v2.count_infer_error)
