@@ -6,7 +6,7 @@ the process's resident set size (``/proc/self/statm``) before and after, after a
 the cache off (so the loop's own allocations are not counted). Prints a table and writes JSON.
 Linux only.
 
-    python benchmarks/bench_cache_rss.py --rows 200000 --budget-mib 16 --out cache_rss.json
+    python benchmarks/bench_cache_rss.py --rows 200000 --budget-mib 16  # writes runs/bench_cache_rss.json
 """
 
 from __future__ import annotations
@@ -15,12 +15,14 @@ import argparse
 import gc
 import json
 import resource
+from pathlib import Path
 
 import torch
 
 from teacher_server.cache import OutputCache, RowOutputs, row_key
 from teacher_server.engine import OutputSpec
 
+ROOT = Path(__file__).resolve().parents[1]
 BATCH = 64  # rows per forward pass, as the batcher slices them
 
 
@@ -56,7 +58,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--budget-mib", type=float, default=16.0)
     parser.add_argument("--labels", type=int, default=3)
-    parser.add_argument("--out", default="cache_rss.json")
+    parser.add_argument("--output", default=str(ROOT / "runs" / "bench_cache_rss.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     # the same flood with the cache off first: what the loop itself leaves in RSS (allocator arenas)
@@ -66,8 +68,9 @@ def main() -> None:
     print("|" + "---|" * len(result))
     cells = (f"{v:,.1f}" if isinstance(v, float) else f"{v:,}" for v in result.values())
     print("| " + " | ".join(cells) + " |")
-    with open(args.out, "w") as out:
-        json.dump(result, out, indent=2)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps({"settings": vars(args), **result}, indent=2))
 
 
 if __name__ == "__main__":
