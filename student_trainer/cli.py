@@ -3,6 +3,10 @@
 Each command module exposes ``register(subparsers)`` which adds its parser and sets
 ``func`` to a callable ``run(args) -> int``. Errors the user can fix surface as one line
 on stderr and a non-zero exit code (see :class:`shared.errors.UserError`).
+
+Exit codes: 0 done; 2 usage or set-up error (bad flags, files, config; argparse's own
+code); 3 a teacher became unavailable mid-run (a resumable checkpoint was written);
+130 interrupted by SIGINT/SIGTERM (after a checkpoint of the last completed step, in ``distill``).
 """
 
 from __future__ import annotations
@@ -12,6 +16,9 @@ import importlib
 import sys
 
 from shared.errors import UserError
+from student_trainer.train.loop import Interrupted, TeacherUnavailable
+
+EXIT_USAGE, EXIT_TEACHER_UNAVAILABLE, EXIT_INTERRUPTED = 2, 3, 130
 
 COMMANDS = ("distill", "finetune", "augment", "demo", "experiment")
 
@@ -32,12 +39,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except Interrupted as err:
+        print(f"student-trainer {args.command}: {err}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except UserError as err:
         print(f"student-trainer {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_TEACHER_UNAVAILABLE if isinstance(err, TeacherUnavailable) else EXIT_USAGE
     except KeyboardInterrupt:
         print(f"student-trainer {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 
 from teacher_server import __version__
 from teacher_server.config import ServerConfig
+from teacher_server.drain import DrainMiddleware
 from teacher_server.handlers import install_error_handlers
 from teacher_server.routes import health, v2
 from teacher_server.service import TeacherService
@@ -42,7 +44,22 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.service = service
+    app.add_middleware(DrainMiddleware, service=service)
     app.include_router(health.router)
     app.include_router(v2.router)
     install_error_handlers(app, count_error=v2.count_infer_error)
+    default_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's document, plus the infer body's nested schemas and the served teachers' names."""
+        doc = default_openapi()
+        doc.setdefault("components", {}).setdefault("schemas", {}).update(v2.INFER_SCHEMAS)
+        names = [t.name for t in config.teachers]
+        for operation in (op for path in doc["paths"].values() for op in path.values()):
+            for parameter in operation.get("parameters", ()):
+                if parameter["in"] == "path" and parameter["name"] == "name":
+                    parameter["schema"] = {"type": "string", "enum": names, "title": "Name"}
+        return doc
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app

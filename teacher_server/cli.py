@@ -20,6 +20,7 @@ from shared.api_key import clean_api_key
 from shared.errors import UserError
 from teacher_server.app import create_app
 from teacher_server.config import load_config
+from teacher_server.drain import DrainingServer, protocol_with_read_timeout
 
 _RECORD_FIELDS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "message",
@@ -103,15 +104,17 @@ def main(argv: list[str] | None = None) -> int:
         server.should_exit = True
 
     app = create_app(config, api_key=api_key, on_load_failure=stop_serving)
-    server = uvicorn.Server(
+    server = DrainingServer(
         uvicorn.Config(
             app,
             host=args.host,
             port=args.port,
             log_config=None,
             log_level=args.log_level,
+            http=protocol_with_read_timeout(config.read_timeout_s),
             timeout_graceful_shutdown=config.drain_timeout_s,  # a float (0.5 s, or .inf) works
-        )
+        ),
+        app.state.service,
     )
     server.run()
     if failures:

@@ -88,6 +88,12 @@ class ServerConfig(BaseModel):
     cache_max_bytes: int = Field(256 * 2**20, ge=0, description="byte budget of the output cache; 0 = off")
     max_body_bytes: int = Field(64 * 2**20, ge=1, description="larger request bodies get 413")
     drain_timeout_s: float = Field(30.0, ge=0, description="graceful shutdown: time to finish queued work")
+    drain_grace_s: float = Field(
+        1.0, ge=0, description="on SIGTERM: answer 503 (readiness and new requests) at least this long"
+    )
+    read_timeout_s: float = Field(
+        60.0, gt=0, description="a request's headers, and then its body, must arrive within this (408)"
+    )
     warmup: bool = Field(True, description="run each teacher once before reporting ready")
 
     @field_validator("teachers")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from typing import Annotated
 
@@ -67,11 +68,19 @@ async def read_body(request: Request, service: ServiceDep) -> bytes:
         raise too_large
     chunks, size = [], 0
     try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_large
-            chunks.append(chunk)
+        async with asyncio.timeout(service.config.read_timeout_s):  # a stalled upload holds nothing
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise too_large
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ServiceError(
+            f"request body not received within {service.config.read_timeout_s:g} s",
+            "body",
+            status=408,
+            headers={"Connection": "close"},
+        ) from None
     except ClientDisconnect:  # hung up mid-upload: nobody to answer, but the metrics count it
         raise ServiceError(
             "client disconnected while sending the body", "body", status=CLIENT_CLOSED_REQUEST

@@ -33,7 +33,8 @@ class TeacherService:
     metrics: ServiceMetrics = field(default_factory=ServiceMetrics)
     batchers: dict[str, DynamicBatcher] = field(default_factory=dict)
     loaded: bool = False
-    draining: bool = False
+    draining: bool = False  # set on SIGTERM: readiness and new work answer 503
+    in_flight: int = 0  # HTTP requests being answered (teacher_server.drain counts them)
 
     def __post_init__(self) -> None:
         self.cache = OutputCache(self.config.cache_max_bytes)

@@ -42,6 +42,10 @@ TEXT_INPUTS = ("text", "text_pair")
 INPUT_NAMES = TOKEN_INPUTS + TEXT_INPUTS
 OUTPUT_NAMES = ("logits", "probs", "hidden_cls", "hidden_states")
 OUTPUT_DTYPES = {name: TORCH_DTYPES[name] for name in OUTPUT_DATATYPES}
+# Accepted ranges of the numeric request parameters (one home): below MIN_TEMPERATURE, logits / T
+# can overflow float32 and softmax returns NaN; a deadline longer than an hour is a client bug.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-2, 1e4
+MAX_TIMEOUT_MS = 3_600_000.0
 
 
 def decode(
@@ -195,12 +199,19 @@ def _layers(
     if output not in requested:
         return ()
     layers = requested_layers(header, output) or tuple(range(engine.info.num_layers + 1))
-    bad = [layer for layer in layers if layer > engine.info.num_layers]
-    if bad:
+    depth = engine.info.num_layers
+    bad = sorted({layer for layer in layers if layer > depth})
+    repeated = len(set(layers)) != len(layers)
+    if bad or repeated:
         index = requested.index(output)
         own = header.outputs and (header.outputs[index].parameters or {}).get("layers") is not None
         location = f"outputs[{index}].parameters.layers" if own else "parameters.layers"
-        raise Unprocessable(f"layers {bad} exceed the teacher's {engine.info.num_layers} layers", location)
+        if bad:
+            shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+            raise Unprocessable(f"layers [{shown}] exceed the teacher's {depth} layers", location)
+        raise Unprocessable(
+            f"layers repeat: give each of the {depth + 1} layers (0..{depth}) at most once", location
+        )
     return layers
 
 
@@ -227,23 +238,35 @@ def _temperature(header: InferenceRequest) -> float:
     """``temperature`` for ``probs``: on that output's parameters, else on the request's."""
     for i, entry in enumerate(header.outputs or ()):
         if entry.name == "probs" and entry.parameters and "temperature" in entry.parameters:
-            return _positive(entry.parameters["temperature"], f"outputs[{i}].parameters.temperature")
+            return _number(
+                entry.parameters["temperature"],
+                f"outputs[{i}].parameters.temperature",
+                MIN_TEMPERATURE,
+                MAX_TEMPERATURE,
+            )
     params = header.parameters or {}
-    return _positive(params["temperature"], "parameters.temperature") if "temperature" in params else 1.0
+    if "temperature" not in params:
+        return 1.0
+    return _number(params["temperature"], "parameters.temperature", MIN_TEMPERATURE, MAX_TEMPERATURE)
 
 
 def _timeout_s(params: dict[str, Any]) -> float | None:
     """The request's deadline: our ``timeout_ms``, or Triton's ``timeout`` (microseconds)."""
     if "timeout_ms" in params:
-        return _positive(params["timeout_ms"], "parameters.timeout_ms") / 1e3
+        return _number(params["timeout_ms"], "parameters.timeout_ms", 0.0, MAX_TIMEOUT_MS) / 1e3
     if "timeout" in params:
-        return _positive(params["timeout"], "parameters.timeout") / 1e6
+        return _number(params["timeout"], "parameters.timeout", 0.0, MAX_TIMEOUT_MS * 1e3) / 1e6
     return None
 
 
-def _positive(value: Any, location: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise BadRequest("must be a positive number", location)
+def _number(value: Any, location: str, low: float, high: float) -> float:
+    """A number in (``low``, ``high``] when ``low`` is 0, else in [``low``, ``high``] (400 naming
+    ``location``); compared before any float conversion, so 10**400 is refused, not an OverflowError."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:  # NaN
+        raise BadRequest("must be a number", location)
+    if not (low < value if low == 0 else low <= value) or not value <= high:
+        lower = f"> {low:g}" if low == 0 else f">= {low:g}"
+        raise BadRequest(f"must be a number {lower} and <= {high:g}", location)
     return float(value)
 
 
@@ -251,7 +274,7 @@ def render_outputs(call: TeacherCall, answer: TeacherAnswer) -> dict[str, Tensor
     """The requested outputs, in request order, in the requested dtype."""
     tensors = {
         "logits": lambda: answer.logits,
-        "probs": lambda: torch.softmax(answer.logits / call.temperature, dim=-1),
+        "probs": lambda: torch.softmax(answer.logits.float() / call.temperature, dim=-1),
         "hidden_cls": lambda: answer.hidden_cls,
         "hidden_states": lambda: answer.hidden_states,
     }

@@ -20,6 +20,7 @@ from tests.distill_support import (
     distill_argv,
     run_cli,
     save_student,
+    train_log,
     write_sentences,
 )
 
@@ -78,6 +79,37 @@ def test_killed_run_resumes_to_bit_identical_weights(workspace, tmp_path: Path) 
     resumed_from = resumed.stderr.split("Resuming from", 1)[1].split("\n", 1)[0]
     for name, tensor in expected.items():
         assert torch.equal(final[name], tensor), f"{name} differs after resuming from{resumed_from}"
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_run_checkpoints_its_last_step_exits_130_and_resumes(workspace, tmp_path, stop) -> None:
+    output = tmp_path / "run"
+    teachers = {"large": f"local:{workspace['large']}"}
+    argv = distill_argv(workspace["student"], workspace["train"], output, teachers, "--max_steps", "200")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "student_trainer.cli", "distill", *argv],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (output / "metrics.jsonl").exists() or not train_log(output):
+        assert process.poll() is None, process.stderr.read()
+        assert time.monotonic() < deadline, "no step was logged"
+        time.sleep(0.05)
+    process.send_signal(stop)
+    assert process.wait(60) == 130  # not a usage error (2), not killed by the signal
+    last = process.stderr.read().strip().splitlines()[-1]
+    step = max(record["step"] for record in train_log(output))
+    assert step < 200 and (output / f"checkpoint-{step}").is_dir()  # --save_strategy no: the signal's
+    assert last == (
+        f"student-trainer distill: interrupted at step {step}, after a checkpoint in {output} "
+        "(continue with --resume_from_checkpoint latest)"
+    )
+    resumed = run_cli([*argv[:-2], "--max_steps", str(step + 2), "--resume_from_checkpoint", "latest"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert [r["step"] for r in train_log(output)][-2:] == [step + 1, step + 2]
 
 
 def free_port() -> int:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import sys
 import threading
+import tracemalloc
 
 import pytest
 import torch
@@ -18,7 +21,7 @@ from teacher_server.batcher import (
     ShuttingDownError,
     plan_batches,
 )
-from teacher_server.cache import OutputCache, RowOutputs, row_key
+from teacher_server.cache import OutputCache, RowOutputs, row_key, row_tensors
 from teacher_server.config import TeacherConfig
 from teacher_server.engine import OutputSpec, QueryError, TeacherEngine
 from teacher_server.metrics import ServiceMetrics
@@ -349,17 +352,55 @@ def test_request_larger_than_max_batch_size_is_refused(engine):
 
 def test_cache_is_lru_within_its_byte_budget():
     spec = OutputSpec(True, (), ())
-    row = RowOutputs(torch.zeros(4), None, None)  # 16 bytes
-    cache = OutputCache(max_bytes=40)
+    row = RowOutputs(torch.zeros(4), None, None)
     keys = [row_key("m", "r1", torch.tensor([2, i]), torch.zeros(2), spec) for i in range(3)]
+    probe = OutputCache(max_bytes=10_000)
+    probe.put(keys[0], row)
+    entry = probe.bytes_used  # what one entry really costs: far more than its 16 tensor bytes
+    assert entry > 16 + len(keys[0])
+    cache = OutputCache(max_bytes=2 * entry + entry // 2)
     cache.put(keys[0], row)
     cache.put(keys[1], row)
     assert cache.get(keys[0]) is not None  # now most recent
     cache.put(keys[2], row)  # evicts keys[1], the least recently used
     assert cache.get(keys[1]) is None and cache.get(keys[0]) is not None and cache.get(keys[2]) is not None
-    assert cache.bytes_used == 32 and len(cache) == 2
-    cache.put(keys[1], RowOutputs(torch.zeros(20), None, None))  # larger than the whole budget
+    assert cache.bytes_used == 2 * entry and len(cache) == 2
+    cache.put(keys[1], RowOutputs(torch.zeros(3 * entry), None, None))  # larger than the whole budget
     assert cache.get(keys[1]) is None
+
+
+def test_cache_counts_all_the_memory_it_keeps():
+    """A flood of unique 3-logit rows: the Python memory the cache holds stays within its budget
+    (tensor bytes alone were 12 per row against ~960 really kept)."""
+    budget, spec, types = 256 * 1024, OutputSpec(True, (), ()), torch.zeros(4)
+    cache = OutputCache(max_bytes=budget)
+    logits = torch.randn(64, 3)
+    keys = [row_key("m", "r", torch.tensor([2, i, i, 3]), types, spec) for i in range(20_000)]
+    gc.collect()
+    tracemalloc.start()
+    try:
+        for i, key in enumerate(keys):
+            cache.put(key, RowOutputs(logits[i % 64], None, None))
+        gc.collect()
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    keys_kept = sum(sys.getsizeof(key) for key in keys[-len(cache) :])  # created before tracing began
+    assert cache.bytes_used <= budget
+    assert held + keys_kept <= budget * 1.05, (held, keys_kept, len(cache))
+    assert len(cache) > 500  # a small row still costs hundreds of bytes, not kilobytes
+    row = cache.get(keys[-1])
+    assert row is not None and row.logits.tolist() == logits[(len(keys) - 1) % 64].tolist()
+
+
+def test_cache_rows_keep_every_output_with_its_shape_and_dtype():
+    cache = OutputCache(max_bytes=100_000)
+    key = row_key("m", None, torch.tensor([1]), torch.tensor([0]), OutputSpec(True, (0, 2), (1,)))
+    row = RowOutputs(torch.randn(3), torch.randn(2, 8).to(torch.bfloat16), torch.randn(1, 5, 8))
+    cache.put(key, row)
+    got = cache.get(key)
+    for mine, theirs in zip(row_tensors(got), row_tensors(row), strict=True):
+        assert mine.dtype == theirs.dtype and torch.equal(mine, theirs)
 
 
 def test_cache_keys_depend_on_everything_the_answer_depends_on():
@@ -384,7 +425,7 @@ def test_cached_rows_are_private_copies():
     cache.put(key, RowOutputs(batch[0], None, None))
     batch.zero_()
     assert cache.get(key).logits.tolist() == [0.0, 1.0, 2.0, 3.0]
-    assert cache.get(key).logits.untyped_storage().nbytes() == 16
+    assert cache.get(key).logits.untyped_storage().data_ptr() != batch.untyped_storage().data_ptr()
 
 
 def test_without_dynamic_batching_each_request_runs_alone_as_sent(engine):

@@ -237,3 +237,79 @@ def test_a_teacher_that_cannot_load_stops_the_server_with_one_line(tmp_path):
     assert code == 2
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("teacher-server: error: teacher 'broken' failed to load")
+
+
+@pytest.mark.slow
+def test_sigterm_turns_ready_and_new_requests_503_with_connection_close_answers_in_flight_then_exits(
+    tmp_path, tiny_teachers
+):
+    config = write(
+        tmp_path / "t.yaml",
+        "drain_grace_s: 1.5\n"
+        f"teachers:\n  - {{name: small, path: {tiny_teachers['small']}, max_queue_delay_ms: 1500}}\n",
+    )
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = start_cli(config, port)
+    body = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["in flight"]}]}
+    result: dict[str, httpx.Response] = {}
+    try:
+        wait_until_ready(process, url)
+        with httpx.Client(trust_env=False, timeout=30) as keep_alive:
+            assert keep_alive.get(f"{url}/v2/health/ready").status_code == 200  # a kept-alive connection
+
+            def in_flight() -> None:
+                result["response"] = keep_alive.post(f"{url}/v2/models/small/infer", json=body)
+
+            thread = threading.Thread(target=in_flight)
+            thread.start()
+            time.sleep(0.5)  # queued, waiting out its 1.5 s delay
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+            with httpx.Client(trust_env=False, timeout=5) as newcomer:
+                ready = newcomer.get(f"{url}/v2/health/ready")
+                new = newcomer.post(f"{url}/v2/models/small/infer", json=body)
+            thread.join(30)
+        assert ready.status_code == 503 and ready.headers["connection"] == "close"
+        assert new.status_code == 503 and new.headers["connection"] == "close" and new.json()["field"]
+        answered = result["response"]
+        assert answered.status_code == 200 and answered.headers["connection"] == "close"
+        assert process.wait(30) in (0, -signal.SIGTERM)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def read_until_closed(sock: socket.socket, limit_s: float) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection, and how long that took."""
+    started, received = time.monotonic(), b""
+    sock.settimeout(limit_s)
+    while chunk := sock.recv(65536):
+        received += chunk
+    return received, time.monotonic() - started
+
+
+@pytest.mark.slow
+def test_stalled_headers_and_bodies_are_answered_408_and_closed(tmp_path, tiny_teachers):
+    config = write(
+        tmp_path / "t.yaml",
+        f"read_timeout_s: 1\nteachers:\n  - {{name: small, path: {tiny_teachers['small']}}}\n",
+    )
+    port = free_port()
+    process = start_cli(config, port)
+    try:
+        wait_until_ready(process, f"http://127.0.0.1:{port}")
+        request = f"POST /v2/models/small/infer HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n".encode()
+        with socket.create_connection(("127.0.0.1", port)) as headers_only:
+            headers_only.sendall(request)  # and never the blank line
+            received, seconds = read_until_closed(headers_only, 10)
+        assert received.startswith(b"HTTP/1.1 408") and seconds < 5
+        with socket.create_connection(("127.0.0.1", port)) as half_body:
+            half_body.sendall(request + b'Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"in')
+            received, seconds = read_until_closed(half_body, 10)
+        assert received.startswith(b"HTTP/1.1 408") and b'"field":"body"' in received and seconds < 5
+        assert process.poll() is None  # and the server goes on serving
+    finally:
+        process.terminate()
+        process.wait(30)

@@ -9,7 +9,9 @@ then the final evaluation, ``results.json`` and a summary.
 Teachers are asked on one asyncio event loop owned by the trainer, both teachers' requests
 in flight at once. A teacher that stays down (its client gave up retrying) stops the run
 with a one-line error, after a checkpoint of the last completed step: nothing is lost, and
-``--resume_from_checkpoint latest`` continues exactly where it stopped.
+``--resume_from_checkpoint latest`` continues exactly where it stopped. SIGINT (Ctrl-C) or
+SIGTERM likewise: the current step finishes, a checkpoint is written, the run stops
+(:class:`Interrupted`); a second signal stops at once.
 
 Data parallel under ``torchrun``: every rank trains on its :class:`DistributedSampler` shard
 and asks its own teachers; gradients are averaged with one all-reduce after backward (see
@@ -21,7 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -50,19 +54,54 @@ from student_trainer.train.setup import (
 from student_trainer.train.step import ask_teachers_about, load_batch, step_counts, update
 
 
+class TeacherUnavailable(UserError):
+    """A teacher stayed down mid-run (after a checkpoint): its own exit code, unlike a usage error."""
+
+
+class Interrupted(UserError):
+    """SIGINT/SIGTERM stopped the run after a checkpoint of its last step."""
+
+
+class StopSignals:
+    """The first SIGINT/SIGTERM is noted (the loop stops after the step); a second interrupts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live there only
+            self.previous = {sig: signal.signal(sig, self._note) for sig in self.SIGNALS}
+
+    def uninstall(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _note(self, sig: int, _frame: Any) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = sig
+        print(f"{signal.Signals(sig).name}: stopping after this step (again to stop now)", file=sys.stderr)
+
+
 def train(args: DistillArguments) -> dict[str, Any]:
     """Run a whole distillation; returns what ``results.json`` holds."""
     hf_logging.disable_progress_bar()
     procs = init_processes(args.device)
     teachers = Teachers({}, asyncio.new_event_loop(), args.teacher_ready_timeout)
+    stop = StopSignals()
+    stop.install()
     try:
         output_dir = prepare_output_dir(args, procs)
         teachers.clients = make_clients(args, procs.device)
         start_teachers(teachers, args)
         run = build_run(args, procs, output_dir, teachers)
         resume(run)
-        return run_loop(run, teachers)
+        return run_loop(run, teachers, stop)
     finally:
+        stop.uninstall()
         close_teachers(teachers)
         teachers.loop.close()
         if procs.world_size > 1:
@@ -85,7 +124,7 @@ def due(strategy: str, every: int | None, step: int, *, epoch_end: bool) -> bool
     return strategy == "steps" and every is not None and step % every == 0
 
 
-def run_loop(run: DistillRun, teachers: Teachers) -> dict[str, Any]:
+def run_loop(run: DistillRun, teachers: Teachers, stop: StopSignals | None = None) -> dict[str, Any]:
     """The training loop (see the module docstring); returns the results."""
     args, state = run.args, run.state
     marks = Milestones()
@@ -130,6 +169,10 @@ def run_loop(run: DistillRun, teachers: Teachers) -> dict[str, Any]:
                 evaluate_once(run, marks, reporter)
             if due(args.save_strategy, args.save_steps, state.global_step, epoch_end=False):
                 save_once(run, marks)
+
+            # SIGINT/SIGTERM: checkpoint this completed step and stop
+            if any_rank(stop is not None and stop.received is not None, run.procs):
+                stop_for_signal(run, marks)
         else:  # the epoch ran to its end
             state.epoch += 1
             state.batch_in_epoch = 0
@@ -156,9 +199,18 @@ def stop_for_failed_teacher(
     """Checkpoint the last completed step on every rank, then stop with a one-line error."""
     path = write_checkpoint(run, before_step)
     reason = failure or "a teacher failed on another rank"
-    raise UserError(
+    raise TeacherUnavailable(
         f"{reason}; stopped at step {run.state.global_step} with a resumable checkpoint"
         f"{f' at {path}' if path else ''} (continue with --resume_from_checkpoint latest)"
+    )
+
+
+def stop_for_signal(run: DistillRun, marks: Milestones) -> None:
+    """Checkpoint the step just completed (unless already saved), then stop with :class:`Interrupted`."""
+    save_once(run, marks)
+    raise Interrupted(
+        f"interrupted at step {run.state.global_step}, after a checkpoint in {run.output_dir} "
+        "(continue with --resume_from_checkpoint latest)"
     )
 
 

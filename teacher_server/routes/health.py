@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from teacher_server.deps import ServiceDep
 
 router = APIRouter(tags=["health"])
+READY_SCHEMA = {"type": "object", "properties": {"ready": {"type": "boolean"}}, "required": ["ready"]}
 
 
 @router.get("/v2/health/live", summary="Server live")
@@ -15,12 +16,27 @@ def live() -> dict[str, bool]:
     return {"live": True}
 
 
-@router.get("/v2/health/ready", summary="Server ready (all teachers loaded and warmed up)")
+@router.get(
+    "/v2/health/ready",
+    summary="Server ready (all teachers loaded and warmed up)",
+    responses={
+        200: {"content": {"application/json": {"schema": READY_SCHEMA}}},
+        503: {
+            "description": "loading, or draining before shutdown",
+            "content": {"application/json": {"schema": READY_SCHEMA}},
+        },
+    },
+)
 def ready(service: ServiceDep) -> JSONResponse:
     return JSONResponse({"ready": service.ready}, status_code=200 if service.ready else 503)
 
 
-@router.get("/metrics", summary="Prometheus metrics")
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=PlainTextResponse,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+)
 def metrics(service: ServiceDep) -> Response:
     body, content_type = service.metrics.render()
     return Response(body, media_type=content_type)

@@ -17,32 +17,63 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from shared.codec import HEADER_LENGTH
-from shared.protocol import InferenceRequest, ModelMetadata, ServerMetadata
+from shared.protocol import ErrorBody, InferenceRequest, InferenceResponse, ModelMetadata, ServerMetadata
 from teacher_server import __version__, v2_adapter
 from teacher_server.deps import BatcherDep, BodyDep, EngineDep, ServiceDep, get_service, require_api_key
 from teacher_server.errors import CLIENT_CLOSED_REQUEST, ServiceError
 
 T = TypeVar("T")
 router = APIRouter(tags=["models"], dependencies=[Depends(require_api_key)])
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"description": text, "content": {"application/json": {"example": {"error": text, "field": "..."}}}}
-    for code, text in {401: "missing or wrong API key", 404: "unknown teacher", 503: "not ready"}.items()
+
+
+def error_responses(statuses: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for error statuses: every error body is an :class:`ErrorBody`."""
+    return {code: {"description": text, "model": ErrorBody} for code, text in statuses.items()}
+
+
+UNAUTHORIZED = {401: "missing or wrong API key (when the server has one)"}
+MODEL_ERRORS = {
+    **UNAUTHORIZED,
+    404: "unknown teacher",
+    422: "malformed path or parameters",
+    503: "not ready, or draining (see Retry-After)",
 }
+# The infer body's schema, its nested models referenced from components/schemas (see app.py)
+INFER_SCHEMA = InferenceRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+RESPONSE_SCHEMA = InferenceResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+INFER_SCHEMAS: dict[str, Any] = {
+    **INFER_SCHEMA.pop("$defs"),
+    **RESPONSE_SCHEMA.pop("$defs"),
+    "InferenceResponse": RESPONSE_SCHEMA,
+}
+INFER_EXAMPLE = {
+    "inputs": [{"name": "input_ids", "shape": [1, 3], "datatype": "INT64", "data": [2, 10, 3]}],
+    "outputs": [{"name": "logits"}],
+}
+BINARY_NOTE = (
+    f"the binary tensor extension: the {HEADER_LENGTH} header gives the length of the leading JSON part, "
+    "then the tensors' raw bytes"
+)
 
 
-@router.get("/v2", summary="Server metadata", response_model=ServerMetadata)
+@router.get(
+    "/v2", summary="Server metadata", response_model=ServerMetadata, responses=error_responses(UNAUTHORIZED)
+)
 def server_metadata() -> dict[str, Any]:
     return {"name": "teacher-server", "version": __version__, "extensions": ["binary_tensor_data"]}
 
 
 @router.get(
-    "/v2/models/{name}", summary="Model metadata", response_model=ModelMetadata, responses=ERROR_RESPONSES
+    "/v2/models/{name}",
+    summary="Model metadata",
+    response_model=ModelMetadata,
+    responses=error_responses(MODEL_ERRORS),
 )
 def model_metadata(name: str, engine: EngineDep) -> dict[str, Any]:
     return v2_adapter.model_metadata(name, engine)
 
 
-@router.get("/v2/models/{name}/ready", summary="Model ready", responses=ERROR_RESPONSES)
+@router.get("/v2/models/{name}/ready", summary="Model ready", responses=error_responses(MODEL_ERRORS))
 def model_ready(name: str, batcher: BatcherDep) -> JSONResponse:
     return JSONResponse({"name": name, "ready": True})
 
@@ -50,25 +81,47 @@ def model_ready(name: str, batcher: BatcherDep) -> JSONResponse:
 @router.post(
     "/v2/models/{name}/infer",
     summary="Inference (JSON or the binary tensor extension)",
+    response_class=Response,
     responses={
-        **ERROR_RESPONSES,
-        400: {"description": "malformed request, unknown input or output"},
-        413: {"description": "body too large"},
-        422: {"description": "bad values: token ids outside the vocabulary, too long, shapes differ"},
-        429: {"description": "queue full; see Retry-After"},
-        504: {"description": "deadline (timeout_ms) passed"},
+        200: {
+            "description": f"the outputs: JSON, or (when binary outputs were asked for) {BINARY_NOTE}",
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/InferenceResponse"}},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            },
+        },
+        **error_responses(
+            {
+                **MODEL_ERRORS,
+                400: "malformed request, unknown input or output, bad parameter",
+                413: "body too large",
+                422: "bad values: token ids outside the vocabulary, too long, shapes differ, layers",
+                429: "queue full; see Retry-After",
+                499: "the client hung up",
+                504: "deadline (timeout_ms) passed",
+            }
+        ),
     },
     openapi_extra={
+        "parameters": [
+            {
+                "name": HEADER_LENGTH,
+                "in": "header",
+                "required": False,
+                "description": f"with an application/octet-stream body: {BINARY_NOTE}",
+                "schema": {"type": "integer", "minimum": 0},
+            }
+        ],
         "requestBody": {
             "required": True,
             "content": {
-                "application/json": {"schema": InferenceRequest.model_json_schema()},
+                "application/json": {"schema": INFER_SCHEMA, "example": INFER_EXAMPLE},
                 "application/octet-stream": {
                     "schema": {"type": "string", "format": "binary"},
-                    "description": f"JSON header of {HEADER_LENGTH} bytes, then the tensor blobs",
+                    "description": f"{BINARY_NOTE} (the header is required with this body)",
                 },
             },
-        }
+        },
     },
 )
 async def infer(

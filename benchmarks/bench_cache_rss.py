@@ -1,0 +1,77 @@
+"""RSS of the output cache under a flood of unique rows: does memory stay within the byte budget?
+
+Puts ``--rows`` unique 3-logit rows (what a sentence classifier's trainer asks for) into one
+``OutputCache(--budget-mib)``, the way the batcher does (a row sliced from its batch), and reads
+the process's resident set size (``/proc/self/statm``) before and after, after a first flood with
+the cache off (so the loop's own allocations are not counted). Prints a table and writes JSON.
+Linux only.
+
+    python benchmarks/bench_cache_rss.py --rows 200000 --budget-mib 16  # writes runs/bench_cache_rss.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import resource
+from pathlib import Path
+
+import torch
+
+from teacher_server.cache import OutputCache, RowOutputs, row_key
+from teacher_server.engine import OutputSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+BATCH = 64  # rows per forward pass, as the batcher slices them
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def flood(rows: int, budget_mib: float, labels: int) -> dict[str, float]:
+    cache = OutputCache(int(budget_mib * 2**20))
+    spec, types = OutputSpec(True, (), ()), torch.zeros(8, dtype=torch.int64)
+    gc.collect()
+    before = rss_mib()
+    for start in range(0, rows, BATCH):
+        logits = torch.randn(BATCH, labels)
+        for j in range(min(BATCH, rows - start)):
+            ids = torch.tensor([2, start + j, 7, 7, 7, 7, 7, 3])
+            cache.put(row_key("bench", "r", ids, types, spec), RowOutputs(logits[j], None, None))
+    gc.collect()
+    grown = rss_mib() - before
+    return {
+        "rows_put": rows,
+        "rows_kept": len(cache),
+        "budget_mib": budget_mib,
+        "counted_mib": cache.bytes_used / 2**20,
+        "rss_growth_mib": grown,
+        "real_bytes_per_kept_row": grown * 2**20 / max(1, len(cache)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--budget-mib", type=float, default=16.0)
+    parser.add_argument("--labels", type=int, default=3)
+    parser.add_argument("--output", default=str(ROOT / "runs" / "bench_cache_rss.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    # the same flood with the cache off first: what the loop itself leaves in RSS (allocator arenas)
+    baseline = flood(args.rows, 0.0, args.labels)["rss_growth_mib"]
+    result = {**flood(args.rows, args.budget_mib, args.labels), "rss_growth_cache_off_first_mib": baseline}
+    print("| " + " | ".join(result) + " |")
+    print("|" + "---|" * len(result))
+    cells = (f"{v:,.1f}" if isinstance(v, float) else f"{v:,}" for v in result.values())
+    print("| " + " | ".join(cells) + " |")
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps({"settings": vars(args), **result}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
