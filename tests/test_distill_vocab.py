@@ -9,11 +9,14 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
+from shared.errors import UserError
 from shared.flops import encoder_forward_flops
 from shared.teacher_api import TeacherInfo, TeacherQuery, TextQuery
+from shared.vocabulary import vocab_sha256
 from student_trainer.kd.ledger import teacher_flops_config
 from student_trainer.teachers.client import make_teacher_client
 from student_trainer.train import setup as distill_setup
+from student_trainer.train.student import text_teachers
 from teacher_server.config import ServerConfig
 from tests.distill_support import (
     WrappedTeacher,
@@ -176,3 +179,24 @@ def test_a_teacher_with_another_label_set_is_refused_before_training(workspace, 
     three = save_tiny_mpnet(tmp_path / "three", num_labels=3)
     line = one_line_error(run_cli(argv(workspace, tmp_path / "out", f"local:{three}")))
     assert "teacher large predicts 3 labels but the data has 2" in line
+
+
+def test_what_a_teacher_is_sent_follows_its_published_vocabulary(workspace) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(workspace["student"])
+    mine = vocab_sha256(tokenizer)
+
+    def info(**fields) -> TeacherInfo:
+        return TeacherInfo("large", 2, 32, 2, ("0", "1"), tokenizer.vocab_size, 128, **fields)
+
+    same, other = info(tokenizer_vocab_sha256=mine), info(tokenizer_vocab_sha256="0" * 64)
+    chosen = text_teachers(
+        {"small": same, "large": other}, tokenizer, tokenizer.vocab_size, all_token_features=False
+    )
+    assert chosen == {"large"}
+    assert text_teachers({"large": info()}, tokenizer, tokenizer.vocab_size, all_token_features=True) == set()
+    with pytest.raises(UserError, match="publishes no tokenizer fingerprint to be sent text instead"):
+        text_teachers({"large": info()}, tokenizer, tokenizer.vocab_size + 1, all_token_features=False)
+    with pytest.raises(UserError, match=r"teacher large is a 'gpt2' model, which this trainer cannot count"):
+        text_teachers(
+            {"large": info(model_type="gpt2")}, tokenizer, tokenizer.vocab_size, all_token_features=False
+        )
