@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrai
 from transformers.utils import logging as hf_logging
 
 from shared.errors import UserError
+from shared.families import family_of
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ def load_sequence_classifier(
         config = AutoConfig.from_pretrained(str(name_or_path), **kwargs)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load model config from {name_or_path!r}: {err}") from err
+    family_of(config)  # an unsupported model_type is refused in one line, before any weights load
     if label_names is not None:
         config.num_labels = len(label_names)
         config.id2label = dict(enumerate(label_names))

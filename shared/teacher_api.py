@@ -6,7 +6,7 @@ Both sides use these: the service's engine answers a :class:`TeacherQuery` with 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -59,6 +59,31 @@ class TeacherQuery:
     cls_layers: tuple[int, ...] = ()
     token_layers: tuple[int, ...] = ()
     use_cache: bool = True
+
+
+@dataclass
+class TextQuery:
+    """The same request as raw text, for a teacher whose vocabulary is not the student's: the
+    teacher tokenizes it with its own tokenizer (``text_pair`` for pair tasks)."""
+
+    text: list[str]
+    text_pair: list[str] | None = None
+    want_logits: bool = True
+    cls_layers: tuple[int, ...] = ()
+    token_layers: tuple[int, ...] = ()
+    use_cache: bool = True
+
+    def tokenized(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None
+    ) -> TeacherQuery:
+        """This request once the teacher has tokenized the text."""
+        wanted = {f.name: getattr(self, f.name) for f in fields(TeacherQuery) if hasattr(self, f.name)}
+        return TeacherQuery(input_ids, attention_mask, token_type_ids, **wanted)
+
+
+def query_rows(query: TeacherQuery | TextQuery) -> int:
+    """How many instances a query asks about."""
+    return len(query.text) if isinstance(query, TextQuery) else int(query.input_ids.shape[0])
 
 
 @dataclass(frozen=True)

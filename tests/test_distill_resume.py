@@ -127,7 +127,7 @@ def run_main(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, list[
 @pytest.mark.parametrize(
     ("teacher", "message"),
     [
-        ("local:/no/such/teacher", "teacher small (local:/no/such/teacher) is not ready"),
+        ("local:/no/such/teacher", "teacher small (local:/no/such/teacher): cannot load model config"),
         (f"http://127.0.0.1:{free_port()}", "is not ready after 1 s"),
     ],
 )

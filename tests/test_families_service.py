@@ -3,34 +3,22 @@ counted, and metadata that lets a trainer tell its vocabulary from a BERT studen
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
 import pytest
 import torch
-from transformers import AutoTokenizer, MPNetForSequenceClassification, MPNetTokenizer
+from transformers import AutoTokenizer, MPNetForSequenceClassification
 
 from shared.flops import encoder_forward_flops
 from shared.protocol import ModelMetadata
 from shared.vocabulary import tokenizer_sha256, vocab_sha256
 from teacher_server.config import ServerConfig
 from tests.test_server_http import LiveServer, decode, infer
-from tests.tiny_families import tiny_family_model
-from tests.tiny_models import tiny_vocab
+from tests.tiny_families import save_tiny_mpnet
 
 TEXTS = ["a good movie", "the plot was boring and the acting awful , really bad", "fun !"]
 PAIRS = ["i like it", "not great", "the best film of the year"]
-
-
-def save_tiny_mpnet(path: Path) -> Path:
-    """A random tiny MPNet with an MPNet tokenizer: <s>/</s> specials, pad id 1, other ids."""
-    tiny_family_model("mpnet").save_pretrained(path)
-    specials = ["<s>", "<pad>", "</s>", "[UNK]", "<mask>"]  # MPNet's own: its unknown token is [UNK]
-    words = [token for token in tiny_vocab() if not token.startswith("[")]
-    vocab = {token: i for i, token in enumerate(dict.fromkeys(specials + words))}
-    MPNetTokenizer(vocab=vocab, do_lower_case=True, model_max_length=128).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -5,25 +5,31 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared.flops import encoder_forward_flops
-from shared.teacher_api import TeacherAnswer, TeacherInfo, TeacherQuery
+from shared.flops import encoder_forward_flops, flops_config
+from shared.teacher_api import TeacherAnswer, TeacherInfo, TeacherQuery, TextQuery
 from student_trainer.kd.ledger import (
     KEYS,
     FlopsLedger,
     all_reduce_counts,
     requested_counts,
+    scaled_lengths,
+    sent_lengths,
     student_counts,
     teacher_counts,
     teacher_flops_config,
+    text_batch_lengths,
     vanilla_counts,
 )
+from tests.tiny_families import tiny_family_config
 from tests.tiny_models import tiny_config
 
 BASE = TeacherInfo("large", 12, 768, 2, ("negative", "positive"), 30522, 512)
 
 
-def answer(flops: int, hits: int = 0) -> TeacherAnswer:
-    return TeacherAnswer(None, None, None, teacher_flops=flops, tokens=0, padded_tokens=0, cache_hits=hits)
+def answer(flops: int, hits: int = 0, tokens: int = 0) -> TeacherAnswer:
+    return TeacherAnswer(
+        None, None, None, teacher_flops=flops, tokens=tokens, padded_tokens=tokens, cache_hits=hits
+    )
 
 
 def test_teacher_config_matches_bert_base() -> None:
@@ -52,12 +58,20 @@ def test_vanilla_is_every_row_through_every_baseline_teacher() -> None:
 
 
 def test_teacher_counts_take_the_reported_flops() -> None:
-    counts = teacher_counts({"small": answer(100, hits=1), "large": answer(250)}, {"small": 3, "large": 4})
+    counts = teacher_counts(
+        {"small": answer(100, hits=1, tokens=30), "large": answer(250, tokens=41)},
+        {"small": 3, "large": 4},
+        {"small": 30, "large": 35},
+    )
     assert counts == {
         "teacher_flops_small": 100,
         "teacher_flops_large": 250,
         "teacher_rows_small": 3,
         "teacher_rows_large": 4,
+        "teacher_tokens_small": 30,
+        "teacher_tokens_large": 41,
+        "sent_student_tokens_small": 30,
+        "sent_student_tokens_large": 35,
         "teacher_requests": 2,
         "teacher_cache_hits": 1,
     }
@@ -66,8 +80,49 @@ def test_teacher_counts_take_the_reported_flops() -> None:
 def test_requested_is_the_rows_sent_at_their_real_lengths_through_the_whole_teacher() -> None:
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
     query = TeacherQuery(torch.ones_like(mask), mask, None, want_logits=True)
-    counts = requested_counts({"large": BASE}, {"large": query})
+    sent = sent_lengths(query, answer(9, tokens=8), [3, 4, 1])
+    assert sent == [3, 4, 1]
+    counts = requested_counts({"large": BASE}, {"large": sent})
     assert counts == {"requested_flops_large": encoder_forward_flops(teacher_flops_config(BASE), [3, 4, 1])}
+
+
+def test_a_published_flops_config_counts_as_the_teachers_own_family() -> None:
+    published = flops_config(tiny_family_config("deberta-v3"))
+    deberta = TeacherInfo("large", 3, 32, 3, ("a", "b", "c"), 100, 128, flops_config=published)
+    config = teacher_flops_config(deberta)
+    assert config.model_type == "deberta-v2" and config.relative_kinds > 0
+    as_bert = TeacherInfo("large", 3, 32, 3, ("a", "b", "c"), 100, 128, intermediate_size=64)
+    assert encoder_forward_flops(config, [10]) > encoder_forward_flops(teacher_flops_config(as_bert), [10])
+
+
+def test_scaled_lengths_keep_the_total_exact() -> None:
+    assert scaled_lengths([3, 4, 1], 1.0) == [3, 4, 1]
+    scaled = scaled_lengths([5, 5, 5, 5], 1.3)  # 26 teacher tokens for 20 student tokens
+    assert sum(scaled) == 26 and all(6 <= n <= 7 for n in scaled)
+
+
+def test_a_text_answers_own_token_count_is_spread_over_its_rows() -> None:
+    student = [4, 8, 2]  # the student's tokens of these rows; the teacher reports 21 of its own
+    sent = sent_lengths(TextQuery(["a b c", "d e f g h i", "j k"]), answer(9, tokens=21), student)
+    assert sent == scaled_lengths(student, 1.5) and sum(sent) == 21
+
+
+def test_vanilla_across_vocabularies_measures_sent_rows_and_scales_the_others() -> None:
+    ledger = FlopsLedger()
+    assert ledger.token_ratio("large", {}) == 1.0  # nothing sent yet: no evidence of another length
+    ledger.add({"teacher_tokens_large": 30, "sent_student_tokens_large": 20})
+    step = {"teacher_tokens_large": 15, "sent_student_tokens_large": 10}
+    ratio = ledger.token_ratio("large", step)
+    assert ratio == pytest.approx(1.5)
+    lengths = [10, 6, 4]  # row 1 was sent and measured at 11 teacher tokens; the others are scaled
+    text = text_batch_lengths(lengths, ratio, [1], [11])
+    assert text == [15, 11, 6]
+    counts = vanilla_counts({"large": BASE}, lengths, padded_len=10, text_lengths={"large": text})
+    config = teacher_flops_config(BASE)
+    assert counts["vanilla_unpadded_flops_large"] == encoder_forward_flops(config, [15, 11, 6])
+    assert counts["vanilla_flops_large"] == encoder_forward_flops(config, [15] * 3)  # padded to the longest
+    same_vocab = vanilla_counts({"large": BASE}, lengths, padded_len=10)
+    assert same_vocab["vanilla_unpadded_flops_large"] == encoder_forward_flops(config, lengths)
 
 
 def test_selection_saving_compares_requested_with_unpadded_vanilla() -> None:

@@ -8,11 +8,18 @@ position keys and its convolution, ModernBERT's alternating global and sliding-w
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    MPNetTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 
 from tests.tiny_models import save_tiny_tokenizer, tiny_vocab
 
@@ -73,13 +80,25 @@ def tiny_family_config(case: str, num_labels: int = 3) -> PretrainedConfig:
     return AutoConfig.for_model(model_type, **fields, **overrides, num_labels=num_labels)
 
 
-def tiny_family_model(case: str, seed: int = 0) -> PreTrainedModel:
+def tiny_family_model(case: str, seed: int = 0, num_labels: int = 3) -> PreTrainedModel:
     torch.manual_seed(seed)
-    return AutoModelForSequenceClassification.from_config(tiny_family_config(case)).eval()
+    return AutoModelForSequenceClassification.from_config(tiny_family_config(case, num_labels)).eval()
 
 
 def save_tiny_family(case: str, path: Path, seed: int = 0) -> Path:
     """Save a random classifier of ``case`` with the tiny WordPiece tokenizer to ``path``."""
     tiny_family_model(case, seed).save_pretrained(path)
     save_tiny_tokenizer(path)
+    return path
+
+
+def save_tiny_mpnet(path: Path, *, num_labels: int = 3, seed: int = 0, without: Collection[str] = ()) -> Path:
+    """A random tiny MPNet with an MPNet tokenizer of its own: <s>/</s> specials, pad id 1, the
+    tiny WordPiece words at other ids (so its vocabulary fingerprint is not a BERT student's);
+    the words ``without`` names are left out, so it spells them letter by letter."""
+    tiny_family_model("mpnet", seed, num_labels).save_pretrained(path)
+    specials = ["<s>", "<pad>", "</s>", "[UNK]", "<mask>"]  # MPNet's own: its unknown token is [UNK]
+    words = [token for token in tiny_vocab() if not token.startswith("[") and token not in without]
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(specials + words))}
+    MPNetTokenizer(vocab=vocab, do_lower_case=True, model_max_length=128).save_pretrained(path)
     return path

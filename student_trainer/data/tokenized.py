@@ -38,6 +38,12 @@ class TokenizedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    def texts(self, indices: list[int]) -> tuple[list[str], list[str] | None]:
+        """The raw ``(text, text_pair)`` of these rows: what a teacher with its own vocabulary reads."""
+        examples = [self.data.examples[i] for i in indices]
+        pairs = [e.text_b or "" for e in examples] if self.data.is_pair else None
+        return [e.text_a for e in examples], pairs
+
     def __getitem__(self, index: int) -> dict:
         return {
             "input_ids": self.input_ids[index],

@@ -20,6 +20,16 @@ multiply-add, backward = 2 × forward):
 * **student FLOPs**: the student's forward on the padded batch ``B × L`` (all its layers and
   its head) and its backward at 2 × that. The hidden-size projections are left out (< 0.1 %).
 
+**Teachers with their own vocabulary** are sent raw text and count their own tokens: the service
+reports the total (``tokens``) of each answer, kept as ``teacher_tokens_<role>`` beside the
+student's tokens of the same rows (``sent_student_tokens_<role>``). *Requested* spreads an
+answer's total over its rows in proportion to their student lengths (the total is exact, the
+split only moves the small attention term). *Vanilla* covers rows never sent, whose teacher
+lengths nobody measured, count at their student lengths scaled by the run's observed ratio of
+teacher to student tokens so far (1 until a row was sent) — an estimate, exact in total
+whenever the unsent rows tokenize like the sent ones; rows that were sent count as requested,
+and the padded bound pads every row to the longest of these lengths.
+
 ``saved_fraction = 1 - spent / vanilla`` is the whole saving on the bill: dynamic KD, the
 service's padding removal and its cache together. ``selection_saved_fraction = 1 - requested /
 vanilla_unpadded`` is dynamic KD's share alone: the same rows, the same unpadded accounting, only
@@ -36,7 +46,7 @@ import torch
 import torch.distributed as dist
 
 from shared.flops import BACKWARD_TO_FORWARD, encoder_forward_flops
-from shared.teacher_api import TeacherAnswer, TeacherInfo, TeacherQuery
+from shared.teacher_api import TeacherAnswer, TeacherInfo, TeacherQuery, TextQuery
 from student_trainer.kd.config import TEACHER_ROLES
 
 KEYS = (
@@ -46,6 +56,8 @@ KEYS = (
     *(f"requested_flops_{role}" for role in TEACHER_ROLES),
     *(f"teacher_rows_{role}" for role in TEACHER_ROLES),
     *(f"vanilla_rows_{role}" for role in TEACHER_ROLES),
+    *(f"teacher_tokens_{role}" for role in TEACHER_ROLES),
+    *(f"sent_student_tokens_{role}" for role in TEACHER_ROLES),
     "teacher_requests",
     "teacher_cache_hits",
     "student_forward_flops",
@@ -58,9 +70,12 @@ KEYS = (
 def teacher_flops_config(info: TeacherInfo) -> SimpleNamespace:
     """The config fields the FLOPs formula needs, from a teacher's metadata.
 
-    The FFN width is the metadata's ``intermediate_size``; a server that does not state it
-    gets BERT's ``4·hidden``.
+    The teacher's own ``flops_config`` when it publishes one (its family's terms: DeBERTa's
+    relative attention, ModernBERT's gated FFN, …); otherwise a BERT of its width and depth
+    whose FFN width is the metadata's ``intermediate_size``, or BERT's ``4·hidden``.
     """
+    if info.flops_config:
+        return SimpleNamespace(**info.flops_config)
     intermediate = info.intermediate_size or 4 * info.hidden_size
     return SimpleNamespace(
         hidden_size=info.hidden_size,
@@ -70,39 +85,78 @@ def teacher_flops_config(info: TeacherInfo) -> SimpleNamespace:
     )
 
 
-def teacher_counts(answers: Mapping[str, TeacherAnswer], rows: Mapping[str, int]) -> dict[str, int]:
-    """One step's bill, as the teachers reported it."""
+def scaled_lengths(lengths: list[int], ratio: float) -> list[int]:
+    """``lengths`` × ``ratio`` in whole tokens, rounded so that the total rounds exactly once."""
+    out, done, total = [], 0, 0.0
+    for n in lengths:
+        total += n * ratio
+        out.append(round(total) - done)
+        done += out[-1]
+    return out
+
+
+def teacher_counts(
+    answers: Mapping[str, TeacherAnswer], rows: Mapping[str, int], student_tokens: Mapping[str, int]
+) -> dict[str, int]:
+    """One step's bill, as the teachers reported it, and their own token counts beside the
+    student's tokens of the same rows."""
     counts = {f"teacher_flops_{role}": int(answer.teacher_flops) for role, answer in answers.items()}
     counts.update({f"teacher_rows_{role}": int(n) for role, n in rows.items()})
+    counts.update({f"teacher_tokens_{role}": int(answer.tokens) for role, answer in answers.items()})
+    counts.update({f"sent_student_tokens_{role}": int(student_tokens[role]) for role in answers})
     counts["teacher_requests"] = len(answers)
     counts["teacher_cache_hits"] = sum(int(a.cache_hits) for a in answers.values())
     return counts
 
 
-def requested_counts(
-    teachers: Mapping[str, TeacherInfo], queries: Mapping[str, TeacherQuery]
-) -> dict[str, int]:
-    """What the rows sent cost at their real lengths through the whole teacher (the trainer
-    always asks for logits), cache or not."""
+def sent_lengths(
+    query: TeacherQuery | TextQuery, answer: TeacherAnswer, student_lengths: list[int]
+) -> list[int]:
+    """Each sent row's length in the teacher's tokens: the query's own for ids; for text, the
+    answer's total spread in proportion to the rows' student lengths (see the module docstring)."""
+    if isinstance(query, TeacherQuery):
+        return query.attention_mask.sum(dim=1).tolist()
+    return scaled_lengths(student_lengths, answer.tokens / max(1, sum(student_lengths)))
+
+
+def text_batch_lengths(
+    student_lengths: list[int], ratio: float, sent_rows: list[int], sent: list[int]
+) -> list[int]:
+    """A text teacher's length of every row of a batch: as measured for the rows it was sent,
+    the student's length × ``ratio`` (teacher tokens per student token) for the others."""
+    lengths = scaled_lengths(student_lengths, ratio)
+    for row, n in zip(sent_rows, sent, strict=True):
+        lengths[row] = n
+    return lengths
+
+
+def requested_counts(teachers: Mapping[str, TeacherInfo], sent: Mapping[str, list[int]]) -> dict[str, int]:
+    """What the rows sent cost at their real lengths (``sent``: each teacher's own, see
+    :func:`sent_lengths`) through the whole teacher (the trainer always asks for logits), cache or not."""
     return {
-        f"requested_flops_{role}": encoder_forward_flops(
-            teacher_flops_config(teachers[role]), query.attention_mask.sum(dim=1).tolist()
-        )
-        for role, query in queries.items()
+        f"requested_flops_{role}": encoder_forward_flops(teacher_flops_config(teachers[role]), lengths)
+        for role, lengths in sent.items()
     }
 
 
 def vanilla_counts(
-    teachers: Mapping[str, TeacherInfo], seq_lens: list[int], padded_len: int
+    teachers: Mapping[str, TeacherInfo],
+    seq_lens: list[int],
+    padded_len: int,
+    text_lengths: Mapping[str, list[int]] | None = None,
 ) -> dict[str, int]:
     """What vanilla KD would have spent on this batch: every row through every baseline teacher,
-    padded to ``padded_len`` as collated and, as the lower bound, at its real length."""
+    padded to ``padded_len`` as collated and, as the lower bound, at its real length. A teacher
+    sent text has its own lengths (``text_lengths``, see :func:`text_batch_lengths`) and would pad
+    to the longest of them."""
     counts: dict[str, int] = {}
     for role, info in teachers.items():
         config = teacher_flops_config(info)
-        counts[f"vanilla_flops_{role}"] = encoder_forward_flops(config, [padded_len] * len(seq_lens))
-        counts[f"vanilla_unpadded_flops_{role}"] = encoder_forward_flops(config, seq_lens)
-        counts[f"vanilla_rows_{role}"] = len(seq_lens)
+        lens = (text_lengths or {}).get(role, seq_lens)
+        padded = padded_len if lens is seq_lens else max(lens, default=0)
+        counts[f"vanilla_flops_{role}"] = encoder_forward_flops(config, [padded] * len(lens))
+        counts[f"vanilla_unpadded_flops_{role}"] = encoder_forward_flops(config, lens)
+        counts[f"vanilla_rows_{role}"] = len(lens)
     return counts
 
 
@@ -180,6 +234,13 @@ class FlopsLedger:
     def selection_saved_fraction(self) -> float | None:
         """``1 - requested / vanilla_unpadded``: what dynamic KD's choices alone save."""
         return self._saved(self.requested_flops, self.vanilla_unpadded_flops)
+
+    def token_ratio(self, role: str, step: Mapping[str, int]) -> float:
+        """Teacher tokens per student token over the rows sent to ``role`` so far, this step's
+        ``counts`` included; 1 before any was sent."""
+        teacher = self.totals[f"teacher_tokens_{role}"] + step.get(f"teacher_tokens_{role}", 0)
+        student = self.totals[f"sent_student_tokens_{role}"] + step.get(f"sent_student_tokens_{role}", 0)
+        return teacher / student if student else 1.0
 
     def state_dict(self) -> dict[str, int]:
         return dict(self.totals)

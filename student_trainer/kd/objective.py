@@ -85,7 +85,7 @@ def distillation_loss(
         if config.uses_hidden_states:
             rows = plan.selected[positions]
             teacher_states = answer.hidden_cls if config.pt_features == "cls" else answer.hidden_states
-            width = plan.queries[role].input_ids.shape[1]
+            width = teacher_states.shape[2] if config.pt_features == "all-tokens" else 0  # the query's length
             student_states = student.projections[role](
                 _student_features(hidden_states, rows, config.pt_features, width)
             )

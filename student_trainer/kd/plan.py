@@ -4,7 +4,8 @@ From the student's (detached) logits of its training forward pass: the ``int(B·
 rows, then which teacher answers which of them (``hard`` sends each half only to its own
 teacher; every other method asks its teacher(s) about every selected row), and one
 :class:`TeacherQuery` per teacher asking only for what the loss needs (logits; hidden states of
-the aligned layers only for ``pkd``/``uncertainty``).
+the aligned layers only for ``pkd``/``uncertainty``): token ids for a teacher that shares the
+student's vocabulary, the rows' raw text for one with its own.
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ from dataclasses import dataclass
 
 import torch
 
-from shared.teacher_api import TeacherQuery
+from shared.teacher_api import TeacherQuery, TextQuery, query_rows
 from student_trainer.kd.alignment import LayerAlignment
 from student_trainer.kd.config import KDConfig
 from student_trainer.kd.selection import hard_split
+
+# dataset rows -> their raw (text, text_pair), for teachers that tokenize with their own vocabulary
+RowTexts = Callable[[list[int]], tuple[list[str], list[str] | None]]
 
 
 @dataclass
@@ -26,27 +30,44 @@ class TeacherPlan:
 
     selected: torch.Tensor  # batch rows that get teacher supervision, most uncertain first
     routes: dict[str, torch.Tensor]  # role -> positions in ``selected`` that this teacher answers
-    queries: dict[str, TeacherQuery]  # role -> the request (only teachers with rows to answer)
+    queries: dict[str, TeacherQuery | TextQuery]  # role -> the request (only teachers with rows to answer)
 
     @property
     def rows_sent(self) -> dict[str, int]:
-        return {role: int(query.input_ids.shape[0]) for role, query in self.queries.items()}
+        return {role: query_rows(query) for role, query in self.queries.items()}
+
+    def sent_rows(self, role: str) -> torch.Tensor:
+        """The batch rows sent to ``role``, in the order of its query."""
+        return self.selected[self.routes[role]]
 
 
 def teacher_query(
-    batch: Mapping[str, torch.Tensor], rows: torch.Tensor, config: KDConfig, alignment: LayerAlignment
-) -> TeacherQuery:
-    """The chosen rows, trimmed to their own longest sequence, asking only for what the loss uses."""
+    batch: Mapping[str, torch.Tensor],
+    rows: torch.Tensor,
+    config: KDConfig,
+    alignment: LayerAlignment,
+    texts: RowTexts | None = None,
+) -> TeacherQuery | TextQuery:
+    """The chosen rows, trimmed to their own longest sequence, asking only for what the loss uses.
+
+    With ``texts`` (a teacher with its own vocabulary) the rows go as raw text instead of ids;
+    all-token features cannot line up across tokenizers and are refused before training.
+    """
+    layers = alignment.teacher_layers if config.uses_hidden_states else ()
+    cls_layers = layers if config.pt_features == "cls" else ()
+    token_layers = layers if config.pt_features == "all-tokens" else ()
+    if texts is not None:
+        text, text_pair = texts(batch["index"][rows].tolist())
+        return TextQuery(text, text_pair, cls_layers=cls_layers, token_layers=token_layers)
     mask = batch["attention_mask"][rows]
     width = int(mask.sum(dim=1).max())
-    layers = alignment.teacher_layers if config.uses_hidden_states else ()
     return TeacherQuery(
         input_ids=batch["input_ids"][rows, :width].cpu(),
         attention_mask=mask[:, :width].cpu(),
         token_type_ids=batch["token_type_ids"][rows, :width].cpu(),
         want_logits=True,
-        cls_layers=layers if config.pt_features == "cls" else (),
-        token_layers=layers if config.pt_features == "all-tokens" else (),
+        cls_layers=cls_layers,
+        token_layers=token_layers,
     )
 
 
@@ -56,8 +77,10 @@ def plan_batch(
     batch: Mapping[str, torch.Tensor],
     select: Callable[[torch.Tensor], torch.Tensor],
     alignments: Mapping[str, LayerAlignment],
+    texts: Mapping[str, RowTexts] | None = None,
 ) -> TeacherPlan:
-    """Select rows by the student's uncertainty and route them (see the module docstring)."""
+    """Select rows by the student's uncertainty and route them (see the module docstring);
+    ``texts`` names the teachers that get raw text (``batch["index"]`` = the rows' dataset indices)."""
     roles = config.teacher_roles
     logits = logits.detach()
     if not roles:
@@ -68,8 +91,9 @@ def plan_batch(
         routes = {"small": small, "large": large}
     else:
         routes = {role: torch.arange(len(selected), device=logits.device) for role in roles}
+    texts = texts or {}
     queries = {
-        role: teacher_query(batch, selected[positions], config, alignments[role])
+        role: teacher_query(batch, selected[positions], config, alignments[role], texts.get(role))
         for role, positions in routes.items()
         if len(positions)
     }

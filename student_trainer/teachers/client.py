@@ -23,7 +23,7 @@ from dataclasses import replace
 from typing import Protocol
 
 from shared.errors import UserError
-from shared.teacher_api import TeacherAnswer, TeacherInfo, TeacherQuery
+from shared.teacher_api import TeacherAnswer, TeacherInfo, TeacherQuery, TextQuery
 
 __all__ = [
     "TeacherAnswer",
@@ -33,6 +33,7 @@ __all__ = [
     "TeacherQuery",
     "TeacherRequestError",
     "TeacherUnavailableError",
+    "TextQuery",
     "ask_teachers",
     "in_data_label_order",
     "make_teacher_client",
@@ -61,8 +62,9 @@ class TeacherClient(Protocol):
         """Wait until the teacher is ready (bounded), fetch and return its metadata."""
         ...
 
-    async def infer(self, query: TeacherQuery) -> TeacherAnswer:
-        """Run one query; retries and failover are the backend's business."""
+    async def infer(self, query: TeacherQuery | TextQuery) -> TeacherAnswer:
+        """Run one query (token ids, or raw text the teacher tokenizes); retries and failover are
+        the backend's business."""
         ...
 
     async def aclose(self) -> None: ...
@@ -95,7 +97,9 @@ class TeacherCallError(Exception):
 
 
 async def ask_teachers(
-    clients: Mapping[str, TeacherClient], queries: Mapping[str, TeacherQuery], ready_timeout_s: float
+    clients: Mapping[str, TeacherClient],
+    queries: Mapping[str, TeacherQuery | TextQuery],
+    ready_timeout_s: float,
 ) -> dict[str, TeacherAnswer]:
     """Send every query at once; if one teacher fails for good, cancel the others and raise.
 

@@ -1,6 +1,7 @@
 """The HTTP teacher backend: KServe v2 replicas of one teacher behind client-side balancing.
 
-Each query is one binary v2 request (token ids in, only the outputs the loss needs out) sent
+Each query is one binary v2 request (token ids in — or, for a teacher with its own vocabulary, the
+rows' raw text as BYTES — only the outputs the loss needs out) sent
 to the replica with the fewest requests in flight. Failures are retried with exponential
 backoff and full jitter: ``429``/``503`` wait at least the server's ``Retry-After`` (capped at
 ``backoff_max_s``) before that replica is asked again, other replicas are tried meanwhile (when
@@ -50,7 +51,7 @@ from shared.codec import (
 )
 from shared.errors import UserError
 from shared.protocol import ErrorBody, ModelMetadata
-from shared.teacher_api import TeacherAnswer, TeacherInfo, TeacherQuery, Timings
+from shared.teacher_api import TeacherAnswer, TeacherInfo, TeacherQuery, TextQuery, Timings, query_rows
 from student_trainer.teachers.client import TeacherRequestError, TeacherUnavailableError
 
 log = logging.getLogger(__name__)
@@ -228,7 +229,7 @@ class HttpTeacherClient:
 
     # --- queries ------------------------------------------------------------------------------
 
-    async def infer(self, query: TeacherQuery) -> TeacherAnswer:
+    async def infer(self, query: TeacherQuery | TextQuery) -> TeacherAnswer:
         """Ask for exactly what ``query`` wants; return float32 CPU tensors and the service's counts."""
         outputs: dict[str, dict[str, str] | None] = {}
         if query.want_logits:
@@ -239,12 +240,7 @@ class HttpTeacherClient:
             outputs["hidden_states"] = {"layers": _layer_list(query.token_layers)}
         if not outputs:
             raise ValueError("the query asks for no teacher output (logits, cls_layers or token_layers)")
-        inputs: dict[str, Tensor] = {
-            "input_ids": query.input_ids.to(torch.int32),
-            "attention_mask": query.attention_mask.to(torch.int32),
-        }
-        if query.token_type_ids is not None:
-            inputs["token_type_ids"] = query.token_type_ids.to(torch.int32)
+        inputs = _inputs(query)
         body, headers = build_request_body(
             inputs,
             outputs=outputs,
@@ -264,10 +260,16 @@ class HttpTeacherClient:
         return self._answer(replica, query, decoded.outputs, decoded.header.parameters or {})
 
     def _answer(
-        self, replica: _Replica, query: TeacherQuery, outputs: dict[str, Tensor], params: Mapping[str, object]
+        self,
+        replica: _Replica,
+        query: TeacherQuery | TextQuery,
+        outputs: dict[str, Tensor],
+        params: Mapping[str, object],
     ) -> TeacherAnswer:
-        """Check every asked-for output came back with the query's batch and layer counts."""
-        batch, length = query.input_ids.shape
+        """Check every asked-for output came back with the query's batch and layer counts (and token
+        length: a text query's is the teacher's own, whatever it is)."""
+        batch = query_rows(query)
+        length = None if isinstance(query, TextQuery) else int(query.input_ids.shape[1])
 
         def tensor(name: str, shape: tuple[int | None, ...]) -> torch.Tensor:
             value = outputs.get(name)
@@ -409,6 +411,22 @@ class HttpTeacherClient:
             status=response.status_code,
             field=bad_field,
         )
+
+
+def _inputs(query: TeacherQuery | TextQuery) -> dict[str, Tensor]:
+    """A query's v2 inputs: INT32 token ids, or BYTES text the service tokenizes itself."""
+    if isinstance(query, TextQuery):
+        inputs: dict[str, Tensor] = {"text": list(query.text)}
+        if query.text_pair is not None:
+            inputs["text_pair"] = list(query.text_pair)
+        return inputs
+    inputs = {
+        "input_ids": query.input_ids.to(torch.int32),
+        "attention_mask": query.attention_mask.to(torch.int32),
+    }
+    if query.token_type_ids is not None:
+        inputs["token_type_ids"] = query.token_type_ids.to(torch.int32)
+    return inputs
 
 
 def _layer_list(layers: tuple[int, ...]) -> str:

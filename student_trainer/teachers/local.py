@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from shared.teacher_api import TeacherAnswer, TeacherInfo, TeacherQuery
+from shared.teacher_api import TeacherAnswer, TeacherInfo, TeacherQuery, TextQuery
 from teacher_server.engine import TeacherEngine
 
 
@@ -62,11 +62,19 @@ class LocalTeacherClient:
             self.info = self._engine.info
         return self._engine.info
 
-    async def infer(self, query: TeacherQuery) -> TeacherAnswer:
-        """Run the query in a worker thread so the caller's event loop keeps going."""
-        if self._engine is None:
+    async def infer(self, query: TeacherQuery | TextQuery) -> TeacherAnswer:
+        """Run the query in a worker thread so the caller's event loop keeps going; text is
+        tokenized by the engine's own tokenizer, as the service does."""
+        engine = self._engine
+        if engine is None:
             raise RuntimeError("LocalTeacherClient.start() must be awaited before infer()")
-        return await asyncio.to_thread(self._engine.run, query)
+
+        def run() -> TeacherAnswer:
+            if isinstance(query, TextQuery):
+                return engine.run(query.tokenized(*engine.tokenize(query.text, query.text_pair)))
+            return engine.run(query)
+
+        return await asyncio.to_thread(run)
 
     async def aclose(self) -> None:
         self._engine = None

@@ -41,7 +41,7 @@ from student_trainer.train.checkpoint import (
 )
 from student_trainer.train.distributed import Processes, barrier, gather_to_main
 from student_trainer.train.optim import make_optimizer
-from student_trainer.train.student import DistillStudent, build_student, teacher_label_order
+from student_trainer.train.student import DistillStudent, build_student, teacher_label_order, text_teachers
 
 
 @dataclass
@@ -123,6 +123,7 @@ class DistillRun:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     selector: RowSelector
+    text_roles: frozenset[str] = frozenset()  # teachers with their own vocabulary: sent raw text
     ledger: FlopsLedger = field(default_factory=FlopsLedger)
     state: TrainingState = field(default_factory=TrainingState)
     resume_step: int | None = None
@@ -170,6 +171,8 @@ def start_teachers(teachers: Teachers, args: DistillArguments) -> None:
         try:
             return await teachers.clients[role].start(args.teacher_ready_timeout)
         except Exception as err:
+            if type(err) is UserError:  # the checkpoint itself is refused (e.g. an unsupported model_type)
+                raise UserError(f"teacher {role} ({args.teachers[role]}): {err}") from err
             raise UserError(
                 f"teacher {role} ({args.teachers[role]}) is not ready after "
                 f"{args.teacher_ready_timeout:g} s: {type(err).__name__}: {err}"
@@ -208,9 +211,15 @@ def build_run(args: DistillArguments, procs: Processes, output_dir: Path, teache
     teachers.label_orders = {
         role: teacher_label_order(role, info, train_data.label_names) for role, info in infos.items()
     }
-    max_len = min(
+    text_roles = text_teachers(
+        infos,
+        tokenizer,
+        int(student.model.config.vocab_size),
+        all_token_features=args.kd.uses_hidden_states and args.kd.pt_features == "all-tokens",
+    )
+    max_len = min(  # a teacher sent text cuts it to its own length limit
         [args.max_seq_length, student.model.config.max_position_embeddings]
-        + [info.max_seq_length for info in infos.values()]
+        + [info.max_seq_length for role, info in infos.items() if role not in text_roles]
     )
     train_set = TokenizedDataset(train_data, tokenizer, max_len)
     eval_set = (
@@ -244,6 +253,7 @@ def build_run(args: DistillArguments, procs: Processes, output_dir: Path, teache
         optimizer=optimizer,
         scheduler=scheduler,
         selector=RowSelector.build(kd, args.seed),
+        text_roles=text_roles,
         state=TrainingState(data_seed=args.seed, world_size=procs.world_size),
     )
 

@@ -39,15 +39,18 @@ class TeacherRound:
 
 
 def load_batch(run: DistillRun, rows: list[int]) -> dict[str, torch.Tensor]:
-    """Collate the training rows and move them to this process's device."""
+    """Collate the training rows (and their dataset indices: a teacher with its own vocabulary
+    reads their text) and move them to this process's device."""
     batch = collate_batch([run.train_set[i] for i in rows], run.pad_id)
+    batch["index"] = torch.tensor(rows, dtype=torch.long)
     return {key: value.to(run.procs.device, non_blocking=True) for key, value in batch.items()}
 
 
 def ask_teachers_about(run: DistillRun, teachers: Teachers, batch: dict[str, torch.Tensor]) -> TeacherRound:
     """Student forward; choose rows and teachers from its uncertainty; ask them (see module docstring)."""
     logits, hidden_states = run.student(batch, output_hidden_states=run.kd.uses_hidden_states)
-    plan = plan_batch(run.kd, logits, batch, run.selector.select, run.alignments)
+    texts = {role: run.train_set.texts for role in run.text_roles}
+    plan = plan_batch(run.kd, logits, batch, run.selector.select, run.alignments, texts)
     failure: TeacherCallError | None = None
     asked = time.perf_counter()
     try:
@@ -89,13 +92,27 @@ def step_counts(
 ) -> dict[str, int]:
     """This step's ledger entries (teachers spent / requested / vanilla, student), summed over ranks."""
     batch_size, seq_len = batch["input_ids"].shape
-    real_lengths = batch["attention_mask"].sum(dim=1).tolist()
+    lengths = batch["attention_mask"].sum(dim=1).tolist()
+    plan, answers = asked.plan, asked.answers
+    rows = {role: plan.sent_rows(role).tolist() for role in plan.queries}
+    student_sent = {role: [lengths[i] for i in sent] for role, sent in rows.items()}
+    teacher_sent = {  # in the teacher's own tokens (measured by it when it was sent text)
+        role: flops.sent_lengths(query, answers[role], student_sent[role])
+        for role, query in plan.queries.items()
+    }
+    spent = flops.teacher_counts(answers, plan.rows_sent, {role: sum(n) for role, n in student_sent.items()})
+    text_lengths = {  # every row in a text teacher's tokens: measured if sent, else estimated
+        role: flops.text_batch_lengths(
+            lengths, run.ledger.token_ratio(role, spent), rows.get(role, []), teacher_sent.get(role, [])
+        )
+        for role in run.text_roles
+    }
     return flops.all_reduce_counts(
         {
-            **flops.teacher_counts(asked.answers, asked.plan.rows_sent),
-            **flops.requested_counts(teachers.infos, asked.plan.queries),
-            **flops.vanilla_counts(teachers.infos, real_lengths, seq_len),
+            **spent,
+            **flops.requested_counts(teachers.infos, teacher_sent),
+            **flops.vanilla_counts(teachers.infos, lengths, seq_len, text_lengths),
             **flops.student_counts(run.student.model.config, batch_size, seq_len),
-            "selected_instances": len(asked.plan.selected),
+            "selected_instances": len(plan.selected),
         }
     )

@@ -16,8 +16,10 @@ from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
 from shared.errors import UserError
+from shared.families import FAMILIES
 from shared.modeling import load_sequence_classifier
 from shared.teacher_api import TeacherInfo
+from shared.vocabulary import vocab_sha256
 from student_trainer.kd.alignment import make_projection
 
 
@@ -82,6 +84,45 @@ def teacher_label_order(role: str, info: TeacherInfo, data_labels: Sequence[str]
     return [teacher.index(name) for name in data]
 
 
+def text_teachers(
+    teachers: Mapping[str, TeacherInfo],
+    tokenizer: PreTrainedTokenizerBase,
+    student_vocab_size: int,
+    *,
+    all_token_features: bool,
+) -> frozenset[str]:
+    """The teachers that must get raw text: their ids would not mean the student's tokens.
+
+    Decided by the vocabulary fingerprint the teacher publishes (:func:`shared.vocabulary.vocab_sha256`)
+    against the student tokenizer's. A teacher that publishes none (an older service) gets ids and
+    must at least have the student's vocabulary size. All-token features compare position by
+    position, which means nothing across two tokenizations of a text, so they are refused.
+    """
+    mine = vocab_sha256(tokenizer)
+    text = set()
+    for role, info in teachers.items():
+        if info.model_type is not None and info.model_type not in FAMILIES:
+            raise UserError(
+                f"teacher {role} is a {info.model_type!r} model, which this trainer cannot count; "
+                f"supported families: {', '.join(sorted(FAMILIES))}"
+            )
+        if info.tokenizer_vocab_sha256 is not None:
+            if info.tokenizer_vocab_sha256 != mine:
+                text.add(role)
+        elif info.vocab_size != student_vocab_size:
+            raise UserError(
+                f"teacher {role} has a vocabulary of {info.vocab_size} tokens but the student has "
+                f"{student_vocab_size}, and it publishes no tokenizer fingerprint to be sent text instead"
+            )
+    if text and all_token_features:
+        raise UserError(
+            f"--pt_features all-tokens needs teachers with the student's tokenizer, but teacher "
+            f"{', '.join(sorted(text))} has its own vocabulary (token positions do not line up across "
+            "tokenizers): use --pt_features cls"
+        )
+    return frozenset(text)
+
+
 def build_student(
     model_name_or_path: str,
     *,
@@ -92,7 +133,7 @@ def build_student(
     device: torch.device,
     seed: int,
 ) -> tuple[DistillStudent, PreTrainedTokenizerBase]:
-    """Load the truncated pretrained encoder and its tokenizer; check they fit the teachers.
+    """Load the truncated pretrained encoder and its tokenizer; check the teachers' label counts.
 
     The new head and the projections are drawn right after seeding with ``seed``: how much
     randomness ``from_pretrained`` happened to consume must not change the student.
@@ -105,11 +146,6 @@ def build_student(
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load the tokenizer of {model_name_or_path!r}: {err}") from err
     for role, info in teachers.items():
-        if info.vocab_size != model.config.vocab_size:
-            raise UserError(
-                f"teacher {role} has a vocabulary of {info.vocab_size} tokens but the student "
-                f"{model_name_or_path} has {model.config.vocab_size}: they must share a tokenizer"
-            )
         if info.num_labels != len(label_names):
             raise UserError(
                 f"teacher {role} predicts {info.num_labels} labels but the data has {len(label_names)}"
