@@ -314,3 +314,20 @@ def test_two_shards_side_by_side_give_the_grid_unsharded(finished_grid, workspac
         assert sharded[run]["eval"] == whole[run]["eval"], run
     bad = subprocess.run([*experiment_argv(config, root), "--shard", "2/2"], capture_output=True, text=True)
     assert bad.returncode == 2 and "'2/2' is not I/N" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_run_results_are_not_git_ignored():
+    """Run results are what a fresh clone resumes from: the work folder is ignored, they are not."""
+    layout = Layout(
+        results=Path("results/cpu/x"), work=Path("runs/experiments/cpu/x"), teachers=Path(".cache/t")
+    )
+    paths = [
+        layout.run_results("sst2", "vanilla-kd", 1) / "results.json",
+        layout.run_work_dir("sst2", "m", 1),
+    ]
+    checked = subprocess.run(
+        ["git", "check-ignore", *map(str, paths)], cwd=REPO, capture_output=True, text=True
+    )
+    if checked.returncode == 128:
+        pytest.skip("not a git checkout")
+    assert checked.stdout.split() == [str(paths[1])]
