@@ -33,24 +33,33 @@ def max_entropy(num_labels: int) -> float:
     return math.log(num_labels)
 
 
+def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 up to fp32; fp64 stays, so rankings can ask for the precision they need."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """``u_i = -Σ_k p_ik ln p_ik`` with ``p = softmax(logits)`` (natural log); larger = less sure."""
+    """``u_i = -Σ_k p_ik ln p_ik`` with ``p = softmax(logits)`` (natural log); larger = less sure.
+
+    Near its maximum ``ln K`` entropy is flat (quadratic in the gap between logits): in fp32,
+    rows whose logits differ by less than ~1e-3 all score exactly ``ln 2``. Rank in fp64.
+    """
     check_logits(logits)
-    log_p = torch.log_softmax(logits.float(), dim=-1)
+    log_p = torch.log_softmax(_at_least_fp32(logits), dim=-1)
     return -(log_p.exp() * log_p).sum(dim=-1)
 
 
 def margin(logits: torch.Tensor) -> torch.Tensor:
     """``p_(1) - p_(2)``: top-1 minus top-2 probability; *smaller* = less sure."""
     check_logits(logits)
-    top2 = torch.softmax(logits.float(), dim=-1).topk(2, dim=-1).values
+    top2 = torch.softmax(_at_least_fp32(logits), dim=-1).topk(2, dim=-1).values
     return top2[:, 0] - top2[:, 1]
 
 
 def least_confidence(logits: torch.Tensor) -> torch.Tensor:
     """``1 - max_k p_k``; larger = less sure."""
     check_logits(logits)
-    return 1.0 - torch.softmax(logits.float(), dim=-1).max(dim=-1).values
+    return 1.0 - torch.softmax(_at_least_fp32(logits), dim=-1).max(dim=-1).values
 
 
 def uncertainty_scores(logits: torch.Tensor, kind: str) -> torch.Tensor:

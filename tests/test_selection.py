@@ -54,6 +54,18 @@ def test_ties_break_by_index():
     assert select_instances(logits, "entropy", 0.5).tolist() == [0, 1, 2]
 
 
+def test_an_unsure_student_is_ranked_not_tied():
+    """With two classes entropy, margin and least confidence order rows alike; an untrained student
+    (logit gaps of 1e-5 .. 1e-3) must not make entropy's fp32 ties pick rows by position instead."""
+    gaps = torch.tensor([3e-5, 9e-4, 1e-5, 4e-4, 2e-4, 6e-5, 1e-4, 7e-4])
+    logits = torch.stack([torch.zeros_like(gaps), gaps], dim=1)
+    expected = torch.argsort(gaps)  # smallest gap = least sure
+    for strategy in ("entropy", "margin", "lc"):
+        assert select_instances(logits, strategy, 0.5).tolist() == expected[:4].tolist(), strategy
+    small, large = hard_split(logits)
+    assert small.tolist() == expected[:4].tolist() and sorted(large.tolist()) == sorted(expected[4:].tolist())
+
+
 def test_float_ratio_rounding_is_robust():
     assert num_selected(100, 0.29) == 29  # 100 * 0.29 == 28.999999999999996 in binary
     assert num_selected(32, 0.1) == 3

@@ -44,7 +44,7 @@ def _rank(logits: torch.Tensor, strategy: str, count: int, generator: torch.Gene
     if strategy == "random":
         device = generator.device if generator is not None else torch.device("cpu")
         return torch.randperm(batch_size, generator=generator, device=device)[:count].to(logits.device)
-    scores = uncertainty_scores(logits.detach(), strategy)
+    scores = uncertainty_scores(logits.detach().double(), strategy)  # fp64: no ties near ln K
     return torch.sort(scores, descending=True, stable=True).indices[:count]
 
 
@@ -105,7 +105,7 @@ def hard_split(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     teacher, the rest (the odd middle one included) to the large teacher.
     """
     check_logits(logits)
-    order = torch.sort(entropy(logits.detach()), descending=True, stable=True).indices
+    order = torch.sort(entropy(logits.detach().double()), descending=True, stable=True).indices
     half = logits.shape[0] // 2
     return order[:half], order[half:]
 
