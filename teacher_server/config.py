@@ -106,6 +106,21 @@ class ServerConfig(BaseModel):
         return teachers
 
 
+def one_line(err: ValidationError, where: str) -> UserError:
+    """A pydantic error as the one line a user reads: where, which key, what is wrong."""
+    first = err.errors(include_url=False)[0]
+    key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    return UserError(f"{where}: {key}: {first['msg']}")
+
+
+def teacher_entry(where: str, **fields: object) -> TeacherConfig:
+    """One teacher's settings validated as in a config file (the local client's way in)."""
+    try:
+        return TeacherConfig.model_validate(fields)
+    except ValidationError as err:
+        raise one_line(err, where) from None
+
+
 def load_config(path: str | Path) -> ServerConfig:
     """Read and validate a YAML config; any problem is one :class:`UserError` line naming file and key."""
     path = Path(path)
@@ -113,9 +128,7 @@ def load_config(path: str | Path) -> ServerConfig:
     try:
         config = ServerConfig.model_validate(raw)
     except ValidationError as err:
-        first = err.errors(include_url=False)[0]
-        key = ".".join(str(part) for part in first["loc"]) or "(top level)"
-        raise UserError(f"{path}: {key}: {first['msg']}") from None
+        raise one_line(err, str(path)) from None
     for index, teacher in enumerate(config.teachers):
         teacher.path = _resolve_model_path(teacher.path, path.parent, f"{path}: teachers.{index}.path")
     return config

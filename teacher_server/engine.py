@@ -24,6 +24,7 @@ from shared.flops import FlopsShape, encoder_forward_flops, flops_config, flops_
 from shared.modeling import load_sequence_classifier
 from shared.teacher_api import TeacherAnswer, TeacherInfo, TeacherQuery
 from shared.vocabulary import tokenizer_parameters
+from teacher_server.config import TeacherConfig
 from teacher_server.errors import Unprocessable
 
 # Texts are cut to max_seq_length × this many characters before tokenizing. The tokenizer keeps
@@ -149,6 +150,19 @@ class TeacherEngine:
             revision=revision,
             max_seq_length=max_seq_length,
             batch_invariant=batch_invariant,
+        )
+
+    @classmethod
+    def from_config(cls, teacher: TeacherConfig) -> TeacherEngine:
+        """The engine a config entry describes: the service and the local client load alike."""
+        return cls.load(
+            teacher.name,
+            teacher.path,
+            revision=teacher.revision,
+            device=teacher.device,
+            dtype=teacher.dtype,
+            max_seq_length=teacher.max_seq_length,
+            batch_invariant=teacher.batch_invariant,
         )
 
     # -- inputs -------------------------------------------------------------------------------

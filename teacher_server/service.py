@@ -48,16 +48,7 @@ class TeacherService:
         for teacher in self.config.teachers:
             started = time.perf_counter()
             try:
-                engine = await asyncio.to_thread(
-                    TeacherEngine.load,
-                    teacher.name,
-                    teacher.path,
-                    revision=teacher.revision,
-                    device=teacher.device,
-                    dtype=teacher.dtype,
-                    max_seq_length=teacher.max_seq_length,
-                    batch_invariant=teacher.batch_invariant,
-                )
+                engine = await asyncio.to_thread(TeacherEngine.from_config, teacher)
                 if self.config.warmup:
                     await asyncio.to_thread(_warm_up, engine)
             except Exception as err:

@@ -180,6 +180,19 @@ def wait_until_ready(process: subprocess.Popen, url: str, timeout_s: float = 90)
         time.sleep(0.2)
 
 
+def wait_until_queued(url: str, model: str, timeout_s: float = 30) -> None:
+    """Until the service's own gauge shows a request waiting in ``model``'s batcher (a fixed sleep
+    lost the race on a loaded machine: the signal came first and the request got a correct 503)."""
+    deadline = time.monotonic() + timeout_s
+    gauge = f'teacher_queue_depth{{model="{model}"}} '
+    while not any(
+        line.startswith(gauge) and float(line.split()[-1]) >= 1
+        for line in httpx.get(f"{url}/metrics", trust_env=False).text.splitlines()
+    ):
+        assert time.monotonic() < deadline, "the request never reached the queue"
+        time.sleep(0.01)
+
+
 @pytest.mark.slow
 def test_served_from_the_cli_with_json_logs_and_a_draining_shutdown(tmp_path, tiny_teachers):
     config = write(
@@ -205,7 +218,7 @@ def test_served_from_the_cli_with_json_logs_and_a_draining_shutdown(tmp_path, ti
 
         thread = threading.Thread(target=in_flight)
         thread.start()
-        time.sleep(0.5)  # the request is queued, waiting out its 1.5 s delay
+        wait_until_queued(url, "small")  # waiting out its 1.5 s delay: in flight when the signal comes
         process.send_signal(signal.SIGTERM)
         thread.join(30)
         assert process.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once drained

@@ -16,6 +16,7 @@ import asyncio
 from pathlib import Path
 
 from shared.teacher_api import TeacherAnswer, TeacherInfo, TeacherQuery, TextQuery
+from teacher_server.config import teacher_entry
 from teacher_server.engine import TeacherEngine
 
 
@@ -37,27 +38,23 @@ class LocalTeacherClient:
         revision: str | None = None,
         **ignored_http_options: object,
     ):
-        self.path = path
         self.name = name
-        self.device = device
-        self.dtype = dtype
-        self.max_seq_length = max_seq_length
-        self.revision = revision
+        self.config = teacher_entry(
+            f"teacher {name}",
+            name=name,
+            path=str(path),
+            device=device,
+            dtype=dtype,
+            max_seq_length=max_seq_length,
+            revision=revision,
+        )
         self.info: TeacherInfo | None = None
         self._engine: TeacherEngine | None = None
 
     async def start(self, ready_timeout_s: float = 300.0) -> TeacherInfo:
         """Load the checkpoint (in a thread, bounded by ``ready_timeout_s``) and return its info."""
         if self._engine is None:
-            load = asyncio.to_thread(
-                TeacherEngine.load,
-                self.name,
-                self.path,
-                revision=self.revision,
-                device=self.device,
-                dtype=self.dtype,
-                max_seq_length=self.max_seq_length,
-            )
+            load = asyncio.to_thread(TeacherEngine.from_config, self.config)
             self._engine = await asyncio.wait_for(load, timeout=ready_timeout_s)
             self.info = self._engine.info
         return self._engine.info
