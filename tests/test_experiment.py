@@ -238,7 +238,7 @@ def test_sweep_expands_and_names_must_be_unique():
 
 BAD_CONFIGS = [
     ({"bogus": 1}, "unknown keys"),
-    ({"teachers": {"medium": {"model": "m"}}}, "role 'medium'"),
+    ({"teachers": {"soft": {"model": "m"}}}, "'soft' is not a teacher name"),
     ({"tables": [{"title": "t", "methods": ["nope"]}]}, "no method 'nope'"),
     ({"plots": [{"kind": "pie"}]}, "kind 'pie'"),
     ({"methods": [{"name": "small-only", "args": {"teacher_selection": "small"}}]}, "defines only"),
