@@ -138,7 +138,15 @@ def test_missing_config_file_is_one_line(tmp_path: Path) -> None:
         (["--teacher", "a=local:/a", "--data_selection", "lc", "--teacher_budget", "2XF"], "takes FLOPs"),
         (["--teacher", "a=local:/a", "--data_selection", "lc", "--teacher_budget", "0%"], r"in \(0, 100\]"),
         (
-            ["--teacher", "a=local:/a", "--data_selection", "lc", "--teacher_budget", "1TF", "--exact_budget"],
+            [
+                "--teacher",
+                "a=local:/a",
+                "--data_selection",
+                "lc",
+                "--teacher_budget",
+                "1TF",
+                "--exact_budget",
+            ],
             "replaces --selection_ratio",
         ),
         (["--no_kd", "--teacher_budget", "1TF"], "cannot go with --no_kd"),

@@ -34,7 +34,8 @@ and the padded bound pads every row to the longest of these lengths.
 service's padding removal and its cache together. ``selection_saved_fraction = 1 - requested /
 vanilla_unpadded`` is dynamic KD's share alone: the same rows, the same unpadded accounting, only
 the choice of rows and teachers differs. Counts are integers so that summing them across DDP
-ranks and across resumed runs is exact.
+ranks and across resumed runs is exact. Per-teacher counts are keyed by the teacher's name:
+``small`` and ``large`` always (so results keep one shape), any other name of a ladder besides.
 """
 
 from __future__ import annotations
