@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-from student_trainer.experiments.config import load_experiment, parse_config
-from student_trainer.experiments.layout import Layout
+from student_trainer.experiments.config import load_experiment
 from student_trainer.experiments.report import budget_vs_ratio, collect, write_report
 from tests.distill_support import REPO
+from tests.test_experiment import hand_grid
 
 CONFIG = REPO / "experiments" / "budget.yaml"
 
@@ -51,24 +51,17 @@ def test_the_budget_experiment_dry_run_prices_budgets_like_their_ratios(referenc
 
 
 def hand_made_grid(tmp_path):
-    config = parse_config(
-        {
-            "name": "hand",
-            "tasks": {"sst2": {"data_dir": "unused"}},
-            "seeds": [1, 2, 3],
-            "teachers": {"large": {"model": "unused"}},
-            "student": {"model": "unused"},
-            "methods": [
-                {"name": "entropy-r0.1", "args": {"data_selection": "entropy", "selection_ratio": 0.1}},
-                {"name": "entropy-r0.3", "args": {"data_selection": "entropy", "selection_ratio": 0.3}},
-                {"name": "entropy-b10", "args": {"data_selection": "entropy", "teacher_budget": "10%"}},
-                {"name": "entropy-b30", "args": {"data_selection": "entropy", "teacher_budget": "30%"}},
-                {"name": "random-b10", "args": {"data_selection": "random", "teacher_budget": "10%"}},
-            ],
-            "plots": [{"kind": "budget_vs_ratio", "title": "B vs R", "methods": ["entropy", "random"]}],
-        }
+    config, layout = hand_grid(
+        tmp_path,
+        [
+            {"name": "entropy-r0.1", "args": {"data_selection": "entropy", "selection_ratio": 0.1}},
+            {"name": "entropy-r0.3", "args": {"data_selection": "entropy", "selection_ratio": 0.3}},
+            {"name": "entropy-b10", "args": {"data_selection": "entropy", "teacher_budget": "10%"}},
+            {"name": "entropy-b30", "args": {"data_selection": "entropy", "teacher_budget": "30%"}},
+            {"name": "random-b10", "args": {"data_selection": "random", "teacher_budget": "10%"}},
+        ],
+        plots=[{"kind": "budget_vs_ratio", "title": "B vs R", "methods": ["entropy", "random"]}],
     )
-    layout = Layout(tmp_path / "results", tmp_path / "work", tmp_path / "teachers")
     layout.write_json(layout.task_record("sst2"), {"metric": "accuracy", "train_size": 100})
     spend = {"entropy-r0.1": 1.0e10, "entropy-r0.3": 3.0e10, "entropy-b10": 1.1e10, "entropy-b30": 2.9e10,
              "random-b10": 1.0e10}  # fmt: skip

@@ -5,29 +5,22 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
-from collections import defaultdict
 from fractions import Fraction
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from teacher_server.launch import serve_in_subprocess
 from tests.distill_support import (
-    REPO,
     checkpoint_tensors,
     distill_argv,
+    kill_after_checkpoint,
     run_cli,
     run_in_process,
     save_student,
+    service_metrics,
     train_log,
     write_sentences,
 )
@@ -53,15 +46,6 @@ def workspace(tmp_path_factory: pytest.TempPathFactory, tiny_teachers: dict[str,
     }
 
 
-def service_counts(url: str) -> dict[tuple[str, str], float]:
-    """``(sample, model) -> value`` of the service's own Prometheus ``/metrics``."""
-    values: dict[tuple[str, str], float] = defaultdict(float)
-    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=5).text):
-        for sample in family.samples:
-            values[(sample.name, sample.labels.get("model", ""))] += sample.value
-    return values
-
-
 @pytest.mark.parametrize(
     ("selection", "strategy", "budget"), [("hard", "entropy", "25%"), ("soft", "margin", "40%")]
 )
@@ -75,13 +59,13 @@ def test_a_ladder_of_three_against_the_service_spends_within_the_budget(
     ]  # batch-invariant: one row per pass at its own length, so the service's FLOPs are exact
     config.write_text(yaml.safe_dump({"cache_max_bytes": 0, "teachers": entries}))
     with serve_in_subprocess(config, log_path=tmp_path / "server.log") as url:
-        before = service_counts(url)
+        before = service_metrics(url)
         argv = distill_argv(
             workspace["student"], workspace["train"], tmp_path / "out", dict.fromkeys(DEPTHS, url)
         )
         argv += ["--teacher_selection", selection, "--data_selection", strategy, "--teacher_budget", budget]
         results = run_in_process(argv + ["--max_steps", "6"])
-        after = service_counts(url)
+        after = service_metrics(url)
 
     flops = results["flops"]
     assert results["teacher_ladder"] == ["shallow", "mid", "deep"]
@@ -121,19 +105,7 @@ def test_a_killed_budgeted_run_resumes_bit_exactly(workspace, tmp_path: Path, me
     assert reference.returncode == 0, reference.stderr
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "student_trainer.cli", "distill", *budget_argv(workspace, killed, method)],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 120
-    while not (killed / "checkpoint-8").exists():
-        assert process.poll() is None, "the run ended before its second checkpoint"
-        assert time.monotonic() < deadline
-        time.sleep(0.002)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_after_checkpoint(budget_argv(workspace, killed, method), killed, 8)
     assert not (killed / "results.json").exists()
     resumed = run_cli(budget_argv(workspace, killed, method) + ["--resume_from_checkpoint", "latest"])
     assert resumed.returncode == 0, resumed.stderr
