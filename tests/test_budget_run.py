@@ -50,7 +50,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory, tiny_teachers: dict[str,
     ("selection", "strategy", "budget"), [("hard", "entropy", "25%"), ("soft", "margin", "40%")]
 )
 def test_a_ladder_of_three_against_the_service_spends_within_the_budget(
-    workspace, tmp_path, selection, strategy, budget
+    workspace, tmp_path, capsys, selection, strategy, budget
 ) -> None:
     config = tmp_path / "teachers.yaml"
     entries = [
@@ -78,6 +78,8 @@ def test_a_ladder_of_three_against_the_service_spends_within_the_budget(
     assert flops["teacher_budget_flops"] == whole
     assert flops["teacher_flops_requested"] == flops["teacher_budget_spent_flops"] <= whole
     assert flops["teacher_flops_requested"] > whole / 2  # the budget was spent, not hoarded
+    summary = capsys.readouterr().out
+    assert f"'{selection}' over shallow < mid < deep" in summary and f"Teacher budget {budget}:" in summary
     for step in train_log(tmp_path / "out"):  # spend vs the paced bound, every step
         assert step["teacher_budget_spent_flops"] <= step["teacher_budget_flops"]
 

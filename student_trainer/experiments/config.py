@@ -51,7 +51,8 @@ class Method:
         names, or every one for a ladder method (hard, soft, ...)."""
         if self.args.get("no_kd"):
             return ()
-        selection = self.args.get("teacher_selection", "large")
+        default = teachers[0] if len(teachers) == 1 else "large"  # as distill: the only teacher
+        selection = self.args.get("teacher_selection", default)
         return teachers if selection in LADDER_METHODS else (selection,)
 
 

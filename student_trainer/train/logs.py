@@ -118,13 +118,20 @@ def selection_amount(args: DistillArguments) -> str:
     return f"r = {args.selection_ratio:g}{', exact budget' if args.exact_budget else ''}"
 
 
+def ladder_text(results: dict[str, Any]) -> str:
+    """`` over a < b < c`` for a ladder of teachers (by FLOPs per token), nothing for one teacher."""
+    ladder = results.get("teacher_ladder") or []
+    return f" over {' < '.join(ladder)}" if len(ladder) > 1 else ""
+
+
 def summary_paragraph(args: DistillArguments, results: dict[str, Any]) -> str:
     """The one paragraph a human reads at the end of a run."""
     ledger = results["flops"]
     method = (
         "cross-entropy only (no KD)"
         if args.no_kd
-        else f"teacher selection '{args.teacher_selection}', data selection '{args.data_selection}'"
+        else f"teacher selection '{args.teacher_selection}'{ladder_text(results)}, "
+        f"data selection '{args.data_selection}'"
         f" ({selection_amount(args)}),"
         f" supervision '{args.supervision}' ({args.kd_loss} loss)"
     )
@@ -155,7 +162,7 @@ def summary_paragraph(args: DistillArguments, results: dict[str, Any]) -> str:
         text += (
             f"Teacher budget {args.teacher_budget}: the rows sent cost "
             f"{gflops(ledger['teacher_budget_spent_flops'])} "
-            f"of {gflops(ledger['teacher_budget_flops'])}"
+            f"of the {gflops(ledger['teacher_budget_flops'])} it allows"
             + (f" ({100 * used:.1f}% of it). " if used is not None else ". ")
         )
     text += f"Student training cost {gflops(ledger['student_flops'])}."
