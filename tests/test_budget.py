@@ -97,7 +97,7 @@ budgets = st.one_of(
 )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
     batches=runs,
     budget=budgets,
@@ -108,7 +108,7 @@ def test_property_the_spend_never_exceeds_the_budget(batches, budget, strategy, 
     check_run(budget, run_pacer(budget, batches, strategy, seed))
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
     batches=runs,
     budget=st.one_of(
