@@ -106,6 +106,26 @@ def run_cli(argv: list[str], *, timeout: float = 120, env: dict | None = None) -
     )
 
 
+def run_torchrun(argv: list[str], processes: int = 2) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node N student-trainer distill argv`` (gloo on CPU)."""
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(processes),
+    ]
+    return subprocess.run(
+        [*launcher, str(Path(sys.executable).with_name("student-trainer")), "distill", *argv],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
 def kill_after_checkpoint(argv: list[str], output_dir: Path, step: int) -> None:
     """Start ``distill argv`` in a fresh interpreter and SIGKILL it once ``checkpoint-<step>`` exists."""
     process = subprocess.Popen(

@@ -19,6 +19,7 @@ from tests.distill_support import (
     kill_after_checkpoint,
     run_cli,
     run_in_process,
+    run_torchrun,
     save_student,
     service_metrics,
     train_log,
@@ -130,3 +131,24 @@ def test_a_killed_budgeted_run_resumes_bit_exactly(workspace, tmp_path: Path, me
         assert torch.equal(final[name], tensor), name  # same weights, bit for bit
     spent = json.loads((killed / "results.json").read_text())["flops"]["teacher_budget_spent_flops"]
     assert spent == rank_budget_state(killed / "checkpoint-24")["spent"]
+
+
+def test_two_processes_each_pace_their_share_and_keep_the_whole_budget(workspace, tmp_path: Path) -> None:
+    """Under torchrun every rank buys rows from its own batches against its own share of the budget;
+    the ledger (every teacher of the ladder, summed over ranks) holds the ranks' spend together."""
+    output = tmp_path / "ddp"
+    teachers = {name: f"local:{workspace[name]}" for name in DEPTHS}
+    argv = distill_argv(workspace["student"], workspace["train"], output, teachers)
+    argv += ["--teacher_selection", "hard", "--data_selection", "entropy", "--teacher_budget", "30%"]
+    argv += ["--max_steps", "4", "--save_strategy", "steps", "--save_steps", "4"]
+    argv[argv.index("--per_device_train_batch_size") + 1] = "4"
+    result = run_torchrun(argv)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    flops = json.loads((output / "results.json").read_text())["flops"]
+    ranks = torch.load(output / "checkpoint-4" / "rng_state.pth", weights_only=True)
+    assert len(ranks) == 2
+    assert flops["teacher_flops_requested"] == sum(rank["teacher_budget"]["spent"] for rank in ranks) > 0
+    assert flops["teacher_flops_vanilla_unpadded"] == sum(rank["teacher_budget"]["vanilla"] for rank in ranks)
+    assert flops["teacher_budget_spent_flops"] <= flops["teacher_budget_flops"]
+    assert sum(flops[f"teacher_rows_{name}"] for name in DEPTHS) == flops["selected_instances"]
