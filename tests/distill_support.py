@@ -6,11 +6,16 @@ import itertools
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
+import time
+from collections import defaultdict
 from pathlib import Path
 
+import httpx
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 from transformers import BertForSequenceClassification
 
 from student_trainer.args.distill import parse_distill_args
@@ -99,6 +104,53 @@ def run_cli(argv: list[str], *, timeout: float = 120, env: dict | None = None) -
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+def run_torchrun(argv: list[str], processes: int = 2) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node N student-trainer distill argv`` (gloo on CPU)."""
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(processes),
+    ]
+    return subprocess.run(
+        [*launcher, str(Path(sys.executable).with_name("student-trainer")), "distill", *argv],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+def kill_after_checkpoint(argv: list[str], output_dir: Path, step: int) -> None:
+    """Start ``distill argv`` in a fresh interpreter and SIGKILL it once ``checkpoint-<step>`` exists."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "student_trainer.cli", "distill", *argv],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not (output_dir / f"checkpoint-{step}").exists():
+        assert process.poll() is None, f"the run ended before checkpoint-{step}"
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    os.kill(process.pid, signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+
+
+def service_metrics(url: str) -> dict[tuple[str, str], float]:
+    """A service's own Prometheus ``/metrics``: ``(sample name, model) -> value``, summed over the
+    other labels."""
+    values: dict[tuple[str, str], float] = defaultdict(float)
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=5).text):
+        for sample in family.samples:
+            values[(sample.name, sample.labels.get("model", ""))] += sample.value
+    return values
 
 
 def train_log(output_dir: Path) -> list[dict]:

@@ -129,8 +129,27 @@ def test_missing_config_file_is_one_line(tmp_path: Path) -> None:
     ("extra", "message"),
     [
         ([], "give --teacher small=SPEC and/or --teacher large=SPEC, or --no_kd"),
-        (["--teacher", "medium=local:/a"], "ROLE=SPEC"),
-        (["--teacher", "local:/a"], "ROLE=SPEC"),
+        (["--teacher", "hard=local:/a"], "NAME=SPEC"),  # a method's name, not a teacher's
+        (["--teacher", "me dium=local:/a"], "NAME=SPEC"),
+        (["--teacher", "local:/a"], "NAME=SPEC"),
+        (["--teacher", "small=local:/a", "--teacher_selection", "biggest"], "must be a teacher given"),
+        (["--teacher", "a=local:/a", "--teacher_selection", "soft"], "needs --teacher small=SPEC"),
+        (["--teacher", "a=local:/a", "--teacher_budget", "10%"], "needs --data_selection"),
+        (["--teacher", "a=local:/a", "--data_selection", "lc", "--teacher_budget", "2XF"], "takes FLOPs"),
+        (["--teacher", "a=local:/a", "--data_selection", "lc", "--teacher_budget", "0%"], r"in \(0, 100\]"),
+        (
+            [
+                "--teacher",
+                "a=local:/a",
+                "--data_selection",
+                "lc",
+                "--teacher_budget",
+                "1TF",
+                "--exact_budget",
+            ],
+            "replaces --selection_ratio",
+        ),
+        (["--no_kd", "--teacher_budget", "1TF"], "cannot go with --no_kd"),
         (["--teacher", "small=local:/a", "--teacher", "small=local:/b"], "given twice"),
         (["--teacher", "small=local:/a", "--teacher", "large=local:/b"], "choose --teacher_selection"),
         (["--teacher", "small=local:/a", "--teacher_selection", "hard"], "needs --teacher large=SPEC"),
@@ -179,9 +198,19 @@ def test_required_options(argv: list[str], message: str) -> None:
 
 def test_unknown_choice_on_the_command_line_is_an_argparse_error(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as info:
-        parse_distill_args(BASE + ["--teacher_selection", "biggest"])
+        parse_distill_args(BASE + ["--data_selection", "biggest"])
     assert info.value.code == 2
     assert "invalid choice: 'biggest'" in capsys.readouterr().err
+
+
+def test_a_ladder_of_named_teachers() -> None:
+    three = ["--teacher", "mid=local:/b", "--teacher", "tiny=local:/a", "--teacher", "big=local:/c"]
+    args = parse_distill_args(BASE + three + ["--teacher_selection", "hard"])
+    assert args.teacher_roles == ("mid", "tiny", "big")  # the command line's order until FLOPs order them
+    assert parse_distill_args(BASE + three + ["--teacher_selection", "tiny"]).teacher_roles == ("tiny",)
+    budget = parse_distill_args(BASE + three + ["--teacher_selection", "soft", "--data_selection", "entropy",
+                                                "--teacher_budget", "2.5TF"])  # fmt: skip
+    assert budget.kd.budget.flops == 2_500_000_000_000
 
 
 def test_optional_yaml_keys_may_be_left_empty(tmp_path: Path) -> None:

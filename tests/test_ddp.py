@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.distill_support import (
-    REPO,
     checkpoint_tensors,
     distill_argv,
     run_in_process,
+    run_torchrun,
     save_student,
     train_log,
     write_sentences,
@@ -45,16 +42,7 @@ def test_two_processes_train_like_one_with_the_union_batch(
     ddp = tmp_path / "ddp"
     argv = distill_argv(student, data, ddp, teachers, *method)
     argv[argv.index("--per_device_train_batch_size") + 1] = "4"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    result = subprocess.run(
-        [*launcher, str(Path(sys.executable).with_name("student-trainer")), "distill", *argv],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=env,
-    )
+    result = run_torchrun(argv)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("Distilled a 2-layer student") == 1  # only rank 0 reports
 

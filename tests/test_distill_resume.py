@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -18,6 +17,7 @@ from tests.distill_support import (
     REPO,
     checkpoint_tensors,
     distill_argv,
+    kill_after_checkpoint,
     run_cli,
     save_student,
     train_log,
@@ -55,19 +55,7 @@ def test_killed_run_resumes_to_bit_identical_weights(workspace, tmp_path: Path) 
     assert reference.returncode == 0, reference.stderr
 
     killed_dir = tmp_path / "killed"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "student_trainer.cli", "distill", *resumable_argv(workspace, killed_dir)],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 120
-    while not (killed_dir / "checkpoint-5").exists():
-        assert process.poll() is None, "the run ended before its first checkpoint"
-        assert time.monotonic() < deadline
-        time.sleep(0.002)
-    os.kill(process.pid, signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL
+    kill_after_checkpoint(resumable_argv(workspace, killed_dir), killed_dir, 5)
     assert not (killed_dir / "checkpoint-30").exists() and not (killed_dir / "results.json").exists()
 
     resumed = run_cli(resumable_argv(workspace, killed_dir) + ["--resume_from_checkpoint", "latest"])

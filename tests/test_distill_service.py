@@ -14,13 +14,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from student_trainer.teachers.client import make_teacher_client
 from student_trainer.train import setup as distill_setup
@@ -32,6 +30,7 @@ from tests.distill_support import (
     expected_rows,
     run_in_process,
     save_student,
+    service_metrics,
     train_log,
     write_sentences,
 )
@@ -95,12 +94,7 @@ class Service:
                 self.kill()
 
     def metrics(self) -> dict[tuple[str, str], float]:
-        """``(sample name, model) -> value``, summed over the other labels."""
-        values: dict[tuple[str, str], float] = defaultdict(float)
-        for family in text_string_to_metric_families(httpx.get(f"{self.url}/metrics", timeout=5).text):
-            for sample in family.samples:
-                values[(sample.name, sample.labels.get("model", ""))] += sample.value
-        return values
+        return service_metrics(self.url)
 
 
 @pytest.fixture(scope="module")

@@ -159,6 +159,15 @@ def test_all_token_features_across_vocabularies_are_refused_before_training(work
     assert not (out / "metrics.jsonl").exists()
 
 
+def test_a_teacher_budget_across_vocabularies_is_refused_before_training(workspace, tmp_path) -> None:
+    """A text teacher counts its own tokens, known only once it answers: a budget could not hold."""
+    out = tmp_path / "out"
+    budget = ["--data_selection", "entropy", "--teacher_budget", "10%"]
+    line = one_line_error(run_cli(argv(workspace, out, f"local:{workspace['mpnet']}", *budget)))
+    assert "--teacher_budget needs teachers that share the student's vocabulary: large tokenizes" in line
+    assert not (out / "metrics.jsonl").exists()
+
+
 def test_an_unknown_model_type_is_refused_before_training(workspace, tmp_path) -> None:
     albert = tmp_path / "albert"
     save_tiny_family("bert", albert)

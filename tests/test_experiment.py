@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from shared.errors import UserError
-from student_trainer.experiments.config import expand_methods, load_experiment, parse_config
+from student_trainer.experiments.config import ExperimentConfig, expand_methods, load_experiment, parse_config
 from student_trainer.experiments.layout import Layout
 from student_trainer.experiments.report import collect, paired_p_value, write_report
 from tests.distill_support import REPO, save_student, write_sentences
@@ -174,7 +174,8 @@ def test_sigkill_mid_grid_resumes_to_the_same_numbers(finished_grid, workspace):
         assert result["flops"]["teacher_flops_requested"] == expected["flops"]["teacher_flops_requested"]
 
 
-def test_report_statistics_match_hand_computation(tmp_path):
+def hand_grid(tmp_path: Path, methods: list[dict], **keys: object) -> tuple[ExperimentConfig, Layout]:
+    """A one-task, three-seed grid whose results a test writes by hand, and its folders."""
     config = parse_config(
         {
             "name": "hand",
@@ -182,14 +183,19 @@ def test_report_statistics_match_hand_computation(tmp_path):
             "seeds": [1, 2, 3],
             "teachers": {"large": {"model": "unused"}},
             "student": {"model": "unused"},
-            "methods": [
-                {"name": "base", "args": {}},
-                {"name": "ours", "args": {"data_selection": "entropy"}},
-            ],
-            "tables": [{"title": "T", "methods": ["base", "ours"], "baselines": ["base"]}],
+            "methods": methods,
+            **keys,
         }
     )
-    layout = Layout(tmp_path / "results", tmp_path / "work", tmp_path / "teachers")
+    return config, Layout(tmp_path / "results", tmp_path / "work", tmp_path / "teachers")
+
+
+def test_report_statistics_match_hand_computation(tmp_path):
+    config, layout = hand_grid(
+        tmp_path,
+        [{"name": "base", "args": {}}, {"name": "ours", "args": {"data_selection": "entropy"}}],
+        tables=[{"title": "T", "methods": ["base", "ours"], "baselines": ["base"]}],
+    )
     layout.write_json(layout.task_record("sst2"), {"metric": "accuracy", "train_size": 100,
                                                    "majority_baseline": {"eval_accuracy": 0.5}})  # fmt: skip
     scores = {"base": [0.80, 0.82, 0.81], "ours": [0.84, 0.85, 0.855]}
@@ -238,7 +244,7 @@ def test_sweep_expands_and_names_must_be_unique():
 
 BAD_CONFIGS = [
     ({"bogus": 1}, "unknown keys"),
-    ({"teachers": {"medium": {"model": "m"}}}, "role 'medium'"),
+    ({"teachers": {"soft": {"model": "m"}}}, "'soft' is not a teacher name"),
     ({"tables": [{"title": "t", "methods": ["nope"]}]}, "no method 'nope'"),
     ({"plots": [{"kind": "pie"}]}, "kind 'pie'"),
     ({"methods": [{"name": "small-only", "args": {"teacher_selection": "small"}}]}, "defines only"),

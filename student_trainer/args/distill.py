@@ -18,7 +18,15 @@ from student_trainer.args.common import (
     require_non_negative,
     require_positive,
 )
-from student_trainer.kd.config import PT_FEATURES, SUPERVISIONS, TEACHER_ROLES, TEACHER_SELECTIONS, KDConfig
+from student_trainer.kd.budget import TeacherBudget
+from student_trainer.kd.config import (
+    LADDER_METHODS,
+    PT_FEATURES,
+    SUPERVISIONS,
+    TEACHER_NAME,
+    TEACHER_ROLES,
+    KDConfig,
+)
 from student_trainer.kd.losses import KD_LOSS_KINDS
 from student_trainer.kd.selection import SELECTION_STRATEGIES
 
@@ -76,10 +84,14 @@ class DistillArguments(DataArguments):
 
     # -- knowledge distillation ------------------------------------------------------------------
     teacher: list[str] = option(
-        [], "ROLE=SPEC, ROLE small or large; SPEC local:PATH or URL[,URL...][#MODEL]. Repeat for two."
+        [],
+        "NAME=SPEC (NAME: small, large or any name; SPEC local:PATH or URL[,URL...][#MODEL]). Repeat for "
+        "a ladder of teachers, ordered by their FLOPs per token.",
     )
     teacher_selection: str | None = option(
-        None, "Which teacher(s) supervise (default: the only one given).", choices=TEACHER_SELECTIONS
+        None,
+        f"Which teacher(s) supervise: a teacher's NAME or one of {', '.join(LADDER_METHODS)} (every "
+        "teacher of the ladder); default: the only one given.",
     )
     no_kd: bool = option(False, "Baseline: cross-entropy only, no teacher at all.")
     data_selection: str = option(
@@ -87,6 +99,11 @@ class DistillArguments(DataArguments):
     )
     selection_ratio: float = option(1.0, "Fraction r of each batch sent to the teacher(s): int(B*r) rows.")
     exact_budget: bool = option(False, "Carry the fractional remainder so an epoch selects round(N*r).")
+    teacher_budget: str | None = option(
+        None,
+        "Teacher FLOPs the whole run may spend instead of a ratio: 500GF, 2TF, or a share of vanilla KD's "
+        "unpadded FLOPs (10%%); paced over the run, rows bought by uncertainty per teacher FLOP.",
+    )
     supervision: str = option("kd", "Distillation objective.", choices=SUPERVISIONS)
     lambda_kl: float = option(1.0, "Weight of the logit (KD) term.")
     lambda_pt: float = option(1.0, "Weight of the patient (hidden-state) term for pkd/uncertainty.")
@@ -103,12 +120,15 @@ class DistillArguments(DataArguments):
 
     @property
     def teachers(self) -> dict[str, str]:
-        """``{role: spec}`` parsed from the ``--teacher ROLE=SPEC`` entries."""
+        """``{name: spec}`` parsed from the ``--teacher NAME=SPEC`` entries, in their order."""
         parsed: dict[str, str] = {}
         for entry in self.teacher:
             role, sep, spec = entry.partition("=")
-            if not sep or role not in TEACHER_ROLES or not spec.strip():
-                raise UserError(f"--teacher takes ROLE=SPEC with ROLE in {TEACHER_ROLES}, got {entry!r}")
+            if not sep or not TEACHER_NAME.match(role) or role in LADDER_METHODS or not spec.strip():
+                raise UserError(
+                    "--teacher takes NAME=SPEC with NAME letters, digits, '_' or '-' (small, large or your "
+                    f"own; not {', '.join(LADDER_METHODS)}), got {entry!r}"
+                )
             if role in parsed:
                 raise UserError(f"--teacher {role}= given twice")
             parsed[role] = spec.strip()
@@ -117,10 +137,13 @@ class DistillArguments(DataArguments):
     @property
     def kd(self) -> KDConfig:
         """What the distillation maths reads (after :meth:`validate`)."""
-        knobs = {
-            f.name: getattr(self, f.name) for f in dataclasses.fields(KDConfig)
-        }  # same names as the flags
-        return KDConfig(**{**knobs, "teacher_selection": None if self.no_kd else self.teacher_selection})
+        names = {f.name for f in dataclasses.fields(KDConfig)} - {"ladder"}
+        knobs = {name: getattr(self, name) for name in names}  # same names as the flags
+        selection = None if self.no_kd else self.teacher_selection
+        # the teachers in the command line's order; the run orders them by FLOPs per token once
+        # their metadata is known (student_trainer.train.setup.ladder_order)
+        ladder = tuple(self.teachers) or TEACHER_ROLES
+        return KDConfig(**{**knobs, "teacher_selection": selection, "ladder": ladder})
 
     @property
     def teacher_roles(self) -> tuple[str, ...]:
@@ -143,17 +166,28 @@ class DistillArguments(DataArguments):
                 raise UserError("give --teacher small=SPEC and/or --teacher large=SPEC, or --no_kd")
             if self.teacher_selection is None:
                 if len(teachers) > 1:
-                    raise UserError(f"two teachers: choose --teacher_selection from {TEACHER_SELECTIONS}")
+                    raise UserError(
+                        f"{len(teachers)} teachers: choose --teacher_selection from "
+                        f"{(*teachers, *LADDER_METHODS)}"
+                    )
                 self.teacher_selection = next(iter(teachers))
-            missing = [role for role in self.teacher_roles if role not in teachers]
-            if missing:
+            if self.teacher_selection in LADDER_METHODS and len(teachers) < 2:
+                missing = [role for role in TEACHER_ROLES if role not in teachers] or ["NAME"]
                 raise UserError(
-                    f"--teacher_selection {self.teacher_selection} needs --teacher {missing[0]}=SPEC"
+                    f"--teacher_selection {self.teacher_selection} needs --teacher {missing[0]}=SPEC "
+                    "(a second teacher)"
+                )
+            if self.teacher_selection not in (*LADDER_METHODS, *teachers):
+                raise UserError(
+                    f"--teacher_selection must be a teacher given with --teacher ({', '.join(teachers)}) "
+                    f"or one of {LADDER_METHODS}, got {self.teacher_selection!r}"
                 )
         if not 0.0 <= self.selection_ratio <= 1.0:
             raise UserError(f"--selection_ratio must be in [0, 1], got {self.selection_ratio}")
         if self.data_selection == "none" and self.selection_ratio != 1.0:
             raise UserError("--selection_ratio needs --data_selection random, entropy, margin or lc")
+        if self.teacher_budget is not None:
+            self.check_teacher_budget()
         if self.eval_steps is None:
             self.eval_steps = self.logging_steps
         check_training_options(self)
@@ -169,6 +203,21 @@ class DistillArguments(DataArguments):
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise UserError(f"--save_total_limit must be >= 1, got {self.save_total_limit}")
         return self
+
+    def check_teacher_budget(self) -> None:
+        """A budget replaces the ratio: it needs a strategy to rank rows and nothing that fixes counts."""
+        if self.no_kd:
+            raise UserError("--teacher_budget needs a teacher (it cannot go with --no_kd)")
+        if self.data_selection == "none":
+            raise UserError("--teacher_budget needs --data_selection random, entropy, margin or lc")
+        if self.selection_ratio != 1.0 or self.exact_budget:
+            raise UserError(
+                "--teacher_budget replaces --selection_ratio and --exact_budget: give one or the other"
+            )
+        try:
+            TeacherBudget.parse(self.teacher_budget or "")
+        except ValueError as err:
+            raise UserError(str(err)) from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

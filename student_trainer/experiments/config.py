@@ -16,9 +16,9 @@ from typing import Any
 
 from shared.config_file import read_yaml_mapping
 from shared.errors import UserError
+from student_trainer.kd.config import LADDER_METHODS, TEACHER_NAME
 
-TEACHER_ROLES = ("small", "large")
-PLOT_KINDS = ("ratio_curve", "kl_weight", "accuracy_vs_flops")
+PLOT_KINDS = ("ratio_curve", "kl_weight", "accuracy_vs_flops", "budget_vs_ratio")
 # Flags the runner sets itself for every run: a method may not set them.
 RUNNER_FLAGS = frozenset({"output_dir", "teacher", "task", "data_dir", "seed", "resume_from_checkpoint"})
 
@@ -46,13 +46,14 @@ class Method:
     args: dict[str, Any]
     tasks: tuple[str, ...] | None = None  # None: every task of the grid
 
-    @property
-    def teacher_roles(self) -> tuple[str, ...]:
-        """The teachers this method asks: none without KD, one for small/large, else both."""
+    def teacher_roles(self, teachers: tuple[str, ...]) -> tuple[str, ...]:
+        """The teachers this method asks of the config's ``teachers``: none without KD, the one it
+        names, or every one for a ladder method (hard, soft, ...)."""
         if self.args.get("no_kd"):
             return ()
-        selection = self.args.get("teacher_selection", "large")
-        return (selection,) if selection in TEACHER_ROLES else TEACHER_ROLES
+        default = teachers[0] if len(teachers) == 1 else "large"  # as distill: the only teacher
+        selection = self.args.get("teacher_selection", default)
+        return teachers if selection in LADDER_METHODS else (selection,)
 
 
 @dataclass(frozen=True)
@@ -178,13 +179,13 @@ def parse_config(raw: dict[str, Any], *, profile: str | None = None) -> Experime
         raise UserError("tasks: a mapping of task name -> {data_dir: ..., other distill data flags}")
     teachers = {}
     for role, spec in (raw.get("teachers") or {}).items():
-        if role not in TEACHER_ROLES:
-            raise UserError(f"teachers: role {role!r} is not one of {', '.join(TEACHER_ROLES)}")
+        if not TEACHER_NAME.match(str(role)) or role in LADDER_METHODS:
+            raise UserError(f"teachers: {role!r} is not a teacher name (letters, digits, '_' or '-')")
         spec = dict(_model_spec(spec, f"teachers.{role}"))
         teachers[role] = TeacherSpec(spec.pop("model"), spec.pop("num_layers", None), finetune=spec)
     student = _model_spec(raw["student"], "student")
     methods = expand_methods(raw["methods"])
-    missing = sorted({r for m in methods for r in m.teacher_roles} - set(teachers))
+    missing = sorted({r for m in methods for r in m.teacher_roles(tuple(teachers))} - set(teachers))
     if missing:
         raise UserError(f"teachers: methods use {missing} but the config defines only {sorted(teachers)}")
     config = ExperimentConfig(

@@ -4,7 +4,8 @@ Estimates use the FLOPs model of ``shared/flops.py`` on the task's real token le
 student's tokenizer, cut at ``max_seq_length``): vanilla KD sends every row of every epoch to
 every teacher the method uses; data selection sends a fraction ``r`` of the rows (its real rows
 are the most uncertain ones, whose lengths differ, so the ledger of a real run is the truth);
-``hard`` sends each selected row to one teacher (half to each); training costs 3 × forward.
+``hard`` sends each selected row to one teacher (an equal share to each); a ``teacher_budget``
+spends at most the budget (a percentage: of vanilla KD's bill); training costs 3 × forward.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from shared.errors import UserError
 from student_trainer.experiments.config import ExperimentConfig, Method
 from student_trainer.experiments.layout import Layout, run_id
 from student_trainer.experiments.models import resolve_model
+from student_trainer.kd.budget import TeacherBudget
 
 # Sizes of public checkpoints a dry run may name without having them on disk (the paper profile).
 KNOWN_CONFIGS = {
@@ -80,12 +82,17 @@ def estimate(config: ExperimentConfig, task: str, method: Method) -> dict[str, f
     ratio = (
         float(options.get("selection_ratio", 1.0)) if options.get("data_selection", "none") != "none" else 1.0
     )
-    share = 0.5 if options.get("teacher_selection") == "hard" else 1.0
-    teacher = 0.0
-    for role in method.teacher_roles:
+    roles = method.teacher_roles(tuple(config.teachers))
+    share = 1 / len(roles) if options.get("teacher_selection") == "hard" else 1.0
+    vanilla = 0.0
+    for role in roles:
         spec = config.teachers[role]
         teacher_config = model_config(spec.model, spec.num_layers, num_labels)
-        teacher += share * ratio * epochs * encoder_forward_flops(teacher_config, list(lengths))
+        vanilla += epochs * encoder_forward_flops(teacher_config, list(lengths))
+    teacher = share * ratio * vanilla
+    if options.get("teacher_budget") is not None:  # what the run may spend, at most
+        budget = TeacherBudget.parse(str(options["teacher_budget"]))
+        teacher = float(budget.flops if budget.fraction is None else budget.fraction * vanilla)
     student_config = model_config(config.student.model, config.student.num_layers, num_labels)
     student = 3 * epochs * encoder_forward_flops(student_config, list(lengths))
     return {"teacher": teacher, "student": student, "instances": epochs * len(lengths)}

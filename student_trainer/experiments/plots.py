@@ -1,4 +1,5 @@
-"""The report's figures (matplotlib, headless): Fig. 3, Fig. 6 and accuracy vs teacher FLOPs."""
+"""The report's figures (matplotlib, headless): Fig. 3, Fig. 6, accuracy vs teacher FLOPs, and the
+same axes for budget-based against ratio-based selection."""
 
 from __future__ import annotations
 
@@ -20,9 +21,12 @@ def draw_plots(
     matplotlib.use("Agg")
     drawn = []
     for index, spec in enumerate(config.plots):
-        draw = {"ratio_curve": ratio_curve, "kl_weight": kl_weight, "accuracy_vs_flops": accuracy_vs_flops}[
-            spec.kind
-        ]
+        draw = {
+            "ratio_curve": ratio_curve,
+            "kl_weight": kl_weight,
+            "accuracy_vs_flops": accuracy_vs_flops,
+            "budget_vs_ratio": budget_vs_ratio,
+        }[spec.kind]
         path = layout.results / f"fig{index + 1}_{spec.kind}.png"
         if draw(spec, config, cells, layout, path):
             drawn.append((spec.title, path))
@@ -122,3 +126,26 @@ def accuracy_vs_flops(spec: PlotSpec, config: ExperimentConfig, cells, layout: L
             ax.errorbar(x, cell.mean, yerr=cell.std, fmt="o", capsize=3)
             ax.annotate(method, (x, cell.mean), fontsize=7, xytext=(3, 3), textcoords="offset points")
     return _save(fig, path)
+
+
+def budget_vs_ratio(spec: PlotSpec, config: ExperimentConfig, cells, layout: Layout, path: Path) -> bool:  # noqa: ANN001
+    """Score against measured teacher FLOPs per instance: one line per strategy and kind of selection
+    (solid: a teacher budget; dashed: a ratio), ± 1 std bars; ``baseline`` as a reference point."""
+    from student_trainer.experiments.report import selection_series
+
+    task = spec.task or next(iter(config.tasks))
+    fig, (ax,) = _new_axes(
+        spec, "teacher GFLOPs per training instance", f"{task} {_metric(config, layout, task)}"
+    )
+    series = selection_series(config, task, cells)
+    for (strategy, kind), points in sorted(series.items()):
+        if spec.methods and strategy not in spec.methods:
+            continue
+        xs, cells_ = [p[0] for p in points], [p[2] for p in points]
+        ax.errorbar(xs, [c.mean for c in cells_], yerr=[c.std for c in cells_], marker="o", capsize=3,
+                    linestyle="-" if kind == "budget" else "--", label=f"{strategy} ({kind})")  # fmt: skip
+    base = cells.get((task, spec.baseline)) if spec.baseline else None
+    if base is not None:
+        ax.axhline(base.mean, linestyle=":", color="black", label=spec.baseline)
+    ax.legend()
+    return _save(fig, path) if series else False

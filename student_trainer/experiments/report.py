@@ -161,6 +161,63 @@ def below_majority(rows: list[dict[str, Any]], task_info: dict[str, Any]) -> lis
     return found
 
 
+def selection_series(config: ExperimentConfig, task: str, cells: dict[tuple[str, str], Cell]) -> dict:
+    """``(strategy, "budget" | "ratio") -> [(teacher GFLOPs per instance, method, cell)]`` sorted by
+    spend: the data-selection methods of ``task`` that ran, by how they were told what to spend."""
+    series: dict[tuple[str, str], list[tuple[float, str, Cell]]] = defaultdict(list)
+    for method in config.methods:
+        cell = cells.get((task, method.name))
+        strategy = method.args.get("data_selection", "none")
+        if cell is None or cell.n == 0 or strategy == "none":
+            continue
+        kind = "budget" if method.args.get("teacher_budget") is not None else "ratio"
+        series[(strategy, kind)].append((statistics.fmean(cell.flops_per_instance) / 1e9, method.name, cell))
+    return {key: sorted(points, key=lambda p: p[0]) for key, points in series.items()}
+
+
+def budget_vs_ratio(config: ExperimentConfig, cells: dict[tuple[str, str], Cell]) -> list[dict[str, Any]]:
+    """Each budget-based run against the ratio-based run of its strategy whose measured teacher spend
+    is closest: accuracy at (about) the same teacher FLOPs, with the paired t-test over seeds."""
+    rows = []
+    for task in config.tasks:
+        series = selection_series(config, task, cells)
+        for (strategy, kind), points in series.items():
+            ratios = series.get((strategy, "ratio"), [])
+            if kind != "budget" or not ratios:
+                continue
+            for spend, name, cell in points:
+                r_spend, r_name, r_cell = min(ratios, key=lambda p: abs(p[0] - spend))
+                rows.append(
+                    {"task": task, "strategy": strategy, "budget": name, "ratio": r_name,
+                     "budget_mean": cell.mean, "budget_std": cell.std, "ratio_mean": r_cell.mean,
+                     "ratio_std": r_cell.std, "budget_gflops_per_instance": spend,
+                     "ratio_gflops_per_instance": r_spend, "n": min(cell.n, r_cell.n),
+                     "p_value": paired_p_value(cell.scores, r_cell.scores)}
+                )  # fmt: skip
+    return rows
+
+
+def format_budget_vs_ratio(rows: list[dict[str, Any]]) -> str:
+    """The markdown of :func:`budget_vs_ratio`."""
+    lines = [
+        "### Accuracy vs teacher FLOPs: budget-based against ratio-based selection at the same spend",
+        "",
+    ]
+    lines += [
+        "| task | strategy | budget run | score | GFLOPs/inst. | ratio run | score | GFLOPs/inst. | p |"
+    ]
+    lines += ["|" + "---|" * 9]
+    for r in rows:
+        p = "—" if r["p_value"] is None else f"{r['p_value']:.3f}"
+        lines.append(
+            f"| {r['task']} | {r['strategy']} | {r['budget']} | "
+            f"{r['budget_mean']:.4f} ± {r['budget_std']:.4f} "
+            f"| {r['budget_gflops_per_instance']:.3f} | {r['ratio']} | {r['ratio_mean']:.4f} ± "
+            f"{r['ratio_std']:.4f} | {r['ratio_gflops_per_instance']:.3f} | {p} |"
+        )
+    return "\n".join(lines)
+
+
 def service_savings(config: ExperimentConfig, layout: Layout) -> dict[str, Any]:
     """Teacher FLOPs the runs requested vs what the service computed: the cache's share."""
     out = {}
@@ -201,6 +258,9 @@ def write_report(config: ExperimentConfig, layout: Layout) -> Path:
         tables_json.append({"title": table.title, "tasks": tasks, "rows": rows, "below_majority": weak})
     from student_trainer.experiments.plots import draw_plots
 
+    comparison = budget_vs_ratio(config, cells)
+    if comparison:
+        parts += [format_budget_vs_ratio(comparison), ""]
     plots = draw_plots(config, cells, layout)
     parts += [f"![{title}]({path.name})" for title, path in plots] + [""]
     savings = service_savings(config, layout)
@@ -219,7 +279,8 @@ def write_report(config: ExperimentConfig, layout: Layout) -> Path:
     path.write_text("\n".join(parts), encoding="utf-8")
     write_json(
         layout.results / "report.json",
-        {"tables": tables_json, "tasks": task_info, "teachers": teachers, "service": savings,
+        {"tables": tables_json, "budget_vs_ratio": comparison, "tasks": task_info, "teachers": teachers,
+         "service": savings,
          "runs_done": done, "runs_total": len(config.runs()), "wall_time_s": wall},
     )  # fmt: skip
     print(f"[experiment] report: {path}")

@@ -219,7 +219,7 @@ def distill_flags(
         "disable_tqdm": True,
     }
     if url is not None:
-        args["teacher"] = [f"{role}={url}#{role}" for role in method.teacher_roles]
+        args["teacher"] = [f"{role}={url}#{role}" for role in method.teacher_roles(tuple(config.teachers))]
     return cli_flags(args)
 
 
@@ -260,7 +260,9 @@ def run_grid(
         todo = [r for r in pending if r[0] == task]
         if not todo:
             continue
-        roles = sorted({role for _, method, _ in todo for role in method.teacher_roles})
+        roles = sorted(
+            {role for _, method, _ in todo for role in method.teacher_roles(tuple(config.teachers))}
+        )
         teachers = {role: ensure_teacher(config, layout, task, role) for role in roles}
         with task_service(config, layout, task, teachers) as url:
             for _, method, seed in todo:

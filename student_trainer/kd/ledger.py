@@ -34,7 +34,8 @@ and the padded bound pads every row to the longest of these lengths.
 service's padding removal and its cache together. ``selection_saved_fraction = 1 - requested /
 vanilla_unpadded`` is dynamic KD's share alone: the same rows, the same unpadded accounting, only
 the choice of rows and teachers differs. Counts are integers so that summing them across DDP
-ranks and across resumed runs is exact.
+ranks and across resumed runs is exact. Per-teacher counts are keyed by the teacher's name:
+``small`` and ``large`` always (so results keep one shape), any other name of a ladder besides.
 """
 
 from __future__ import annotations
@@ -49,15 +50,17 @@ from shared.flops import BACKWARD_TO_FORWARD, encoder_forward_flops
 from shared.teacher_api import TeacherAnswer, TeacherInfo, TeacherQuery, TextQuery
 from student_trainer.kd.config import TEACHER_ROLES
 
-KEYS = (
-    *(f"teacher_flops_{role}" for role in TEACHER_ROLES),
-    *(f"vanilla_flops_{role}" for role in TEACHER_ROLES),
-    *(f"vanilla_unpadded_flops_{role}" for role in TEACHER_ROLES),
-    *(f"requested_flops_{role}" for role in TEACHER_ROLES),
-    *(f"teacher_rows_{role}" for role in TEACHER_ROLES),
-    *(f"vanilla_rows_{role}" for role in TEACHER_ROLES),
-    *(f"teacher_tokens_{role}" for role in TEACHER_ROLES),
-    *(f"sent_student_tokens_{role}" for role in TEACHER_ROLES),
+PER_TEACHER = (
+    "teacher_flops",
+    "vanilla_flops",
+    "vanilla_unpadded_flops",
+    "requested_flops",
+    "teacher_rows",
+    "vanilla_rows",
+    "teacher_tokens",
+    "sent_student_tokens",
+)
+RUN_KEYS = (
     "teacher_requests",
     "teacher_cache_hits",
     "student_forward_flops",
@@ -65,6 +68,15 @@ KEYS = (
     "instances",
     "selected_instances",
 )
+
+
+def ledger_keys(roles: Iterable[str]) -> tuple[str, ...]:
+    """Every count of a run whose teachers are ``roles``: each :data:`PER_TEACHER` entry per role."""
+    roles = tuple(roles)
+    return (*(f"{prefix}_{role}" for prefix in PER_TEACHER for role in roles), *RUN_KEYS)
+
+
+KEYS = ledger_keys(TEACHER_ROLES)  # the paper's two teachers (other names add their own keys)
 
 
 def teacher_flops_config(info: TeacherInfo) -> SimpleNamespace:
@@ -139,6 +151,15 @@ def requested_counts(teachers: Mapping[str, TeacherInfo], sent: Mapping[str, lis
     }
 
 
+def row_costs(teachers: Mapping[str, TeacherInfo], lengths: list[int]) -> dict[str, list[int]]:
+    """Each row's FLOPs at its real length on each teacher (what :func:`requested_counts` and
+    the unpadded :func:`vanilla_counts` add up): what a teacher budget pays per row."""
+    return {
+        role: [encoder_forward_flops(teacher_flops_config(info), [n]) for n in lengths]
+        for role, info in teachers.items()
+    }
+
+
 def vanilla_counts(
     teachers: Mapping[str, TeacherInfo],
     seq_lens: list[int],
@@ -170,35 +191,37 @@ def student_counts(config: object, batch_size: int, seq_len: int) -> dict[str, i
     }
 
 
-def all_reduce_counts(counts: Mapping[str, int]) -> dict[str, int]:
+def all_reduce_counts(counts: Mapping[str, int], keys: tuple[str, ...] = KEYS) -> dict[str, int]:
     """Sum one step's counts over every DDP rank (identity when not distributed)."""
-    full = {key: int(counts.get(key, 0)) for key in KEYS}
+    full = {key: int(counts.get(key, 0)) for key in keys}
     if not (dist.is_available() and dist.is_initialized()):
         return full
-    tensor = torch.tensor([full[key] for key in KEYS], dtype=torch.int64)
+    tensor = torch.tensor([full[key] for key in keys], dtype=torch.int64)
     if dist.get_backend() == "nccl":
         tensor = tensor.cuda()
     dist.all_reduce(tensor)
-    return dict(zip(KEYS, (int(v) for v in tensor.tolist()), strict=True))
+    return dict(zip(keys, (int(v) for v in tensor.tolist()), strict=True))
 
 
 class FlopsLedger:
-    """Running totals of :data:`KEYS`; part of every checkpoint."""
+    """Running totals of :func:`ledger_keys` of the run's teachers; part of every checkpoint."""
 
-    def __init__(self, totals: Mapping[str, int] | None = None):
-        self.totals = {key: 0 for key in KEYS}
+    def __init__(self, totals: Mapping[str, int] | None = None, roles: Iterable[str] = TEACHER_ROLES):
+        self.roles = tuple(roles)
+        self.keys = ledger_keys(self.roles)
+        self.totals = {key: 0 for key in self.keys}
         if totals:
             self.add(totals)
 
     def add(self, counts: Mapping[str, int]) -> None:
-        unknown = set(counts) - set(KEYS)
+        unknown = set(counts) - set(self.keys)
         if unknown:
             raise KeyError(f"unknown ledger keys {sorted(unknown)}")
         for key, value in counts.items():
             self.totals[key] += int(value)
 
-    def _sum(self, prefix: str, roles: Iterable[str] = TEACHER_ROLES) -> int:
-        return sum(self.totals[f"{prefix}_{role}"] for role in roles)
+    def _sum(self, prefix: str) -> int:
+        return sum(self.totals[f"{prefix}_{role}"] for role in self.roles)
 
     @property
     def teacher_flops(self) -> int:
@@ -246,7 +269,7 @@ class FlopsLedger:
         return dict(self.totals)
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
-        self.totals = {key: 0 for key in KEYS}
+        self.totals = {key: 0 for key in self.keys}
         self.add(state)
 
     def summary(self) -> dict[str, float | int | None]:

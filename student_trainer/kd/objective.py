@@ -4,9 +4,11 @@
 distillation term over the selected rows ``S`` only (zero when ``S`` is empty), with
 ``(w_kl, w_pt) = (λ_KL, 0)`` for ``kd``, ``(λ_KL, λ_PT)`` for ``pkd`` and
 ``(λ_KL·(1-u/U), λ_PT·u/U)`` for ``uncertainty``. Per row, ``KD_i`` and ``PT_i`` combine the
-teachers: ``small``/``large``/``hard`` — the one teacher that answered the row; ``soft`` —
-``u/U·loss_small + (1-u/U)·loss_large`` (batch mean of ``u/U`` for ``soft-batch``);
-``ensemble`` — KD against the mean of both teachers' logits, PT averaged over both.
+teachers: a single teacher or ``hard`` — the one teacher that answered the row; ``soft`` —
+``Σ_j w_j·loss_j`` over the ladder with the weights of
+:func:`~student_trainer.kd.selection.soft_teacher_weights` (two teachers:
+``u/U·loss_small + (1-u/U)·loss_large``; batch mean of ``u/U`` for ``soft-batch``);
+``ensemble`` — KD against the mean of every teacher's logits, PT averaged over them.
 """
 
 from __future__ import annotations
@@ -29,14 +31,15 @@ def _teacher_weights(config: KDConfig, selected_logits: torch.Tensor) -> dict[st
     """How much each teacher's loss counts for each selected row (``hard`` routes, it does not weigh)."""
     n = selected_logits.shape[0]
     ones = torch.ones(n, device=selected_logits.device)
+    roles = config.teacher_roles
     if config.teacher_selection in ("soft", "soft-batch"):
-        w_small, w_large = soft_teacher_weights(
-            selected_logits, per_instance=config.teacher_selection == "soft"
+        weights = soft_teacher_weights(
+            selected_logits, per_instance=config.teacher_selection == "soft", k=len(roles)
         )
-        return {"small": w_small, "large": w_large}
+        return dict(zip(roles, weights, strict=True))
     if config.teacher_selection == "ensemble":
-        return {"small": ones / 2, "large": ones / 2}
-    return {role: ones for role in config.teacher_roles}
+        return {role: ones / len(roles) for role in roles}
+    return {role: ones for role in roles}
 
 
 def _student_features(
@@ -72,7 +75,8 @@ def distillation_loss(
     kd_per_row = torch.zeros(n, device=device)
     pt_per_row = torch.zeros(n, device=device)
     if config.teacher_selection == "ensemble":
-        mean_logits = torch.stack([answers[r].logits.to(device) for r in ("small", "large")]).mean(dim=0)
+        mean_logits = torch.stack([answers[r].logits.to(device) for r in config.teacher_roles])
+        mean_logits = mean_logits.mean(dim=0)
         kd_per_row = kd_loss(selected_logits, mean_logits, config.kd_loss, config.temperature)
     for role, answer in answers.items():
         positions = plan.routes[role]

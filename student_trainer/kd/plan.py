@@ -1,8 +1,9 @@
 """Which rows of a batch the teachers see and what each teacher is asked (a :class:`TeacherPlan`).
 
 From the student's (detached) logits of its training forward pass: the ``int(B·r)`` selected
-rows, then which teacher answers which of them (``hard`` sends each half only to its own
-teacher; every other method asks its teacher(s) about every selected row), and one
+rows (or, with a teacher budget, those its allowance buys), then which teacher answers which of
+them (``hard`` sends each of ``k`` equal groups only to its own teacher of the ladder; every other
+method asks its teacher(s) about every selected row), and one
 :class:`TeacherQuery` per teacher asking only for what the loss needs (logits; hidden states of
 the aligned layers only for ``pkd``/``uncertainty``): token ids for a teacher that shares the
 student's vocabulary, the rows' raw text for one with its own.
@@ -10,7 +11,7 @@ student's vocabulary, the rows' raw text for one with its own.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +72,38 @@ def teacher_query(
     )
 
 
+def batch_teams(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """``[B]``: the ladder position (0 = smallest) of each row's teacher under a budgeted ``hard``.
+
+    With a budget, a row's cost must be known before the rows are chosen, so ``hard`` routes by
+    the row's group in the whole batch (:func:`hard_split` of every row), not in the selection.
+    """
+    teams = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    for position, rows in enumerate(hard_split(logits, k)):
+        teams[rows] = position
+    return teams
+
+
+def routed_costs(config: KDConfig, logits: torch.Tensor, costs: Mapping[str, Sequence[int]]) -> torch.Tensor:
+    """``[B]`` int64: what each row costs if chosen — on the teacher ``hard`` routes it to, else
+    on every teacher the method asks (``costs``: each teacher's FLOPs per row at its real length)."""
+    roles = config.teacher_roles
+    table = torch.tensor([list(costs[role]) for role in roles], dtype=torch.int64, device=logits.device)
+    if config.teacher_selection == "hard":
+        return table.gather(0, batch_teams(logits.detach(), len(roles))[None]).squeeze(0)
+    return table.sum(dim=0)
+
+
+def _hard_routes(config: KDConfig, logits: torch.Tensor, selected: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Positions in ``selected`` per teacher: ``k`` equal groups of the selection by uncertainty;
+    with a budget, each row's group in the batch (see :func:`batch_teams`)."""
+    roles = config.teacher_roles
+    if config.teacher_budget is None:
+        return dict(zip(roles, hard_split(logits[selected], len(roles)), strict=True))
+    teams = batch_teams(logits, len(roles))[selected]
+    return {role: torch.nonzero(teams == j).flatten() for j, role in enumerate(roles)}
+
+
 def plan_batch(
     config: KDConfig,
     logits: torch.Tensor,
@@ -87,8 +120,7 @@ def plan_batch(
         return TeacherPlan(torch.zeros(0, dtype=torch.long, device=logits.device), {}, {})
     selected = select(logits)
     if config.teacher_selection == "hard":
-        small, large = hard_split(logits[selected])
-        routes = {"small": small, "large": large}
+        routes = _hard_routes(config, logits, selected)
     else:
         routes = {role: torch.arange(len(selected), device=logits.device) for role in roles}
     texts = texts or {}

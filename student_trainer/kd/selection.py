@@ -98,16 +98,20 @@ class ExactBudgetSelector:
         self.carry = float(state["carry"])
 
 
-def hard_split(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Route each instance to one teacher: ``(small_idx, large_idx)``.
+def hard_split(logits: torch.Tensor, k: int = 2) -> tuple[torch.Tensor, ...]:
+    """Route each instance to one of ``k`` teachers, smallest first: ``k`` index tensors.
 
-    Sort by entropy, descending; the first ``⌊B/2⌋`` (least confident) go to the small
-    teacher, the rest (the odd middle one included) to the large teacher.
+    Sort by entropy, descending, and cut into ``k`` equal groups at ``⌊i·B/k⌋``: the least
+    confident group goes to the smallest teacher (the paper's direction), the most confident to
+    the largest, which also takes the remainder. ``k = 2`` is the paper's split: the first
+    ``⌊B/2⌋`` to the small teacher, the rest (the odd middle one included) to the large one.
     """
     check_logits(logits)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
     order = torch.sort(entropy(logits.detach().double()), descending=True, stable=True).indices
-    half = logits.shape[0] // 2
-    return order[:half], order[half:]
+    cuts = [i * logits.shape[0] // k for i in range(k + 1)]
+    return tuple(order[cuts[i] : cuts[i + 1]] for i in range(k))
 
 
 def _relative_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -118,17 +122,24 @@ def _relative_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def soft_teacher_weights(
-    logits: torch.Tensor, per_instance: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(w_small, w_large) = (u/U, 1 - u/U)``: unsure instances lean on the small teacher.
+    logits: torch.Tensor, per_instance: bool = True, k: int = 2
+) -> tuple[torch.Tensor, ...]:
+    """Each of ``k`` teachers' weight per instance (smallest teacher first): unsure instances lean
+    on the small teachers.
 
-    ``per_instance=False`` uses the batch mean of ``u/U`` for every instance (what the
-    reference script did; offered as ``soft-batch``). Both weights are ``[B]`` and sum to 1.
+    With ``x = u/U``, teacher ``j = 0..k-1`` (ordered by FLOPs per token) gets the Bernstein weight
+    ``w_j = C(k-1, j) · x^(k-1-j) · (1-x)^j``: every weight is in [0, 1] and they sum to
+    ``(x + 1 - x)^(k-1) = 1``; ``k = 2`` is the paper's ``(u/U, 1 - u/U)`` bit for bit
+    (``x^1 = x``, ``x^0 = 1``).
+    ``per_instance=False`` uses the batch mean of ``u/U`` for every instance (what the reference
+    script did; offered as ``soft-batch``). Every weight is ``[B]``.
     """
-    w_small = _relative_entropy(logits)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    x = _relative_entropy(logits)
     if not per_instance:
-        w_small = w_small.mean().expand_as(w_small).clone()
-    return w_small, 1.0 - w_small
+        x = x.mean().expand_as(x).clone()
+    return tuple(math.comb(k - 1, j) * x.pow(k - 1 - j) * (1.0 - x).pow(j) for j in range(k))
 
 
 def supervision_weights(

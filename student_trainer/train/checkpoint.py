@@ -9,7 +9,8 @@ Face ``Trainer`` names where they exist, so the folder is also a loadable model)
 * ``projections.safetensors``: the student→teacher width maps (when there are any);
 * ``optimizer.pt``, ``scheduler.pt``: their ``state_dict``;
 * ``rng_state.pth``: one entry per DDP rank: python / numpy / torch (+ cuda) RNG states, the
-  random-selection generator, the exact-budget carry;
+  random-selection generator, the exact-budget carry, the teacher budget's counters (steps, spend,
+  vanilla FLOPs seen: :mod:`student_trainer.kd.budget`);
 * ``trainer_state.json``: step, epoch, batch position, data seed, world size, FLOPs ledger;
 * ``training_args.json``: the arguments of the run that wrote it.
 

@@ -111,14 +111,28 @@ def progress_line(mean: dict[str, float], learning_rate: float, ledger: FlopsLed
     )
 
 
+def selection_amount(args: DistillArguments) -> str:
+    """How much the data selection sends: the budget, or the ratio."""
+    if args.teacher_budget is not None:
+        return f"teacher budget {args.teacher_budget}"
+    return f"r = {args.selection_ratio:g}{', exact budget' if args.exact_budget else ''}"
+
+
+def ladder_text(results: dict[str, Any]) -> str:
+    """`` over a < b < c`` for a ladder of teachers (by FLOPs per token), nothing for one teacher."""
+    ladder = results.get("teacher_ladder") or []
+    return f" over {' < '.join(ladder)}" if len(ladder) > 1 else ""
+
+
 def summary_paragraph(args: DistillArguments, results: dict[str, Any]) -> str:
     """The one paragraph a human reads at the end of a run."""
     ledger = results["flops"]
     method = (
         "cross-entropy only (no KD)"
         if args.no_kd
-        else f"teacher selection '{args.teacher_selection}', data selection '{args.data_selection}'"
-        f" (r = {args.selection_ratio:g}{', exact budget' if args.exact_budget else ''}),"
+        else f"teacher selection '{args.teacher_selection}'{ladder_text(results)}, "
+        f"data selection '{args.data_selection}'"
+        f" ({selection_amount(args)}),"
         f" supervision '{args.supervision}' ({args.kd_loss} loss)"
     )
     evaluation = results.get("eval") or {}
@@ -142,6 +156,14 @@ def summary_paragraph(args: DistillArguments, results: dict[str, Any]) -> str:
             f"{100 * ledger['teacher_flops_saved_fraction_selection']:.1f}% (the rows sent would cost "
             f"{gflops(ledger['teacher_flops_requested'])} at their real lengths); the rest is the service's "
             f"padding removal and its cache ({ledger['teacher_cache_hits']:,} rows answered from it). "
+        )
+    if ledger.get("teacher_budget_flops") is not None:
+        used = ledger["teacher_budget_used_fraction"]
+        text += (
+            f"Teacher budget {args.teacher_budget}: the rows sent cost "
+            f"{gflops(ledger['teacher_budget_spent_flops'])} "
+            f"of the {gflops(ledger['teacher_budget_flops'])} it allows"
+            + (f" ({100 * used:.1f}% of it). " if used is not None else ". ")
         )
     text += f"Student training cost {gflops(ledger['student_flops'])}."
     return text

@@ -35,6 +35,7 @@ from transformers.utils import logging as hf_logging
 
 from shared.errors import UserError
 from student_trainer.args.distill import DistillArguments
+from student_trainer.kd.budget import budget_counts
 from student_trainer.teachers.client import TeacherCallError
 from student_trainer.train.distributed import any_rank, barrier, init_processes, mean_over_ranks
 from student_trainer.train.evaluate import evaluate, majority_baseline
@@ -225,7 +226,19 @@ def train_record(run: DistillRun, epoch: float, parts: dict[str, float], counts:
         **counts,
         "teacher_flops_spent_total": run.ledger.teacher_flops,
         "teacher_flops_vanilla_total": run.ledger.vanilla_flops,
+        **budget_state(run),
     }
+
+
+def budget_state(run: DistillRun) -> dict[str, Any]:
+    """The teacher budget's bound so far beside the spend it is compared with (nothing without one)."""
+    budget = run.kd.budget
+    if budget is None:
+        return {}
+    ledger, state = run.ledger, run.state
+    return budget_counts(
+        budget, state.global_step, run.total_steps, ledger.vanilla_unpadded_flops, ledger.requested_flops
+    )
 
 
 def evaluate_once(run: DistillRun, marks: Milestones, reporter: Reporter) -> None:
@@ -276,7 +289,8 @@ def run_results(run: DistillRun, teachers: Teachers, last_eval: dict[str, float]
         "train_runtime_s": state.train_runtime_s,
         "teacher_time_s": state.teacher_time_s,
         "eval": last_eval,
-        "flops": run.ledger.summary(),
+        "flops": {**run.ledger.summary(), **budget_state(run)},
+        "teacher_ladder": list(run.kd.teacher_roles),
         "teachers": {
             role: {"spec": args.teachers[role], **asdict(info)} for role, info in teachers.infos.items()
         },

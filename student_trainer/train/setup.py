@@ -10,7 +10,7 @@ import math
 import os
 import shutil
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +21,15 @@ from transformers import PreTrainedTokenizerBase
 
 from shared.api_key import clean_api_key
 from shared.errors import UserError
+from shared.flops import flops_per_token
 from student_trainer.args.distill import DistillArguments
 from student_trainer.data.loading import load_train_and_eval_from
 from student_trainer.data.tasks import TaskData
 from student_trainer.data.tokenized import TokenizedDataset
 from student_trainer.kd.alignment import LayerAlignment
-from student_trainer.kd.config import KDConfig
-from student_trainer.kd.ledger import FlopsLedger
+from student_trainer.kd.budget import BatchCosts, BudgetPacer
+from student_trainer.kd.config import TEACHER_ROLES, KDConfig
+from student_trainer.kd.ledger import FlopsLedger, teacher_flops_config
 from student_trainer.kd.selection import ExactBudgetSelector, select_instances
 from student_trainer.teachers.client import TeacherClient, TeacherInfo, make_teacher_client
 from student_trainer.train.checkpoint import (
@@ -70,35 +72,48 @@ class Teachers:
 
 @dataclass
 class RowSelector:
-    """The row selection of ``--data_selection`` with its own RNG (and the exact-budget carry)."""
+    """The row selection of ``--data_selection`` with its own RNG, and the exact-budget carry or the
+    teacher budget's pacer (whose counters are the budget's state)."""
 
     strategy: str
     ratio: float
     generator: torch.Generator
     budget: ExactBudgetSelector | None
+    pacer: BudgetPacer | None = None
 
     @classmethod
-    def build(cls, config: KDConfig, seed: int) -> RowSelector:
+    def build(cls, config: KDConfig, seed: int, total_steps: int = 1, world_size: int = 1) -> RowSelector:
         generator = torch.Generator().manual_seed(seed)  # the `random` strategy's own RNG
         budget = None
         if config.exact_budget:
             budget = ExactBudgetSelector(config.data_selection, config.selection_ratio, generator)
-        return cls(config.data_selection, config.selection_ratio, generator, budget)
+        teacher_budget = config.budget
+        pacer = None if teacher_budget is None else BudgetPacer(teacher_budget, total_steps, world_size)
+        return cls(config.data_selection, config.selection_ratio, generator, budget, pacer)
 
-    def select(self, logits: torch.Tensor) -> torch.Tensor:
-        """The rows of this batch that get teacher supervision, most uncertain first."""
+    def select(self, logits: torch.Tensor, costs: BatchCosts | None = None) -> torch.Tensor:
+        """The rows of this batch that get teacher supervision, most uncertain (per FLOP) first."""
+        if self.pacer:
+            if costs is None:
+                raise ValueError("a teacher budget needs the batch's row costs")
+            return self.pacer.select(logits, costs, self.strategy, self.generator)
         if self.budget:
             return self.budget.select(logits)
         return select_instances(logits, strategy=self.strategy, ratio=self.ratio, generator=self.generator)
 
     def state_dict(self) -> dict[str, Any]:
         budget = self.budget.state_dict() if self.budget else None
-        return {"generator": self.generator.get_state(), "budget": budget}
+        pacer = self.pacer.state_dict() if self.pacer else None
+        return {"generator": self.generator.get_state(), "budget": budget, "teacher_budget": pacer}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
         if self.budget:
             self.budget.load_state_dict(state["budget"])
+        if self.pacer:
+            if not state.get("teacher_budget"):
+                raise UserError("the checkpoint was written without --teacher_budget: resume it without one")
+            self.pacer.load_state_dict(state["teacher_budget"])
 
 
 @dataclass
@@ -192,6 +207,12 @@ def close_teachers(teachers: Teachers) -> None:
     teachers.loop.run_until_complete(close_all())
 
 
+def ladder_order(infos: dict[str, TeacherInfo]) -> tuple[str, ...]:
+    """The teachers by FLOPs per token (from their metadata), smallest first: the ladder that
+    ``hard`` and ``soft`` climb. Ties keep the command line's order."""
+    return tuple(sorted(infos, key=lambda role: flops_per_token(teacher_flops_config(infos[role]))))
+
+
 # -- the run itself ------------------------------------------------------------------------------------
 
 
@@ -231,7 +252,12 @@ def build_run(args: DistillArguments, procs: Processes, output_dir: Path, teache
     steps_per_epoch = math.ceil(len(sampler) / args.per_device_train_batch_size)
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
     optimizer, scheduler = make_optimizer(student, args, total_steps)
-    kd = args.kd
+    kd = replace(args.kd, ladder=ladder_order(infos)) if infos else args.kd
+    if kd.budget is not None and text_roles:
+        raise UserError(
+            f"--teacher_budget needs teachers that share the student's vocabulary: {sorted(text_roles)[0]} "
+            "tokenizes text itself, so a row's cost is known only after it answers"
+        )
     return DistillRun(
         args=args,
         kd=kd,
@@ -252,8 +278,9 @@ def build_run(args: DistillArguments, procs: Processes, output_dir: Path, teache
         },
         optimizer=optimizer,
         scheduler=scheduler,
-        selector=RowSelector.build(kd, args.seed),
+        selector=RowSelector.build(kd, args.seed, total_steps, procs.world_size),
         text_roles=text_roles,
+        ledger=FlopsLedger(roles=tuple(dict.fromkeys((*TEACHER_ROLES, *infos)))),
         state=TrainingState(data_seed=args.seed, world_size=procs.world_size),
     )
 

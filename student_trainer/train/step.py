@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -19,8 +20,9 @@ import torch
 from shared.teacher_api import TeacherAnswer
 from student_trainer.data.tokenized import collate_batch
 from student_trainer.kd import ledger as flops
+from student_trainer.kd.budget import BatchCosts
 from student_trainer.kd.objective import distillation_loss
-from student_trainer.kd.plan import TeacherPlan, plan_batch
+from student_trainer.kd.plan import TeacherPlan, plan_batch, routed_costs
 from student_trainer.teachers.client import TeacherCallError, ask_teachers, in_data_label_order
 from student_trainer.train.distributed import average_gradients
 from student_trainer.train.setup import DistillRun, Teachers
@@ -46,11 +48,22 @@ def load_batch(run: DistillRun, rows: list[int]) -> dict[str, torch.Tensor]:
     return {key: value.to(run.procs.device, non_blocking=True) for key, value in batch.items()}
 
 
+def batch_costs(
+    run: DistillRun, teachers: Teachers, logits: torch.Tensor, batch: dict[str, torch.Tensor]
+) -> BatchCosts:
+    """What each row would cost a teacher budget (on its routed teacher(s)) and vanilla KD's bill."""
+    costs = flops.row_costs(teachers.infos, batch["attention_mask"].sum(dim=1).tolist())
+    vanilla = sum(sum(per_row) for per_row in costs.values())
+    return BatchCosts(routed_costs(run.kd, logits, costs), vanilla)
+
+
 def ask_teachers_about(run: DistillRun, teachers: Teachers, batch: dict[str, torch.Tensor]) -> TeacherRound:
     """Student forward; choose rows and teachers from its uncertainty; ask them (see module docstring)."""
     logits, hidden_states = run.student(batch, output_hidden_states=run.kd.uses_hidden_states)
     texts = {role: run.train_set.texts for role in run.text_roles}
-    plan = plan_batch(run.kd, logits, batch, run.selector.select, run.alignments, texts)
+    costs = batch_costs(run, teachers, logits, batch) if run.selector.pacer else None
+    select = functools.partial(run.selector.select, costs=costs)
+    plan = plan_batch(run.kd, logits, batch, select, run.alignments, texts)
     failure: TeacherCallError | None = None
     asked = time.perf_counter()
     try:
@@ -114,5 +127,6 @@ def step_counts(
             **flops.vanilla_counts(teachers.infos, lengths, seq_len, text_lengths),
             **flops.student_counts(run.student.model.config, batch_size, seq_len),
             "selected_instances": len(plan.selected),
-        }
+        },
+        run.ledger.keys,
     )
