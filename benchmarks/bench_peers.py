@@ -42,7 +42,8 @@ import httpx
 import torch
 from bench_server import ROWS_PER_REQUEST, SST2, default_teacher
 
-from teacher_server.launch import free_port, port_is_free, serve_in_subprocess
+from shared.errors import UserError
+from teacher_server.launch import free_port, port_is_free, serve_in_subprocess, wait_until_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 PEER_SCRIPTS = Path(__file__).resolve().parent / "peers"
@@ -93,6 +94,11 @@ def one_line(text: str, limit: int = 160) -> str:
     errors = [line for line in lines if line.startswith("ERROR")]  # pip's own warnings may come after
     line = (errors or lines or ["no output"])[-1]
     return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def first_line(err: Exception) -> str:
+    """An exception in one line (httpx's status errors run to three)."""
+    return (str(err).splitlines() or [type(err).__name__])[0]
 
 
 def ensure_venv(peer: Peer, cache: Path, reinstall: bool) -> Path:
@@ -166,25 +172,15 @@ def served_peer(peer: Peer, python: Path, args: argparse.Namespace, threads: int
             command, stdout=out, stderr=subprocess.STDOUT, env=peer_env(peer, threads), start_new_session=True
         )
     try:
-        wait_ready(server, url, args.ready_timeout, log)
+        try:
+            # the model's own readiness: Triton's server is ready before its models are loaded
+            ready = f"{url}/v2/models/{MODEL_NAME}/ready"
+            wait_until_ready(server, ready, args.ready_timeout, name=peer.name, where=f"; see {log}")
+        except UserError as err:  # its last words say why, in one line
+            raise Unavailable(f"{err}: {one_line(log.read_text())}") from err
         yield url
     finally:
         stop(server)
-
-
-def wait_ready(server: subprocess.Popen, url: str, timeout_s: float, log: Path) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if server.poll() is not None:
-            raise Unavailable(
-                f"exited with code {server.returncode} before ready: {one_line(log.read_text())}"
-            )
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/v2/health/ready", timeout=2.0, trust_env=False).status_code == 200:
-                return
-        if time.monotonic() > deadline:
-            raise Unavailable(f"not ready after {timeout_s:.0f} s; see {log}")
-        time.sleep(0.5)
 
 
 def stop(server: subprocess.Popen) -> None:
@@ -381,7 +377,7 @@ def measure(
                 except (Unavailable, httpx.HTTPError, ValueError, KeyError) as err:
                     if name == OURS:
                         raise
-                    skipped[name] = one_line(str(err) or type(err).__name__)
+                    skipped[name] = first_line(err)
                     print(f"  skipping {name}: {skipped[name]}", flush=True)
     return samples
 
@@ -420,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(filter(None, args.peers.split(","))) - set(PEERS)
     if unknown:
         parser.error(f"--peers: unknown {', '.join(sorted(unknown))} (choose from {', '.join(PEERS)})")
+    # peers run in their own sessions: a SIGTERM must unwind through `finally` to stop them too
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     load_before = os.getloadavg()[0]
 
     # phase 1: every peer's venv (made once, reused), or the one line why not

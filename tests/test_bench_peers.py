@@ -5,6 +5,7 @@ No peer is installed and nothing is served: venv creation is pointed at a stand-
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -14,6 +15,14 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_peers  # noqa: E402
 from bench_peers import OURS, PEERS  # noqa: E402
+
+
+def stand_in_python(tmp_path, *lines, code=1):
+    """An executable that prints ``lines`` (to stderr) and exits ``code``, whatever it is asked to run."""
+    path = tmp_path / "python"
+    path.write_text("#!/bin/sh\n" + "".join(f"echo '{line}' >&2\n" for line in lines) + f"exit {code}\n")
+    path.chmod(0o755)
+    return path
 
 
 def sample(server, seq_per_s, p99, threads=1, clients=4):
@@ -75,11 +84,7 @@ def test_requests_carry_raw_text_in_each_servers_shape():
 
 
 def test_a_venv_that_cannot_be_made_is_one_line_and_leaves_no_stamp(tmp_path, monkeypatch):
-    broken = tmp_path / "python"
-    broken.write_text(
-        "#!/bin/sh\necho 'Traceback (most recent call last):' >&2\necho 'venv: no ensurepip' >&2\nexit 1\n"
-    )
-    broken.chmod(0o755)
+    broken = stand_in_python(tmp_path, "Traceback (most recent call last):", "venv: no ensurepip")
     monkeypatch.setattr(sys, "executable", str(broken))
     with pytest.raises(bench_peers.Unavailable) as err:
         bench_peers.ensure_venv(PEERS["kserve"], tmp_path / "cache", reinstall=False)
@@ -98,3 +103,24 @@ def test_a_venv_whose_stamp_matches_is_reused_without_running_pip(tmp_path, monk
         == home / "venv" / "bin" / "python"
     )
     assert bench_peers.pinned_requirements(PEERS["kserve"])[0].startswith("torch==")  # torch alone, first
+
+
+def test_a_peer_that_dies_before_ready_is_skipped_with_its_last_words(tmp_path):
+    dying = stand_in_python(tmp_path, "loading", "ModuleNotFoundError: No module named kserve", code=3)
+    args = argparse.Namespace(
+        teacher="unused", max_batch_size=64, max_queue_delay_ms=5.0, max_seq_length=128, ready_timeout=30
+    )
+    log = tmp_path / "serve.log"
+    serving = bench_peers.served_peer(PEERS["kserve"], dying, args, threads=1, log=log)
+    with pytest.raises(bench_peers.Unavailable) as err, serving:
+        pytest.fail("a dead server was reported ready")
+    reason = "ModuleNotFoundError: No module named kserve"
+    assert str(err.value) == f"kserve exited with code 3; see {log}: {reason}"
+
+
+def test_an_exception_is_reported_by_its_first_line():
+    err = ValueError(
+        "Client error '404 Not Found' for url 'http://x'\nFor more information check: https://..."
+    )
+    assert bench_peers.first_line(err) == "Client error '404 Not Found' for url 'http://x'"
+    assert bench_peers.first_line(KeyError()) == "KeyError"

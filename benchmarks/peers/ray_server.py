@@ -33,7 +33,7 @@ class TeacherDeployment:
         self.logits_batched.set_max_batch_size(batch_requests)
         self.logits_batched.set_batch_wait_timeout_s(wait_s)
 
-    @app.get("/v2/health/ready")
+    @app.get(f"/v2/models/{MODEL_NAME}/ready")
     def ready(self) -> dict:
         return {}
 
