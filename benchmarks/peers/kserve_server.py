@@ -6,6 +6,7 @@ responses must carry an ``id``, so the request's id is echoed (or a fresh one ma
 
 from __future__ import annotations
 
+import logging
 import uuid
 
 from kserve import InferOutput, InferRequest, InferResponse, Model, ModelServer
@@ -37,6 +38,7 @@ class TeacherModel(Model):
 if __name__ == "__main__":
     args = parse_args()
     model = TeacherModel(args.model, args.threads, args.max_seq_length)
-    ModelServer(http_port=args.port, enable_grpc=False, workers=1, enable_latency_logging=False).start(
-        [model]
-    )
+    server = ModelServer(http_port=args.port, enable_grpc=False, workers=1, enable_latency_logging=False)
+    for name in ("kserve.trace", "uvicorn.access"):  # per-request logs off, as for the other servers
+        logging.getLogger(name).setLevel(logging.WARNING)
+    server.start([model])

@@ -59,7 +59,9 @@ if __name__ == "__main__":
     signal.signal(signal.SIGTERM, stop)
     ray.init(include_dashboard=False, log_to_driver=False)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+        # warnings only, no per-request access log: as quiet as the other servers
+        quiet = {"log_level": "WARNING", "enable_access_log": False}
+        serve.start(http_options={"host": "127.0.0.1", "port": args.port}, logging_config=quiet)
         batch_requests = max(1, args.max_batch_size // args.rows_per_request)
         deployment = TeacherDeployment.bind(
             args.model, args.threads, args.max_seq_length, batch_requests, args.max_queue_delay_ms / 1000
