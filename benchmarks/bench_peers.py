@@ -155,17 +155,15 @@ def peer_env(peer: Peer, threads: int) -> dict[str, str]:
 
 @contextlib.contextmanager
 def served_peer(peer: Peer, python: Path, args: argparse.Namespace, threads: int, log: Path) -> Iterator[str]:
-    """``peer``'s server in its own process group, yielded once ``/v2/health/ready`` answers 200."""
+    """``peer``'s server in its own process group, yielded once its model reports ready."""
     port = free_ports(peer.ports)
-    command = [str(python), str(PEER_SCRIPTS / peer.script), "--model", args.teacher, "--port", str(port)]
-    command += ["--threads", str(threads), "--max_batch_size", str(args.max_batch_size)]
-    command += [
-        "--max_queue_delay_ms",
-        str(args.max_queue_delay_ms),
-        "--max_seq_length",
-        str(args.max_seq_length),
-    ]
-    command += ["--rows_per_request", str(ROWS_PER_REQUEST)]
+    settings = {
+        "model": args.teacher, "port": port, "threads": threads, "max_batch_size": args.max_batch_size,
+        "max_queue_delay_ms": args.max_queue_delay_ms, "max_seq_length": args.max_seq_length,
+        "rows_per_request": ROWS_PER_REQUEST,
+    }  # fmt: skip
+    command = [str(python), str(PEER_SCRIPTS / peer.script)]
+    command += [part for key, value in settings.items() for part in (f"--{key}", str(value))]
     url = f"http://127.0.0.1:{port}"
     with open(log, "w") as out:
         server = subprocess.Popen(
