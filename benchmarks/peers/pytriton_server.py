@@ -7,6 +7,8 @@ Texts arrive as ``BYTES [B, 1]``.
 
 from __future__ import annotations
 
+import signal
+
 import numpy as np
 from pytriton.decorators import batch
 from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
@@ -14,6 +16,9 @@ from pytriton.triton import Triton, TritonConfig
 from teacher import MODEL_NAME, Teacher, as_texts, parse_args
 
 if __name__ == "__main__":
+    # PyTriton quits cleanly (Triton stopped, its workspace under ~/.cache/pytriton removed) on
+    # SIGINT only; bench_peers.py stops servers with SIGTERM
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     args = parse_args()
     teacher = Teacher(args.model, args.threads, args.max_seq_length)
 
