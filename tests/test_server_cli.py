@@ -53,7 +53,11 @@ def write(path: Path, text: str) -> Path:
             "teachers:\n  - {name: a, path: m}\n  - {name: a, path: n}",
             "teachers: Value error, teacher names must be",
         ),
-        ("teachers:\n  - {name: a, path: ./missing}", "teachers.0.path: './missing' does not exist"),
+        ("teachers:\n  - {name: a, path: ./missing}", "teachers.0.path: no such directory: ./missing"),
+        (
+            "teachers:\n  - {name: a, path: models/not/there}",
+            "teachers.0.path: no such directory: models/not",
+        ),
         (
             "teachers:\n  - {name: a, path: '~no-such-user-x9/model'}",
             "teachers.0.path: '~no-such-user-x9/model': cannot expand '~'",
@@ -104,6 +108,11 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, capsys, monkeypatch):
     assert main(["--config", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("teacher-server: error: ") and "teachers.0.dtype" in err and "\n" not in err
+    missing = write(tmp_path / "missing.yaml", "teachers:\n  - {name: a, path: ./not/there}")
+    assert main(["--config", str(missing)]) == 2
+    assert capsys.readouterr().err == (
+        f"teacher-server: error: {missing}: teachers.0.path: no such directory: ./not/there\n"
+    )
     good = write(tmp_path / "good.yaml", "teachers:\n  - {name: a, path: org/model}")
     monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
     assert main(["--config", str(good), "--api-key-env", "NO_SUCH_KEY_VAR"]) == 2
