@@ -13,6 +13,7 @@ from transformers import BertForSequenceClassification
 from shared.errors import UserError
 from shared.teacher_api import TeacherInfo
 from student_trainer.args.distill import parse_distill_args
+from student_trainer.cli import main as cli_main
 from student_trainer.teachers.client import make_teacher_client
 from student_trainer.train import setup as distill_setup
 from student_trainer.train.evaluate import majority_baseline
@@ -98,6 +99,14 @@ def test_no_kd_baseline_asks_no_teacher(workspace, tmp_path: Path, capsys: pytes
     assert results["flops"]["teacher_flops_saved_fraction"] is None
     assert results["flops"]["student_flops"] > 0
     assert "No teacher was queried" in capsys.readouterr().out
+
+
+def test_a_misspelt_local_teacher_path_is_one_line_and_exit_2(workspace, tmp_path: Path, capsys) -> None:
+    argv = distill_argv(workspace["student"], workspace["train"], tmp_path, {"large": "local:./not/there"})
+    assert cli_main(["distill", *argv]) == 2
+    assert capsys.readouterr().err == (
+        "student-trainer distill: error: teacher large (local:./not/there): no such directory: ./not/there\n"
+    )
 
 
 def test_exact_budget_selects_round_n_r_per_epoch(workspace, tmp_path: Path) -> None:
@@ -229,6 +238,34 @@ def test_teacher_down_leaves_a_checkpoint_and_resuming_is_bit_identical(
         assert torch.equal(final[name], tensor), name
     reference_results = json.loads((reference / "results.json").read_text())
     assert resumed["flops"] == reference_results["flops"]  # the ledger carried over exactly
+
+
+def test_by_default_two_checkpoints_are_kept_each_resumable(workspace, tmp_path: Path) -> None:
+    """A checkpoint is ~200 MB at BERT-base size: a run rotates to 2 unless told otherwise, and
+    every checkpoint kept still holds the optimizer state that resuming needs."""
+    saving = ["--teacher_selection", "small", "--save_strategy", "steps", "--save_steps", "1"]
+    run_in_process(argv(workspace, tmp_path, *saving, "--max_steps", "4", roles=("small",)))
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+    assert all((tmp_path / f"checkpoint-{step}" / "optimizer.pt").is_file() for step in (3, 4))
+    resumed = run_in_process(
+        argv(
+            workspace,
+            tmp_path,
+            *saving,
+            "--max_steps",
+            "6",
+            "--resume_from_checkpoint",
+            "latest",
+            roles=("small",),
+        )
+    )
+    assert resumed["global_step"] == 6 and [s["step"] for s in train_log(tmp_path)] == list(range(1, 7))
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-5", "checkpoint-6"]
+    keep_all = tmp_path / "keep_all"
+    run_in_process(
+        argv(workspace, keep_all, *saving, "--max_steps", "3", "--save_total_limit", "0", roles=("small",))
+    )
+    assert len(list(keep_all.glob("checkpoint-*"))) == 3
 
 
 def test_a_new_run_does_not_mix_with_an_old_runs_checkpoints(workspace, tmp_path: Path) -> None:
