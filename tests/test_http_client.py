@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.abc
 import itertools
 import logging
 import re
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -420,6 +422,38 @@ def test_half_precision_outputs_come_back_as_float32(replicas, output_dtype: str
     assert replica.requests[0][0].header.parameters["output_dtype"] == output_dtype
     assert answer.logits.dtype == torch.float32
     torch.testing.assert_close(answer.hidden_cls, expected(q, output_dtype)["hidden_cls"], rtol=0, atol=0)
+
+
+class ImportRecorder(importlib.abc.MetaPathFinder):
+    """Notes every module lookup that misses ``sys.modules`` (a failed import retries each time)."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def find_spec(self, name, path, target=None):  # noqa: ANN001 - the finder protocol
+        self.names.append(name)
+        return None  # let the real finders answer
+
+
+def test_a_request_imports_nothing(replicas) -> None:
+    """The trainer's hot path: httpcore looks up ``sniffio`` on every request and lock; without it
+    installed that was a failed import (a walk of sys.path, ~1 ms) per request (issue #12)."""
+    replica, recorder = replicas(), ImportRecorder()
+    client = HttpTeacherClient([replica.url], model="fake")
+
+    async def main() -> None:
+        await client.start(5)
+        await client.infer(query())  # warm: the first request may import lazily
+        sys.meta_path.insert(0, recorder)
+        try:
+            for _ in range(5):
+                await client.infer(query())
+        finally:
+            sys.meta_path.remove(recorder)
+            await client.aclose()
+
+    asyncio.run(main())
+    assert recorder.names == []
 
 
 # --- balancing ---------------------------------------------------------------------------------------------
