@@ -13,7 +13,7 @@ def looks_like_path(name_or_path: str) -> bool:
     """True when the string can only mean a local path, never a Hugging Face Hub repo id
     (``name`` or ``namespace/name``): it starts with ``.``, ``/`` or ``~``, or it holds a
     separator a repo id cannot (a second ``/``, or the OS's own separator when that is not ``/``)."""
-    seps = {os.sep, os.altsep} - {None, "/"}
+    seps = [sep for sep in (os.sep, os.altsep) if sep and sep != "/"]
     return (
         name_or_path.startswith((".", "/", "~"))
         or name_or_path.count("/") > 1
