@@ -1,12 +1,12 @@
 """RSS of the output cache under a flood of unique rows: does memory stay within the byte budget?
 
 Puts ``--rows`` unique 3-logit rows (what a sentence classifier's trainer asks for) into one
-``OutputCache(--budget-mib)``, the way the batcher does (a row sliced from its batch), and reads
+``OutputCache(--budget_mib)``, the way the batcher does (a row sliced from its batch), and reads
 the process's resident set size (``/proc/self/statm``) before and after, after a first flood with
 the cache off (so the loop's own allocations are not counted). Prints a table and writes JSON.
 Linux only.
 
-    python benchmarks/bench_cache_rss.py --rows 200000 --budget-mib 16  # writes runs/bench_cache_rss.json
+    python benchmarks/bench_cache_rss.py --rows 200000 --budget_mib 16  # writes runs/bench_cache_rss.json
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from shared.flags import add_flag
 from teacher_server.cache import OutputCache, RowOutputs, row_key
 from teacher_server.engine import OutputSpec
 
@@ -56,7 +57,7 @@ def flood(rows: int, budget_mib: float, labels: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=200_000)
-    parser.add_argument("--budget-mib", type=float, default=16.0)
+    add_flag(parser, "--budget_mib", old="--budget-mib", type=float, default=16.0)
     parser.add_argument("--labels", type=int, default=3)
     parser.add_argument("--output", default=str(ROOT / "runs" / "bench_cache_rss.json"))
     args = parser.parse_args()

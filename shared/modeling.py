@@ -16,6 +16,7 @@ from transformers.utils import logging as hf_logging
 
 from shared.errors import UserError
 from shared.families import family_of
+from shared.model_path import require_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +56,13 @@ def load_sequence_classifier(
     of :mod:`shared.families`: ModernBERT's per-layer attention kinds are cut with it).
     ``attn_implementation`` None: SDPA where the family has it (MPNet and DeBERTa have not), else eager.
     """
+    require_model_dir(name_or_path)
     kwargs: dict = {"revision": revision, "trust_remote_code": False}
     try:
         config = AutoConfig.from_pretrained(str(name_or_path), **kwargs)
     except (OSError, ValueError) as err:
-        raise UserError(f"cannot load model config from {name_or_path!r}: {err}") from err
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"cannot load model config from {name_or_path!r}: {first}") from err
     family_of(config)  # an unsupported model_type is refused in one line, before any weights load
     if label_names is not None:
         config.num_labels = len(label_names)

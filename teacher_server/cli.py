@@ -18,6 +18,7 @@ from transformers.utils import logging as hf_logging
 
 from shared.api_key import clean_api_key
 from shared.errors import UserError
+from shared.flags import add_flag
 from teacher_server.app import create_app
 from teacher_server.config import load_config
 from teacher_server.drain import DrainingServer, protocol_with_read_timeout
@@ -60,7 +61,7 @@ def read_api_key(variable: str | None) -> str | None:
     """The key lives in the environment, never on the command line (it would show in ``ps``)."""
     if variable is None:
         return None
-    return clean_api_key(os.environ.get(variable), f"--api-key-env {variable}")
+    return clean_api_key(os.environ.get(variable), f"--api_key_env {variable}")
 
 
 def port_number(text: str) -> int:
@@ -82,8 +83,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", required=True, help="YAML file listing the teachers")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     parser.add_argument("--port", type=port_number, default=8000, help="TCP port, 1-65535 (default: 8000)")
-    parser.add_argument("--api-key-env", metavar="NAME", help="require 'Authorization: Bearer $NAME'")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_flag(
+        parser,
+        "--api_key_env",
+        old="--api-key-env",
+        metavar="NAME",
+        help="require 'Authorization: Bearer $NAME'",
+    )
+    add_flag(
+        parser,
+        "--log_level",
+        old="--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+    )
     return parser
 
 

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from shared.config_file import read_yaml_mapping
 from shared.errors import UserError
+from shared.model_path import looks_like_path
 
 DEVICE_PATTERN = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
 CPU_PASS_OVERHEAD_TOKENS = 8
@@ -144,6 +145,6 @@ def _resolve_model_path(value: str, base: Path, where: str) -> str:
         candidate = base / candidate
     if candidate.exists():
         return str(candidate.resolve())
-    if value.startswith(("/", "./", "../", "~")):
-        raise UserError(f"{where}: {value!r} does not exist")
+    if looks_like_path(value):
+        raise UserError(f"{where}: no such directory: {value}")
     return value

@@ -79,7 +79,7 @@ def serve_in_subprocess(
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "teacher_server.cli", "--config", str(config_path)]
-    command += ["--port", str(port), "--log-level", log_level]
+    command += ["--port", str(port), "--log_level", log_level]
     log = open(log_path, "w") if log_path else subprocess.DEVNULL  # noqa: SIM115 - lives as long as the server
     server = subprocess.Popen(
         command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}

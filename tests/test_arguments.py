@@ -10,6 +10,7 @@ import pytest
 from shared.errors import UserError
 from student_trainer.args.distill import DistillArguments, parse_distill_args
 from student_trainer.args.finetune import FinetuneArguments
+from student_trainer.cli import main as cli_main
 
 BASE = ["--model_name_or_path", "bert", "--output_dir", "out", "--task", "sst2", "--data_dir", "data"]
 
@@ -246,3 +247,36 @@ def test_finetune_options_share_the_checks(tmp_path: Path, options: dict, messag
     args = FinetuneArguments(model_name_or_path="m", output_dir=str(tmp_path / "o"), task="sst2", **options)
     with pytest.raises(UserError, match=message):
         args.validate()
+
+
+@pytest.mark.parametrize("command", ["distill", "finetune"])
+@pytest.mark.parametrize("path", ["./not/there", "not/there/either", "~/not-there-x9"])
+def test_a_misspelt_model_path_is_one_line_naming_the_folder(
+    command: str, path: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Not "Repo id must be in the form 'namespace/repo_name'" (issue #12): a path is a path."""
+    data = tmp_path / "train.tsv"
+    data.write_text("sentence\tlabel\na b\t0\nc d\t1\n")
+    argv = [
+        command,
+        "--model_name_or_path",
+        path,
+        "--train_file",
+        str(data),
+        "--output_dir",
+        str(tmp_path / "o"),
+    ]
+    assert cli_main(argv + (["--no_kd"] if command == "distill" else [])) == 2
+    err = capsys.readouterr().err
+    assert err == f"student-trainer {command}: error: no such directory: {path}\n"
+
+
+def test_a_hub_repo_id_is_not_taken_for_a_path(tmp_path: Path) -> None:
+    """``namespace/name`` stays a repo id: only a path-only shape is refused up front."""
+    argv = ["--model_name_or_path", "org/name", "--task", "sst2", "--data_dir", "d", "--no_kd"]
+    assert parse_distill_args(argv + ["--output_dir", str(tmp_path)]).model_name_or_path == "org/name"
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(
+        UserError, match=r"^not a directory: .*afile \(give the folder holding config.json\)$"
+    ):
+        parse_distill_args(["--model_name_or_path", str(tmp_path / "afile"), *argv[2:], "--output_dir", "o"])

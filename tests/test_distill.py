@@ -13,9 +13,11 @@ from transformers import BertForSequenceClassification
 from shared.errors import UserError
 from shared.teacher_api import TeacherInfo
 from student_trainer.args.distill import parse_distill_args
+from student_trainer.cli import main as cli_main
 from student_trainer.teachers.client import make_teacher_client
 from student_trainer.train import setup as distill_setup
 from student_trainer.train.evaluate import majority_baseline
+from student_trainer.train.logs import summary_paragraph
 from student_trainer.train.setup import make_clients
 from student_trainer.train.student import teacher_label_order
 from tests.distill_support import (
@@ -100,6 +102,14 @@ def test_no_kd_baseline_asks_no_teacher(workspace, tmp_path: Path, capsys: pytes
     assert "No teacher was queried" in capsys.readouterr().out
 
 
+def test_a_misspelt_local_teacher_path_is_one_line_and_exit_2(workspace, tmp_path: Path, capsys) -> None:
+    argv = distill_argv(workspace["student"], workspace["train"], tmp_path, {"large": "local:./not/there"})
+    assert cli_main(["distill", *argv]) == 2
+    assert capsys.readouterr().err == (
+        "student-trainer distill: error: teacher large (local:./not/there): no such directory: ./not/there\n"
+    )
+
+
 def test_exact_budget_selects_round_n_r_per_epoch(workspace, tmp_path: Path) -> None:
     extra = ["--teacher_selection", "small", "--data_selection", "entropy", "--selection_ratio", "0.3"]
     run_in_process(argv(workspace, tmp_path, *extra, "--exact_budget", "--max_steps", "10", roles=("small",)))
@@ -123,6 +133,8 @@ def test_evaluation_checkpoints_results_and_summary(workspace, tmp_path: Path, c
     assert 0 < saved["flops"]["teacher_flops_saved_fraction"] < 1
     out = capsys.readouterr().out
     assert "Distilled a 2-layer student" in out and "% saved" in out and "accuracy" in out
+    summary = (tmp_path / "summary.txt").read_text()
+    assert summary.strip() in out and "Majority-class baseline of the evaluation set (always" in summary
     from transformers import AutoModelForSequenceClassification
 
     exported = AutoModelForSequenceClassification.from_pretrained(
@@ -159,6 +171,38 @@ def test_a_student_not_above_the_majority_baseline_is_flagged(workspace, tmp_pat
     no_eval = run_in_process(argv(workspace, tmp_path / "no_eval", "--no_kd"))
     assert no_eval["majority_baseline"] is None and no_eval["above_majority_baseline"] is None
     assert "WARNING" not in capsys.readouterr().err
+
+
+def summary_of(accuracy: float, baseline: dict | None) -> str:
+    """The summary paragraph of an 82 %-saving run whose student scored ``accuracy``."""
+    ledger = {
+        "teacher_flops_spent": 18e9,
+        "teacher_flops_vanilla": 100e9,
+        "teacher_flops_vanilla_unpadded": 60e9,
+    }
+    ledger |= {"teacher_flops_saved_fraction": 0.82, "teacher_flops_saved_fraction_selection": 0.5}
+    ledger |= {"teacher_flops_requested": 30e9, "teacher_cache_hits": 0, "student_flops": 50e9}
+    results = {"flops": ledger, "student_layers": 2, "task": "sst2", "global_step": 10, "epoch": 1.0}
+    results |= {"world_size": 1, "train_runtime_s": 3.0, "majority_baseline": baseline}
+    results["eval"] = {"eval_loss": 0.7, "eval_accuracy": accuracy, "eval_f1": 0.6}
+    args = parse_distill_args(["--model_name_or_path", "m", "--output_dir", "o", "--task", "sst2"]
+                              + ["--data_dir", "d", "--teacher", "large=http://h:1"])  # fmt: skip
+    return summary_paragraph(args, results)
+
+
+def test_a_saving_never_stands_alone_beside_a_student_at_the_majority_baseline() -> None:
+    baseline = {"label": "positive", "metric": "f1", "eval_accuracy": 0.509, "eval_f1": 0.675}
+    at_baseline = summary_of(0.515, baseline)
+    assert (
+        "Majority-class baseline of the evaluation set (always 'positive'): accuracy 0.5090, f1 0.6750."
+        in (at_baseline)
+    )
+    assert "within 1 point of that baseline: it has not learned the task" in at_baseline
+    assert "82.0% saved by a student that learned nothing usable." in at_baseline
+    assert "accuracy is below that baseline: it has not learned" in summary_of(0.3, baseline)
+    learned = summary_of(0.85, baseline)
+    assert "accuracy 0.5090" in learned and "82.0% saved." in learned and "within 1 point" not in learned
+    assert "Majority-class" not in summary_of(0.85, None) and "82.0% saved." in summary_of(0.85, None)
 
 
 @pytest.mark.parametrize(
@@ -229,6 +273,34 @@ def test_teacher_down_leaves_a_checkpoint_and_resuming_is_bit_identical(
         assert torch.equal(final[name], tensor), name
     reference_results = json.loads((reference / "results.json").read_text())
     assert resumed["flops"] == reference_results["flops"]  # the ledger carried over exactly
+
+
+def test_by_default_two_checkpoints_are_kept_each_resumable(workspace, tmp_path: Path) -> None:
+    """A checkpoint is ~200 MB at BERT-base size: a run rotates to 2 unless told otherwise, and
+    every checkpoint kept still holds the optimizer state that resuming needs."""
+    saving = ["--teacher_selection", "small", "--save_strategy", "steps", "--save_steps", "1"]
+    run_in_process(argv(workspace, tmp_path, *saving, "--max_steps", "4", roles=("small",)))
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+    assert all((tmp_path / f"checkpoint-{step}" / "optimizer.pt").is_file() for step in (3, 4))
+    resumed = run_in_process(
+        argv(
+            workspace,
+            tmp_path,
+            *saving,
+            "--max_steps",
+            "6",
+            "--resume_from_checkpoint",
+            "latest",
+            roles=("small",),
+        )
+    )
+    assert resumed["global_step"] == 6 and [s["step"] for s in train_log(tmp_path)] == list(range(1, 7))
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-5", "checkpoint-6"]
+    keep_all = tmp_path / "keep_all"
+    run_in_process(
+        argv(workspace, keep_all, *saving, "--max_steps", "3", "--save_total_limit", "0", roles=("small",))
+    )
+    assert len(list(keep_all.glob("checkpoint-*"))) == 3
 
 
 def test_a_new_run_does_not_mix_with_an_old_runs_checkpoints(workspace, tmp_path: Path) -> None:

@@ -115,7 +115,10 @@ def run_main(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, list[
 @pytest.mark.parametrize(
     ("teacher", "message"),
     [
-        ("local:/no/such/teacher", "teacher small (local:/no/such/teacher): cannot load model config"),
+        (
+            "local:/no/such/teacher",
+            "teacher small (local:/no/such/teacher): no such directory: /no/such/teacher",
+        ),
         (f"http://127.0.0.1:{free_port()}", "is not ready after 1 s"),
     ],
 )

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.abc
 import itertools
+import logging
+import re
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -34,7 +38,13 @@ from shared.codec import (
 from shared.errors import UserError
 from shared.protocol import InferenceRequest
 from shared.teacher_api import TeacherAnswer, TeacherQuery, Timings
-from student_trainer.teachers.client import TeacherRequestError, TeacherUnavailableError
+from student_trainer.teachers import http
+from student_trainer.teachers.client import (
+    TeacherCallError,
+    TeacherRequestError,
+    TeacherUnavailableError,
+    ask_teachers,
+)
 from student_trainer.teachers.http import HttpTeacherClient
 
 HIDDEN = 4
@@ -414,6 +424,38 @@ def test_half_precision_outputs_come_back_as_float32(replicas, output_dtype: str
     torch.testing.assert_close(answer.hidden_cls, expected(q, output_dtype)["hidden_cls"], rtol=0, atol=0)
 
 
+class ImportRecorder(importlib.abc.MetaPathFinder):
+    """Notes every module lookup that misses ``sys.modules`` (a failed import retries each time)."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def find_spec(self, name, path, target=None):  # noqa: ANN001 - the finder protocol
+        self.names.append(name)
+        return None  # let the real finders answer
+
+
+def test_a_request_imports_nothing(replicas) -> None:
+    """The trainer's hot path: httpcore looks up ``sniffio`` on every request and lock; without it
+    installed that was a failed import (a walk of sys.path, ~1 ms) per request (issue #12)."""
+    replica, recorder = replicas(), ImportRecorder()
+    client = HttpTeacherClient([replica.url], model="fake")
+
+    async def main() -> None:
+        await client.start(5)
+        await client.infer(query())  # warm: the first request may import lazily
+        sys.meta_path.insert(0, recorder)
+        try:
+            for _ in range(5):
+                await client.infer(query())
+        finally:
+            sys.meta_path.remove(recorder)
+            await client.aclose()
+
+    asyncio.run(main())
+    assert recorder.names == []
+
+
 # --- balancing ---------------------------------------------------------------------------------------------
 
 
@@ -598,6 +640,33 @@ def test_exhausted_retries_raise_a_clear_error(replicas) -> None:
         )
     assert time.monotonic() - began < 3 and stuck.infers == 2  # 6 s without the timeout
     assert stuck.url in str(err.value) and "timed out after 0.3s" in str(err.value)
+
+
+def test_an_outage_log_says_how_long_the_trainer_keeps_waiting(monkeypatch, caplog) -> None:
+    """Every retry says when it comes and what budget is left; the readiness wait that follows says
+    how long it lasts and keeps saying how long is left (issue #12: it used to wait silently)."""
+    monkeypatch.setattr(http, "READY_NOTE_S", 0.2)
+    client = HttpTeacherClient(
+        [closed_url()], model="large", timeout_s=2.0, max_retries=2, backoff_base_s=0.01
+    )
+
+    async def outage() -> None:
+        try:
+            await ask_teachers({"large": client}, {"large": query()}, ready_timeout_s=0.7)
+        finally:
+            await client.aclose()
+
+    with caplog.at_level(logging.WARNING), pytest.raises(TeacherCallError):
+        asyncio.run(outage())
+    lines = [record.getMessage() for record in caplog.records]
+    first, second = (line for line in lines if "unreachable" in line)
+    assert first.startswith("teacher 'large' unreachable (attempt 1/3: http://127.0.0.1:")
+    assert re.search(r"retrying in \d+\.\d s; 2 attempt\(s\) left, at most 4 s more$", first), first
+    assert re.search(r"\(attempt 2/3: .*; 1 attempt\(s\) left, at most 2 s more$", second), second
+    assert any("waiting up to 0.7 s for it to be ready again, then giving up" in line for line in lines)
+    assert any(
+        re.search(r"teacher 'large' not ready \(ConnectError.*\): giving up in 0 s$", line) for line in lines
+    )
 
 
 def test_every_replica_down_raises_naming_them_all(replicas) -> None:

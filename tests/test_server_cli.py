@@ -17,7 +17,7 @@ import pytest
 import uvicorn
 
 from shared.errors import UserError
-from teacher_server.cli import main, read_api_key
+from teacher_server.cli import build_parser, main, read_api_key
 from teacher_server.config import load_config
 from teacher_server.launch import serve_in_subprocess
 
@@ -53,7 +53,11 @@ def write(path: Path, text: str) -> Path:
             "teachers:\n  - {name: a, path: m}\n  - {name: a, path: n}",
             "teachers: Value error, teacher names must be",
         ),
-        ("teachers:\n  - {name: a, path: ./missing}", "teachers.0.path: './missing' does not exist"),
+        ("teachers:\n  - {name: a, path: ./missing}", "teachers.0.path: no such directory: ./missing"),
+        (
+            "teachers:\n  - {name: a, path: models/not/there}",
+            "teachers.0.path: no such directory: models/not",
+        ),
         (
             "teachers:\n  - {name: a, path: '~no-such-user-x9/model'}",
             "teachers.0.path: '~no-such-user-x9/model': cannot expand '~'",
@@ -104,9 +108,14 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, capsys, monkeypatch):
     assert main(["--config", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("teacher-server: error: ") and "teachers.0.dtype" in err and "\n" not in err
+    missing = write(tmp_path / "missing.yaml", "teachers:\n  - {name: a, path: ./not/there}")
+    assert main(["--config", str(missing)]) == 2
+    assert capsys.readouterr().err == (
+        f"teacher-server: error: {missing}: teachers.0.path: no such directory: ./not/there\n"
+    )
     good = write(tmp_path / "good.yaml", "teachers:\n  - {name: a, path: org/model}")
     monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
-    assert main(["--config", str(good), "--api-key-env", "NO_SUCH_KEY_VAR"]) == 2
+    assert main(["--config", str(good), "--api_key_env", "NO_SUCH_KEY_VAR"]) == 2
     assert "NO_SUCH_KEY_VAR: the API key is empty or unset" in capsys.readouterr().err
 
 
@@ -150,6 +159,24 @@ def test_port_outside_1_to_65535_is_a_usage_error(capsys, port):
     assert exit_.value.code == 2 and "argument --port: " in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [["--api_key_env", "KEY", "--log_level", "debug"], ["--api-key-env", "KEY", "--log-level", "debug"]],
+    ids=["snake_case", "old-kebab-case"],
+)
+def test_one_flag_spelling_with_the_old_one_still_accepted(argv, capsys):
+    """The trainer's ``--snake_case`` everywhere (issue #12); scripts using the old spelling keep working."""
+    args = build_parser().parse_args(["--config", "c.yaml", *argv])
+    assert (args.api_key_env, args.log_level) == ("KEY", "debug")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--config", "c.yaml", "--log-level", "loud"])
+    assert "invalid choice: 'loud'" in capsys.readouterr().err
+    usage = build_parser().format_help()
+    assert "--api_key_env" in usage and "--log_level" in usage
+    assert "--api-key-env" not in usage and "--log-level" not in usage
+    assert build_parser().parse_args(["--config", "c.yaml"]).log_level == "info"
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -159,7 +186,7 @@ def free_port() -> int:
 def start_cli(config: Path, port: int, env: dict[str, str] | None = None) -> subprocess.Popen:
     command = [sys.executable, "-m", "teacher_server.cli", "--config", str(config), "--port", str(port)]
     return subprocess.Popen(
-        command + (["--api-key-env", "TEACHER_KEY"] if env else []),
+        command + (["--api_key_env", "TEACHER_KEY"] if env else []),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

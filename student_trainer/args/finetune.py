@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shared.errors import UserError
+from shared.model_path import require_model_dir
 from student_trainer.args.builder import check_choices, option
 from student_trainer.args.common import DataArguments, check_training_options
 
@@ -33,6 +34,7 @@ class FinetuneArguments(DataArguments):
     def validate(self) -> FinetuneArguments:
         if not self.model_name_or_path:
             raise UserError("--model_name_or_path is required")
+        require_model_dir(self.model_name_or_path)
         check_training_options(self)
         check_choices(self)
         self.check_data()

@@ -18,12 +18,15 @@ backend from the spec string the user passes on the command line:
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Protocol
 
 from shared.errors import UserError
 from shared.teacher_api import TeacherAnswer, TeacherInfo, TeacherQuery, TextQuery
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "TeacherAnswer",
@@ -115,6 +118,12 @@ async def ask_teachers(
         except TeacherRequestError as refused:  # a 4xx: the same request would be refused again
             raise TeacherCallError(role, refused) from refused
         except Exception as first:
+            log.warning(
+                "teacher %r failed (%s): waiting up to %g s for it to be ready again, then giving up",
+                role,
+                first,
+                ready_timeout_s,
+            )
             known = client.info
             try:
                 info = await client.start(ready_timeout_s)

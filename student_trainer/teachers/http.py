@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 
 RETRY_STATUSES = (429, 503)
 PROBE_TIMEOUT_S = 1.0  # a health check answers in milliseconds unless the replica is stuck
+READY_NOTE_S = 10.0  # while waiting for readiness, say every this often how long the wait may last
 HOST_PATTERN = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(:\d{1,5})?")  # a Host header: name[:port]
 # ``None`` = the client's own direct transport; these win over the proxies httpx reads from the environment.
 LOOPBACK_DIRECT = {"all://127.0.0.1": None, "all://localhost": None, "all://[::1]": None}
@@ -152,6 +153,7 @@ class HttpTeacherClient:
         replicas = await self._pool()
         deadline = time.monotonic() + ready_timeout_s
         poll_s = 0.05
+        next_note = time.monotonic() + READY_NOTE_S
         while True:
             reasons = await asyncio.gather(*(self._not_ready(r, deadline) for r in replicas))
             ready = [r for r, reason in zip(replicas, reasons, strict=True) if reason is None]
@@ -163,6 +165,9 @@ class HttpTeacherClient:
                 raise TeacherUnavailableError(
                     f"teacher {self.model!r} was not ready after {ready_timeout_s:g}s ({detail})"
                 )
+            if time.monotonic() >= next_note:  # a long wait (an outage) is never silent
+                log.warning("teacher %r not ready (%s): giving up in %.0f s", self.model, reasons[0], left)
+                next_note += READY_NOTE_S
             await asyncio.sleep(min(poll_s, left))
             poll_s = min(poll_s * 2, 1.0)
         for replica in replicas:
@@ -312,25 +317,29 @@ class HttpTeacherClient:
         path = f"/v2/models/{self.model}/infer"
         errors: list[str] = []
         failed: _Replica | None = None
-        for attempt in range(self.max_retries + 1):
+        attempts = self.max_retries + 1
+        for attempt in range(attempts):
             now = time.monotonic()
             replica = min(replicas, key=lambda r: r.order(now))
             wait = replica.retry_at - now
             if failed is not None and (replica is failed or replica.cool_until > now):
                 wait = max(wait, self._backoff(attempt))
+            if errors:
+                log.warning(
+                    "teacher %r unreachable (attempt %d/%d: %s): retrying in %.1f s; %s",
+                    self.model,
+                    attempt,
+                    attempts,
+                    errors[-1],
+                    max(wait, 0.0),
+                    self._retries_left(attempt),
+                )
             if wait > 0:
                 await asyncio.sleep(wait)
             try:
                 response = await self._attempt(replica, path, body, headers)
             except _Retryable as err:
                 errors.append(f"{replica.url}: {err}")
-                log.warning(
-                    "teacher %r attempt %d/%d failed: %s",
-                    self.model,
-                    attempt + 1,
-                    self.max_retries + 1,
-                    errors[-1],
-                )
                 self._mark_failed(replica, err)
                 failed = replica
                 continue
@@ -340,6 +349,16 @@ class HttpTeacherClient:
             f"teacher {self.model!r} unavailable at {', '.join(self.urls)} after "
             f"{self.max_retries + 1} attempts; last error: {errors[-1]}"
         )
+
+    def _retries_left(self, attempt: int) -> str:
+        """What is left of the retry budget before attempt ``attempt`` (0-based): a refused
+        connection fails at once, a hung replica costs ``timeout_s``, plus each retry's backoff."""
+        left = self.max_retries + 1 - attempt
+        backoffs = sum(
+            min(self.backoff_max_s, self.backoff_base_s * 2 ** (a - 1))
+            for a in range(attempt + 1, attempt + left)
+        )
+        return f"{left} attempt(s) left, at most {left * self.timeout_s + backoffs:.0f} s more"
 
     async def _attempt(
         self, replica: _Replica, path: str, body: bytes, headers: dict[str, str]

@@ -165,8 +165,8 @@ def save_checkpoint(
 
 
 def rotate_checkpoints(output_dir: str | Path, keep: int | None) -> list[Path]:
-    """Delete all but the newest ``keep`` checkpoints; return what was deleted."""
-    if keep is None:
+    """Delete all but the newest ``keep`` checkpoints (``None`` or 0: keep all); return what was deleted."""
+    if not keep:
         return []
     found = list_checkpoints(output_dir)
     doomed = found[: max(0, len(found) - keep)]

@@ -145,6 +145,8 @@ def summary_paragraph(args: DistillArguments, results: dict[str, Any]) -> str:
         f"{results['world_size']} process(es)) in {results['train_runtime_s']:.1f} s with {method}. "
     )
     text += f"Evaluation: {scores}. " if scores else "No evaluation data. "
+    at_baseline = at_majority_baseline(results)
+    text += baseline_sentence(results, at_baseline)
     if ledger["teacher_flops_saved_fraction"] is None:
         text += "No teacher was queried. "
     else:
@@ -152,7 +154,9 @@ def summary_paragraph(args: DistillArguments, results: dict[str, Any]) -> str:
             f"Teachers spent {gflops(ledger['teacher_flops_spent'])} where vanilla KD on the same batches "
             f"would have spent {gflops(ledger['teacher_flops_vanilla'])} "
             f"({gflops(ledger['teacher_flops_vanilla_unpadded'])} without padding): "
-            f"{100 * ledger['teacher_flops_saved_fraction']:.1f}% saved. Dynamic KD's choices alone save "
+            f"{100 * ledger['teacher_flops_saved_fraction']:.1f}% saved"
+            f"{' by a student that learned nothing usable' if at_baseline else ''}. "
+            f"Dynamic KD's choices alone save "
             f"{100 * ledger['teacher_flops_saved_fraction_selection']:.1f}% (the rows sent would cost "
             f"{gflops(ledger['teacher_flops_requested'])} at their real lengths); the rest is the service's "
             f"padding removal and its cache ({ledger['teacher_cache_hits']:,} rows answered from it). "
@@ -166,4 +170,36 @@ def summary_paragraph(args: DistillArguments, results: dict[str, Any]) -> str:
             + (f" ({100 * used:.1f}% of it). " if used is not None else ". ")
         )
     text += f"Student training cost {gflops(ledger['student_flops'])}."
+    return text
+
+
+BASELINE_MARGIN = 0.01  # "within 1 point" of the majority-class baseline's accuracy
+
+
+def at_majority_baseline(results: dict[str, Any]) -> bool:
+    """Whether the student's accuracy is at most 1 point above always predicting the majority
+    label (False when there was no evaluation)."""
+    baseline, evaluation = results.get("majority_baseline"), results.get("eval") or {}
+    if not baseline or "eval_accuracy" not in evaluation:
+        return False
+    return evaluation["eval_accuracy"] - baseline["eval_accuracy"] <= BASELINE_MARGIN
+
+
+def baseline_sentence(results: dict[str, Any], at_baseline: bool) -> str:
+    """The majority-class baseline beside the student's score, so a FLOPs saving is read against
+    what the student learned ("" without an evaluation)."""
+    baseline = results.get("majority_baseline")
+    if not baseline:
+        return ""
+    metric = baseline["metric"]
+    scores = f"accuracy {baseline['eval_accuracy']:.4f}"
+    if metric != "accuracy":
+        scores += f", {metric} {baseline[f'eval_{metric}']:.4f}"
+    text = f"Majority-class baseline of the evaluation set (always {baseline['label']!r}): {scores}. "
+    if at_baseline:
+        below = results["eval"]["eval_accuracy"] < baseline["eval_accuracy"] - BASELINE_MARGIN
+        text += (
+            f"The student's accuracy is {'below' if below else 'within 1 point of'} that baseline: "
+            "it has not learned the task. "
+        )
     return text

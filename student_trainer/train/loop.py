@@ -261,7 +261,8 @@ def save_once(run: DistillRun, marks: Milestones) -> None:
 
 
 def finish(run: DistillRun, teachers: Teachers, marks: Milestones, reporter: Reporter) -> dict[str, Any]:
-    """Final evaluation and checkpoint; rank 0 saves the student, ``results.json`` and prints a summary."""
+    """Final evaluation and checkpoint; rank 0 saves the student, ``results.json`` and the summary
+    paragraph (printed and in ``summary.txt``)."""
     evaluate_once(run, marks, reporter)
     if run.args.save_strategy != "no":
         save_once(run, marks)
@@ -270,7 +271,9 @@ def finish(run: DistillRun, teachers: Teachers, marks: Milestones, reporter: Rep
         run.student.model.save_pretrained(run.output_dir)
         run.tokenizer.save_pretrained(run.output_dir)
         (run.output_dir / "results.json").write_text(json.dumps(results, indent=2))
-        print(summary_paragraph(run.args, results))
+        summary = summary_paragraph(run.args, results)
+        (run.output_dir / "summary.txt").write_text(summary + "\n")
+        print(summary)
         if results["above_majority_baseline"] is False:
             print(baseline_warning(results), file=sys.stderr)
     reporter.close()
