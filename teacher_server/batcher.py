@@ -1,16 +1,20 @@
 """One asyncio dynamic batcher per teacher: many small requests in, few full forward passes out.
 
-Requests are split into rows (instances). Rows answered by the cache never queue; the rest
-wait at most ``max_queue_delay_ms`` for company, then a *round* of queued requests is planned
-into forward passes: rows of the same output depth, sorted by length and cut into buckets
-(:func:`plan_batches`) within ``max_batch_size`` rows and ``max_batch_tokens`` padded tokens.
-Forward passes run one at a time in a worker thread, so the event loop keeps answering
-health checks and metrics. Every request gets its own rows back and, per row, an exact share
-of the FLOPs of the pass it rode in (rows of one pass have the same padded length).
+Requests are split into rows (instances). Rows answered by the cache never queue; the rest are
+served by *continuous batching*: an idle engine starts at once (``max_queue_delay_ms`` > 0 makes
+it wait that long at most for company), and whatever arrives during a pass joins the next one.
+Before every pass the rows waiting (a window of a few passes' worth, oldest requests first) are
+planned afresh: rows of the same output depth, sorted by length and cut into buckets
+(:func:`plan_batches`) within ``max_batch_size`` rows and ``max_batch_tokens`` padded tokens;
+the bucket holding a row of the oldest request runs. So length bucketing has choice under load,
+yet no request waits behind a whole round of later ones. Forward passes run one at a time in a
+worker thread, so the event loop keeps answering health checks and metrics. Every request gets
+its own rows back and, per row, an exact share of the FLOPs of the pass it rode in (rows of one
+pass have the same padded length).
 
 A request whose client went away or whose deadline passed is cancelled by its handler: it
-leaves the queue at once (its slot is free for live requests) and, if already taken into a
-round, its rows are skipped before the next pass is built.
+leaves the queue at once (its slot is free for live requests) and, if already begun, its
+remaining rows are left out of the next plan.
 """
 
 from __future__ import annotations
@@ -20,10 +24,10 @@ import contextlib
 import logging
 import math
 import time
-from collections import defaultdict, deque
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
@@ -35,9 +39,9 @@ from teacher_server.engine import OutputSpec, QueryError, TeacherEngine
 from teacher_server.errors import ServiceError
 from teacher_server.metrics import ServiceMetrics
 
-# A round looks ahead at this many passes' worth of queued rows: enough choice for length
-# bucketing, little enough that the oldest requests are not held back behind new ones.
-ROUND_PASSES = 4
+# Each plan looks ahead at this many passes' worth of waiting rows: enough choice for length
+# bucketing; only the bucket with the oldest request's row runs, so a wide window holds no one back.
+WINDOW_PASSES = 4
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -101,15 +105,6 @@ class Row:
     length: int
 
 
-@dataclass
-class _Group:
-    """Rows that need the same encoder depth, and the union of their layers."""
-
-    rows: list[Row] = field(default_factory=list)
-    cls_layers: set[int] = field(default_factory=set)
-    token_layers: set[int] = field(default_factory=set)
-
-
 def plan_batches(
     rows: list[Row], max_rows: int, max_tokens: int, pass_overhead_tokens: int
 ) -> list[list[Row]]:
@@ -157,8 +152,8 @@ class DynamicBatcher:
         self.cache = cache
         self.metrics = metrics
         self.name = engine.info.name
-        self._queue: deque[_Request] = deque()
-        self._round: list[_Request] = []  # taken from the queue, being computed
+        self._queue: deque[_Request] = deque()  # not begun, FIFO
+        self._active: list[_Request] = []  # some rows computed or being computed
         self._wakeup = asyncio.Event()
         self._closing = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"teacher-{self.name}")
@@ -214,12 +209,12 @@ class DynamicBatcher:
                 await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
             except TimeoutError:
                 self._task.cancel()
-        for request in [*self._round, *self._queue]:  # a cancelled round leaves its requests unanswered
+        for request in [*self._active, *self._queue]:  # a cancelled pass leaves its requests unanswered
             if not request.future.done():
                 request.future.set_exception(
                     ShuttingDownError("the service stopped before this request was answered")
                 )
-        self._round = []
+        self._active = []
         self._queue.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._preprocessor.shutdown(wait=False, cancel_futures=True)
@@ -263,7 +258,7 @@ class DynamicBatcher:
     def _withdraw(self, request: _Request) -> None:
         """Take a request its handler gave up on out of the queue, so it neither holds a slot a live
         request could use nor counts in the queue depth and Retry-After."""
-        with contextlib.suppress(ValueError):  # already taken into a round
+        with contextlib.suppress(ValueError):  # already begun: its remaining rows are skipped
             self._queue.remove(request)
             self.metrics.queue_depth.labels(self.name).set(len(self._queue))
 
@@ -274,78 +269,95 @@ class DynamicBatcher:
     # -- scheduling -----------------------------------------------------------------------------
 
     async def _serve(self) -> None:
-        while True:
-            self._round = await self._next_round()
-            if not self._round:
-                return
+        while await self._work_is_due():
+            rows, spec = self._next_pass()
             try:
-                await self._run_round(self._round)
-            except Exception as err:  # a bug outside the forward pass: fail this round, keep serving
-                log.exception("teacher %s: a round failed", self.name)
-                for request in self._round:
+                await self._run_pass(rows, spec)
+            except Exception as err:  # a bug outside the forward pass: fail these requests, keep serving
+                log.exception("teacher %s: a pass failed", self.name)
+                for request in {row.request for row in rows}:
                     if not request.future.done():
                         request.future.set_exception(err)
-            self._round = []
 
-    async def _next_round(self) -> list[_Request]:
-        """Wait for work, then for company (bounded delay), then take a round FIFO."""
+    async def _work_is_due(self) -> bool:
+        """Wait for work; an idle engine starts at once unless ``max_queue_delay_ms`` asks it to
+        wait (at most that long) for a pass's worth of company. False once closed and drained."""
         loop = asyncio.get_running_loop()
         delay = self.config.max_queue_delay_ms / 1000
         while True:
+            self._active = [r for r in self._active if not r.future.done()]
+            if any(r.future.done() for r in self._queue):  # failed by close() or a pass
+                self._queue = deque(r for r in self._queue if not r.future.done())
+            if self._active:
+                return True  # requests already begun come first, with no delay
             if not self._queue:
                 if self._closing:
-                    return []
+                    return False
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
             wait = self._queue[0].enqueued + delay - loop.time()
             if not self.config.dynamic_batching or self._closing or wait <= 0 or self._a_pass_is_full():
-                break
+                return True
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), wait)
-        taken: list[_Request] = []
-        rows = tokens = 0
-        while self._queue and (
-            not taken
-            or self.config.dynamic_batching
-            and rows < ROUND_PASSES * self.config.max_batch_size
-            and tokens < ROUND_PASSES * self.config.max_batch_tokens
-        ):
-            request = self._queue.popleft()
-            taken.append(request)
-            rows += request.todo
-            tokens += request.todo_tokens
-        self.metrics.queue_depth.labels(self.name).set(len(self._queue))
-        return taken
 
     def _a_pass_is_full(self) -> bool:
         rows = sum(r.todo for r in self._queue)
         tokens = sum(r.todo_tokens for r in self._queue)
         return rows >= self.config.max_batch_size or tokens >= self.config.max_batch_tokens
 
-    async def _run_round(self, requests: list[_Request]) -> None:
+    def _window(self) -> list[_Request]:
+        """The requests the next pass may draw rows from: those begun, then the queue FIFO,
+        up to ``WINDOW_PASSES`` passes' worth of rows (alone without dynamic batching)."""
+        window = list(self._active)
+        rows = sum(r.todo for r in window)
+        tokens = sum(r.todo_tokens for r in window)
+        for request in self._queue:
+            if window and (
+                not self.config.dynamic_batching
+                or rows >= WINDOW_PASSES * self.config.max_batch_size
+                or tokens >= WINDOW_PASSES * self.config.max_batch_tokens
+            ):
+                break
+            window.append(request)
+            rows += request.todo
+            tokens += request.todo_tokens
+        return window
+
+    def _next_pass(self) -> tuple[list[Row], OutputSpec]:
+        """Plan the window's rows into length buckets and take the bucket holding a row of the
+        oldest request: a request finishes within a few passes of its start, however busy the
+        queue, and what arrives during a pass joins the next plan (continuous batching)."""
+        window = self._window()  # never empty: _work_is_due saw live work
+        depth = self.engine.info.num_layers
+        group = lambda r: (r.spec.depth(depth), r.spec.want_logits)  # noqa: E731 - rows of one pass share it
+        oldest = window[0]
+        peers = [r for r in window if group(r) == group(oldest)]
+        rows = [Row(r, i, r.lengths[i]) for r in peers for i in r.pending_rows()]
         # without dynamic batching a request runs as sent: never split to save padding
         overhead = (
             self.config.effective_pass_overhead_tokens
             if self.config.dynamic_batching
             else self.config.max_batch_tokens
         )
-        groups: dict[tuple[int, bool], _Group] = defaultdict(_Group)
+        # batch-invariant: one row per pass, so each row's FLOPs share is its own exact cost
+        max_rows = 1 if self.engine.batch_invariant else self.config.max_batch_size
+        passes = plan_batches(rows, max_rows, self.config.max_batch_tokens, overhead)
+        chosen = next(p for p in passes if any(row.request is oldest for row in p))
+        requests = list(dict.fromkeys(row.request for row in chosen))
         for request in requests:
-            group = groups[(request.spec.depth(self.engine.info.num_layers), request.spec.want_logits)]
-            group.rows += [Row(request, i, request.lengths[i]) for i in request.pending_rows()]
-            group.cls_layers.update(request.spec.cls_layers)
-            group.token_layers.update(request.spec.token_layers)
-        for (_, want_logits), group in groups.items():
-            spec = OutputSpec(want_logits, tuple(sorted(group.cls_layers)), tuple(sorted(group.token_layers)))
-            # batch-invariant: one row per pass, so each row's FLOPs share is its own exact cost
-            max_rows = 1 if self.engine.batch_invariant else self.config.max_batch_size
-            passes = plan_batches(group.rows, max_rows, self.config.max_batch_tokens, overhead)
-            for batch in passes:
-                live = [row for row in batch if not row.request.future.done()]
-                if live:
-                    await self._run_pass(live, spec)
+            if request not in self._active:
+                self._queue.remove(request)
+                self._active.append(request)
+        self.metrics.queue_depth.labels(self.name).set(len(self._queue))
+        spec = OutputSpec(
+            oldest.spec.want_logits,
+            tuple(sorted({k for r in requests for k in r.spec.cls_layers})),
+            tuple(sorted({k for r in requests for k in r.spec.token_layers})),
+        )
+        return chosen, spec
 
     # -- one forward pass -----------------------------------------------------------------------
 

@@ -221,7 +221,7 @@ def test_expired_and_cancelled_requests_are_dropped_before_compute(engine):
     assert sample(batcher.metrics, "teacher_rejected_total", reason="cancelled") == 1
 
 
-def test_a_round_that_fails_outside_the_forward_pass_fails_its_requests_and_serving_goes_on(
+def test_a_pass_that_fails_outside_the_forward_pass_fails_its_requests_and_serving_goes_on(
     engine, monkeypatch
 ):
     batcher = make_batcher(engine, max_queue_delay_ms=0)
@@ -305,13 +305,47 @@ def test_given_up_requests_free_their_queue_slot_at_once(engine, monkeypatch):
     assert len(engine.passes) == 2  # the given-up requests never ran
 
 
-def test_close_fails_the_round_in_flight_when_the_drain_times_out(engine, monkeypatch):
+def test_what_arrives_during_a_pass_joins_the_next_and_the_oldest_request_goes_first(engine, monkeypatch):
+    """Continuous batching: the idle engine starts the first request alone at once; requests that
+    arrive meanwhile are planned together, and the bucket of the oldest of them runs first: its
+    long rows are not held back behind passes of short rows that came later."""
+    batcher = make_batcher(engine, max_batch_size=2, pass_overhead_tokens=0)  # default: no queue delay
+    gate = Gate(monkeypatch, engine)
+    finished: list[str] = []
+    long_pair, short = [SENTENCES[1], SENTENCES[3]], SENTENCES[2:3] + SENTENCES[4:5]
+
+    async def scenario():
+        batcher.start()
+
+        def send(name, texts):
+            task = asyncio.ensure_future(batcher.infer(query(engine, texts)))
+            task.add_done_callback(lambda _: finished.append(name))
+            return task
+
+        tasks = [send("first", SENTENCES[:1])]
+        await gate.wait_until_a_pass_runs()
+        tasks += [send("long", long_pair), *(send(f"short{i}", short) for i in range(3))]
+        await asyncio.sleep(0.05)
+        gate.opened.set()
+        await asyncio.gather(*tasks)
+        await batcher.close(5)
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), 10))
+    finally:
+        gate.opened.set()
+    assert engine.passes[0][0] == 1  # the first request ran alone, without waiting for company
+    assert finished[:2] == ["first", "long"], finished  # then the oldest waiting request's bucket
+    assert sum(rows for rows, _ in engine.passes) == 1 + 2 + 3 * 2
+
+
+def test_close_fails_the_pass_in_flight_when_the_drain_times_out(engine, monkeypatch):
     batcher = make_batcher(engine, max_queue_delay_ms=0, max_batch_size=2, pass_overhead_tokens=10_000)
     gate = Gate(monkeypatch, engine)
 
     async def scenario():
         batcher.start()
-        # one request per pass: a round of three requests, the first pass held at the gate
+        # one request per pass: three requests, the first pass held at the gate
         tasks = [asyncio.ensure_future(batcher.infer(query(engine, SENTENCES[i : i + 2]))) for i in (0, 2, 4)]
         await gate.wait_until_a_pass_runs()
         await batcher.close(0.05)
