@@ -1,4 +1,9 @@
-"""Typed dependencies of the routes: the service, a teacher's batcher or engine, the body, the API key."""
+"""Typed dependencies of the routes: the service, a teacher's batcher or engine, the body, the API key.
+
+Every dependency is ``async def``, even those that never await: FastAPI runs a plain ``def``
+dependency in its thread pool, a thread hop per dependency per request that competes with the
+teacher's torch threads for the cores (the single-client regime of a dynamic-KD trainer).
+"""
 
 from __future__ import annotations
 
@@ -16,15 +21,20 @@ from teacher_server.errors import CLIENT_CLOSED_REQUEST, ServiceError
 from teacher_server.service import TeacherService
 
 
-def get_service(request: Request) -> TeacherService:
+def service_of(request: Request) -> TeacherService:
+    """The service behind ``request``'s app (for code outside dependency injection)."""
     return request.app.state.service
+
+
+async def get_service(request: Request) -> TeacherService:
+    return service_of(request)
 
 
 ServiceDep = Annotated[TeacherService, Depends(get_service)]
 bearer = HTTPBearer(auto_error=False, description="the API key, when the server was started with one")
 
 
-def require_api_key(
+async def require_api_key(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)], service: ServiceDep
 ) -> None:
     """401 unless ``Authorization: Bearer <key>`` matches (constant-time compare)."""
@@ -37,7 +47,7 @@ def require_api_key(
         )
 
 
-def get_batcher(name: str, service: ServiceDep) -> DynamicBatcher:
+async def get_batcher(name: str, service: ServiceDep) -> DynamicBatcher:
     """The named teacher's batcher: 404 if no such teacher, 503 while it loads or drains."""
     if all(t.name != name for t in service.config.teachers):
         known = ", ".join(t.name for t in service.config.teachers)
@@ -52,7 +62,7 @@ def get_batcher(name: str, service: ServiceDep) -> DynamicBatcher:
 BatcherDep = Annotated[DynamicBatcher, Depends(get_batcher)]
 
 
-def get_engine(batcher: BatcherDep) -> TeacherEngine:
+async def get_engine(batcher: BatcherDep) -> TeacherEngine:
     return batcher.engine
 
 

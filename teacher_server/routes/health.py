@@ -12,7 +12,7 @@ READY_SCHEMA = {"type": "object", "properties": {"ready": {"type": "boolean"}}, 
 
 
 @router.get("/v2/health/live", summary="Server live")
-def live() -> dict[str, bool]:
+async def live() -> dict[str, bool]:
     return {"live": True}
 
 
@@ -27,7 +27,7 @@ def live() -> dict[str, bool]:
         },
     },
 )
-def ready(service: ServiceDep) -> JSONResponse:
+async def ready(service: ServiceDep) -> JSONResponse:
     return JSONResponse({"ready": service.ready}, status_code=200 if service.ready else 503)
 
 
@@ -37,6 +37,6 @@ def ready(service: ServiceDep) -> JSONResponse:
     response_class=PlainTextResponse,
     responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
 )
-def metrics(service: ServiceDep) -> Response:
+async def metrics(service: ServiceDep) -> Response:
     body, content_type = service.metrics.render()
     return Response(body, media_type=content_type)

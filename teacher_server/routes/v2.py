@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from shared.codec import HEADER_LENGTH
 from shared.protocol import ErrorBody, InferenceRequest, InferenceResponse, ModelMetadata, ServerMetadata
 from teacher_server import __version__, v2_adapter
-from teacher_server.deps import BatcherDep, BodyDep, EngineDep, ServiceDep, get_service, require_api_key
+from teacher_server.deps import BatcherDep, BodyDep, EngineDep, ServiceDep, require_api_key, service_of
 from teacher_server.errors import CLIENT_CLOSED_REQUEST, ServiceError
 
 T = TypeVar("T")
@@ -59,7 +59,7 @@ BINARY_NOTE = (
 @router.get(
     "/v2", summary="Server metadata", response_model=ServerMetadata, responses=error_responses(UNAUTHORIZED)
 )
-def server_metadata() -> dict[str, Any]:
+async def server_metadata() -> dict[str, Any]:
     return {"name": "teacher-server", "version": __version__, "extensions": ["binary_tensor_data"]}
 
 
@@ -69,12 +69,12 @@ def server_metadata() -> dict[str, Any]:
     response_model=ModelMetadata,
     responses=error_responses(MODEL_ERRORS),
 )
-def model_metadata(name: str, engine: EngineDep) -> dict[str, Any]:
+async def model_metadata(name: str, engine: EngineDep) -> dict[str, Any]:
     return v2_adapter.model_metadata(name, engine)
 
 
 @router.get("/v2/models/{name}/ready", summary="Model ready", responses=error_responses(MODEL_ERRORS))
-def model_ready(name: str, batcher: BatcherDep) -> JSONResponse:
+async def model_ready(name: str, batcher: BatcherDep) -> JSONResponse:
     return JSONResponse({"name": name, "ready": True})
 
 
@@ -168,7 +168,7 @@ def count_infer_error(request: Request, status: int) -> None:
     so that clients cannot mint label values."""
     if request.scope.get("endpoint") is not infer:
         return
-    service = get_service(request)
+    service = service_of(request)
     name = request.path_params.get("name", "")
     model = name if any(t.name == name for t in service.config.teachers) else ""
     service.metrics.requests.labels(model, str(status)).inc()
