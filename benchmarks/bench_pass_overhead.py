@@ -1,0 +1,100 @@
+"""What one more forward pass costs, in padded tokens: the batcher's ``pass_overhead_tokens``.
+
+    python benchmarks/bench_pass_overhead.py [--threads 1,2] [--pools 8,32,128] [--overheads 0,8,32,...]
+
+Length bucketing (``plan_batches``) splits the rows waiting for a teacher into passes of similar
+length when taking a longer row would pad the pass by more than ``pass_overhead_tokens``. Too low
+and a lone request of 8 sentences runs as 2–3 small passes; too high and passes carry padding.
+This measures in-process (no server) the sequences per second of the passes planned for pools of
+``P`` queued SST-2 sentences (8 = one request, 128 = 16 clients' requests) under each candidate
+overhead, so the default can be the best one measured, not a guess. Writes JSON (``--output``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+from bench_server import ROOT, default_teacher, in_process, load_sentences
+from transformers import AutoTokenizer
+
+from shared.modeling import load_sequence_classifier
+from teacher_server.batcher import Row, plan_batches
+
+NO_SPLIT = 10**9  # an overhead no padding can exceed: every pool runs as full passes
+
+
+def planned_passes(
+    encoded: list[list[int]], pool: int, overhead: int, args: argparse.Namespace
+) -> list[list[int]]:
+    """The passes the batcher plans for consecutive pools of ``pool`` rows."""
+    passes = []
+    for start in range(0, len(encoded), pool):
+        rows = [Row(None, i, len(encoded[i])) for i in range(start, min(start + pool, len(encoded)))]
+        planned = plan_batches(rows, args.max_batch_size, args.max_batch_tokens, overhead)
+        passes += [[row.index for row in batch] for batch in planned]
+    return passes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", default="1,2", help="torch thread counts, comma-separated")
+    parser.add_argument("--pools", default="8,32,128", help="queued rows per planning, comma-separated")
+    parser.add_argument("--overheads", default="0,8,32,64,128,256,512,none", help="'none': never split")
+    parser.add_argument("--sentences", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the best is kept")
+    parser.add_argument("--max_batch_size", type=int, default=64)
+    parser.add_argument("--max_batch_tokens", type=int, default=4096)
+    parser.add_argument("--output", default=str(ROOT / "runs" / "bench_pass_overhead.json"))
+    args = parser.parse_args(argv)
+    overheads = [NO_SPLIT if o == "none" else int(o) for o in args.overheads.split(",")]
+    teacher = default_teacher()
+    sentences, source = load_sentences(args.sentences)
+    tokenizer = AutoTokenizer.from_pretrained(teacher)
+    encoded = [tokenizer(s, truncation=True, max_length=128)["input_ids"] for s in sentences]
+    model = load_sequence_classifier(teacher, num_labels=2).eval()
+
+    rows = []
+    for threads in [int(t) for t in args.threads.split(",")]:
+        torch.set_num_threads(threads)
+        for pool in [int(p) for p in args.pools.split(",")]:
+            plans = {o: planned_passes(encoded, pool, o, args) for o in overheads}
+            best = dict.fromkeys(overheads, 0.0)
+            for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits all alike
+                for o, passes in plans.items():
+                    best[o] = max(best[o], in_process(model, encoded, passes))
+            for o in overheads:
+                passes_per_pool = len(plans[o]) * pool / len(encoded)
+                rows.append({
+                    "threads": threads, "pool": pool, "overhead_tokens": None if o == NO_SPLIT else o,
+                    "passes_per_pool": passes_per_pool, "sequences_per_s": best[o],
+                })  # fmt: skip
+                print(
+                    f"threads {threads} pool {pool:>4} overhead {o if o != NO_SPLIT else 'none':>5}: "
+                    f"{passes_per_pool:5.2f} passes/pool {best[o]:7.1f} seq/s",
+                    flush=True,
+                )
+    report = {
+        "command": " ".join(["python benchmarks/bench_pass_overhead.py", *(argv or sys.argv[1:])]),
+        "sentences": source,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "load_average": os.getloadavg(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },  # fmt: skip
+        "rows": rows,
+    }
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
