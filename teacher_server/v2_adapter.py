@@ -1,9 +1,11 @@
-"""KServe v2 ⟷ teacher queries, as pure functions (no I/O, no event loop): the routes run them in
-worker threads, since tokenizing, rendering and encoding a large request take long.
+"""KServe v2 ⟷ teacher queries, as pure functions (no I/O, no event loop): the routes run the
+large ones in worker threads (tokenizing, rendering and encoding a large request take long) and
+the small ones inline (a thread hop costs more than they do).
 
-* :func:`decode` — body → :class:`TeacherCall`: input names, datatypes and sizes are checked from
-  the JSON header before any tensor is decoded (:func:`check_inputs`), then texts are tokenized with
-  the teacher's own tokenizer, outputs and parameters checked, the answer's size bounded.
+* :func:`parse` — body → :class:`~shared.codec.DecodedRequest`: input names, datatypes and sizes
+  are checked from the JSON header before any tensor is decoded (:func:`check_inputs`).
+* :func:`to_call` — decoded request → :class:`TeacherCall`: texts are tokenized with the teacher's
+  own tokenizer (:func:`needs_tokenizer`), outputs and parameters checked, the answer's size bounded.
 * :func:`encode` — answer → v2 response body (JSON or the binary tensor extension).
 * :func:`model_metadata` — the ``GET /v2/models/{name}`` document.
 
@@ -13,8 +15,10 @@ malformed, 422 unanswerable).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -48,16 +52,41 @@ MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-2, 1e4
 MAX_TIMEOUT_MS = 3_600_000.0
 
 
-def decode(
+def parse(
     body: bytes, header_length: str | None, engine: TeacherEngine, config: TeacherConfig
-) -> TeacherCall:
-    """A v2 request body as the query it asks the teacher (see the module docstring)."""
+) -> DecodedRequest:
+    """A v2 request body, checked and decoded into tensors (texts stay strings)."""
     check = functools.partial(check_inputs, engine=engine, max_rows=config.max_batch_size)
+    with _codec_errors_as_400():
+        return parse_request_body(body, header_length, check)
+
+
+@contextlib.contextmanager
+def _codec_errors_as_400() -> Iterator[None]:
+    """The codec is shared with the client and knows no HTTP statuses."""
     try:
-        call = to_teacher_call(parse_request_body(body, header_length, check), engine)
-    except CodecError as err:  # the codec is shared with the client and knows no HTTP statuses
+        yield
+    except CodecError as err:
         raise BadRequest(err.message, err.field) from None
-    check_output_size(call, engine, config.max_output_mb)
+
+
+def needs_tokenizer(request: DecodedRequest) -> bool:
+    """Texts are tokenized on the teacher's own preprocessing thread: a fast tokenizer must not be
+    used from two threads at once."""
+    return "text" in request.inputs
+
+
+def to_call(request: DecodedRequest, engine: TeacherEngine, config: TeacherConfig) -> TeacherCall:
+    """The query a decoded request asks the teacher (see the module docstring)."""
+    with _codec_errors_as_400():
+        call = to_teacher_call(request, engine)
+    megabytes = output_bytes(call, engine) / 2**20
+    if megabytes > config.max_output_mb:
+        raise Unprocessable(
+            f"the outputs would take {megabytes:,.1f} MB, above this teacher's max_output_mb "
+            f"{config.max_output_mb:g}: ask for fewer rows, layers or tokens, or FP16/BF16 outputs",
+            "outputs",
+        )
     return call
 
 
@@ -163,21 +192,15 @@ def to_teacher_call(request: DecodedRequest, engine: TeacherEngine) -> TeacherCa
     )
 
 
-def check_output_size(call: TeacherCall, engine: TeacherEngine, max_output_mb: float) -> None:
-    """Refuse (422) what would answer with more than ``max_output_mb`` of tensors, before it runs:
-    all-token hidden states of many layers grow as rows × layers × tokens × width, and the
-    service holds a few copies of an answer while it renders it."""
+def output_bytes(call: TeacherCall, engine: TeacherEngine) -> int:
+    """The size of the answer's tensors, known before it runs: all-token hidden states of many
+    layers grow as rows × layers × tokens × width, and the service holds a few copies of an answer
+    while it renders it."""
     rows, length = call.query.input_ids.shape
     width, labels = engine.info.hidden_size, engine.info.num_labels
     per_row = sum(labels for name in call.outputs if name in ("logits", "probs"))
     per_row += len(call.query.cls_layers) * width + len(call.query.token_layers) * length * width
-    megabytes = rows * per_row * call.output_dtype.itemsize / 2**20
-    if megabytes > max_output_mb:
-        raise Unprocessable(
-            f"the outputs would take {megabytes:,.1f} MB, above this teacher's max_output_mb "
-            f"{max_output_mb:g}: ask for fewer rows, layers or tokens, or FP16/BF16 outputs",
-            "outputs",
-        )
+    return rows * per_row * call.output_dtype.itemsize
 
 
 def _texts(inputs: dict[str, Tensor], name: str) -> list[str]:

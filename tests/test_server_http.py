@@ -23,6 +23,7 @@ from shared.flops import encoder_forward_flops
 from teacher_server import v2_adapter
 from teacher_server.app import create_app
 from teacher_server.config import ServerConfig
+from teacher_server.routes import v2 as v2_routes
 
 TEXTS = ["a good movie", "the plot was boring and the acting awful , really bad", "fun !"]
 PAIRS = ["i like it", "not great", "the best film of the year"]
@@ -134,10 +135,11 @@ def decode(response):
 # --- correct numbers ------------------------------------------------------------------------
 
 
-def test_decoding_tokenizing_and_encoding_run_off_the_event_loop(server, monkeypatch):
+def test_tokenizing_and_large_bodies_run_off_the_event_loop_small_ones_on_it(server, monkeypatch):
     """Heavy per-request work must not run on the event loop: a large request would stall every
     health probe and every other request while it is tokenized (64 texts x 60 KB took 1 s; see
-    benchmarks/bench_health.py for the timing)."""
+    benchmarks/bench_health.py for the timing). Texts are always tokenized off the loop; a small
+    body or answer is decoded / encoded on it, since a thread hop costs more than that work."""
     seen: dict[str, bool] = {}
 
     def on_loop() -> bool:
@@ -158,8 +160,13 @@ def test_decoding_tokenizing_and_encoding_run_off_the_event_loop(server, monkeyp
     monkeypatch.setattr(engine, "tokenize", spy("tokenize", engine.tokenize))
     monkeypatch.setattr(v2_adapter, "parse_request_body", spy("decode", v2_adapter.parse_request_body))
     monkeypatch.setattr(v2_adapter, "build_response_body", spy("encode", v2_adapter.build_response_body))
-    texts = [t + " off the loop" for t in TEXTS]
-    decode(infer(server.url, "small", {"text": texts}))
+    decode(infer(server.url, "small", {"text": [t + " small" for t in TEXTS]}))
+    assert seen == {"decode": True, "tokenize": False, "encode": True}
+    monkeypatch.setattr(v2_routes, "INLINE_BYTES", 2048)  # the test server refuses bodies over 64 KB
+    large = [t + " and" * 500 for t in TEXTS]
+    assert len(json.dumps(large)) > v2_routes.INLINE_BYTES
+    layers = {"hidden_states": {"layers": "0,1,2"}}  # all-token states: a large answer too
+    decode(infer(server.url, "small", {"text": large}, outputs=layers, parameters={"cache": False}))
     assert seen == {"decode": False, "tokenize": False, "encode": False}
 
 

@@ -57,8 +57,9 @@ def test_every_accepted_request_answers_finite_floats(
         "parameters": {"output_dtype": dtype, **({} if on_output else {"temperature": temperature})},
     }
     try:
-        call = v2_adapter.decode(
-            json.dumps(body).encode(), None, engine, TeacherConfig(name="small", path="x")
+        config = TeacherConfig(name="small", path="x")
+        call = v2_adapter.to_call(
+            v2_adapter.parse(json.dumps(body).encode(), None, engine, config), engine, config
         )
     except ServiceError as err:  # refused: a 4xx naming the temperature, never a 500
         assert 400 <= err.status < 500 and err.field is not None and err.field.endswith("temperature")
