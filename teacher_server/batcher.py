@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -157,9 +158,10 @@ class DynamicBatcher:
         self._wakeup = asyncio.Event()
         self._closing = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"teacher-{self.name}")
-        # decoding and tokenizing requests: off the event loop, one at a time (a fast tokenizer
-        # must not be called from two threads at once), beside the forward passes, not behind them
+        # tokenizing requests: one at a time (a fast tokenizer must not be called from two threads
+        # at once), beside the forward passes, not behind them; large ones off the event loop
         self._preprocessor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tokenize-{self.name}")
+        self._tokenizer_lock = threading.Lock()
         self._task: asyncio.Task[None] | None = None
         self._seconds_per_row = 0.05  # refined after every pass; only used for Retry-After
         self._pad_id = int(engine.config.pad_token_id or 0)
@@ -167,9 +169,20 @@ class DynamicBatcher:
     def start(self) -> None:
         self._task = asyncio.create_task(self._serve(), name=f"batcher-{self.name}")
 
-    async def preprocess(self, work: Callable[..., T], *args: Any) -> T:
-        """Run ``work(*args)`` (decode and tokenize a request) on this teacher's preprocessing thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._preprocessor, work, *args)
+    async def preprocess(self, work: Callable[..., T], *args: Any, inline: bool = False) -> T:
+        """Run ``work(*args)`` (tokenize a request), holding the tokenizer: on the event loop when
+        ``inline`` (a small request) and the tokenizer is free at once, else on this teacher's
+        preprocessing thread (the loop never waits for the lock)."""
+        if inline and self._tokenizer_lock.acquire(blocking=False):
+            try:
+                return work(*args)
+            finally:
+                self._tokenizer_lock.release()
+        return await asyncio.get_running_loop().run_in_executor(self._preprocessor, self._locked, work, *args)
+
+    def _locked(self, work: Callable[..., T], *args: Any) -> T:
+        with self._tokenizer_lock:
+            return work(*args)
 
     async def infer(self, query: TeacherQuery, *, timeout_s: float | None = None) -> TeacherAnswer:
         """Answer one request; raises QueryError, QueueFullError, DeadlineExceededError, ShuttingDownError."""

@@ -8,6 +8,7 @@ import logging
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -138,8 +139,8 @@ def decode(response):
 def test_tokenizing_and_large_bodies_run_off_the_event_loop_small_ones_on_it(server, monkeypatch):
     """Heavy per-request work must not run on the event loop: a large request would stall every
     health probe and every other request while it is tokenized (64 texts x 60 KB took 1 s; see
-    benchmarks/bench_health.py for the timing). Texts are always tokenized off the loop; a small
-    body or answer is decoded / encoded on it, since a thread hop costs more than that work."""
+    benchmarks/bench_health.py for the timing). A small body or answer is decoded, tokenized and
+    encoded on it, since a thread hop costs more than that work."""
     seen: dict[str, bool] = {}
 
     def on_loop() -> bool:
@@ -161,13 +162,41 @@ def test_tokenizing_and_large_bodies_run_off_the_event_loop_small_ones_on_it(ser
     monkeypatch.setattr(v2_adapter, "parse_request_body", spy("decode", v2_adapter.parse_request_body))
     monkeypatch.setattr(v2_adapter, "build_response_body", spy("encode", v2_adapter.build_response_body))
     decode(infer(server.url, "small", {"text": [t + " small" for t in TEXTS]}))
-    assert seen == {"decode": True, "tokenize": False, "encode": True}
+    assert seen == {"decode": True, "tokenize": True, "encode": True}
     monkeypatch.setattr(v2_routes, "INLINE_BYTES", 2048)  # the test server refuses bodies over 64 KB
     large = [t + " and" * 500 for t in TEXTS]
     assert len(json.dumps(large)) > v2_routes.INLINE_BYTES
     layers = {"hidden_states": {"layers": "0,1,2"}}  # all-token states: a large answer too
     decode(infer(server.url, "small", {"text": large}, outputs=layers, parameters={"cache": False}))
     assert seen == {"decode": False, "tokenize": False, "encode": False}
+
+
+def test_a_small_request_never_waits_on_the_event_loop_for_a_busy_tokenizer(server, monkeypatch):
+    """While the tokenizer is held (a large request being tokenized), a small text request goes to
+    the preprocessing thread instead of blocking the loop: health probes keep answering."""
+    batcher = server.app.state.service.batchers["small"]
+    engine = batcher.engine
+    tokenized_on_loop: list[bool] = []
+
+    def spy(*args, **kwargs):
+        try:
+            asyncio.get_running_loop()
+            tokenized_on_loop.append(True)
+        except RuntimeError:
+            tokenized_on_loop.append(False)
+        return tokenize(*args, **kwargs)
+
+    tokenize = engine.tokenize
+    monkeypatch.setattr(engine, "tokenize", spy)
+    with ThreadPoolExecutor(1) as pool:
+        with batcher._tokenizer_lock:  # as if a large request were being tokenized
+            pending = pool.submit(infer, server.url, "small", {"text": [t + " waits" for t in TEXTS]})
+            time.sleep(0.3)
+            assert not pending.done()  # waiting for the tokenizer, off the loop
+            probe = httpx.get(f"{server.url}/v2/health/live", trust_env=False, timeout=2)
+            assert probe.status_code == 200
+        assert decode(pending.result(timeout=10)).outputs["logits"].shape[0] == len(TEXTS)
+    assert tokenized_on_loop == [False]
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])

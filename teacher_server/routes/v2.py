@@ -1,9 +1,10 @@
 """KServe Open Inference Protocol v2: server and model metadata, model readiness, inference.
 
-The infer handler does no heavy work on the event loop: texts are tokenized on the teacher's
-preprocessing thread, and bodies or answers over ``INLINE_BYTES`` are decoded or encoded on a
-worker thread (see :mod:`teacher_server.v2_adapter`), so a large request cannot stall health
-probes or other requests; a small one (a trainer's few rows) skips the thread hops.
+The infer handler does no heavy work on the event loop: bodies over ``INLINE_BYTES`` are decoded
+and tokenized on worker threads, and answers over it encoded there (see
+:mod:`teacher_server.v2_adapter`), so a large request cannot stall health probes or other requests;
+a small one (a trainer's few rows, a client's few sentences) skips the thread hops, which cost
+more than its work.
 """
 
 from __future__ import annotations
@@ -135,7 +136,8 @@ async def infer(
         header_length = request.headers.get(HEADER_LENGTH)
         decoded = await inline_if_small(len(body), v2_adapter.parse, body, header_length, engine, config)
         if v2_adapter.needs_tokenizer(decoded):
-            call = await batcher.preprocess(v2_adapter.to_call, decoded, engine, config)
+            small = len(body) <= INLINE_BYTES  # then tokenized on the loop too, if the tokenizer is free
+            call = await batcher.preprocess(v2_adapter.to_call, decoded, engine, config, inline=small)
         else:
             call = v2_adapter.to_call(decoded, engine, config)  # the tensors are decoded: cheap
         answer = await unless_disconnected(request, batcher.infer(call.query, timeout_s=call.timeout_s))
