@@ -99,6 +99,13 @@ class _Request:
         return [i for i, out in enumerate(self.outputs) if out is None]
 
 
+def teacher_thread(name: str) -> ThreadPoolExecutor:
+    """The one thread that loads, warms up and runs a teacher. OpenMP keeps a pool of workers per
+    calling thread: a teacher loaded on one thread and run on another leaves two pools on the same
+    cores, and its passes run slower (benchmarks/bench_teacher_thread.py)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"teacher-{name}")
+
+
 @dataclass(frozen=True)
 class Row:
     request: _Request
@@ -146,7 +153,13 @@ class DynamicBatcher:
     """Queue, plan and run one teacher's work; :meth:`infer` is the only entry point."""
 
     def __init__(
-        self, engine: TeacherEngine, config: TeacherConfig, *, cache: OutputCache, metrics: ServiceMetrics
+        self,
+        engine: TeacherEngine,
+        config: TeacherConfig,
+        *,
+        cache: OutputCache,
+        metrics: ServiceMetrics,
+        executor: ThreadPoolExecutor | None = None,
     ):
         self.engine = engine
         self.config = config
@@ -157,7 +170,9 @@ class DynamicBatcher:
         self._active: list[_Request] = []  # some rows computed or being computed
         self._wakeup = asyncio.Event()
         self._closing = False
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"teacher-{self.name}")
+        # forward passes, one at a time; pass the thread that loaded the engine (teacher_thread):
+        # one OpenMP pool per teacher instead of two
+        self._executor = executor or teacher_thread(self.name)
         # tokenizing requests: one at a time (a fast tokenizer must not be called from two threads
         # at once), beside the forward passes, not behind them; large ones off the event loop
         self._preprocessor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tokenize-{self.name}")

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from shared.teacher_api import TeacherQuery
-from teacher_server.batcher import DynamicBatcher
+from teacher_server.batcher import DynamicBatcher, teacher_thread
 from teacher_server.cache import OutputCache
 from teacher_server.config import ServerConfig
 from teacher_server.engine import TeacherEngine
@@ -45,19 +45,22 @@ class TeacherService:
 
     async def load(self) -> None:
         """Load and warm up every teacher (in threads); a failure is one log line, never ready."""
+        loop = asyncio.get_running_loop()
         for teacher in self.config.teachers:
             started = time.perf_counter()
+            thread = teacher_thread(teacher.name)  # loads, warms up and later runs this teacher
             try:
-                engine = await asyncio.to_thread(TeacherEngine.from_config, teacher)
+                engine = await loop.run_in_executor(thread, TeacherEngine.from_config, teacher)
                 if self.config.warmup:
-                    await asyncio.to_thread(_warm_up, engine)
+                    await loop.run_in_executor(thread, _warm_up, engine)
             except Exception as err:
+                thread.shutdown(wait=False)
                 message = f"teacher {teacher.name!r} failed to load from {teacher.path}: {err}"
                 logger.error(" ".join(message.split()), extra={"event": "load_failed", "model": teacher.name})
                 if self.on_load_failure is not None:
                     self.on_load_failure(message)
                 return
-            batcher = DynamicBatcher(engine, teacher, cache=self.cache, metrics=self.metrics)
+            batcher = DynamicBatcher(engine, teacher, cache=self.cache, metrics=self.metrics, executor=thread)
             batcher.start()
             self.batchers[teacher.name] = batcher
             logger.info(

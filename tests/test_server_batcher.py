@@ -22,9 +22,10 @@ from teacher_server.batcher import (
     plan_batches,
 )
 from teacher_server.cache import OutputCache, RowOutputs, row_key, row_tensors
-from teacher_server.config import TeacherConfig
+from teacher_server.config import ServerConfig, TeacherConfig
 from teacher_server.engine import OutputSpec, QueryError, TeacherEngine
 from teacher_server.metrics import ServiceMetrics
+from teacher_server.service import TeacherService
 
 SENTENCES = [
     "a good movie",
@@ -476,3 +477,30 @@ def test_without_dynamic_batching_each_request_runs_alone_as_sent(engine):
     assert engine.passes == [tuple(q.input_ids.shape) for q in queries]  # one pass each, no re-bucketing
     for q, answer in zip(queries, answers, strict=True):
         assert answer.padded_tokens == q.input_ids.numel()
+
+
+def test_a_teacher_is_loaded_warmed_up_and_run_on_one_thread(tiny_teachers, monkeypatch):
+    """OpenMP keeps a worker pool per calling thread: loading on one thread and running on another
+    left two pools on the same cores (slower passes, benchmarks/bench_teacher_thread.py)."""
+    threads: dict[str, set[int]] = {"load": set(), "run": set()}
+    from_config, run = TeacherEngine.from_config.__func__, TeacherEngine.run
+
+    def loading(cls, teacher):
+        threads["load"].add(threading.get_ident())
+        return from_config(cls, teacher)
+
+    def running(self, query):
+        threads["run"].add(threading.get_ident())
+        return run(self, query)
+
+    monkeypatch.setattr(TeacherEngine, "from_config", classmethod(loading))
+    monkeypatch.setattr(TeacherEngine, "run", running)
+    service = TeacherService(ServerConfig(teachers=[{"name": "small", "path": str(tiny_teachers["small"])}]))
+
+    async def scenario():
+        await service.load()
+        await service.batchers["small"].infer(query(service.batchers["small"].engine, SENTENCES[:2]))
+        await service.close()
+
+    asyncio.run(scenario())
+    assert len(threads["load"]) == 1 and threads["run"] == threads["load"]  # warm-up and passes included

@@ -1,0 +1,104 @@
+"""One thread per teacher, or two: what a second OpenMP pool costs a forward pass.
+
+    python benchmarks/bench_teacher_thread.py [--rounds 3] [--threads 2] [--rows 8]
+
+OpenMP keeps a pool of worker threads per *calling* thread. A teacher loaded and warmed up on one
+thread and then run on another (what the service did before) leaves two pools on the same cores;
+one thread doing it all leaves one. Each mode runs in its own process (pools live as long as the
+process), in interleaved rounds: ``main`` (load and run on the main thread), ``one-thread`` (load,
+warm up and run on one worker thread: the service now) and ``two-threads`` (load and warm up on
+one thread, run on another). Median ms per pass of ``--rows`` SST-2 sentences; writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from bench_server import ROOT, default_teacher, load_sentences, pad
+
+MODES = ("main", "one-thread", "two-threads")
+
+
+def measure(mode: str, rows: int, threads: int) -> float:
+    """Median ms per pass, in this process, laid out as ``mode`` says."""
+    import torch  # imported here so that the parent process starts no OpenMP pool of its own
+    from transformers import AutoTokenizer
+
+    from shared.teacher_api import TeacherQuery
+    from teacher_server.config import TeacherConfig
+    from teacher_server.engine import TeacherEngine
+
+    torch.set_num_threads(threads)
+    teacher = default_teacher()
+    tokenizer = AutoTokenizer.from_pretrained(teacher)
+    sentences, _ = load_sentences(rows * 40)
+    encoded = [tokenizer(s, truncation=True, max_length=64)["input_ids"] for s in sentences]
+    queries = []
+    for i in range(40):
+        ids, mask = pad(encoded[i * rows : (i + 1) * rows])
+        queries.append(TeacherQuery(ids, mask, None, want_logits=True))
+
+    def load() -> TeacherEngine:
+        engine = TeacherEngine.from_config(TeacherConfig(name="t", path=teacher, max_seq_length=64))
+        engine.run(queries[0])  # the warm-up pass, as the service does
+        return engine
+
+    def run(engine: TeacherEngine) -> float:
+        times = []
+        for query in queries:
+            started = time.perf_counter()
+            engine.run(query)
+            times.append(time.perf_counter() - started)
+        return 1000 * statistics.median(times[5:])
+
+    if mode == "main":
+        return run(load())
+    with ThreadPoolExecutor(1) as first, ThreadPoolExecutor(1) as second:
+        engine = first.submit(load).result()
+        return (first if mode == "one-thread" else second).submit(run, engine).result()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rows", type=int, default=8)
+    parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)  # a child process's one mode
+    parser.add_argument("--output", default=str(ROOT / "runs" / "bench_teacher_thread.json"))
+    args = parser.parse_args()
+    if args.mode:
+        print(measure(args.mode, args.rows, args.threads))
+        return 0
+    samples: dict[str, list[float]] = {mode: [] for mode in MODES}
+    for number in range(args.rounds):
+        for mode in MODES if number % 2 == 0 else reversed(MODES):
+            child = [sys.executable, __file__, "--mode", mode, "--rows", str(args.rows)]
+            child += ["--threads", str(args.threads)]
+            out = subprocess.run(child, capture_output=True, text=True, check=True).stdout
+            samples[mode].append(float(out.strip().splitlines()[-1]))
+            print(f"  round {number} {mode:<12} {samples[mode][-1]:6.1f} ms", flush=True)
+    for mode, values in samples.items():
+        print(f"{mode:<12} median {statistics.median(values):6.1f} ms per pass of {args.rows} rows")
+    report = {
+        "command": " ".join(["python benchmarks/bench_teacher_thread.py", *sys.argv[1:]]),
+        "settings": vars(args),
+        "load_average": os.getloadavg(),
+        "samples_ms": samples,
+        "medians_ms": {mode: statistics.median(values) for mode, values in samples.items()},
+    }
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
