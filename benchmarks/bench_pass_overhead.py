@@ -13,14 +13,12 @@ overhead, so the default can be the best one measured, not a guess. Writes JSON 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
-from pathlib import Path
 
 import torch
-from bench_server import ROOT, default_teacher, in_process, load_sentences
+from bench_server import ROOT, default_teacher, in_process, load_sentences, write_report
 from transformers import AutoTokenizer
 
 from shared.modeling import load_sequence_classifier
@@ -90,9 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         },  # fmt: skip
         "rows": rows,
     }
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.output}")
+    write_report(report, args.output)
     return 0
 
 

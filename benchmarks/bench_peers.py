@@ -43,7 +43,7 @@ from pathlib import Path
 
 import httpx
 import torch
-from bench_server import ROWS_PER_REQUEST, SST2, default_teacher
+from bench_server import ROWS_PER_REQUEST, SST2, default_teacher, write_report
 
 from shared.errors import UserError
 from teacher_server.launch import free_port, port_is_free, serve_in_subprocess, wait_until_ready
@@ -487,9 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         "medians": [{"server": s, "threads": t, "clients": c, **v} for (s, t, c), v in table.items()],
         "samples": samples,
     }
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.output}")
+    write_report(report, args.output)
     return 0
 
 

@@ -301,10 +301,15 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "summary": summary,
     }
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.output}")
+    write_report(report, args.output)
     return 0
+
+
+def write_report(report: dict, output: str) -> None:
+    """Every benchmark's JSON: made with its folder, and said where."""
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    Path(output).write_text(json.dumps(report, indent=2))
+    print(f"wrote {output}")
 
 
 def measure(args: argparse.Namespace, encoded: list[list[int]], levels: list[int]) -> list[dict]:

@@ -13,16 +13,14 @@ one thread, run on another). Median ms per pass of ``--rows`` SST-2 sentences; w
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-from bench_server import ROOT, default_teacher, load_sentences, pad
+from bench_server import ROOT, default_teacher, load_sentences, pad, write_report
 
 MODES = ("main", "one-thread", "two-threads")
 
@@ -94,9 +92,7 @@ def main() -> int:
         "samples_ms": samples,
         "medians_ms": {mode: statistics.median(values) for mode, values in samples.items()},
     }
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.output}")
+    write_report(report, args.output)
     return 0
 
 
