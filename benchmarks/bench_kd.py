@@ -15,9 +15,9 @@ batcher as shipped, output cache off so every epoch pays full price).
 * method: the large teacher alone, entropy data selection at ratio ``r`` (``kd`` loss).
 
 Trainer and service share the machine's cores. OpenMP threads that spin-wait between parallel
-regions (libgomp's default) then steal CPU from the other process; with other load on the
-machine that can cost the remote run several times its time. ``OMP_WAIT_POLICY=PASSIVE python
-benchmarks/bench_kd.py`` (inherited by the service) makes idle threads sleep instead.
+regions (libgomp's default) would steal CPU from the other process, so both default to
+``OMP_WAIT_POLICY=PASSIVE`` (``shared/openmp.py``); ``OMP_WAIT_POLICY=ACTIVE python
+benchmarks/bench_kd.py`` (inherited by the service) measures spinning workers instead.
 
 Reported per backend and ``r`` (median over ``--repeats``): the training loop's wall time for
 the epoch, the part spent waiting for the teacher, teacher FLOPs spent vs vanilla KD (padded

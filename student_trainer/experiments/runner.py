@@ -29,9 +29,9 @@ from student_trainer.experiments.layout import Layout, locked, run_id
 from student_trainer.experiments.models import resolve_model
 from student_trainer.experiments.tasks import task_record
 
-# What every subprocess gets: OpenMP threads that sleep instead of spinning while the other
-# process (trainer or service) computes; on a 2-core machine spinning doubles the wall time.
-SUBPROCESS_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
+# What every subprocess gets beyond the commands' own OpenMP default (shared/openmp.py): no
+# tokenizer thread pool of its own beside torch's threads.
+SUBPROCESS_ENV = {"TOKENIZERS_PARALLELISM": "false"}
 # Kept from metrics.jsonl per step: enough for the curves, small enough to commit.
 TRACE_FIELDS = ("step", "loss", "ce", "kd", "pt", "w_kl", "selected_instances", "teacher_flops_requested")
 
