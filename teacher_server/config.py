@@ -25,9 +25,10 @@ from shared.errors import UserError
 from shared.model_path import looks_like_path
 
 DEVICE_PATTERN = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
-# benchmarks/bench_pass_overhead.py (MiniLM-L6, SST-2, 1 and 2 threads, 8-128 queued rows): 8 and 32
-# tokens plan equally fast passes (0 or 512 cost up to 2x); 8 pads least, so the FLOPs bill is lowest.
-CPU_PASS_OVERHEAD_TOKENS = 8
+# benchmarks/bench_pass_overhead.py (MiniLM-L6, SST-2, 1 and 2 threads): a pass costs 8-9 ms plus
+# 0.15-0.24 ms per padded token, i.e. 35-63 tokens; of 8/32/64/none, 32 planned the fastest passes
+# or within 6 % of them for 3-128 queued rows (8 was up to 28 % slower on a trainer's 3 rows).
+CPU_PASS_OVERHEAD_TOKENS = 32
 ACCELERATOR_PASS_OVERHEAD_TOKENS = 4096
 
 

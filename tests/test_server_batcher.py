@@ -79,6 +79,15 @@ def test_plan_batches_buckets_by_length_within_budgets():
         assert len(batch) <= 3 and len(batch) * max(r.length for r in batch) <= 64
 
 
+def test_on_cpu_a_trainers_few_short_rows_run_as_one_pass():
+    """A pass costs ~35-63 padded tokens of fixed time on CPU (bench_pass_overhead.py): three rows of
+    10, 14 and 30 tokens (r = 0.1 of a batch) are cheaper padded together than in two passes."""
+    overhead = TeacherConfig(name="t", path="unused", device="cpu").effective_pass_overhead_tokens
+    rows = [Row(None, i, n) for i, n in enumerate([30, 10, 14])]
+    plan = plan_batches(rows, max_rows=64, max_tokens=8192, pass_overhead_tokens=overhead)
+    assert [[r.length for r in b] for b in plan] == [[10, 14, 30]]
+
+
 def test_concurrent_requests_share_a_pass_and_get_their_own_rows(engine):
     batcher = make_batcher(engine, max_queue_delay_ms=200, max_batch_size=16, pass_overhead_tokens=10_000)
     queries = [
