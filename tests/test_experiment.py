@@ -302,6 +302,49 @@ def test_a_teacher_is_fine_tuned_once_whatever_role_it_plays(finished_grid, work
     assert small["role"] == "small" and (layout.results / "teachers/sst2-small.json").exists()
 
 
+def test_a_stopped_teacher_fine_tuning_resumes_to_the_weights_of_one_never_stopped(
+    workspace, tmp_path, monkeypatch, capsys
+):
+    """A session may end mid fine-tuning: the next one continues from the saved state, not step 0."""
+    from dataclasses import replace
+
+    from student_trainer.args.builder import arguments_from_namespace
+    from student_trainer.args.finetune import FinetuneArguments
+    from student_trainer.experiments import runner
+    from student_trainer.train.finetune import finetune
+    from tests.test_finetune import parse, stop_at_step
+
+    config = load_experiment(
+        grid_config(tmp_path, workspace["teacher"], workspace["student"], workspace["data"])
+    )
+    large = config.teachers["large"]
+    config = replace(config, teachers={"large": replace(large, finetune={**large.finetune, "max_steps": 6})})
+    monkeypatch.setattr(runner, "TEACHER_SAVE_STEPS", 2)
+
+    def stopped_after_three_steps(command: str, flags: list[str], log_path: Path) -> float:
+        args = arguments_from_namespace(parse(flags), FinetuneArguments)
+        with monkeypatch.context() as patch:
+            stop_at_step(patch, 4)
+            with pytest.raises(KeyboardInterrupt):
+                finetune(args)
+        raise UserError("the session ended")
+
+    def layout(name: str) -> Layout:
+        return Layout(
+            results=tmp_path / name / "results", work=tmp_path / name / "work", teachers=tmp_path / name
+        )
+
+    with monkeypatch.context() as patch:
+        patch.setattr(runner, "_trainer", stopped_after_three_steps)
+        with pytest.raises(UserError, match="the session ended"):
+            runner.ensure_teacher(config, layout("stopped"), "sst2", "large")
+    resumed = runner.ensure_teacher(config, layout("stopped"), "sst2", "large")
+    assert "resuming the large teacher" in capsys.readouterr().out
+    assert "finetune: resuming at step 2/6" in (Path(resumed["dir"]) / "finetune.log").read_text()
+    whole = runner.ensure_teacher(config, layout("whole"), "sst2", "large")
+    assert resumed["weights_sha256"] == whole["weights_sha256"] and resumed["eval"]["train_steps"] == 6
+
+
 def test_two_shards_side_by_side_give_the_grid_unsharded(finished_grid, workspace):
     root = workspace["root"] / "sharded"
     root.mkdir()

@@ -124,6 +124,77 @@ def test_seeded_runs_are_identical_and_files_with_string_labels_work(
     assert first["train_steps"] == 3 and first["eval_samples"] == 4
 
 
+def resumable_options(synthetic_dir: Path, base_model: Path, **extra: object) -> dict:
+    """2.5 epochs of 8 steps (128 rows, batches of 16) with dropout: order and RNG both matter."""
+    return dict(
+        model_name_or_path=str(base_model), num_layers=2, task="synthetic", data_dir=str(synthetic_dir),
+        max_seq_length=64, learning_rate=5e-3, num_train_epochs=2.5, per_device_train_batch_size=16,
+        seed=0, disable_tqdm=True, **extra,
+    )  # fmt: skip
+
+
+def stop_at_step(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """Make the loop raise (as a Ctrl-C would) as it starts step ``step``."""
+    from student_trainer.train import finetune as module
+
+    calls, inputs = [0], module._model_inputs
+
+    def counting(batch: dict, device: torch.device) -> dict:
+        calls[0] += 1
+        if calls[0] == step:
+            raise KeyboardInterrupt
+        return inputs(batch, device)
+
+    monkeypatch.setattr(module, "_model_inputs", counting)
+
+
+@pytest.mark.parametrize(
+    ("save_steps", "stopped_at"),
+    [(3, 12), (4, 11)],  # last save mid-epoch (step 9 of 20), or at an epoch's end (step 8)
+)
+def test_a_stopped_finetuning_resumes_to_the_weights_of_one_never_stopped(
+    synthetic_dir: Path, base_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    save_steps: int, stopped_at: int,
+) -> None:  # fmt: skip
+    whole = finetune(
+        FinetuneArguments(output_dir=str(tmp_path / "whole"), **resumable_options(synthetic_dir, base_model))
+    )
+    out = tmp_path / "stopped"
+    options = resumable_options(
+        synthetic_dir, base_model, output_dir=str(out), save_steps=save_steps, resume_from_checkpoint="auto"
+    )
+    with monkeypatch.context() as patch:
+        stop_at_step(patch, stopped_at)
+        with pytest.raises(KeyboardInterrupt):
+            finetune(FinetuneArguments(**options))
+    assert (out / "finetune_state.pt").is_file() and not (out / "model.safetensors").exists()
+    resumed = finetune(FinetuneArguments(**options))
+
+    weights, expected = (
+        load_safetensors(out / "model.safetensors"),
+        load_safetensors(tmp_path / "whole" / "model.safetensors"),
+    )
+    assert weights.keys() == expected.keys()
+    assert all(torch.equal(weights[k], expected[k]) for k in expected)
+    assert resumed["train_steps"] == whole["train_steps"] == 20
+    assert resumed["train_loss"] == whole["train_loss"] and resumed["eval_accuracy"] == whole["eval_accuracy"]
+    assert not (out / "finetune_state.pt").exists()  # removed once the teacher is saved
+
+
+def test_a_saved_state_of_other_options_is_refused(
+    synthetic_dir: Path, base_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    options = resumable_options(
+        synthetic_dir, base_model, output_dir=str(tmp_path / "t"), save_steps=2, resume_from_checkpoint="auto"
+    )
+    with monkeypatch.context() as patch:
+        stop_at_step(patch, 4)
+        with pytest.raises(KeyboardInterrupt):
+            finetune(FinetuneArguments(**options))
+    with pytest.raises(UserError, match="saved by a fine-tuning with other options"):
+        finetune(FinetuneArguments(**{**options, "learning_rate": 1e-3}))
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

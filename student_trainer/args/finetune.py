@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from shared.errors import UserError
 from shared.model_path import require_model_dir
 from student_trainer.args.builder import check_choices, option
-from student_trainer.args.common import DataArguments, check_training_options
+from student_trainer.args.common import DataArguments, check_training_options, require_non_negative
+
+RESUME_FILE = "finetune_state.pt"  # in the output dir while training; removed once the teacher is saved
 
 
 @dataclass
@@ -30,6 +32,15 @@ class FinetuneArguments(DataArguments):
     logging_steps: int = option(50, "Print the running loss every N steps.")
     device: str = option("auto", "cpu, cuda, cuda:N or auto (cuda when available).")
     disable_tqdm: bool = option(False, "Hide the progress bar.")
+    save_steps: int = option(
+        0, f"Every N steps, save what resuming needs to OUTPUT_DIR/{RESUME_FILE} (0: never)."
+    )
+    resume_from_checkpoint: str | None = option(
+        None,
+        f"auto: continue from OUTPUT_DIR/{RESUME_FILE} when there is one (same weights as a run "
+        "never stopped).",
+        choices=("auto",),
+    )
 
     def validate(self) -> FinetuneArguments:
         if not self.model_name_or_path:
@@ -37,5 +48,6 @@ class FinetuneArguments(DataArguments):
         require_model_dir(self.model_name_or_path)
         check_training_options(self)
         check_choices(self)
+        require_non_negative(self, "save_steps")
         self.check_data()
         return self

@@ -4,6 +4,11 @@ A plain PyTorch loop: AdamW (no decay on biases and LayerNorm), linear warm-up t
 gradient clipping, evaluation with the task's metric at the end. The output directory is a
 ``save_pretrained`` checkpoint with its tokenizer and label names (``id2label``), which
 ``teacher-server`` loads unchanged, plus ``eval_results.json`` and ``training_args.json``.
+
+With ``--save_steps N`` the loop saves, every N steps, what resuming needs (weights, optimizer,
+schedule, RNG, the data order of the epoch and the position in it) to one file written atomically;
+``--resume_from_checkpoint auto`` continues from it, to the same weights as a run never stopped. A
+large teacher's fine-tuning on a CPU takes longer than a session may last.
 """
 
 from __future__ import annotations
@@ -11,7 +16,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -25,13 +32,27 @@ from transformers.utils import logging as hf_logging
 
 from shared.errors import UserError
 from shared.modeling import load_sequence_classifier
-from student_trainer.args.finetune import FinetuneArguments
+from student_trainer.args.finetune import RESUME_FILE, FinetuneArguments
 from student_trainer.data.loading import load_train_and_eval_from
 from student_trainer.data.tasks import TaskData
 from student_trainer.data.tokenized import TokenizedDataset, collate_batch, model_inputs
+from student_trainer.train.checkpoint import capture_rng_state, restore_rng_state
 from student_trainer.train.distributed import resolve_device
 from student_trainer.train.evaluate import evaluate
 from student_trainer.train.optim import adamw_with_decay_groups
+
+# Options that do not change the weights: a run may resume under other values of these.
+NOT_FINGERPRINTED = ("output_dir", "logging_steps", "disable_tqdm", "save_steps", "resume_from_checkpoint")
+
+
+@dataclass
+class Progress:
+    """Where the loop is: enough, with the model, optimizer, schedule and RNG, to resume exactly."""
+
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    epoch_start_step: int = 0
+    epoch_order: torch.Tensor | None = None  # the data generator's state before this epoch's order was drawn
 
 
 def _model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -84,40 +105,22 @@ def finetune(args: FinetuneArguments) -> dict[str, Any]:
         f"labels={train_data.label_names} layers={model.config.num_hidden_layers} steps={total_steps} "
         f"device={device}"
     )
-    started = time.perf_counter()
-    step, running_loss, running_count, losses = 0, 0.0, 0, []
-    progress = tqdm(total=total_steps, desc="finetune", disable=args.disable_tqdm)
-    model.train()
-    while step < total_steps:
-        for batch in loader:
-            loss = model(**_model_inputs(batch, device), labels=batch["labels"].to(device)).loss
-            loss.backward()
-            if args.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            running_loss, running_count = running_loss + loss.item(), running_count + 1
-            losses.append(loss.item())
-            progress.update(1)
-            if step % args.logging_steps == 0 or step == total_steps:
-                mean = running_loss / running_count
-                progress.write(
-                    f"step {step}/{total_steps} loss {mean:.4f} lr {scheduler.get_last_lr()[0]:.2e}"
-                )
-                running_loss, running_count = 0.0, 0
-            if step >= total_steps:
-                break
-    progress.close()
+    resume_file = Path(args.output_dir) / RESUME_FILE
+    progress = Progress()
+    if args.resume_from_checkpoint == "auto" and resume_file.is_file():
+        progress = load_progress(resume_file, args, model, optimizer, scheduler)
+        print(f"finetune: resuming at step {progress.step}/{total_steps} from {resume_file}")
+    started, first_step = time.perf_counter(), progress.step
+    train_steps(args, model, loader, generator, optimizer, scheduler, total_steps, device, progress)
     train_runtime = time.perf_counter() - started
+    step, losses = progress.step, progress.losses
 
     results: dict[str, Any] = {
         "train_loss": float(np.mean(losses)),
         "train_steps": step,
         "epoch": step / len(loader),
         "train_runtime": train_runtime,
-        "train_samples_per_second": step * args.per_device_train_batch_size / train_runtime,
+        "train_samples_per_second": (step - first_step) * args.per_device_train_batch_size / train_runtime,
     }
     if eval_set is not None and eval_set.data.is_labelled:
         scores = evaluate(
@@ -125,7 +128,105 @@ def finetune(args: FinetuneArguments) -> dict[str, Any]:
         )
         results.update({**scores, "eval_samples": len(eval_set)})
     save_teacher(model, tokenizer, args, results, train_data)
+    resume_file.unlink(missing_ok=True)
     return results
+
+
+def train_steps(
+    args: FinetuneArguments,
+    model: PreTrainedModel,
+    loader: DataLoader,
+    generator: torch.Generator,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    total_steps: int,
+    device: torch.device,
+    progress: Progress,
+) -> None:
+    """Optimizer steps until ``total_steps``, from wherever ``progress`` stands. A resumed epoch
+    redraws its data order from the saved generator state and skips the batches already trained."""
+    bar = tqdm(total=total_steps, initial=progress.step, desc="finetune", disable=args.disable_tqdm)
+    running: list[float] = []
+    model.train()
+    while progress.step < total_steps:
+        done_in_epoch = progress.step - progress.epoch_start_step
+        if done_in_epoch and progress.epoch_order is not None:  # a saved state always has the order
+            generator.set_state(progress.epoch_order)  # the loader redraws this epoch's order
+        else:
+            progress.epoch_order = generator.get_state()
+        for position, batch in enumerate(loader):
+            if position < done_in_epoch:
+                continue  # trained before the run stopped
+            loss = model(**_model_inputs(batch, device), labels=batch["labels"].to(device)).loss
+            loss.backward()
+            if args.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            progress.step += 1
+            progress.losses.append(loss.item())
+            running.append(progress.losses[-1])
+            bar.update(1)
+            if progress.step % args.logging_steps == 0 or progress.step == total_steps:
+                lr = scheduler.get_last_lr()[0]
+                bar.write(f"step {progress.step}/{total_steps} loss {np.mean(running):.4f} lr {lr:.2e}")
+                running = []
+            if progress.step >= total_steps:
+                break
+            if args.save_steps and progress.step % args.save_steps == 0:
+                save_progress(args, model, optimizer, scheduler, progress)
+        progress.epoch_start_step = progress.step
+    bar.close()
+
+
+def _fingerprint(args: FinetuneArguments) -> str:
+    options = {k: v for k, v in dataclasses.asdict(args).items() if k not in NOT_FINGERPRINTED}
+    return json.dumps(options, sort_keys=True, default=str)
+
+
+def save_progress(
+    args: FinetuneArguments, model: PreTrainedModel, optimizer: Any, scheduler: Any, progress: Progress
+) -> None:
+    """Everything resuming needs, in one file that appears whole (written beside it, then renamed)."""
+    path = Path(args.output_dir) / RESUME_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "fingerprint": _fingerprint(args),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": capture_rng_state(),
+        "step": progress.step,
+        "losses": progress.losses,
+        "epoch_start_step": progress.epoch_start_step,
+        "epoch_order": progress.epoch_order,
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    with open(tmp, "rb") as file:
+        os.fsync(file.fileno())
+    os.replace(tmp, path)
+
+
+def load_progress(
+    path: Path, args: FinetuneArguments, model: PreTrainedModel, optimizer: Any, scheduler: Any
+) -> Progress:
+    """Restore a saved state into the model, optimizer, schedule and RNG; refuse one of other options."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, EOFError, RuntimeError, ValueError) as err:
+        raise UserError(f"{path} is damaged ({type(err).__name__}): delete it to start afresh") from err
+    if state["fingerprint"] != _fingerprint(args):
+        raise UserError(
+            f"{path} was saved by a fine-tuning with other options: delete it to start afresh, "
+            "or give the same options"
+        )
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    restore_rng_state(state["rng"])
+    return Progress(state["step"], state["losses"], state["epoch_start_step"], state["epoch_order"])
 
 
 def save_teacher(
