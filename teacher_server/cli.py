@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             log_config=None,
             log_level=args.log_level,
             http=protocol_with_read_timeout(config.read_timeout_s),
-            loop="auto",  # uvloop where installed (a dependency): ~0.5 ms less per request (bench_server_stack.py)
+            loop="auto",  # uvloop, a dependency (benchmarks/bench_server_stack.py)
             timeout_graceful_shutdown=config.drain_timeout_s,  # a float (0.5 s, or .inf) works
         ),
         app.state.service,
