@@ -20,10 +20,12 @@ from torch import Tensor, nn
 from transformers.masking_utils import create_bidirectional_mask, create_bidirectional_sliding_window_mask
 
 from shared.errors import UserError
+from shared.packing import LayerParts, attention_bias
 
 Context = dict[str, Any]  # what every layer of one forward pass needs besides the hidden states
 # A ``*ForSequenceClassification`` model: its parts are found by attribute name, so typed loosely.
 Model = Any
+Layer = Any  # one encoder layer of such a model, read the same way
 
 
 class Family:
@@ -32,11 +34,14 @@ class Family:
     ``base`` is the attribute of the ``*ForSequenceClassification`` model that holds the encoder;
     ``position_offset`` is how many position ids the embeddings reserve (RoBERTa-style models
     number positions from ``pad_token_id + 1``), so the longest input is shorter by that much.
+    ``packs``: its layers are post-LN and BERT-shaped, so a padded batch may run packed
+    (:mod:`shared.packing`) from the :meth:`parts` of each layer.
     """
 
     model_types: ClassVar[tuple[str, ...]] = ("bert",)
     base: ClassVar[str] = "bert"
     token_types: ClassVar[bool] = True
+    packs: ClassVar[bool] = True
 
     def position_offset(self, config: Any) -> int:
         return 0
@@ -50,6 +55,11 @@ class Family:
     def embed(self, model: Model, ids: Tensor, types: Tensor | None, mask: Tensor) -> Tensor:
         return self.encoder(model).embeddings(input_ids=ids, token_type_ids=types)
 
+    def project(self, model: Model, embedded: Tensor) -> Tensor:
+        """The embeddings as the first layer takes them (ELECTRA projects narrow ones), apart
+        from :meth:`embed` so that a packed pass projects only the real tokens."""
+        return embedded
+
     def context(self, model: Model, hidden: Tensor, mask: Tensor) -> Context:
         return {
             "mask": create_bidirectional_mask(config=model.config, inputs_embeds=hidden, attention_mask=mask)
@@ -61,6 +71,25 @@ class Family:
     def last(self, model: Model, hidden: Tensor) -> Tensor:
         """The last layer's output as the model publishes it (and its head reads it)."""
         return hidden
+
+    def parts(self, layer: Layer) -> LayerParts:
+        attention, intermediate = layer.attention, layer.intermediate
+        return LayerParts(
+            attention.self.query,
+            attention.self.key,
+            attention.self.value,
+            attention.output.dense,
+            attention.output.LayerNorm,
+            intermediate.dense,
+            intermediate.intermediate_act_fn,
+            layer.output.dense,
+            layer.output.LayerNorm,
+            attention.self.num_attention_heads,
+        )
+
+    def packed_bias(self, model: Model, hidden: Tensor, mask: Tensor) -> Tensor:
+        """What a packed pass's attention adds to its scores (``hidden``: the padded embeddings)."""
+        return attention_bias(mask, hidden.dtype)
 
     def head(self, model: Model, hidden: Tensor, mask: Tensor) -> Tensor:
         """Logits from the last hidden state (pooler + classifier)."""
@@ -93,11 +122,9 @@ class ElectraFamily(Family):
     model_types = ("electra",)
     base = "electra"
 
-    def embed(self, model: Model, ids: Tensor, types: Tensor | None, mask: Tensor) -> Tensor:
-        electra = self.encoder(model)
-        hidden = electra.embeddings(input_ids=ids, token_type_ids=types)
-        project = getattr(electra, "embeddings_project", None)
-        return hidden if project is None else project(hidden)
+    def project(self, model: Model, embedded: Tensor) -> Tensor:
+        project = getattr(self.encoder(model), "embeddings_project", None)
+        return embedded if project is None else project(embedded)
 
     def head(self, model: Model, hidden: Tensor, mask: Tensor) -> Tensor:
         return model.classifier(hidden)
@@ -123,6 +150,26 @@ class MPNetFamily(Family):
     def layer(self, layer: nn.Module, index: int, hidden: Tensor, ctx: Context) -> Tensor:
         return layer(hidden, ctx["mask"], ctx["position_bias"])[0]
 
+    def parts(self, layer: Layer) -> LayerParts:
+        attention = layer.attention
+        attn = attention.attn
+        return LayerParts(
+            attn.q,
+            attn.k,
+            attn.v,
+            attn.o,
+            attention.LayerNorm,
+            layer.intermediate.dense,
+            layer.intermediate.intermediate_act_fn,
+            layer.output.dense,
+            layer.output.LayerNorm,
+            attn.num_attention_heads,
+        )
+
+    def packed_bias(self, model: Model, hidden: Tensor, mask: Tensor) -> Tensor:
+        position_bias = self.encoder(model).encoder.compute_position_bias(hidden)
+        return attention_bias(mask, hidden.dtype, position_bias)
+
     def head(self, model: Model, hidden: Tensor, mask: Tensor) -> Tensor:
         return model.classifier(hidden)
 
@@ -140,6 +187,21 @@ class DistilBertFamily(Family):
     def embed(self, model: Model, ids: Tensor, types: Tensor | None, mask: Tensor) -> Tensor:
         return self.encoder(model).embeddings(ids)
 
+    def parts(self, layer: Layer) -> LayerParts:
+        attention, ffn = layer.attention, layer.ffn
+        return LayerParts(
+            attention.q_lin,
+            attention.k_lin,
+            attention.v_lin,
+            attention.out_lin,
+            layer.sa_layer_norm,
+            ffn.lin1,
+            ffn.activation,
+            ffn.lin2,
+            layer.output_layer_norm,
+            attention.n_heads,
+        )
+
     def head(self, model: Model, hidden: Tensor, mask: Tensor) -> Tensor:
         pooled = torch.relu(model.pre_classifier(hidden[:, 0]))
         return model.classifier(model.dropout(pooled))
@@ -151,6 +213,7 @@ class DebertaV2Family(Family):
 
     model_types = ("deberta-v2",)
     base = "deberta"
+    packs = False  # disentangled attention: its scores are not q·k plus a bias
 
     def embed(self, model: Model, ids: Tensor, types: Tensor | None, mask: Tensor) -> Tensor:
         if types is None:
@@ -187,6 +250,7 @@ class ModernBertFamily(Family):
     model_types = ("modernbert",)
     base = "model"
     token_types = False
+    packs = False  # pre-LN, gated, rotary: not BERT-shaped
 
     def layers(self, model: Model) -> nn.ModuleList:
         return self.encoder(model).layers

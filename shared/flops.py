@@ -121,10 +121,18 @@ def flops_config(config: Any) -> dict[str, Any]:
     return asdict(FlopsShape.of(config))
 
 
-def layer_forward_flops(hidden_size: int, intermediate_size: int, seq_len: int, ffn_matrices: int = 2) -> int:
-    """FLOPs of one BERT-style encoder layer on one sequence of ``seq_len`` tokens."""
+def layer_forward_flops(
+    hidden_size: int,
+    intermediate_size: int,
+    seq_len: int,
+    ffn_matrices: int = 2,
+    attention_len: int | None = None,
+) -> int:
+    """FLOPs of one BERT-style encoder layer on one sequence of ``seq_len`` tokens whose
+    attention ran at ``attention_len`` (default ``seq_len``; a packed pass pads only attention)."""
     d, f, n = hidden_size, intermediate_size, seq_len
-    return 2 * n * (4 * d * d + ffn_matrices * d * f) + 4 * n * n * d
+    a = n if attention_len is None else attention_len
+    return 2 * n * (4 * d * d + ffn_matrices * d * f) + 4 * a * a * d
 
 
 def head_forward_flops(hidden_size: int, num_labels: int) -> int:
@@ -132,10 +140,10 @@ def head_forward_flops(hidden_size: int, num_labels: int) -> int:
     return 2 * hidden_size * hidden_size + 2 * hidden_size * num_labels
 
 
-def _sequence_flops(shape: FlopsShape, n: int, layers: int) -> int:
+def _sequence_flops(shape: FlopsShape, n: int, layers: int, attention_len: int | None) -> int:
     """Every per-token and per-pair term of one sequence through ``layers`` layers."""
     d = shape.hidden_size
-    total = layers * layer_forward_flops(d, shape.intermediate_size, n, shape.ffn_matrices)
+    total = layers * layer_forward_flops(d, shape.intermediate_size, n, shape.ffn_matrices, attention_len)
     if shape.embedding_size and shape.embedding_size != d:
         total += 2 * n * shape.embedding_size * d
     total += layers * shape.relative_kinds * 2 * n * shape.relative_span * d
@@ -151,13 +159,15 @@ def encoder_forward_flops(
     *,
     with_head: bool | None = None,
     batches: int | None = None,
+    attention_len: int | None = None,
 ) -> int:
     """Forward FLOPs for sequences of the given lengths through ``num_layers`` layers.
 
     ``num_layers`` defaults to the whole encoder; ``with_head`` (pooler + classifier)
     defaults to "the whole encoder ran", because logits need every layer. ``batches`` is how
     many forward calls ran the sequences (default: each sequence on its own); only DeBERTa's
-    per-call projection of relative position embeddings depends on it.
+    per-call projection of relative position embeddings depends on it. ``attention_len``: the
+    length every sequence's attention ran at, when a packed pass padded only attention.
     """
     shape = FlopsShape.of(config)
     total_layers = shape.num_hidden_layers
@@ -170,7 +180,7 @@ def encoder_forward_flops(
         if n < 0:
             raise ValueError(f"seq_lens must be non-negative, got {n}")
         count += 1
-        total += _sequence_flops(shape, int(n), layers)
+        total += _sequence_flops(shape, int(n), layers, attention_len)
         if head:
             total += head_forward_flops(shape.hidden_size, shape.num_labels)
     calls = count if batches is None else min(int(batches), count)

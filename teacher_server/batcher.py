@@ -36,7 +36,7 @@ import torch
 from shared.teacher_api import TeacherAnswer, TeacherQuery, Timings
 from teacher_server.cache import OutputCache, RowOutputs, row_key
 from teacher_server.config import TeacherConfig
-from teacher_server.engine import OutputSpec, QueryError, TeacherEngine
+from teacher_server.engine import OutputSpec, QueryError, TeacherEngine, padded_cost
 from teacher_server.errors import ServiceError
 from teacher_server.metrics import ServiceMetrics
 
@@ -114,14 +114,19 @@ class Row:
 
 
 def plan_batches(
-    rows: list[Row], max_rows: int, max_tokens: int, pass_overhead_tokens: int
+    rows: list[Row],
+    max_rows: int,
+    max_tokens: int,
+    pass_overhead_tokens: int,
+    padding_cost: Callable[[int, int, int], float] = padded_cost,
 ) -> list[list[Row]]:
     """Sort rows by length and cut them into passes (length bucketing).
 
     A pass ends at ``max_rows`` rows or ``max_tokens`` padded tokens (rows × longest row), or
-    when taking the next, longer row would pad the rows already in the pass by more tokens than
-    a separate pass costs (``pass_overhead_tokens``): cheap passes (CPU) make short, tight
-    buckets, expensive ones (GPU kernel launches) make few, large passes.
+    when taking the next, longer row would cost the rows already in the pass more padding
+    (``padding_cost``, in tokens) than a separate pass costs (``pass_overhead_tokens``): cheap
+    passes (CPU) make short, tight buckets, expensive ones (GPU kernel launches) make few,
+    large passes, and a packed engine, whose padding costs only attention, makes fewer still.
     """
     batches: list[list[Row]] = []
     current: list[Row] = []
@@ -129,7 +134,7 @@ def plan_batches(
         if current:
             longest = current[-1].length
             full = len(current) + 1 > max_rows or (len(current) + 1) * row.length > max_tokens
-            if full or len(current) * (row.length - longest) > pass_overhead_tokens:
+            if full or padding_cost(len(current), longest, row.length) > pass_overhead_tokens:
                 batches.append(current)
                 current = []
         current.append(row)
@@ -372,7 +377,9 @@ class DynamicBatcher:
         )
         # batch-invariant: one row per pass, so each row's FLOPs share is its own exact cost
         max_rows = 1 if self.engine.batch_invariant else self.config.max_batch_size
-        passes = plan_batches(rows, max_rows, self.config.max_batch_tokens, overhead)
+        passes = plan_batches(
+            rows, max_rows, self.config.max_batch_tokens, overhead, self.engine.padding_cost
+        )
         chosen = next(p for p in passes if any(row.request is oldest for row in p))
         requests = list(dict.fromkeys(row.request for row in chosen))
         for request in requests:
@@ -446,8 +453,9 @@ class DynamicBatcher:
         seconds: float,
     ) -> None:
         """Give each row its outputs (only the layers its request asked for) and its FLOPs share."""
-        flops_per_row = answer.teacher_flops // len(rows)
+        flops_per_row, leftover = divmod(answer.teacher_flops, len(rows))  # the first rows take the rest
         padded_length = answer.padded_tokens // len(rows)
+        unpadded = answer.padded_tokens == answer.tokens  # packed (or equal lengths): rows ran their own
         for request in requests:
             request.compute_s += seconds
         for j, row in enumerate(rows):
@@ -457,8 +465,8 @@ class DynamicBatcher:
             key = request.cache_keys[row.index]
             if key is not None:
                 self.cache.put(key, out)
-            request.flops += flops_per_row
-            request.padded_tokens += padded_length
+            request.flops += flops_per_row + (j < leftover)
+            request.padded_tokens += row.length if unpadded else padded_length
             request.todo -= 1
             request.todo_tokens -= row.length
             if request.todo == 0 and not request.future.done():

@@ -20,8 +20,15 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from shared.families import family_of
-from shared.flops import FlopsShape, encoder_forward_flops, flops_config, flops_per_token
+from shared.flops import (
+    FlopsShape,
+    encoder_forward_flops,
+    flops_config,
+    flops_per_token,
+    layer_forward_flops,
+)
 from shared.modeling import load_sequence_classifier
+from shared.packing import Packing, packed_layer
 from shared.teacher_api import TeacherAnswer, TeacherInfo, TeacherQuery
 from shared.vocabulary import tokenizer_parameters
 from teacher_server.config import TeacherConfig
@@ -47,6 +54,12 @@ def trim_padding(query: TeacherQuery) -> TeacherQuery:
         attention_mask=query.attention_mask[:, :width],
         token_type_ids=None if types is None else types[:, :width],
     )
+
+
+def padded_cost(rows: int, longest: int, length: int) -> float:
+    """Tokens of compute that padding ``rows`` rows from ``longest`` to ``length`` tokens adds
+    to a padded pass: every padded position runs the whole layer."""
+    return rows * (length - longest)
 
 
 def _row(query: TeacherQuery, i: int) -> TeacherQuery:
@@ -112,6 +125,7 @@ class TeacherEngine:
         self.dtype = next(model.parameters()).dtype
         self.config = config
         self.type_vocab_size = self.family.type_vocab_size(config)
+        self.packs = self.family.packs
         labels = tuple(str(config.id2label.get(i, f"LABEL_{i}")) for i in range(config.num_labels))
         self.info = TeacherInfo(
             name=name,
@@ -127,6 +141,17 @@ class TeacherEngine:
             flops_config=flops_config(config),
         )
         self.flops_per_token = flops_per_token(config, min(128, self.info.max_seq_length))
+        shape = FlopsShape.of(config)
+        token = layer_forward_flops(shape.hidden_size, shape.intermediate_size, 1, shape.ffn_matrices, 0)
+        self._pair_tokens = 4 * shape.hidden_size / token  # one attention pair, in tokens' worth
+
+    def padding_cost(self, rows: int, longest: int, length: int) -> float:
+        """Tokens of compute that padding ``rows`` rows from ``longest`` to ``length`` adds to a
+        pass (the batcher's bucketing weighs it against a pass's overhead): all of it padded,
+        only attention's pairs packed."""
+        if not self.packs:
+            return padded_cost(rows, longest, length)
+        return rows * (length * length - longest * longest) * self._pair_tokens
 
     @classmethod
     def load(
@@ -231,6 +256,8 @@ class TeacherEngine:
         """Answer one padded batch: float32 CPU tensors plus the FLOPs actually run.
 
         Columns that are padding in every row are not run (they cost FLOPs and change nothing);
+        a batch that still has padding runs packed where the family allows (``packed``: the
+        per-token matrices on real tokens only, so ``padded_tokens`` counts those);
         ``hidden_states`` is padded back to the query's length with zeros.
         """
         self.validate(query)
@@ -245,8 +272,12 @@ class TeacherEngine:
         given_types = query.token_type_ids is not None and self.type_vocab_size > 0
         types = self._to_device(query.token_type_ids) if given_types else None
         wanted = set(spec.cls_layers) | set(spec.token_layers)
+        lengths = mask_cpu.sum(dim=1)
+        batch, length = ids.shape
+        packed = self.packs and bool((lengths < length).any())
+        forward = self._forward_packed if packed else self._forward_early_exit
         with torch.inference_mode():
-            states, logits = self._forward_early_exit(ids, mask, types, depth, wanted, spec.want_logits)
+            states, logits = forward(ids, mask, types, depth, wanted, spec.want_logits)
             hidden_cls = hidden_states = None
             if spec.cls_layers:
                 hidden_cls = torch.stack([states[i][:, 0] for i in spec.cls_layers], dim=1).float().cpu()
@@ -256,17 +287,17 @@ class TeacherEngine:
                 if stacked.shape[2] < query_length:  # back to the query's length (trimmed columns)
                     hidden_states = F.pad(hidden_states, (0, 0, 0, query_length - stacked.shape[2]))
             logits = logits.float().cpu() if spec.want_logits else None
-        batch, length = ids.shape
+        run_lengths = lengths.tolist() if packed else [length] * batch
         flops = encoder_forward_flops(
-            self.config, [length] * batch, depth, with_head=spec.want_logits, batches=1
+            self.config, run_lengths, depth, with_head=spec.want_logits, batches=1, attention_len=length
         )
         return TeacherAnswer(
             logits=logits,
             hidden_cls=hidden_cls,
             hidden_states=hidden_states,
             teacher_flops=flops,
-            tokens=int(mask_cpu.sum()),
-            padded_tokens=batch * length,
+            tokens=int(lengths.sum()),
+            padded_tokens=sum(run_lengths),
         )
 
     def _run_rows(self, query: TeacherQuery) -> TeacherAnswer:
@@ -313,7 +344,7 @@ class TeacherEngine:
     ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
         """Embeddings, then layers 1..depth; the head only when logits are requested."""
         family, model = self.family, self.model
-        hidden = family.embed(model, ids, types, mask)
+        hidden = family.project(model, family.embed(model, ids, types, mask))
         states = {0: hidden} if 0 in wanted else {}
         context = family.context(model, hidden, mask)
         layers = family.layers(model)
@@ -324,4 +355,28 @@ class TeacherEngine:
             if index + 1 in wanted:
                 states[index + 1] = hidden
         logits = family.head(model, hidden, mask) if want_logits else None
+        return states, logits
+
+    def _forward_packed(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        types: torch.Tensor | None,
+        depth: int,
+        wanted: set[int],
+        want_logits: bool,
+    ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
+        """:meth:`_forward_early_exit` with the layers on packed tokens (:mod:`shared.packing`);
+        the states asked for come back padded, and the head reads each row's first token."""
+        family, model = self.family, self.model
+        embedded = family.embed(model, ids, types, mask)
+        packing = Packing.of(mask)
+        bias = family.packed_bias(model, embedded, mask)
+        hidden = family.project(model, packing.pack(embedded))
+        states = {0: packing.unpack(hidden)} if 0 in wanted else {}
+        for index, layer in enumerate(family.layers(model)[:depth]):
+            hidden = packed_layer(family.parts(layer), hidden, packing, bias)
+            if index + 1 in wanted:
+                states[index + 1] = packing.unpack(hidden)
+        logits = family.head(model, packing.first_tokens(hidden), mask) if want_logits else None
         return states, logits

@@ -12,7 +12,7 @@ from shared.teacher_api import TeacherQuery
 from student_trainer.teachers.client import make_teacher_client
 from student_trainer.teachers.local import LocalTeacherClient
 from teacher_server.engine import MAX_CHARS_PER_TOKEN, QueryError, TeacherEngine
-from tests.tiny_models import tiny_vocab
+from tests.tiny_models import layer_probe, tiny_vocab
 
 TEXTS = ["a good movie", "the plot was boring and the acting awful , really bad", "fun !"]
 PAIRS = ["i like it", "not great", "the best film of the year"]
@@ -32,13 +32,17 @@ def reference(engine: TeacherEngine, ids, mask, types):
     return out.logits, out.hidden_states
 
 
+@pytest.mark.parametrize("packs", [True, False], ids=["packed", "padded"])
 @pytest.mark.parametrize("teacher", ["small", "large"])
 @pytest.mark.parametrize(
     ("want_logits", "cls_layers", "token_layers"),
     [(True, (), ()), (False, (0,), ()), (False, (1, 2), (2,)), (True, (0, 2, 1), (0, 1))],
 )
-def test_outputs_equal_transformers(engines, teacher, want_logits, cls_layers, token_layers):
+def test_outputs_equal_transformers(
+    engines, monkeypatch, packs, teacher, want_logits, cls_layers, token_layers
+):
     engine = engines[teacher]
+    monkeypatch.setattr(engine, "packs", packs)
     ids, mask, types = engine.tokenize(TEXTS, PAIRS)
     answer = engine.run(TeacherQuery(ids, mask, types, want_logits, cls_layers, token_layers))
     logits, hidden = reference(engine, ids, mask, types)
@@ -60,16 +64,19 @@ def test_outputs_equal_transformers(engines, teacher, want_logits, cls_layers, t
                 answer.hidden_states[:, j][real], hidden[layer][real], atol=1e-5, rtol=0
             )
             assert answer.hidden_states[:, j][~real].abs().sum() == 0  # padding is zeroed, not garbage
-    assert answer.tokens == int(mask.sum()) and answer.padded_tokens == ids.numel()
+    assert answer.tokens == int(mask.sum())
+    assert answer.padded_tokens == (answer.tokens if packs else ids.numel())  # what the matrices ran on
     for tensor in (answer.logits, answer.hidden_cls, answer.hidden_states):
         assert tensor is None or (tensor.dtype == torch.float32 and tensor.device.type == "cpu")
 
 
-def test_early_exit_runs_only_the_layers_needed(engines):
+@pytest.mark.parametrize("packs", [True, False], ids=["packed", "padded"])
+def test_early_exit_runs_only_the_layers_needed(engines, monkeypatch, packs):
     engine = engines["large"]  # 4 layers
+    monkeypatch.setattr(engine, "packs", packs)
     calls = []
     hooks = [
-        layer.register_forward_hook(lambda m, i, o, k=k: calls.append(k))
+        layer_probe(engine, layer).register_forward_hook(lambda m, i, o, k=k: calls.append(k))
         for k, layer in enumerate(engine.model.bert.encoder.layer, start=1)
     ]
     hooks.append(engine.model.bert.pooler.register_forward_hook(lambda m, i, o: calls.append("pooler")))
@@ -78,15 +85,16 @@ def test_early_exit_runs_only_the_layers_needed(engines):
         answer = engine.run(TeacherQuery(ids, mask, types, want_logits=False, cls_layers=(0, 2)))
         assert calls == [1, 2]
         batch, length = ids.shape
+        ran = mask.sum(dim=1).tolist() if packs else [length] * batch  # packed: real tokens only
         assert answer.teacher_flops == encoder_forward_flops(
-            engine.config, [length] * batch, 2, with_head=False
+            engine.config, ran, 2, with_head=False, attention_len=length
         )
         calls.clear()
         answer = engine.run(TeacherQuery(ids, mask, types, want_logits=False, cls_layers=(0,)))
         assert calls == [] and answer.teacher_flops == 0
         answer = engine.run(TeacherQuery(ids, mask, types, want_logits=True))
         assert calls == [1, 2, 3, 4, "pooler"]
-        assert answer.teacher_flops == encoder_forward_flops(engine.config, [length] * batch)
+        assert answer.teacher_flops == encoder_forward_flops(engine.config, ran, attention_len=length)
     finally:
         for hook in hooks:
             hook.remove()

@@ -15,6 +15,7 @@ from shared.modeling import load_sequence_classifier
 from shared.teacher_api import TeacherQuery
 from teacher_server.engine import TeacherEngine
 from tests.tiny_families import FAMILY_CASES, save_tiny_family, tiny_family_model
+from tests.tiny_models import layer_probe
 
 TEXTS = ["a good movie", "the plot was boring and the acting awful , really bad , i hate it", "fun !"]
 PAIRS = ["i like it", "not great", "the best film of the year"]
@@ -39,9 +40,11 @@ def test_every_model_type_has_an_adapter():
     assert {model_type for model_type, _ in FAMILY_CASES.values()} == set(FAMILIES)
 
 
+@pytest.mark.parametrize("packs", [True, False], ids=["packed", "padded"])
 @pytest.mark.parametrize("case", CASES)
-def test_early_exit_equals_the_models_own_forward(engines, case):
+def test_early_exit_equals_the_models_own_forward(engines, monkeypatch, case, packs):
     engine = engines[case]
+    monkeypatch.setattr(engine, "packs", packs and engine.family.packs)
     ids, mask, types = engine.tokenize(TEXTS, PAIRS)
     if types is not None and engine.type_vocab_size < 2:  # RoBERTa's own tokenizer gives all zeros
         types = torch.zeros_like(types)
@@ -70,7 +73,7 @@ def test_only_the_layers_needed_run_and_the_head_only_for_logits(engines, case):
     family, model = engine.family, engine.model
     calls: list[object] = []
     hooks = [
-        layer.register_forward_hook(lambda m, i, o, k=k: calls.append(k))
+        layer_probe(engine, layer).register_forward_hook(lambda m, i, o, k=k: calls.append(k))
         for k, layer in enumerate(family.layers(model), start=1)
     ]
     head = model.classifier  # every family's last module of the head
@@ -80,8 +83,9 @@ def test_only_the_layers_needed_run_and_the_head_only_for_logits(engines, case):
         batch, length = ids.shape
         answer = engine.run(TeacherQuery(ids, mask, types, want_logits=False, cls_layers=(0, 1)))
         assert calls == [1]
+        ran = mask.sum(dim=1).tolist() if engine.packs else [length] * batch  # packed: real tokens
         assert answer.teacher_flops == encoder_forward_flops(
-            engine.config, [length] * batch, 1, with_head=False, batches=1
+            engine.config, ran, 1, with_head=False, batches=1, attention_len=length
         )
         calls.clear()
         engine.run(TeacherQuery(ids, mask, types, want_logits=False, cls_layers=(0,)))
@@ -125,6 +129,22 @@ def test_flop_counter_does_not_see_cpu_sdpa_attention(case):
     d, layers = model.config.hidden_size, model.config.num_hidden_layers
     attention = sum(4 * n * n * d * layers for n in lengths)
     assert measured_flops(model, lengths) + attention == encoder_forward_flops(model.config, lengths)
+
+
+@pytest.mark.parametrize("case", [case for case in CASES if FAMILIES[FAMILY_CASES[case][0]].packs])
+def test_a_packed_pass_counts_the_flops_it_runs(engines, case):
+    """Packed, the matrices run on the real tokens only and attention at the padded length:
+    the counter sees the first (CPU SDPA hides attention from it), the model adds the second."""
+    engine = engines[case]
+    ids, mask, types = engine.tokenize(TEXTS)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        answer = engine.run(TeacherQuery(ids, mask, types, want_logits=True))
+    batch, length = ids.shape
+    attention = batch * engine.info.num_layers * 4 * length * length * engine.info.hidden_size
+    assert counter.get_total_flops() + attention == answer.teacher_flops
+    assert answer.padded_tokens == answer.tokens < batch * length
+    assert answer.teacher_flops < encoder_forward_flops(engine.config, [length] * batch)
 
 
 @pytest.mark.parametrize("case", CASES)

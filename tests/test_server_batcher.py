@@ -49,8 +49,18 @@ class CountingEngine(TeacherEngine):
 
 @pytest.fixture(scope="module")
 def engine(tiny_teachers) -> CountingEngine:
+    """A padded engine: these tests read the bucketing's padding pass by pass."""
     loaded = CountingEngine.load("large", tiny_teachers["large"])
     loaded.passes = []
+    loaded.packs = False
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def packed_engine(tiny_teachers) -> CountingEngine:
+    loaded = CountingEngine.load("large", tiny_teachers["large"])
+    loaded.passes = []
+    assert loaded.packs  # BERT packs
     return loaded
 
 
@@ -86,6 +96,36 @@ def test_on_cpu_a_trainers_few_short_rows_run_as_one_pass():
     rows = [Row(None, i, n) for i, n in enumerate([30, 10, 14])]
     plan = plan_batches(rows, max_rows=64, max_tokens=8192, pass_overhead_tokens=overhead)
     assert [[r.length for r in b] for b in plan] == [[10, 14, 30]]
+
+
+def test_a_packed_engine_pays_padding_only_for_attention_so_it_buckets_less(engine, packed_engine):
+    """Packed, padding a row costs attention pairs only: rows of mixed sentence lengths share a
+    pass that a padded engine would split, and only a long tail still gets a pass of its own."""
+    rows = [Row(None, i, n) for i, n in enumerate([5, 6, 7, 8, 29, 30, 31])]
+    padded = plan_batches(rows, 64, 8192, 32, engine.padding_cost)
+    assert [[r.length for r in b] for b in padded] == [[5, 6, 7, 8], [29, 30, 31]]
+    packed = plan_batches(rows, 64, 8192, 32, packed_engine.padding_cost)
+    assert [[r.length for r in b] for b in packed] == [[5, 6, 7, 8, 29, 30, 31]]
+    tail = [Row(None, i, 5) for i in range(40)] + [Row(None, 40, 120)]
+    assert [len(b) for b in plan_batches(tail, 64, 8192, 32, packed_engine.padding_cost)] == [40, 1]
+
+
+def test_a_packed_pass_charges_each_row_its_own_tokens(packed_engine):
+    batcher = make_batcher(packed_engine, max_queue_delay_ms=200)
+    q = query(packed_engine, SENTENCES)
+
+    async def scenario():
+        batcher.start()
+        answer = await batcher.infer(q)
+        await batcher.close(5)
+        return answer
+
+    answer = asyncio.run(scenario())
+    alone = TeacherEngine.run(packed_engine, q)
+    assert packed_engine.passes == [tuple(q.input_ids.shape)]  # one pass, not length buckets
+    assert answer.padded_tokens == answer.tokens == alone.padded_tokens == int(q.attention_mask.sum())
+    assert answer.teacher_flops == alone.teacher_flops
+    torch.testing.assert_close(answer.logits, alone.logits, atol=1e-5, rtol=0)
 
 
 def test_concurrent_requests_share_a_pass_and_get_their_own_rows(engine):

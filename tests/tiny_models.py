@@ -80,3 +80,9 @@ def save_tiny_mlm(path: Path, *, num_layers: int = 2, hidden_size: int = 32, see
     BertForMaskedLM(tiny_config(num_layers=num_layers, hidden_size=hidden_size)).eval().save_pretrained(path)
     save_tiny_tokenizer(path)
     return path
+
+
+def layer_probe(engine, layer: torch.nn.Module) -> torch.nn.Module:
+    """A module of ``layer`` that runs whenever the layer does: the layer itself on a padded pass,
+    its last norm on a packed one (which calls the layer's parts, never the layer)."""
+    return engine.family.parts(layer).output_norm if engine.packs else layer

@@ -1,0 +1,95 @@
+"""A forward pass without padding: each layer's matrices run on the real tokens only.
+
+A batch of sentences of mixed lengths, padded to the longest, spends most of a post-LN
+encoder's FLOPs on the per-token matrices (Q, K, V, output, feed-forward) at padded
+positions. Here the batch is packed to ``[tokens, hidden]`` for those, and only attention,
+a small share of the work at sentence lengths, is padded back to ``[batch, heads, length,
+length]`` to run per row (the "remove padding" of FasterTransformer and TEI, in plain torch).
+On SST-2 requests of 8 sentences it runs MiniLM-L6 1.3-1.4x faster than the padded pass.
+
+Families whose layers are BERT-shaped (post-LN, absolute positions or an additive
+relative-position bias) describe their layers as :class:`LayerParts`; the result equals the
+model's own forward (fp32, atol 1e-5, ``tests/test_families.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class LayerParts:
+    """One post-LN encoder layer: attention, add & norm, feed-forward, add & norm."""
+
+    query: nn.Linear
+    key: nn.Linear
+    value: nn.Linear
+    out: nn.Linear
+    attention_norm: nn.LayerNorm
+    ffn_in: nn.Linear
+    activation: Callable[[Tensor], Tensor]
+    ffn_out: nn.Linear
+    output_norm: nn.LayerNorm
+    heads: int
+
+
+@dataclass(frozen=True)
+class Packing:
+    """Where a right-padded batch's real tokens sit: ``index`` into the flattened
+    ``[batch × length]`` positions, and ``starts``, each row's first token in the packed order."""
+
+    index: Tensor
+    starts: Tensor
+    batch: int
+    length: int
+
+    @classmethod
+    def of(cls, mask: Tensor) -> Packing:
+        batch, length = mask.shape
+        index = mask.reshape(-1).nonzero().squeeze(1)
+        lengths = mask.sum(dim=1)
+        starts = torch.cumsum(lengths, dim=0) - lengths
+        return cls(index=index, starts=starts, batch=batch, length=length)
+
+    def pack(self, padded: Tensor) -> Tensor:
+        """``[batch, length, width]`` → ``[tokens, width]``."""
+        return padded.reshape(self.batch * self.length, -1).index_select(0, self.index)
+
+    def unpack(self, packed: Tensor) -> Tensor:
+        """``[tokens, width]`` → ``[batch, length, width]``, zeros at padding."""
+        flat = packed.new_zeros(self.batch * self.length, packed.shape[-1])
+        return flat.index_copy_(0, self.index, packed).view(self.batch, self.length, -1)
+
+    def first_tokens(self, packed: Tensor) -> Tensor:
+        """Each row's first token ([CLS]) as ``[batch, 1, width]``: what every packed head reads."""
+        return packed.index_select(0, self.starts).unsqueeze(1)
+
+
+def attention_bias(mask: Tensor, dtype: torch.dtype, position_bias: Tensor | None = None) -> Tensor:
+    """The additive mask attention adds to its scores: padded keys at the dtype's minimum,
+    plus the family's relative-position bias where it has one."""
+    bias = torch.zeros(mask.shape[0], 1, 1, mask.shape[1], dtype=dtype, device=mask.device)
+    bias.masked_fill_(mask[:, None, None, :] == 0, torch.finfo(dtype).min)
+    return bias if position_bias is None else bias + position_bias
+
+
+def packed_layer(parts: LayerParts, hidden: Tensor, packing: Packing, bias: Tensor) -> Tensor:
+    """One layer on packed ``[tokens, hidden]``; attention padded per row under ``bias``."""
+    width = hidden.shape[-1]
+    heads = parts.heads
+
+    def per_row(projection: nn.Linear) -> Tensor:  # [batch, heads, length, head size]
+        padded = packing.unpack(projection(hidden))
+        return padded.view(packing.batch, packing.length, heads, width // heads).transpose(1, 2)
+
+    context = F.scaled_dot_product_attention(
+        per_row(parts.query), per_row(parts.key), per_row(parts.value), attn_mask=bias
+    )
+    context = packing.pack(context.transpose(1, 2).reshape(packing.batch, packing.length, width))
+    attended = parts.attention_norm(parts.out(context) + hidden)
+    return parts.output_norm(parts.ffn_out(parts.activation(parts.ffn_in(attended))) + attended)
