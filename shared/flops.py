@@ -140,10 +140,24 @@ def head_forward_flops(hidden_size: int, num_labels: int) -> int:
     return 2 * hidden_size * hidden_size + 2 * hidden_size * num_labels
 
 
-def _sequence_flops(shape: FlopsShape, n: int, layers: int, attention_len: int | None) -> int:
+def first_token_layer_flops(
+    hidden_size: int, intermediate_size: int, seq_len: int, ffn_matrices: int, attention_len: int
+) -> int:
+    """A layer that outputs only the first token (a packed pass's last layer when only [CLS] is
+    read): keys and values of every token, the rest of the layer on one token attending to all."""
+    d, f, n = hidden_size, intermediate_size, seq_len
+    return 2 * n * 2 * d * d + 2 * (2 * d * d + ffn_matrices * d * f) + 4 * attention_len * d
+
+
+def _sequence_flops(
+    shape: FlopsShape, n: int, layers: int, attention_len: int | None, first_token_last: bool = False
+) -> int:
     """Every per-token and per-pair term of one sequence through ``layers`` layers."""
-    d = shape.hidden_size
-    total = layers * layer_forward_flops(d, shape.intermediate_size, n, shape.ffn_matrices, attention_len)
+    d, f, m = shape.hidden_size, shape.intermediate_size, shape.ffn_matrices
+    total = layers * layer_forward_flops(d, f, n, m, attention_len)
+    if first_token_last and layers:
+        total += first_token_layer_flops(d, f, n, m, n if attention_len is None else attention_len)
+        total -= layer_forward_flops(d, f, n, m, attention_len)
     if shape.embedding_size and shape.embedding_size != d:
         total += 2 * n * shape.embedding_size * d
     total += layers * shape.relative_kinds * 2 * n * shape.relative_span * d
@@ -160,6 +174,7 @@ def encoder_forward_flops(
     with_head: bool | None = None,
     batches: int | None = None,
     attention_len: int | None = None,
+    first_token_last: bool = False,
 ) -> int:
     """Forward FLOPs for sequences of the given lengths through ``num_layers`` layers.
 
@@ -167,7 +182,9 @@ def encoder_forward_flops(
     defaults to "the whole encoder ran", because logits need every layer. ``batches`` is how
     many forward calls ran the sequences (default: each sequence on its own); only DeBERTa's
     per-call projection of relative position embeddings depends on it. ``attention_len``: the
-    length every sequence's attention ran at, when a packed pass padded only attention.
+    length every sequence's attention ran at, when a packed pass padded only attention;
+    ``first_token_last``: the last layer run output only the first token
+    (:func:`first_token_layer_flops`).
     """
     shape = FlopsShape.of(config)
     total_layers = shape.num_hidden_layers
@@ -180,7 +197,7 @@ def encoder_forward_flops(
         if n < 0:
             raise ValueError(f"seq_lens must be non-negative, got {n}")
         count += 1
-        total += _sequence_flops(shape, int(n), layers, attention_len)
+        total += _sequence_flops(shape, int(n), layers, attention_len, first_token_last)
         if head:
             total += head_forward_flops(shape.hidden_size, shape.num_labels)
     calls = count if batches is None else min(int(batches), count)

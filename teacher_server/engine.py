@@ -275,9 +275,15 @@ class TeacherEngine:
         lengths = mask_cpu.sum(dim=1)
         batch, length = ids.shape
         packed = self.packs and bool((lengths < length).any())
-        forward = self._forward_packed if packed else self._forward_early_exit
+        # packed, a last layer whose token states nobody asked for computes [CLS] alone
+        first_token_last = packed and depth not in spec.token_layers
         with torch.inference_mode():
-            states, logits = forward(ids, mask, types, depth, wanted, spec.want_logits)
+            if packed:
+                states, logits = self._forward_packed(
+                    ids, mask, types, depth, wanted, spec.want_logits, first_token_last
+                )
+            else:
+                states, logits = self._forward_early_exit(ids, mask, types, depth, wanted, spec.want_logits)
             hidden_cls = hidden_states = None
             if spec.cls_layers:
                 hidden_cls = torch.stack([states[i][:, 0] for i in spec.cls_layers], dim=1).float().cpu()
@@ -289,7 +295,13 @@ class TeacherEngine:
             logits = logits.float().cpu() if spec.want_logits else None
         run_lengths = lengths.tolist() if packed else [length] * batch
         flops = encoder_forward_flops(
-            self.config, run_lengths, depth, with_head=spec.want_logits, batches=1, attention_len=length
+            self.config,
+            run_lengths,
+            depth,
+            with_head=spec.want_logits,
+            batches=1,
+            attention_len=length,
+            first_token_last=first_token_last,
         )
         return TeacherAnswer(
             logits=logits,
@@ -365,9 +377,11 @@ class TeacherEngine:
         depth: int,
         wanted: set[int],
         want_logits: bool,
+        first_token_last: bool,
     ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
         """:meth:`_forward_early_exit` with the layers on packed tokens (:mod:`shared.packing`);
-        the states asked for come back padded, and the head reads each row's first token."""
+        the states asked for come back padded, and the head reads each row's first token.
+        ``first_token_last``: the last layer computes only that token (a state ``[batch, 1, H]``)."""
         family, model = self.family, self.model
         embedded = family.embed(model, ids, types, mask)
         packing = Packing.of(mask)
@@ -375,8 +389,11 @@ class TeacherEngine:
         hidden = family.project(model, packing.pack(embedded))
         states = {0: packing.unpack(hidden)} if 0 in wanted else {}
         for index, layer in enumerate(family.layers(model)[:depth]):
-            hidden = packed_layer(family.parts(layer), hidden, packing, bias)
+            alone = first_token_last and index + 1 == depth
+            hidden = packed_layer(family.parts(layer), hidden, packing, bias, first_tokens_only=alone)
             if index + 1 in wanted:
-                states[index + 1] = packing.unpack(hidden)
-        logits = family.head(model, packing.first_tokens(hidden), mask) if want_logits else None
-        return states, logits
+                states[index + 1] = hidden.unsqueeze(1) if alone else packing.unpack(hidden)
+        if want_logits:
+            cls = hidden.unsqueeze(1) if first_token_last else packing.first_tokens(hidden)
+            return states, family.head(model, cls, mask)
+        return states, None

@@ -87,14 +87,16 @@ def test_early_exit_runs_only_the_layers_needed(engines, monkeypatch, packs):
         batch, length = ids.shape
         ran = mask.sum(dim=1).tolist() if packs else [length] * batch  # packed: real tokens only
         assert answer.teacher_flops == encoder_forward_flops(
-            engine.config, ran, 2, with_head=False, attention_len=length
+            engine.config, ran, 2, with_head=False, attention_len=length, first_token_last=packs
         )
         calls.clear()
         answer = engine.run(TeacherQuery(ids, mask, types, want_logits=False, cls_layers=(0,)))
         assert calls == [] and answer.teacher_flops == 0
         answer = engine.run(TeacherQuery(ids, mask, types, want_logits=True))
         assert calls == [1, 2, 3, 4, "pooler"]
-        assert answer.teacher_flops == encoder_forward_flops(engine.config, ran, attention_len=length)
+        assert answer.teacher_flops == encoder_forward_flops(
+            engine.config, ran, attention_len=length, first_token_last=packs
+        )
     finally:
         for hook in hooks:
             hook.remove()

@@ -85,7 +85,13 @@ def test_only_the_layers_needed_run_and_the_head_only_for_logits(engines, case):
         assert calls == [1]
         ran = mask.sum(dim=1).tolist() if engine.packs else [length] * batch  # packed: real tokens
         assert answer.teacher_flops == encoder_forward_flops(
-            engine.config, ran, 1, with_head=False, batches=1, attention_len=length
+            engine.config,
+            ran,
+            1,
+            with_head=False,
+            batches=1,
+            attention_len=length,
+            first_token_last=engine.packs,
         )
         calls.clear()
         engine.run(TeacherQuery(ids, mask, types, want_logits=False, cls_layers=(0,)))
@@ -133,15 +139,17 @@ def test_flop_counter_does_not_see_cpu_sdpa_attention(case):
 
 @pytest.mark.parametrize("case", [case for case in CASES if FAMILIES[FAMILY_CASES[case][0]].packs])
 def test_a_packed_pass_counts_the_flops_it_runs(engines, case):
-    """Packed, the matrices run on the real tokens only and attention at the padded length:
-    the counter sees the first (CPU SDPA hides attention from it), the model adds the second."""
+    """Packed, the matrices run on the real tokens only (the last layer's query, output and
+    feed-forward on [CLS] alone) and attention at the padded length: the counter sees the first
+    (CPU SDPA hides attention from it), the model adds the second."""
     engine = engines[case]
     ids, mask, types = engine.tokenize(TEXTS)
     counter = FlopCounterMode(display=False)
     with counter:
         answer = engine.run(TeacherQuery(ids, mask, types, want_logits=True))
     batch, length = ids.shape
-    attention = batch * engine.info.num_layers * 4 * length * length * engine.info.hidden_size
+    layers, d = engine.info.num_layers, engine.info.hidden_size
+    attention = batch * 4 * length * d * ((layers - 1) * length + 1)  # the last layer: [CLS] queries only
     assert counter.get_total_flops() + attention == answer.teacher_flops
     assert answer.padded_tokens == answer.tokens < batch * length
     assert answer.teacher_flops < encoder_forward_flops(engine.config, [length] * batch)

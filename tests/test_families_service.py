@@ -71,7 +71,7 @@ def test_text_is_tokenized_with_the_teachers_own_tokenizer(server):
     lengths = enc["attention_mask"].sum(dim=1).tolist()  # MPNet packs: its matrices ran on these
     assert got.header.parameters["padded_tokens"] == sum(lengths) < batch * length
     assert got.header.parameters["teacher_flops"] == encoder_forward_flops(
-        model.config, lengths, batches=1, attention_len=length
+        model.config, lengths, batches=1, attention_len=length, first_token_last=True
     )
 
 

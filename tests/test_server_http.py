@@ -263,7 +263,12 @@ def test_response_parameters_count_the_work_and_the_cache(server, references):
     lengths = [len(tokenizer(t)["input_ids"]) for t in texts]
     assert params["tokens"] == sum(lengths)
     assert params["padded_tokens"] == sum(lengths)  # one packed pass: the matrices ran on real tokens
-    assert params["teacher_flops"] == encoder_forward_flops(model.config, lengths, attention_len=max(lengths))
+    assert params["teacher_flops"] == encoder_forward_flops(
+        model.config,
+        lengths,
+        attention_len=max(lengths),
+        first_token_last=True,  # only [CLS] is read
+    )
     assert params["cache_hits"] == 0 and params["queue_us"] >= 0 and params["compute_us"] > 0
     again = decode(infer(server.url, "small", {"text": texts}))
     assert again.header.parameters["cache_hits"] == 3 and again.header.parameters["teacher_flops"] == 0
@@ -281,7 +286,9 @@ def test_response_parameters_count_the_work_and_the_cache(server, references):
         )
     )
     # early exit: one of two layers, no pooler/classifier
-    expected = encoder_forward_flops(model.config, lengths, 1, with_head=False, attention_len=max(lengths))
+    expected = encoder_forward_flops(
+        model.config, lengths, 1, with_head=False, attention_len=max(lengths), first_token_last=True
+    )
     assert shallow.header.parameters["teacher_flops"] == expected
 
 
