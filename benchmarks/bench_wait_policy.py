@@ -1,13 +1,15 @@
 """OpenMP's wait policy: a teacher's forward pass with and without a busy neighbour process.
 
     python benchmarks/bench_wait_policy.py [--rounds 2] [--rows 3,32] [--threads 2]
+                                           [--policies unset,PASSIVE,spin:10000]
 
 libgomp's default (``OMP_WAIT_POLICY`` unset) lets idle workers spin while a process's threads fit
 the cores. Alone on the machine that is quick; beside another busy process (the trainer beside
 the service, an experiment beside both) a spinning worker holds a core that its team's master
 needs. ``PASSIVE`` workers sleep. Each (policy, neighbour) runs in its own process laid out as
 the service runs a teacher (loaded, warmed up and run on one worker thread), in interleaved
-rounds; the neighbour is a process multiplying matrices on ``--threads`` threads. Median ms per
+rounds; the neighbour is a process multiplying matrices on ``--threads`` threads. ``spin:N`` is
+the default policy with ``GOMP_SPINCOUNT=N`` (workers spin N iterations, then sleep). Median ms per
 pass of ``--rows`` SST-2 sentences; writes JSON. ``teacher-server`` and ``student-trainer``
 default to ``PASSIVE`` (see ``shared/openmp.py``).
 """
@@ -25,7 +27,6 @@ from collections.abc import Iterator
 
 from bench_server import ROOT, write_report
 
-POLICIES = ("unset", "PASSIVE")
 NEIGHBOURS = ("none", "busy")
 BUSY = "import torch; a = torch.randn(512, 512)\nwhile True: a @ a"
 
@@ -80,7 +81,11 @@ def neighbour(kind: str, threads: int) -> Iterator[None]:
 
 
 def child_env(policy: str) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
+    env = {
+        key: value for key, value in os.environ.items() if key not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+    }
+    if policy.startswith("spin:"):
+        return {**env, "GOMP_SPINCOUNT": policy.removeprefix("spin:")}
     return env if policy == "unset" else {**env, "OMP_WAIT_POLICY": policy}
 
 
@@ -89,6 +94,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--rows", default="3,32")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--policies", default="unset,PASSIVE", help="unset, PASSIVE, ACTIVE or spin:N")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one measurement
     parser.add_argument("--output", default=str(ROOT / "runs" / "bench_wait_policy.json"))
     args = parser.parse_args()
@@ -96,7 +102,7 @@ def main() -> int:
     if args.child:
         print(" ".join(f"{ms:.2f}" for ms in measure(rows, args.threads).values()))
         return 0
-    cells = [(policy, kind) for kind in NEIGHBOURS for policy in POLICIES]
+    cells = [(policy, kind) for kind in NEIGHBOURS for policy in args.policies.split(",")]
     samples: dict[str, list[list[float]]] = {f"{p}/{k}": [] for p, k in cells}
     for number in range(args.rounds):
         for policy, kind in cells if number % 2 == 0 else reversed(cells):
@@ -106,12 +112,12 @@ def main() -> int:
             values = [float(v) for v in out.stdout.split()]
             samples[f"{policy}/{kind}"].append(values)
             shown = " ".join(f"{v:8.1f}" for v in values)
-            print(f"  round {number} {policy:<8} neighbour {kind:<5} {shown}")
+            print(f"  round {number} {policy:<11} neighbour {kind:<5} {shown}", flush=True)
     medians = {cell: [statistics.median(c) for c in zip(*got, strict=True)] for cell, got in samples.items()}
-    print(f"\n{'policy':<8} {'neighbour':<9} " + " ".join(f"{f'{r} rows ms':>11}" for r in rows))
+    print(f"\n{'policy':<11} {'neighbour':<9} " + " ".join(f"{f'{r} rows ms':>11}" for r in rows))
     for cell, values in medians.items():
         policy, kind = cell.split("/")
-        print(f"{policy:<8} {kind:<9} " + " ".join(f"{v:11.1f}" for v in values))
+        print(f"{policy:<11} {kind:<9} " + " ".join(f"{v:11.1f}" for v in values))
     report = {
         "command": " ".join(["python benchmarks/bench_wait_policy.py", *sys.argv[1:]]),
         "settings": vars(args),
