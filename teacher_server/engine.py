@@ -388,9 +388,12 @@ class TeacherEngine:
         bias = family.packed_bias(model, embedded, mask)
         hidden = family.project(model, packing.pack(embedded))
         states = {0: packing.unpack(hidden)} if 0 in wanted else {}
-        for index, layer in enumerate(family.layers(model)[:depth]):
+        layers = family.layers(model)
+        for index, layer in enumerate(layers[:depth]):
             alone = first_token_last and index + 1 == depth
             hidden = packed_layer(family.parts(layer), hidden, packing, bias, first_tokens_only=alone)
+            if index + 1 == len(layers):
+                hidden = family.last(model, hidden)
             if index + 1 in wanted:
                 states[index + 1] = hidden.unsqueeze(1) if alone else packing.unpack(hidden)
         if want_logits:
