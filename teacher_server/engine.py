@@ -101,6 +101,15 @@ class OutputSpec:
             return num_layers
         return max((*self.cls_layers, *self.token_layers), default=0)
 
+    def wanted(self) -> set[int]:
+        """Every hidden state asked for, [CLS] or all tokens."""
+        return set(self.cls_layers) | set(self.token_layers)
+
+    def first_token_only(self, depth: int) -> bool:
+        """Nobody reads the last layer run beyond [CLS] (logits, [CLS] states): a packed pass
+        computes only that token there."""
+        return depth not in self.token_layers
+
 
 class TeacherEngine:
     """A loaded teacher (model + its own tokenizer) answering :class:`TeacherQuery` batches."""
@@ -271,19 +280,12 @@ class TeacherEngine:
         ids, mask = self._to_device(query.input_ids), self._to_device(mask_cpu)
         given_types = query.token_type_ids is not None and self.type_vocab_size > 0
         types = self._to_device(query.token_type_ids) if given_types else None
-        wanted = set(spec.cls_layers) | set(spec.token_layers)
         lengths = mask_cpu.sum(dim=1)
         batch, length = ids.shape
         packed = self.packs and bool((lengths < length).any())
-        # packed, a last layer whose token states nobody asked for computes [CLS] alone
-        first_token_last = packed and depth not in spec.token_layers
+        forward = self._forward_packed if packed else self._forward_early_exit
         with torch.inference_mode():
-            if packed:
-                states, logits = self._forward_packed(
-                    ids, mask, types, depth, wanted, spec.want_logits, first_token_last
-                )
-            else:
-                states, logits = self._forward_early_exit(ids, mask, types, depth, wanted, spec.want_logits)
+            states, logits = forward(ids, mask, types, spec, depth)
             hidden_cls = hidden_states = None
             if spec.cls_layers:
                 hidden_cls = torch.stack([states[i][:, 0] for i in spec.cls_layers], dim=1).float().cpu()
@@ -301,7 +303,7 @@ class TeacherEngine:
             with_head=spec.want_logits,
             batches=1,
             attention_len=length,
-            first_token_last=first_token_last,
+            first_token_last=packed and spec.first_token_only(depth),
         )
         return TeacherAnswer(
             logits=logits,
@@ -346,16 +348,11 @@ class TeacherEngine:
         return tensor.to(self.device)
 
     def _forward_early_exit(
-        self,
-        ids: torch.Tensor,
-        mask: torch.Tensor,
-        types: torch.Tensor | None,
-        depth: int,
-        wanted: set[int],
-        want_logits: bool,
+        self, ids: torch.Tensor, mask: torch.Tensor, types: torch.Tensor | None, spec: OutputSpec, depth: int
     ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
         """Embeddings, then layers 1..depth; the head only when logits are requested."""
         family, model = self.family, self.model
+        wanted = spec.wanted()
         hidden = family.project(model, family.embed(model, ids, types, mask))
         states = {0: hidden} if 0 in wanted else {}
         context = family.context(model, hidden, mask)
@@ -366,23 +363,17 @@ class TeacherEngine:
                 hidden = family.last(model, hidden)
             if index + 1 in wanted:
                 states[index + 1] = hidden
-        logits = family.head(model, hidden, mask) if want_logits else None
+        logits = family.head(model, hidden, mask) if spec.want_logits else None
         return states, logits
 
     def _forward_packed(
-        self,
-        ids: torch.Tensor,
-        mask: torch.Tensor,
-        types: torch.Tensor | None,
-        depth: int,
-        wanted: set[int],
-        want_logits: bool,
-        first_token_last: bool,
+        self, ids: torch.Tensor, mask: torch.Tensor, types: torch.Tensor | None, spec: OutputSpec, depth: int
     ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
         """:meth:`_forward_early_exit` with the layers on packed tokens (:mod:`shared.packing`);
-        the states asked for come back padded, and the head reads each row's first token.
-        ``first_token_last``: the last layer computes only that token (a state ``[batch, 1, H]``)."""
+        the states asked for come back padded, and the head reads each row's first token. Where
+        only that token is read of the last layer, it alone is computed (a state ``[batch, 1, H]``)."""
         family, model = self.family, self.model
+        wanted, first_token_last = spec.wanted(), spec.first_token_only(depth)
         embedded = family.embed(model, ids, types, mask)
         packing = Packing.of(mask)
         bias = family.packed_bias(model, embedded, mask)
@@ -396,7 +387,7 @@ class TeacherEngine:
                 hidden = family.last(model, hidden)
             if index + 1 in wanted:
                 states[index + 1] = hidden.unsqueeze(1) if alone else packing.unpack(hidden)
-        if want_logits:
+        if spec.want_logits:
             cls = hidden.unsqueeze(1) if first_token_last else packing.first_tokens(hidden)
             return states, family.head(model, cls, mask)
         return states, None

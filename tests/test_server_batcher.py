@@ -70,6 +70,14 @@ def make_batcher(engine, cache_bytes=0, **limits) -> DynamicBatcher:
     return DynamicBatcher(engine, config, cache=OutputCache(cache_bytes), metrics=ServiceMetrics())
 
 
+async def infer_once(batcher: DynamicBatcher, q: TeacherQuery):
+    """Start the batcher, answer one query, close it."""
+    batcher.start()
+    answer = await batcher.infer(q)
+    await batcher.close(5)
+    return answer
+
+
 def sample(metrics: ServiceMetrics, name: str, **labels) -> float:
     return metrics.registry.get_sample_value(name, {"model": "large", **labels}) or 0.0
 
@@ -114,13 +122,7 @@ def test_a_packed_pass_charges_each_row_its_own_tokens(packed_engine):
     batcher = make_batcher(packed_engine, max_queue_delay_ms=200)
     q = query(packed_engine, SENTENCES)
 
-    async def scenario():
-        batcher.start()
-        answer = await batcher.infer(q)
-        await batcher.close(5)
-        return answer
-
-    answer = asyncio.run(scenario())
+    answer = asyncio.run(infer_once(batcher, q))
     alone = TeacherEngine.run(packed_engine, q)
     assert packed_engine.passes == [tuple(q.input_ids.shape)]  # one pass, not length buckets
     assert answer.padded_tokens == answer.tokens == alone.padded_tokens == int(q.attention_mask.sum())
@@ -169,13 +171,7 @@ def test_token_budget_splits_passes_by_length(engine):
     batcher = make_batcher(engine, max_queue_delay_ms=200, max_batch_tokens=40, max_seq_length=20)
     q = query(engine, SENTENCES)
 
-    async def scenario():
-        batcher.start()
-        answer = await batcher.infer(q)
-        await batcher.close(5)
-        return answer
-
-    answer = asyncio.run(scenario())
+    answer = asyncio.run(infer_once(batcher, q))
     assert all(rows * length <= 40 for rows, length in engine.passes)
     assert sum(rows for rows, _ in engine.passes) == 6 and len(engine.passes) > 1
     torch.testing.assert_close(answer.logits, TeacherEngine.run(engine, q).logits, atol=1e-5, rtol=0)
