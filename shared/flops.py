@@ -9,6 +9,9 @@ sequence of ``n`` tokens, hidden size ``d``, feed-forward size ``f``:
   3 for ModernBERT's gated GLU whose input matrix is ``d × 2f``) ``+ 4n²d`` (``QKᵀ`` and
   ``attention·V``, over every key: the eager and SDPA kernels compute ModernBERT's
   sliding-window layers in full and mask them, so they cost what global layers cost);
+  a packed pass (``shared/packing.py``) runs attention at the pass's padded length ``a``
+  (``4a²d``) and may run its last layer for the first token alone (keys and values of every
+  token, ``4n·d²``, the rest on one token attending to ``a`` keys);
 * the head: ``2d² + 2dK`` — the pooler (BERT), the dense layer of the classification head
   (RoBERTa, XLM-R, ELECTRA, MPNet, ModernBERT), ``pre_classifier`` (DistilBERT, no pooler) or
   the context pooler (DeBERTa) are all ``d × d`` on [CLS] (or the mean), then ``d × K``.
@@ -154,10 +157,10 @@ def _sequence_flops(
 ) -> int:
     """Every per-token and per-pair term of one sequence through ``layers`` layers."""
     d, f, m = shape.hidden_size, shape.intermediate_size, shape.ffn_matrices
-    total = layers * layer_forward_flops(d, f, n, m, attention_len)
-    if first_token_last and layers:
+    last_alone = first_token_last and layers > 0
+    total = (layers - last_alone) * layer_forward_flops(d, f, n, m, attention_len)
+    if last_alone:
         total += first_token_layer_flops(d, f, n, m, n if attention_len is None else attention_len)
-        total -= layer_forward_flops(d, f, n, m, attention_len)
     if shape.embedding_size and shape.embedding_size != d:
         total += 2 * n * shape.embedding_size * d
     total += layers * shape.relative_kinds * 2 * n * shape.relative_span * d
