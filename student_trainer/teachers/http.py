@@ -22,6 +22,10 @@ passes but whose infer still hangs costs a ``timeout_s`` per cool-down, at most 
 Proxy variables (``HTTP_PROXY``, ``NO_PROXY``, …) apply to remote replicas, never to loopback
 ones: a service on this machine is always reached directly.
 
+The transport is aiohttp: a trainer at small ``r`` sends one small request per step, and
+aiohttp's round trip costs ~0.4 ms on 2 cores where httpx's costs ~1.5 ms
+(``benchmarks/bench_http_clients.py``).
+
 ``host`` sends every request with that ``Host`` header: a KServe InferenceService reached through
 its ingress gateway's address is routed by the host name in its ``status.url``.
 """
@@ -36,8 +40,9 @@ import re
 import time
 from collections.abc import Awaitable, Mapping
 from email.utils import parsedate_to_datetime
+from urllib.parse import urlsplit
 
-import httpx
+import aiohttp
 import torch
 
 from shared.api_key import clean_api_key
@@ -57,11 +62,11 @@ from student_trainer.teachers.client import TeacherRequestError, TeacherUnavaila
 log = logging.getLogger(__name__)
 
 RETRY_STATUSES = (429, 503)
+TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError)  # the replica did not answer (TimeoutError: in time)
 PROBE_TIMEOUT_S = 1.0  # a health check answers in milliseconds unless the replica is stuck
 READY_NOTE_S = 10.0  # while waiting for readiness, say every this often how long the wait may last
 HOST_PATTERN = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(:\d{1,5})?")  # a Host header: name[:port]
-# ``None`` = the client's own direct transport; these win over the proxies httpx reads from the environment.
-LOOPBACK_DIRECT = {"all://127.0.0.1": None, "all://localhost": None, "all://[::1]": None}
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")  # reached directly, whatever the proxy variables say
 
 
 class _Retryable(Exception):
@@ -73,10 +78,24 @@ class _Retryable(Exception):
         self.replica_down = replica_down
 
 
+@dataclasses.dataclass(frozen=True)
+class _Reply:
+    """One HTTP answer, read in full (a few rows' outputs, or an error body)."""
+
+    status_code: int
+    content: bytes
+    headers: Mapping[str, str]
+    reason_phrase: str
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", errors="replace")
+
+
 @dataclasses.dataclass
 class _Replica:
     url: str
-    client: httpx.AsyncClient = dataclasses.field(init=False)  # see _reconnect
+    session: aiohttp.ClientSession | None = None  # opened on the running event loop (see _pool)
     outstanding: int = 0
     last_pick: int = 0  # ties go to the least recently picked replica
     cool_until: float = 0.0  # skipped while another replica is healthy
@@ -144,7 +163,9 @@ class HttpTeacherClient:
         self._replicas = [_Replica(url) for url in self.urls]
         self._picks = 0
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._reconnect()
+        self._headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        if self.host:
+            self._headers["Host"] = self.host
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -174,8 +195,8 @@ class HttpTeacherClient:
             if replica not in ready:
                 self._cool_down(replica)
         try:
-            response = await ready[0].client.get(f"/v2/models/{self.model}", timeout=self.timeout_s)
-        except httpx.HTTPError as err:
+            response = await _send(ready[0], "GET", f"/v2/models/{self.model}", timeout_s=self.timeout_s)
+        except TRANSPORT_ERRORS as err:
             raise TeacherUnavailableError(f"{ready[0].url}: model metadata: {_describe(err)}") from err
         if response.status_code != 200:
             raise self._refusal(ready[0], response)
@@ -190,20 +211,20 @@ class HttpTeacherClient:
     async def aclose(self) -> None:
         """Close the pooled connections; the client may be started again afterwards."""
         if self._loop is asyncio.get_running_loop():
-            await asyncio.gather(*(r.client.aclose() for r in self._replicas))
-        self._reconnect()
+            await asyncio.gather(*(r.session.close() for r in self._replicas if r.session is not None))
+        self._disconnect()
 
     async def _not_ready(self, replica: _Replica, deadline: float) -> str | None:
         """None when the server and the model are ready, else why not (unknown model / bad key raise)."""
         timeout = max(0.05, min(self.timeout_s, 5.0, deadline - time.monotonic()))
         try:
-            server = await replica.client.get("/v2/health/ready", timeout=timeout)
+            server = await _send(replica, "GET", "/v2/health/ready", timeout_s=timeout)
             if server.status_code in (401, 403):
                 raise self._refusal(replica, server)
             if server.status_code != 200:
                 return f"server not ready (HTTP {server.status_code})"
-            model = await replica.client.get(f"/v2/models/{self.model}/ready", timeout=timeout)
-        except httpx.HTTPError as err:
+            model = await _send(replica, "GET", f"/v2/models/{self.model}/ready", timeout_s=timeout)
+        except TRANSPORT_ERRORS as err:
             return _describe(err)
         if model.status_code == 200:
             return None
@@ -212,24 +233,32 @@ class HttpTeacherClient:
         return f"model not ready (HTTP {model.status_code})"
 
     async def _pool(self) -> list[_Replica]:
-        """The replicas, with connection pools usable from the running event loop."""
+        """The replicas, with connection pools opened on the running event loop."""
         loop = asyncio.get_running_loop()
-        if self._loop is not None and self._loop is not loop:
-            # Pooled connections belong to the loop that opened them (e.g. an earlier asyncio.run).
-            log.info("event loop changed: new connections to teacher %r", self.model)
-            self._reconnect()
-        self._loop = loop
+        if self._loop is not loop:
+            if self._loop is not None:  # pooled connections belong to the loop that opened them
+                log.info("event loop changed: new connections to teacher %r", self.model)
+                self._disconnect()
+            for replica in self._replicas:
+                loopback = urlsplit(replica.url).hostname in LOOPBACK_HOSTS
+                replica.session = aiohttp.ClientSession(
+                    headers=self._headers,
+                    connector=aiohttp.TCPConnector(limit=64),
+                    trust_env=not loopback,  # proxy variables, for remote replicas only
+                )
+            self._loop = loop
         return self._replicas
 
-    def _reconnect(self) -> None:
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        if self.host:
-            headers["Host"] = self.host
-        limits = httpx.Limits(max_connections=64, max_keepalive_connections=32)
+    def _disconnect(self) -> None:
+        """Forget the sessions; those of a loop that has ended are dropped without touching it."""
         for replica in self._replicas:
-            replica.client = httpx.AsyncClient(
-                base_url=replica.url, headers=headers, limits=limits, mounts=LOOPBACK_DIRECT
-            )
+            session, replica.session = replica.session, None
+            if session is not None and not session.closed:
+                connector = session.connector
+                session.detach()
+                if connector is not None:
+                    # the synchronous part of close(): its loop may have ended, so nothing can await
+                    connector._close()
         self._loop = None
 
     # --- queries ------------------------------------------------------------------------------
@@ -311,7 +340,7 @@ class HttpTeacherClient:
             timings=Timings(queue_us=number("queue_us"), compute_us=number("compute_us")),
         )
 
-    async def _post(self, body: bytes, headers: dict[str, str]) -> tuple[_Replica, httpx.Response]:
+    async def _post(self, body: bytes, headers: dict[str, str]) -> tuple[_Replica, _Reply]:
         """Send one infer request, retrying and failing over until it succeeds or the budget is spent."""
         replicas = await self._pool()
         path = f"/v2/models/{self.model}/infer"
@@ -360,9 +389,7 @@ class HttpTeacherClient:
         )
         return f"{left} attempt(s) left, at most {left * self.timeout_s + backoffs:.0f} s more"
 
-    async def _attempt(
-        self, replica: _Replica, path: str, body: bytes, headers: dict[str, str]
-    ) -> httpx.Response:
+    async def _attempt(self, replica: _Replica, path: str, body: bytes, headers: dict[str, str]) -> _Reply:
         """One request to one replica (health-probed first if suspect), bounded by ``timeout_s``."""
         self._picks += 1
         replica.outstanding += 1
@@ -371,7 +398,7 @@ class HttpTeacherClient:
             if replica.cooldown:
                 await self._probe(replica)
             response = await _bounded(
-                replica.client.post(path, content=body, headers=headers, timeout=self.timeout_s),
+                _send(replica, "POST", path, timeout_s=self.timeout_s, body=body, headers=headers),
                 self.timeout_s,
             )
         finally:
@@ -392,7 +419,7 @@ class HttpTeacherClient:
         """Let real traffic back to a suspect replica only if its health check answers 200 quickly."""
         probe_s = min(self.timeout_s, PROBE_TIMEOUT_S)
         try:
-            health = await _bounded(replica.client.get("/v2/health/ready", timeout=probe_s), probe_s)
+            health = await _bounded(_send(replica, "GET", "/v2/health/ready", timeout_s=probe_s), probe_s)
         except _Retryable as err:
             raise _Retryable(f"health probe {err}") from None
         if health.status_code != 200:
@@ -416,7 +443,7 @@ class HttpTeacherClient:
         ``[0, min(backoff_max_s, backoff_base_s · 2^(attempt-1)))``."""
         return random.uniform(0.0, min(self.backoff_max_s, self.backoff_base_s * 2 ** (attempt - 1)))
 
-    def _refusal(self, replica: _Replica, response: httpx.Response) -> TeacherRequestError:
+    def _refusal(self, replica: _Replica, response: _Reply) -> TeacherRequestError:
         """A 4xx the user must fix, with the server's own words and the field it names."""
         try:
             error = ErrorBody.model_validate_json(response.content)
@@ -453,13 +480,34 @@ def _layer_list(layers: tuple[int, ...]) -> str:
     return ",".join(str(int(i)) for i in layers)
 
 
-async def _bounded(request: Awaitable[httpx.Response], timeout_s: float) -> httpx.Response:
-    """Await one request, at most ``timeout_s`` end to end; timeouts and transport errors are retryable."""
+async def _send(
+    replica: _Replica,
+    method: str,
+    path: str,
+    *,
+    timeout_s: float,
+    body: bytes | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> _Reply:
+    """One HTTP exchange on the replica's pooled connections, ``timeout_s`` end to end."""
+    assert replica.session is not None, "a replica is used only through _pool"
+    async with replica.session.request(
+        method,
+        replica.url + path,
+        data=body,
+        headers=headers,
+        timeout=aiohttp.ClientTimeout(total=timeout_s),
+    ) as response:
+        return _Reply(response.status, await response.read(), response.headers, response.reason or "")
+
+
+async def _bounded(request: Awaitable[_Reply], timeout_s: float) -> _Reply:
+    """Await one request (bounded by its own ``timeout_s``); timeouts and transport errors are retryable."""
     try:
-        return await asyncio.wait_for(request, timeout_s)
-    except (asyncio.TimeoutError, httpx.TimeoutException):
+        return await request
+    except TimeoutError:
         raise _Retryable(f"timed out after {timeout_s:g}s") from None
-    except httpx.TransportError as err:
+    except aiohttp.ClientError as err:
         raise _Retryable(_describe(err)) from None
 
 
@@ -467,14 +515,14 @@ def _describe(err: Exception) -> str:
     return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
 
 
-def _error_text(response: httpx.Response) -> str:
+def _error_text(response: _Reply) -> str:
     try:
         return ErrorBody.model_validate_json(response.content).error
     except ValueError:
         return response.text[:200]
 
 
-def _retry_after_s(response: httpx.Response) -> float | None:
+def _retry_after_s(response: _Reply) -> float | None:
     """``Retry-After`` as seconds (delta-seconds or an HTTP date), None when absent or unreadable."""
     value = response.headers.get("Retry-After")
     if value is None:
