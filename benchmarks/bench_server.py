@@ -312,6 +312,17 @@ def write_report(report: dict, output: str) -> None:
     print(f"wrote {output}")
 
 
+def report_samples(samples: dict[str, list[float]], heading: str, args: argparse.Namespace) -> None:
+    """An interleaved benchmark's ending: each variant's median ms and its rounds, printed and written
+    (with the command that made them) to ``args.output``."""
+    width = max(len(name) for name in samples) + 2
+    print(f"\n{'':<{width}}{heading}")
+    for name, values in samples.items():
+        print(f"{name:<{width}}{statistics.median(values):7.3f}  ({', '.join(f'{v:.3f}' for v in values)})")
+    command = " ".join([f"python benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])
+    write_report({"command": command, "settings": vars(args), "samples_ms": samples}, args.output)
+
+
 def measure(args: argparse.Namespace, encoded: list[list[int]], levels: list[int]) -> list[dict]:
     """Every measurement, ``--repeats`` times in interleaved rounds (a machine shared with other
     work slows some of them down); the fastest of each is kept."""

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from bench_server import ROOT, write_report
+from bench_server import ROOT, report_samples
 
 from shared.teacher_api import TeacherQuery
 from student_trainer.teachers.client import make_teacher_client
@@ -88,11 +88,7 @@ def main() -> int:
                     server.wait(30)
                 samples[f"{http}+{loop}"].append(ms)
                 print(f"  round {number} {http:<9} {loop:<7} {ms:6.2f} ms a request", flush=True)
-    print(f"\n{'stack':<18} median ms a request of {args.rows} rows (per round)")
-    for stack, values in samples.items():
-        print(f"{stack:<18} {statistics.median(values):6.2f}  ({', '.join(f'{v:.2f}' for v in values)})")
-    write_report({"command": " ".join(["python benchmarks/bench_server_stack.py", *sys.argv[1:]]),
-                  "settings": vars(args), "samples_ms": samples}, args.output)  # fmt: skip
+    report_samples(samples, f"median ms a request of {args.rows} rows (per round)", args)
     return 0
 
 

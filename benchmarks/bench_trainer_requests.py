@@ -7,7 +7,9 @@ the batch's longest (r = 0.1 of 32 is 3 rows, r = 1 all 32), token ids in, logit
 at a time, output cache off. The in-process engine (``local:``) runs each query as one pass; the
 service plans its own passes with each candidate ``pass_overhead_tokens`` (rounds interleaved:
 service, one server per overhead, then in-process; twice, the second time reversed). Reported per
-row count: median ms a request (client side), the server's compute and queue ms, padded tokens.
+row count: median ms a request (client side), the server's compute and queue ms, what a request
+costs outside the pass (client side minus the server's compute and queue: the trainer's client,
+HTTP, the server's handler and batcher; median of the per-request differences), padded tokens.
 Writes JSON (``--output``).
 """
 
@@ -99,9 +101,12 @@ def main() -> int:
             print(f"\n{rows} rows a request ({args.requests} requests x 2 rounds), medians:")
             for backend, samples in cells.items():
                 median = {key: statistics.median(s[key] for s in samples) for key in samples[0]}
+                outside = statistics.median(s["ms"] - s["compute_ms"] - s["queue_ms"] for s in samples)
+                outside_ms = f"{outside:5.2f}" if median["compute_ms"] else "    -"  # in-process: not split
                 print(
                     f"  {backend:<22} {median['ms']:7.1f} ms | server compute {median['compute_ms']:6.1f} "
-                    f"queue {median['queue_ms']:4.1f} | padded tokens {median['padded_tokens']:5.0f}"
+                    f"queue {median['queue_ms']:4.1f} | outside the pass {outside_ms} "
+                    f"| padded tokens {median['padded_tokens']:5.0f}"
                 )
     write_report({"command": " ".join(["python benchmarks/bench_trainer_requests.py", *sys.argv[1:]]),
                   "settings": vars(args), "samples": results}, args.output)  # fmt: skip

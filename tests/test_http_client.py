@@ -120,6 +120,7 @@ class FakeReplica(ServerThread):
         self.infers = 0
         self.health_checks: list[float] = []  # when GET /v2/health/ready came in (monotonic)
         self.requests: list[tuple[DecodedRequest, dict[str, str]]] = []
+        self.client_ports: list[int] = []  # each infer's client port: one per connection
         super().__init__(self._asgi())
 
     def _asgi(self):
@@ -189,6 +190,7 @@ class FakeReplica(ServerThread):
             """Count infer calls; ``drop`` starts a response and then closes the connection."""
             if scope["type"] == "http" and scope["path"].endswith("/infer"):
                 self.infers += 1
+                self.client_ports.append(scope["client"][1])
                 if self.plan and self.plan[0] == "drop":
                     self.plan.pop(0)
                     await send(
@@ -436,8 +438,8 @@ class ImportRecorder(importlib.abc.MetaPathFinder):
 
 
 def test_a_request_imports_nothing(replicas) -> None:
-    """The trainer's hot path: httpcore looks up ``sniffio`` on every request and lock; without it
-    installed that was a failed import (a walk of sys.path, ~1 ms) per request (issue #12)."""
+    """The trainer's hot path: a failed import is a walk of sys.path (~1 ms) each time; httpx's
+    transport once made one per request (``sniffio``, not installed; issue #12)."""
     replica, recorder = replicas(), ImportRecorder()
     client = HttpTeacherClient([replica.url], model="fake")
 
@@ -454,6 +456,24 @@ def test_a_request_imports_nothing(replicas) -> None:
 
     asyncio.run(main())
     assert recorder.names == []
+
+
+def test_sequential_requests_reuse_one_connection(replicas) -> None:
+    """A trainer's step at small r is one small request: a new TCP connection each time would cost
+    more than the request (keep-alive, also across the readiness and metadata calls)."""
+    replica = replicas()
+    client = HttpTeacherClient([replica.url], model="fake")
+
+    async def main() -> None:
+        await client.start(5)
+        try:
+            for _ in range(6):
+                await client.infer(query())
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
+    assert len(replica.client_ports) == 6 and len(set(replica.client_ports)) == 1
 
 
 # --- balancing ---------------------------------------------------------------------------------------------
