@@ -690,7 +690,10 @@ def test_an_outage_log_says_how_long_the_trainer_keeps_waiting(monkeypatch, capl
     assert re.search(r"\(attempt 2/3: .*; 1 attempt\(s\) left, at most 2 s more$", second), second
     assert any("waiting up to 0.7 s for it to be ready again, then giving up" in line for line in lines)
     assert any(
-        re.search(r"teacher 'large' not ready \(ClientConnectorError: Cannot connect.*\): giving up in 0 s$", line) for line in lines
+        re.search(
+            r"teacher 'large' not ready \(ClientConnectorError: Cannot connect.*\): giving up in 0 s$", line
+        )
+        for line in lines
     )
 
 
@@ -712,7 +715,9 @@ def test_every_replica_down_raises_naming_them_all(replicas) -> None:
     assert time.monotonic() - began < 3
     message = str(err.value)
     assert (
-        all(url in message for url in client.urls) and "4 attempts" in message and "Cannot connect to host" in message
+        all(url in message for url in client.urls)
+        and "4 attempts" in message
+        and "Cannot connect to host" in message
     )
 
 
