@@ -1,12 +1,14 @@
 """What one small request costs the trainer's HTTP client: httpx, aiohttp, and raw asyncio streams.
 
-    python benchmarks/bench_http_clients.py [--requests 1500] [--rounds 2] [--body_bytes 600]
+    python benchmarks/bench_http_clients.py [--requests 1500] [--rounds 2] [--server_wait_ms 0]
 
 A trainer at small ``r`` sends one request of a few rows per step, so the client's own cost per
 round trip is part of what selection is meant to save. The server is uvicorn (httptools, uvloop,
 as ``teacher-server`` runs) with a bare ASGI app that reads the body and answers 300 fixed bytes,
 so what is measured is the client plus the loopback round trip; raw streams (a hand-written
-HTTP/1.1 exchange) are the floor. One keep-alive connection, requests one at a time, the first
+HTTP/1.1 exchange) are the floor. ``--server_wait_ms`` makes the app busy-wait that long before it
+answers, as a teacher's pass would: what a round trip costs beyond the wait then includes waking a
+client that sat idle (on a VM, its idle vCPU). One keep-alive connection, requests one at a time, the first
 100 of each run left out; clients visited in interleaved rounds (forward, then reversed); median
 ms a request per client and round. Writes JSON.
 """
@@ -29,13 +31,17 @@ from teacher_server.launch import free_port, wait_until_ready
 
 ANSWER_BYTES = 300
 SERVE = f"""
-import sys, uvicorn
+import sys, time, uvicorn
+WAIT_S = float(sys.argv[2]) / 1000
 async def app(scope, receive, send):
     if scope["type"] != "http":
         return
     more = True
     while more:
         more = (await receive()).get("more_body", False)
+    end = time.perf_counter() + WAIT_S
+    while time.perf_counter() < end:  # a teacher's pass stands here: the client's process sits idle
+        pass
     headers = [(b"content-type", b"application/octet-stream"), (b"content-length", b"{ANSWER_BYTES}")]
     await send({{"type": "http.response.start", "status": 200, "headers": headers}})
     await send({{"type": "http.response.body", "body": b"x" * {ANSWER_BYTES}}})
@@ -98,12 +104,13 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=1500)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--body_bytes", type=int, default=600, help="a 3-row binary v2 request is ~600 bytes")
+    parser.add_argument("--server_wait_ms", type=float, default=0.0, help="the app busy-waits this long")
     parser.add_argument("--output", default=str(ROOT / "runs" / "bench_http_clients.json"))
     args = parser.parse_args()
     body = b"y" * args.body_bytes
     samples: dict[str, list[float]] = {name: [] for name in CLIENTS}
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-c", SERVE, str(port)])
+    server = subprocess.Popen([sys.executable, "-c", SERVE, str(port), str(args.server_wait_ms)])
     try:
         url = f"http://127.0.0.1:{port}"
         wait_until_ready(server, f"{url}/", 60, where="")
@@ -115,7 +122,8 @@ def main() -> int:
     finally:
         server.terminate()
         server.wait(30)
-    report_samples(samples, f"median ms a request of {args.body_bytes} bytes (per round)", args)
+    wait = f", {args.server_wait_ms:g} ms server wait included" if args.server_wait_ms else ""
+    report_samples(samples, f"median ms a request of {args.body_bytes} bytes{wait} (per round)", args)
     return 0
 
 
