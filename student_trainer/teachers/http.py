@@ -397,7 +397,7 @@ class HttpTeacherClient:
         try:
             if replica.cooldown:
                 await self._probe(replica)
-            response = await _bounded(
+            response = await _retryable(
                 _send(replica, "POST", path, timeout_s=self.timeout_s, body=body, headers=headers),
                 self.timeout_s,
             )
@@ -419,7 +419,7 @@ class HttpTeacherClient:
         """Let real traffic back to a suspect replica only if its health check answers 200 quickly."""
         probe_s = min(self.timeout_s, PROBE_TIMEOUT_S)
         try:
-            health = await _bounded(_send(replica, "GET", "/v2/health/ready", timeout_s=probe_s), probe_s)
+            health = await _retryable(_send(replica, "GET", "/v2/health/ready", timeout_s=probe_s), probe_s)
         except _Retryable as err:
             raise _Retryable(f"health probe {err}") from None
         if health.status_code != 200:
@@ -501,14 +501,14 @@ async def _send(
         return _Reply(response.status, await response.read(), response.headers, response.reason or "")
 
 
-async def _bounded(request: Awaitable[_Reply], timeout_s: float) -> _Reply:
-    """Await one request (bounded by its own ``timeout_s``); timeouts and transport errors are retryable."""
+async def _retryable(request: Awaitable[_Reply], timeout_s: float) -> _Reply:
+    """Await one request (``_send`` bounds it by ``timeout_s``); a replica that did not answer is
+    worth another attempt."""
     try:
         return await request
-    except TimeoutError:
-        raise _Retryable(f"timed out after {timeout_s:g}s") from None
-    except aiohttp.ClientError as err:
-        raise _Retryable(_describe(err)) from None
+    except TRANSPORT_ERRORS as err:
+        reason = f"timed out after {timeout_s:g}s" if isinstance(err, TimeoutError) else _describe(err)
+        raise _Retryable(reason) from None
 
 
 def _describe(err: Exception) -> str:
