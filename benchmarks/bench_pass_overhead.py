@@ -45,8 +45,22 @@ def planned_passes(
     return passes
 
 
+def weights_read_ms(model: torch.nn.Module) -> float:
+    """Median ms to read every weight past the embeddings once: the memory traffic any pass pays,
+    however few its tokens (compare with the fitted fixed part)."""
+    weights = [p for name, p in model.named_parameters() if "embeddings" not in name]
+    samples = []
+    for _ in range(12):
+        started = time.perf_counter()
+        for weight in weights:
+            weight.detach().sum()
+        samples.append(1000 * (time.perf_counter() - started))
+    return statistics.median(samples[2:])
+
+
 def pass_cost(model: torch.nn.Module) -> dict[str, float]:
-    """Least-squares fit of the median ms per pass over ``SHAPES`` (random token ids)."""
+    """Least-squares fit of the median ms per pass over ``SHAPES`` (random token ids), and what
+    reading the weights alone takes."""
     generator = torch.Generator().manual_seed(0)
     tokens, times = [], []
     for rows, length in SHAPES:
@@ -60,7 +74,12 @@ def pass_cost(model: torch.nn.Module) -> dict[str, float]:
         tokens.append(rows * length)
         times.append(statistics.median(samples[2:]))  # the first two warm up
     per_token, fixed = statistics.linear_regression(tokens, times)
-    return {"fixed_ms": fixed, "per_token_ms": per_token, "overhead_tokens": fixed / per_token}
+    return {
+        "fixed_ms": fixed,
+        "per_token_ms": per_token,
+        "overhead_tokens": fixed / per_token,
+        "weights_read_ms": weights_read_ms(model),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         costs[threads] = cost = pass_cost(model)
         print(
             f"threads {threads}: a pass costs {cost['fixed_ms']:.1f} ms + {cost['per_token_ms']:.3f} ms per "
-            f"padded token: {cost['overhead_tokens']:.0f} tokens",
+            f"padded token: {cost['overhead_tokens']:.0f} tokens (reading the weights once: "
+            f"{cost['weights_read_ms']:.1f} ms)",
             flush=True,
         )
         for pool in [int(p) for p in args.pools.split(",")]:

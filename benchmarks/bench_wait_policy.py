@@ -1,17 +1,23 @@
 """OpenMP's wait policy: a teacher's forward pass with and without a busy neighbour process.
 
-    python benchmarks/bench_wait_policy.py [--rounds 2] [--rows 3,32] [--threads 2]
-                                           [--policies unset,PASSIVE,spin:10000]
+    python benchmarks/bench_wait_policy.py [--passes 24] [--rows 3,32] [--threads 2]
+                                           [--policies PASSIVE,spin:1000,unset] [--gap_ms 50]
 
 libgomp's default (``OMP_WAIT_POLICY`` unset) lets idle workers spin while a process's threads fit
 the cores. Alone on the machine that is quick; beside another busy process (the trainer beside
 the service, an experiment beside both) a spinning worker holds a core that its team's master
-needs. ``PASSIVE`` workers sleep. Each (policy, neighbour) runs in its own process laid out as
-the service runs a teacher (loaded, warmed up and run on one worker thread), in interleaved
-rounds; the neighbour is a process multiplying matrices on ``--threads`` threads. ``spin:N`` is
-the default policy with ``GOMP_SPINCOUNT=N`` (workers spin N iterations, then sleep). Median ms per
-pass of ``--rows`` SST-2 sentences; writes JSON. ``teacher-server`` and ``student-trainer``
-default to ``PASSIVE`` (see ``shared/openmp.py``).
+needs. ``PASSIVE`` workers sleep, and wake for every parallel region: on a virtual machine whose
+idle cores the host takes back, a wake-up is slow. ``spin:N`` is the default policy with
+``GOMP_SPINCOUNT=N`` (workers spin N iterations, then sleep): long enough to span the gaps
+between the regions of one pass, short enough to sleep between passes.
+
+Each (policy, threads) cell is its own process, laid out as the service runs a teacher (loaded,
+warmed up and run on one worker thread), kept for the whole run; the passes go round-robin
+across the cells, ``--gap_ms`` apart (a trainer's step between two teacher passes), so the host's
+drift hits every cell alike. The neighbour is a process multiplying matrices on the most threads
+of any cell. Median ms per pass of ``--rows`` SST-2 sentences; writes JSON. ``ACTIVE`` workers
+never sleep and would slow every other cell: measure it alone. ``teacher-server`` and
+``student-trainer`` default to the policy of ``shared/openmp.py``.
 """
 
 from __future__ import annotations
@@ -31,9 +37,9 @@ NEIGHBOURS = ("none", "busy")
 BUSY = "import torch; a = torch.randn(512, 512)\nwhile True: a @ a"
 
 
-def measure(rows: list[int], threads: int) -> dict[int, float]:
-    """Median ms per pass for each row count, in this process (torch loaded before anything else,
-    so libgomp sees the environment this process was started with)."""
+def serve_passes(rows: list[int], threads: int) -> None:
+    """A child: load a teacher, then answer each stdin line ``R`` with the ms of one pass of R rows
+    (torch loaded here, after the parent set this process's environment, so libgomp sees it)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -49,19 +55,18 @@ def measure(rows: list[int], threads: int) -> dict[int, float]:
     tokenizer = AutoTokenizer.from_pretrained(teacher)
     sentences, _ = load_sentences(max(rows) * 12)
     encoded = [tokenizer(s, truncation=True, max_length=64)["input_ids"] for s in sentences]
+    queries = {r: [TeacherQuery(*pad(encoded[i * r : (i + 1) * r]), None) for i in range(12)] for r in rows}
     thread = teacher_thread("t")
     engine = thread.submit(TeacherEngine.from_config, TeacherConfig(name="t", path=teacher)).result()
-    medians = {}
-    for count in rows:
-        queries = [TeacherQuery(*pad(encoded[i * count : (i + 1) * count]), None) for i in range(12)]
-        times = []
-        for query in queries:
-            started = time.perf_counter()
-            thread.submit(engine.run, query).result()
-            times.append(time.perf_counter() - started)
-        medians[count] = 1000 * statistics.median(times[2:])  # the first two warm up
+    for count in rows:  # warm-up
+        thread.submit(engine.run, queries[count][0]).result()
+    print("ready", flush=True)
+    for number, line in enumerate(sys.stdin):
+        query = queries[int(line)][number % 12]
+        started = time.perf_counter()
+        thread.submit(engine.run, query).result()
+        print(f"{1000 * (time.perf_counter() - started):.3f}", flush=True)
     thread.shutdown()
-    return medians
 
 
 @contextlib.contextmanager
@@ -89,35 +94,64 @@ def child_env(policy: str) -> dict[str, str]:
     return env if policy == "unset" else {**env, "OMP_WAIT_POLICY": policy}
 
 
+@contextlib.contextmanager
+def cell_processes(cells: list[tuple[str, int]], rows: str) -> Iterator[dict[str, subprocess.Popen]]:
+    """One child per (policy, threads), each ready to run passes."""
+    children = {}
+    try:
+        for policy, threads in cells:
+            command = [sys.executable, __file__, "--child", "--rows", rows, "--threads", str(threads)]
+            children[f"{policy}, {threads} threads"] = subprocess.Popen(
+                command, env=child_env(policy), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+            )
+        for child in children.values():
+            assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        yield children
+    finally:
+        for child in children.values():
+            child.kill()
+            child.wait()
+
+
+def one_pass(child: subprocess.Popen, rows: int) -> float:
+    assert child.stdin is not None and child.stdout is not None
+    child.stdin.write(f"{rows}\n")
+    child.stdin.flush()
+    return float(child.stdout.readline())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--passes", type=int, default=24, help="timed passes per cell, rows and neighbour")
     parser.add_argument("--rows", default="3,32")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--policies", default="unset,PASSIVE", help="unset, PASSIVE, ACTIVE or spin:N")
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one measurement
+    parser.add_argument("--threads", default="2", help="torch threads per cell, comma-separated")
+    parser.add_argument("--policies", default="PASSIVE,spin:1000,unset", help="unset, PASSIVE or spin:N")
+    parser.add_argument("--gap_ms", type=float, default=50.0, help="idle time before each pass")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one cell's process
     parser.add_argument("--output", default=str(ROOT / "runs" / "bench_wait_policy.json"))
     args = parser.parse_args()
     rows = [int(r) for r in args.rows.split(",")]
+    threads = [int(t) for t in args.threads.split(",")]
     if args.child:
-        print(" ".join(f"{ms:.2f}" for ms in measure(rows, args.threads).values()))
+        serve_passes(rows, threads[0])
         return 0
-    cells = [(policy, kind) for kind in NEIGHBOURS for policy in args.policies.split(",")]
-    samples: dict[str, list[list[float]]] = {f"{p}/{k}": [] for p, k in cells}
-    for number in range(args.rounds):
-        for policy, kind in cells if number % 2 == 0 else reversed(cells):
-            child = [sys.executable, __file__, "--child", "--rows", args.rows, "--threads", str(args.threads)]
-            with neighbour(kind, args.threads):
-                out = subprocess.run(child, env=child_env(policy), capture_output=True, text=True, check=True)
-            values = [float(v) for v in out.stdout.split()]
-            samples[f"{policy}/{kind}"].append(values)
-            shown = " ".join(f"{v:8.1f}" for v in values)
-            print(f"  round {number} {policy:<11} neighbour {kind:<5} {shown}", flush=True)
-    medians = {cell: [statistics.median(c) for c in zip(*got, strict=True)] for cell, got in samples.items()}
-    print(f"\n{'policy':<11} {'neighbour':<9} " + " ".join(f"{f'{r} rows ms':>11}" for r in rows))
-    for cell, values in medians.items():
-        policy, kind = cell.split("/")
-        print(f"{policy:<11} {kind:<9} " + " ".join(f"{v:11.1f}" for v in values))
+    cells = [(policy, t) for policy in args.policies.split(",") for t in threads]
+    samples: dict[str, dict[str, list[float]]] = {}
+    for kind in NEIGHBOURS:
+        with neighbour(kind, max(threads)), cell_processes(cells, args.rows) as children:
+            for count in rows:
+                got: dict[str, list[float]] = {name: [] for name in children}
+                names = list(children)
+                for number in range(args.passes):
+                    first = number % len(names)
+                    for name in names[first:] + names[:first]:  # round-robin, each time from another cell
+                        time.sleep(args.gap_ms / 1000)
+                        got[name].append(one_pass(children[name], count))
+                for name, values in got.items():
+                    samples[f"{name} / {kind} / {count} rows"] = values
+                    median = statistics.median(values)
+                    print(f"  {name:<22} neighbour {kind:<5} {count:>3} rows {median:8.1f} ms", flush=True)
+    medians = {cell: statistics.median(values) for cell, values in samples.items()}
     report = {
         "command": " ".join(["python benchmarks/bench_wait_policy.py", *sys.argv[1:]]),
         "settings": vars(args),

@@ -6,9 +6,9 @@ any other busy process on the same cores (the trainer beside the service, an exp
 both) a spinning worker holds a core while the master of its team waits for one, and a teacher's
 forward pass takes 10-40x longer. Sleeping workers wake for every parallel region, which costs a
 packed pass 17-28 % on a quiet machine (its many short regions), against 22x saved beside a busy
-neighbour; a bounded spin (``GOMP_SPINCOUNT=10000``) loses 2x there (``python
-benchmarks/bench_wait_policy.py --policies unset,PASSIVE,spin:10000``). So both commands default
-to ``PASSIVE``; a policy the user set is kept.
+neighbour; a bounded spin (``GOMP_SPINCOUNT=10000``) loses 2x there, and one of 1,000 shows no
+consistent gain alone (``python benchmarks/bench_wait_policy.py --policies PASSIVE,spin:1000,spin:10000``).
+So both commands default to ``PASSIVE``; a policy the user set is kept.
 """
 
 from __future__ import annotations
