@@ -407,7 +407,7 @@ class DynamicBatcher:
                 self.metrics.queue_wait.labels(self.name).observe(started - request.enqueued)
         clock = time.perf_counter()
         try:
-            answer = await loop.run_in_executor(self._executor, self.engine.run, query)
+            answer = await loop.run_in_executor(self._executor, self.engine.compute, query)
         except Exception as err:  # a bug or out of memory: fail these requests, keep serving
             for request in requests:
                 if not request.future.done():

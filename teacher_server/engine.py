@@ -236,21 +236,25 @@ class TeacherEngine:
             raise QueryError(
                 "input_ids", f"length {length} exceeds max_seq_length {self.info.max_seq_length}"
             )
-        if int(ids.min()) < 0 or int(ids.max()) >= self.info.vocab_size:
+        low, high = torch.aminmax(ids)
+        if int(low) < 0 or int(high) >= self.info.vocab_size:
             raise QueryError("input_ids", f"token ids must be in [0, {self.info.vocab_size})")
         mask = query.attention_mask
         if not isinstance(mask, torch.Tensor) or mask.shape != ids.shape:
             raise QueryError("attention_mask", f"shape must equal input_ids shape {list(ids.shape)}")
-        if not bool(((mask == 0) | (mask == 1)).all()):
-            raise QueryError("attention_mask", "values must be 0 or 1")
-        if not bool((mask[:, 0] == 1).all()) or bool((mask[:, 1:] > mask[:, :-1]).any()):
+        lengths = mask.sum(dim=1)
+        right_padded = (torch.arange(length, device=mask.device) < lengths[:, None]).to(mask.dtype)
+        if not torch.equal(mask, right_padded) or int(lengths.min()) < 1:  # few ops when it holds
+            if not bool(((mask == 0) | (mask == 1)).all()):
+                raise QueryError("attention_mask", "values must be 0 or 1")
             raise QueryError("attention_mask", "each row must be 1s then 0s (right padding, [CLS] first)")
         types = query.token_type_ids
         if types is not None:
             if not isinstance(types, torch.Tensor) or types.shape != ids.shape:
                 raise QueryError("token_type_ids", f"shape must equal input_ids shape {list(ids.shape)}")
             type_vocab = max(1, self.type_vocab_size)  # a model without token types accepts all zeros
-            if int(types.min()) < 0 or int(types.max()) >= type_vocab:
+            low, high = torch.aminmax(types)
+            if int(low) < 0 or int(high) >= type_vocab:
                 raise QueryError("token_type_ids", f"values must be in [0, {type_vocab})")
         for field, layers in (("cls_layers", query.cls_layers), ("token_layers", query.token_layers)):
             bad = [layer for layer in layers if not 0 <= int(layer) <= self.info.num_layers]
@@ -262,14 +266,19 @@ class TeacherEngine:
     # -- compute ------------------------------------------------------------------------------
 
     def run(self, query: TeacherQuery) -> TeacherAnswer:
-        """Answer one padded batch: float32 CPU tensors plus the FLOPs actually run.
+        """Answer one padded batch: float32 CPU tensors plus the FLOPs actually run."""
+        self.validate(query)
+        return self.compute(query)
+
+    def compute(self, query: TeacherQuery) -> TeacherAnswer:
+        """:meth:`run` for a query already validated (the batcher validates each request as it
+        arrives, and merges only those).
 
         Columns that are padding in every row are not run (they cost FLOPs and change nothing);
         a batch that still has padding runs packed where the family allows (``packed``: the
         per-token matrices on real tokens only, so ``padded_tokens`` counts those);
         ``hidden_states`` is padded back to the query's length with zeros.
         """
-        self.validate(query)
         if self.batch_invariant and query.input_ids.shape[0] > 1:
             return self._run_rows(query)
         query_length = query.input_ids.shape[1]
@@ -321,7 +330,7 @@ class TeacherEngine:
         computed among others differs from the same row alone in the last bits; a grid of
         experiments sharing the service's cache must get the same answer whoever asked first.
         """
-        rows = [self.run(_row(query, i)) for i in range(query.input_ids.shape[0])]
+        rows = [self.compute(_row(query, i)) for i in range(query.input_ids.shape[0])]
         length = query.input_ids.shape[1]
 
         def cat(name: str) -> torch.Tensor | None:

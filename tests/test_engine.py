@@ -138,6 +138,30 @@ def test_invalid_queries_name_the_field(engines, changes, field):
     assert err.value.field == field and isinstance(err.value, ValueError)
 
 
+@pytest.mark.parametrize(
+    ("mask", "says"),
+    [
+        ([[1, 1, 2, 0]], "values must be 0 or 1"),
+        ([[1, 0, 1, 0]], "1s then 0s"),  # a hole
+        ([[0, 0, 0, 0]], "1s then 0s"),  # an empty row
+    ],
+)
+def test_a_bad_mask_is_told_what_is_wrong(engines, mask, says):
+    engine = engines["small"]
+    ids = torch.tensor([[2, 10, 11, 3]])
+    with pytest.raises(QueryError, match=says):
+        engine.run(TeacherQuery(ids, torch.tensor(mask), None))
+
+
+def test_masks_of_any_integer_or_bool_dtype_are_accepted(engines):
+    engine = engines["small"]
+    ids = torch.tensor([[2, 10, 11, 3], [2, 12, 3, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    expected = engine.run(TeacherQuery(ids, mask, None)).logits
+    for dtype in (torch.bool, torch.int32, torch.uint8):
+        torch.testing.assert_close(engine.run(TeacherQuery(ids, mask.to(dtype), None)).logits, expected)
+
+
 def test_tokenize_truncates_and_checks_pairs(tiny_teachers):
     engine = TeacherEngine.load("small", tiny_teachers["small"], max_seq_length=8)
     ids, mask, types = engine.tokenize(["one two three four five six seven eight nine ten"], ["a b c"])

@@ -42,9 +42,9 @@ class CountingEngine(TeacherEngine):
 
     passes: list[tuple[int, int]]
 
-    def run(self, query):
+    def compute(self, query):
         self.passes.append(tuple(query.input_ids.shape))
-        return super().run(query)
+        return super().compute(query)
 
 
 @pytest.fixture(scope="module")
@@ -118,12 +118,31 @@ def test_a_packed_engine_pays_padding_only_for_attention_so_it_buckets_less(engi
     assert [len(b) for b in plan_batches(tail, 64, 8192, 32, packed_engine.padding_cost)] == [40, 1]
 
 
+def test_each_request_is_validated_once_on_arrival_not_again_in_its_pass(engine, monkeypatch):
+    """Validation runs on the event loop as a request arrives; the forward thread computes merged
+    passes of validated rows without checking them a second time."""
+    calls = []
+    validate = engine.validate
+    monkeypatch.setattr(engine, "validate", lambda q: calls.append(threading.get_ident()) or validate(q))
+    batcher = make_batcher(engine)
+
+    async def two_requests():
+        batcher.start()
+        await asyncio.gather(
+            batcher.infer(query(engine, SENTENCES[:2])), batcher.infer(query(engine, SENTENCES[2:]))
+        )
+        await batcher.close(5)
+
+    asyncio.run(two_requests())
+    assert engine.passes and calls == [threading.get_ident()] * 2
+
+
 def test_a_packed_pass_charges_each_row_its_own_tokens(packed_engine):
     batcher = make_batcher(packed_engine, max_queue_delay_ms=200)
     q = query(packed_engine, SENTENCES)
 
     answer = asyncio.run(infer_once(batcher, q))
-    alone = TeacherEngine.run(packed_engine, q)
+    alone = TeacherEngine.compute(packed_engine, q)
     assert packed_engine.passes == [tuple(q.input_ids.shape)]  # one pass, not length buckets
     assert answer.padded_tokens == answer.tokens == alone.padded_tokens == int(q.attention_mask.sum())
     assert answer.teacher_flops == alone.teacher_flops
@@ -151,7 +170,7 @@ def test_concurrent_requests_share_a_pass_and_get_their_own_rows(engine):
     assert sorted(engine.passes) == sorted([(1, short), (5, longest)])
     assert sample(batcher.metrics, "teacher_batch_requests_sum") == 3
     for q, answer in zip(queries, answers, strict=True):
-        alone = TeacherEngine.run(engine, q)
+        alone = TeacherEngine.compute(engine, q)
         for name in ("logits", "hidden_cls", "hidden_states"):
             got, want = getattr(answer, name), getattr(alone, name)
             assert (got is None) == (want is None)
@@ -174,7 +193,7 @@ def test_token_budget_splits_passes_by_length(engine):
     answer = asyncio.run(infer_once(batcher, q))
     assert all(rows * length <= 40 for rows, length in engine.passes)
     assert sum(rows for rows, _ in engine.passes) == 6 and len(engine.passes) > 1
-    torch.testing.assert_close(answer.logits, TeacherEngine.run(engine, q).logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(answer.logits, TeacherEngine.compute(engine, q).logits, atol=1e-5, rtol=0)
     assert answer.padded_tokens == sum(rows * length for rows, length in engine.passes)
     assert answer.padded_tokens < q.input_ids.numel()  # bucketing beat padding every row to the longest
 
@@ -298,14 +317,14 @@ class Gate:
 
     def __init__(self, monkeypatch, engine):
         self.entered, self.opened = threading.Event(), threading.Event()
-        run = engine.run
+        compute = engine.compute
 
         def gated(query):
             self.entered.set()
             assert self.opened.wait(10), "the test never opened the gate"
-            return run(query)
+            return compute(query)
 
-        monkeypatch.setattr(engine, "run", gated)
+        monkeypatch.setattr(engine, "compute", gated)
 
     async def wait_until_a_pass_runs(self):
         for _ in range(500):
@@ -528,7 +547,7 @@ def test_a_teacher_is_loaded_warmed_up_and_run_on_one_thread(tiny_teachers, monk
     """OpenMP keeps a worker pool per calling thread: loading on one thread and running on another
     left two pools on the same cores (slower passes, benchmarks/bench_teacher_thread.py)."""
     threads: dict[str, set[int]] = {"load": set(), "run": set()}
-    from_config, run = TeacherEngine.from_config.__func__, TeacherEngine.run
+    from_config, compute = TeacherEngine.from_config.__func__, TeacherEngine.compute
 
     def loading(cls, teacher):
         threads["load"].add(threading.get_ident())
@@ -536,10 +555,10 @@ def test_a_teacher_is_loaded_warmed_up_and_run_on_one_thread(tiny_teachers, monk
 
     def running(self, query):
         threads["run"].add(threading.get_ident())
-        return run(self, query)
+        return compute(self, query)
 
     monkeypatch.setattr(TeacherEngine, "from_config", classmethod(loading))
-    monkeypatch.setattr(TeacherEngine, "run", running)
+    monkeypatch.setattr(TeacherEngine, "compute", running)
     service = TeacherService(ServerConfig(teachers=[{"name": "small", "path": str(tiny_teachers["small"])}]))
 
     async def scenario():
