@@ -46,6 +46,7 @@ from transformers import AutoTokenizer
 
 from shared.codec import HEADER_LENGTH, build_request_body, parse_response_body
 from shared.modeling import load_sequence_classifier
+from shared.teacher_api import TeacherQuery
 from teacher_server.batcher import Row, plan_batches
 from teacher_server.config import ACCELERATOR_PASS_OVERHEAD_TOKENS, CPU_PASS_OVERHEAD_TOKENS
 from teacher_server.launch import serve_in_subprocess
@@ -153,6 +154,15 @@ def pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         ids[i, : len(row)] = torch.tensor(row)
         mask[i, : len(row)] = 1
     return ids, mask
+
+
+def sentence_queries(teacher: str, rows: int, count: int) -> list[TeacherQuery]:
+    """``count`` queries of ``rows`` consecutive SST-2 sentences each (at most 64 tokens, padded to
+    each query's longest): the passes that the thread and wait-policy benchmarks time."""
+    tokenizer = AutoTokenizer.from_pretrained(teacher)
+    sentences, _ = load_sentences(rows * count)
+    encoded = [tokenizer(s, truncation=True, max_length=64)["input_ids"] for s in sentences]
+    return [TeacherQuery(*pad(encoded[i * rows : (i + 1) * rows])) for i in range(count)]
 
 
 async def drive(url: str, model: str, bodies: list[tuple[bytes, dict]], clients: int) -> dict:

@@ -20,7 +20,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from bench_server import ROOT, default_teacher, load_sentences, pad, write_report
+from bench_server import ROOT, default_teacher, sentence_queries, write_report
 
 MODES = ("main", "one-thread", "two-threads")
 
@@ -28,21 +28,13 @@ MODES = ("main", "one-thread", "two-threads")
 def measure(mode: str, rows: int, threads: int) -> float:
     """Median ms per pass, in this process, laid out as ``mode`` says."""
     import torch  # imported here so that the parent process starts no OpenMP pool of its own
-    from transformers import AutoTokenizer
 
-    from shared.teacher_api import TeacherQuery
     from teacher_server.config import TeacherConfig
     from teacher_server.engine import TeacherEngine
 
     torch.set_num_threads(threads)
     teacher = default_teacher()
-    tokenizer = AutoTokenizer.from_pretrained(teacher)
-    sentences, _ = load_sentences(rows * 40)
-    encoded = [tokenizer(s, truncation=True, max_length=64)["input_ids"] for s in sentences]
-    queries = []
-    for i in range(40):
-        ids, mask = pad(encoded[i * rows : (i + 1) * rows])
-        queries.append(TeacherQuery(ids, mask, None, want_logits=True))
+    queries = sentence_queries(teacher, rows, 40)
 
     def load() -> TeacherEngine:
         engine = TeacherEngine.from_config(TeacherConfig(name="t", path=teacher, max_seq_length=64))

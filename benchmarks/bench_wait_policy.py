@@ -43,19 +43,14 @@ def serve_passes(rows: list[int], threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    from bench_server import default_teacher, load_sentences, pad
-    from transformers import AutoTokenizer
+    from bench_server import default_teacher, sentence_queries
 
-    from shared.teacher_api import TeacherQuery
     from teacher_server.batcher import teacher_thread
     from teacher_server.config import TeacherConfig
     from teacher_server.engine import TeacherEngine
 
     teacher = default_teacher()
-    tokenizer = AutoTokenizer.from_pretrained(teacher)
-    sentences, _ = load_sentences(max(rows) * 12)
-    encoded = [tokenizer(s, truncation=True, max_length=64)["input_ids"] for s in sentences]
-    queries = {r: [TeacherQuery(*pad(encoded[i * r : (i + 1) * r]), None) for i in range(12)] for r in rows}
+    queries = {r: sentence_queries(teacher, r, 12) for r in rows}
     thread = teacher_thread("t")
     engine = thread.submit(TeacherEngine.from_config, TeacherConfig(name="t", path=teacher)).result()
     for count in rows:  # warm-up

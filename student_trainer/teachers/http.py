@@ -38,7 +38,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Mapping
 from email.utils import parsedate_to_datetime
 from urllib.parse import urlsplit
 
@@ -398,8 +398,7 @@ class HttpTeacherClient:
             if replica.cooldown:
                 await self._probe(replica)
             response = await _retryable(
-                _send(replica, "POST", path, timeout_s=self.timeout_s, body=body, headers=headers),
-                self.timeout_s,
+                replica, "POST", path, timeout_s=self.timeout_s, body=body, headers=headers
             )
         finally:
             replica.outstanding -= 1
@@ -419,7 +418,7 @@ class HttpTeacherClient:
         """Let real traffic back to a suspect replica only if its health check answers 200 quickly."""
         probe_s = min(self.timeout_s, PROBE_TIMEOUT_S)
         try:
-            health = await _retryable(_send(replica, "GET", "/v2/health/ready", timeout_s=probe_s), probe_s)
+            health = await _retryable(replica, "GET", "/v2/health/ready", timeout_s=probe_s)
         except _Retryable as err:
             raise _Retryable(f"health probe {err}") from None
         if health.status_code != 200:
@@ -501,11 +500,18 @@ async def _send(
         return _Reply(response.status, await response.read(), response.headers, response.reason or "")
 
 
-async def _retryable(request: Awaitable[_Reply], timeout_s: float) -> _Reply:
-    """Await one request (``_send`` bounds it by ``timeout_s``); a replica that did not answer is
-    worth another attempt."""
+async def _retryable(
+    replica: _Replica,
+    method: str,
+    path: str,
+    *,
+    timeout_s: float,
+    body: bytes | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> _Reply:
+    """:func:`_send`, where a replica that did not answer is worth another attempt."""
     try:
-        return await request
+        return await _send(replica, method, path, timeout_s=timeout_s, body=body, headers=headers)
     except TRANSPORT_ERRORS as err:
         reason = f"timed out after {timeout_s:g}s" if isinstance(err, TimeoutError) else _describe(err)
         raise _Retryable(reason) from None
