@@ -40,6 +40,7 @@ import re
 import time
 from collections.abc import Mapping
 from email.utils import parsedate_to_datetime
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -500,18 +501,11 @@ async def _send(
         return _Reply(response.status, await response.read(), response.headers, response.reason or "")
 
 
-async def _retryable(
-    replica: _Replica,
-    method: str,
-    path: str,
-    *,
-    timeout_s: float,
-    body: bytes | None = None,
-    headers: Mapping[str, str] | None = None,
-) -> _Reply:
-    """:func:`_send`, where a replica that did not answer is worth another attempt."""
+async def _retryable(replica: _Replica, method: str, path: str, *, timeout_s: float, **send: Any) -> _Reply:
+    """:func:`_send` (``send``: its body and headers), where a replica that did not answer is worth
+    another attempt."""
     try:
-        return await _send(replica, method, path, timeout_s=timeout_s, body=body, headers=headers)
+        return await _send(replica, method, path, timeout_s=timeout_s, **send)
     except TRANSPORT_ERRORS as err:
         reason = f"timed out after {timeout_s:g}s" if isinstance(err, TimeoutError) else _describe(err)
         raise _Retryable(reason) from None
