@@ -274,6 +274,10 @@ def _score(evaluation: dict[str, Any] | None) -> str:
     )
 
 
+def percent(fraction: float | None) -> str:
+    return f"{100 * (fraction or 0):7.1f} %"
+
+
 def format_report(report: dict[str, Any]) -> str:
     flops, wall = report["flops"], report["wall_time_s"]
     models = [(f"{role} teacher", info) for role, info in report["teachers"].items()]
@@ -283,12 +287,13 @@ def format_report(report: dict[str, Any]) -> str:
     lines += [f"{name:<14} ({info['layers']} layers): {_score(info['eval'])}" for name, info in models]
     lines += [
         "-" * 72,
-        f"teacher FLOPs spent     {flops['teacher_flops_spent'] / 1e9:12,.1f} GFLOPs",
-        f"vanilla KD would spend  {flops['teacher_flops_vanilla'] / 1e9:12,.1f} GFLOPs",
-        f"saved                   {100 * (flops['teacher_flops_saved_fraction'] or 0):11.1f} %",
-        f"  by dynamic KD's choices {100 * (flops['teacher_flops_saved_fraction_selection'] or 0):9.1f} %"
+        f"saved by dynamic KD's choices {percent(flops['teacher_flops_saved_by_method'])}"
         "  (rows sent vs every row, both unpadded)",
-        f"  service cache answered  {flops['teacher_cache_hits']:8,d} rows",
+        f"saved by the service          {percent(flops['teacher_flops_saved_by_service'])}"
+        f"  (on the rows sent; its cache answered {flops['teacher_cache_hits']:,})",
+        f"teacher FLOPs spent           {flops['teacher_flops_spent'] / 1e9:9,.1f} GFLOPs",
+        f"vanilla KD, padded            {flops['teacher_flops_vanilla'] / 1e9:9,.1f} GFLOPs"
+        f"  ({100 * (flops['teacher_flops_saved_fraction'] or 0):.1f} % saved in all)",
         f"rows computed by the service: {rows}",
         f"wall time: teachers {wall['teachers']:.0f} s, serve + distill + eval {wall['distill']:.0f} s, "
         f"total {wall['total']:.0f} s",

@@ -130,7 +130,7 @@ def test_evaluation_checkpoints_results_and_summary(workspace, tmp_path: Path, c
     assert saved["flops"] == results["flops"] and saved["global_step"] == 5
     assert 0 < saved["flops"]["teacher_flops_saved_fraction"] < 1
     out = capsys.readouterr().out
-    assert "Distilled a 2-layer student" in out and "% saved" in out and "accuracy" in out
+    assert "Distilled a 2-layer student" in out and "Dynamic KD's choices saved" in out and "accuracy" in out
     summary = (tmp_path / "summary.txt").read_text()
     assert summary.strip() in out and "Majority-class baseline of the evaluation set (always" in summary
     from transformers import AutoModelForSequenceClassification
@@ -178,7 +178,8 @@ def summary_of(accuracy: float, baseline: dict | None) -> str:
         "teacher_flops_vanilla": 100e9,
         "teacher_flops_vanilla_unpadded": 60e9,
     }
-    ledger |= {"teacher_flops_saved_fraction": 0.82, "teacher_flops_saved_fraction_selection": 0.5}
+    ledger |= {"teacher_flops_saved_fraction": 0.82, "teacher_flops_saved_by_method": 0.5}
+    ledger |= {"teacher_flops_saved_by_service": 0.4}
     ledger |= {"teacher_flops_requested": 30e9, "teacher_cache_hits": 0, "student_flops": 50e9}
     results = {"flops": ledger, "student_layers": 2, "task": "sst2", "global_step": 10, "epoch": 1.0}
     results |= {"world_size": 1, "train_runtime_s": 3.0, "majority_baseline": baseline}
@@ -196,11 +197,17 @@ def test_a_saving_never_stands_alone_beside_a_student_at_the_majority_baseline()
         in (at_baseline)
     )
     assert "within 1 point of that baseline: it has not learned the task" in at_baseline
-    assert "82.0% saved by a student that learned nothing usable." in at_baseline
+    assert (
+        "choices saved 50.0% of the teacher FLOPs, for a student that learned nothing usable:" in at_baseline
+    )
     assert "accuracy is below that baseline: it has not learned" in summary_of(0.3, baseline)
     learned = summary_of(0.85, baseline)
-    assert "accuracy 0.5090" in learned and "82.0% saved." in learned and "within 1 point" not in learned
-    assert "Majority-class" not in summary_of(0.85, None) and "82.0% saved." in summary_of(0.85, None)
+    assert "accuracy 0.5090" in learned and "within 1 point" not in learned
+    assert "Dynamic KD's choices saved 50.0% of the teacher FLOPs: the rows sent cost 30.00 GFLOPs" in learned
+    assert "The service then computed 18.00 GFLOPs for them (40.0% less;" in learned
+    assert "(100.00 GFLOPs), the teachers' bill is 82.0% lower." in learned
+    assert learned.index("choices saved") < learned.index("service then") < learned.index("bill is")
+    assert "Majority-class" not in summary_of(0.85, None) and "82.0% lower." in summary_of(0.85, None)
 
 
 @pytest.mark.parametrize(

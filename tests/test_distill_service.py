@@ -225,7 +225,10 @@ def test_the_service_cache_is_not_counted_as_dynamic_kd_saving(workspace, tmp_pa
     assert flops["teacher_flops_saved_fraction"] == pytest.approx(1 - spent[5] / vanilla)
     assert flops["teacher_flops_saved_fraction"] > 0.4  # about half: epoch 2's padded batches differ
     assert flops["teacher_flops_requested"] == flops["teacher_flops_vanilla_unpadded"]
-    assert flops["teacher_flops_saved_fraction_selection"] == 0
+    assert flops["teacher_flops_saved_by_method"] == 0
+    assert flops["teacher_flops_saved_by_service"] == pytest.approx(
+        1 - spent[5] / flops["teacher_flops_requested"]
+    )
 
 
 def test_remote_and_local_teachers_give_the_same_loss_trajectory(workspace, service, tmp_path) -> None:

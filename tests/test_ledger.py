@@ -125,16 +125,25 @@ def test_vanilla_across_vocabularies_measures_sent_rows_and_scales_the_others() 
     assert same_vocab["vanilla_unpadded_flops_large"] == encoder_forward_flops(config, lengths)
 
 
-def test_selection_saving_compares_requested_with_unpadded_vanilla() -> None:
+def test_method_saving_compares_requested_with_unpadded_vanilla() -> None:
     ledger = FlopsLedger()
-    assert ledger.selection_saved_fraction is None
+    assert ledger.method_saved_fraction is None
     # a cache made the bill 0, yet every row was requested: dynamic KD itself saved nothing
     ledger.add({"teacher_flops_large": 0, "requested_flops_large": 500, "vanilla_unpadded_flops_large": 500})
     ledger.add({"vanilla_flops_large": 800})
-    assert ledger.saved_fraction == 1.0 and ledger.selection_saved_fraction == 0.0
-    ledger.add({"requested_flops_small": 100, "vanilla_unpadded_flops_small": 1500})
-    assert ledger.selection_saved_fraction == pytest.approx(1 - 600 / 2000)
-    assert ledger.summary()["teacher_flops_saved_fraction_selection"] == pytest.approx(0.7)
+    assert ledger.saved_fraction == 1.0 and ledger.method_saved_fraction == 0.0
+    assert ledger.service_saved_fraction == 1.0  # the cache's saving is the service's
+    ledger.add(
+        {"requested_flops_small": 100, "vanilla_unpadded_flops_small": 1500, "teacher_flops_small": 150}
+    )
+    assert ledger.method_saved_fraction == pytest.approx(1 - 600 / 2000)
+    assert ledger.service_saved_fraction == pytest.approx(1 - 150 / 600)
+    summary = ledger.summary()
+    assert summary["teacher_flops_saved_by_method"] == pytest.approx(0.7)
+    assert summary["teacher_flops_saved_by_service"] == pytest.approx(0.75)
+    assert list(summary).index("teacher_flops_saved_by_method") < list(summary).index(
+        "teacher_flops_saved_fraction"
+    )
 
 
 def test_student_backward_is_twice_forward() -> None:

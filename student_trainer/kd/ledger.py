@@ -30,12 +30,16 @@ teacher to student tokens so far (1 until a row was sent) — an estimate, exact
 whenever the unsent rows tokenize like the sent ones; rows that were sent count as requested,
 and the padded bound pads every row to the longest of these lengths.
 
-``saved_fraction = 1 - spent / vanilla`` is the whole saving on the bill: dynamic KD, the
-service's padding removal and its cache together. ``selection_saved_fraction = 1 - requested /
-vanilla_unpadded`` is dynamic KD's share alone: the same rows, the same unpadded accounting, only
-the choice of rows and teachers differs. Counts are integers so that summing them across DDP
-ranks and across resumed runs is exact. Per-teacher counts are keyed by the teacher's name:
-``small`` and ``large`` always (so results keep one shape), any other name of a ladder besides.
+``method_saved_fraction = 1 - requested / vanilla_unpadded`` is what dynamic KD's choices of rows
+and teachers save, like for like: the same rows, the same unpadded accounting, no cache.
+``service_saved_fraction = 1 - spent / requested`` is what the service then saves on the rows it
+is sent (its output cache, packed passes, early exit; negative where its padding costs more).
+``saved_fraction = 1 - spent / vanilla`` is the whole bill against vanilla KD padded as the
+trainer collates it: both of those and the padding removal together.
+
+Counts are integers so that summing them across DDP ranks and across resumed runs is exact.
+Per-teacher counts are keyed by the teacher's name: ``small`` and ``large`` always (so results
+keep one shape), any other name of a ladder besides.
 """
 
 from __future__ import annotations
@@ -254,9 +258,14 @@ class FlopsLedger:
         return self._saved(self.teacher_flops, self.vanilla_unpadded_flops)
 
     @property
-    def selection_saved_fraction(self) -> float | None:
-        """``1 - requested / vanilla_unpadded``: what dynamic KD's choices alone save."""
+    def method_saved_fraction(self) -> float | None:
+        """``1 - requested / vanilla_unpadded``: what dynamic KD's choices save, cache and padding aside."""
         return self._saved(self.requested_flops, self.vanilla_unpadded_flops)
+
+    @property
+    def service_saved_fraction(self) -> float | None:
+        """``1 - spent / requested``: what the service saves on the rows it is sent."""
+        return self._saved(self.teacher_flops, self.requested_flops)
 
     def token_ratio(self, role: str, step: Mapping[str, int]) -> float:
         """Teacher tokens per student token over the rows sent to ``role`` so far, this step's
@@ -276,12 +285,13 @@ class FlopsLedger:
         """Totals plus the derived numbers results.json and the human summary report."""
         return {
             **self.totals,
+            "teacher_flops_saved_by_method": self.method_saved_fraction,
+            "teacher_flops_saved_by_service": self.service_saved_fraction,
+            "teacher_flops_requested": self.requested_flops,
+            "teacher_flops_vanilla_unpadded": self.vanilla_unpadded_flops,
             "teacher_flops_spent": self.teacher_flops,
             "teacher_flops_vanilla": self.vanilla_flops,
             "teacher_flops_saved_fraction": self.saved_fraction,
-            "teacher_flops_vanilla_unpadded": self.vanilla_unpadded_flops,
             "teacher_flops_saved_fraction_unpadded": self.saved_fraction_unpadded,
-            "teacher_flops_requested": self.requested_flops,
-            "teacher_flops_saved_fraction_selection": self.selection_saved_fraction,
             "student_flops": self.totals["student_forward_flops"] + self.totals["student_backward_flops"],
         }

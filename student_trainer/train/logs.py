@@ -102,12 +102,12 @@ def gflops(value: float) -> str:
 
 
 def progress_line(mean: dict[str, float], learning_rate: float, ledger: FlopsLedger) -> str:
-    saved = ledger.saved_fraction
+    saved = ledger.method_saved_fraction
     return (
         f"loss {mean['loss']:.4f} (ce {mean['ce']:.4f} kd {mean['kd']:.4f} pt {mean['pt']:.4f}) | "
         f"lr {learning_rate:.2e} | teacher wait {mean['teacher_seconds']:.3f} s/step | "
         f"teachers {gflops(ledger.teacher_flops)}"
-        + (f" ({100 * saved:.1f}% saved vs vanilla KD)" if saved is not None else "")
+        + (f" ({100 * saved:.1f}% saved by dynamic KD's choices)" if saved is not None else "")
     )
 
 
@@ -150,17 +150,7 @@ def summary_paragraph(args: DistillArguments, results: dict[str, Any]) -> str:
     if ledger["teacher_flops_saved_fraction"] is None:
         text += "No teacher was queried. "
     else:
-        text += (
-            f"Teachers spent {gflops(ledger['teacher_flops_spent'])} where vanilla KD on the same batches "
-            f"would have spent {gflops(ledger['teacher_flops_vanilla'])} "
-            f"({gflops(ledger['teacher_flops_vanilla_unpadded'])} without padding): "
-            f"{100 * ledger['teacher_flops_saved_fraction']:.1f}% saved"
-            f"{' by a student that learned nothing usable' if at_baseline else ''}. "
-            f"Dynamic KD's choices alone save "
-            f"{100 * ledger['teacher_flops_saved_fraction_selection']:.1f}% (the rows sent would cost "
-            f"{gflops(ledger['teacher_flops_requested'])} at their real lengths); the rest is the service's "
-            f"padding removal and its cache ({ledger['teacher_cache_hits']:,} rows answered from it). "
-        )
+        text += savings_sentences(ledger, at_baseline)
     if ledger.get("teacher_budget_flops") is not None:
         used = ledger["teacher_budget_used_fraction"]
         text += (
@@ -171,6 +161,29 @@ def summary_paragraph(args: DistillArguments, results: dict[str, Any]) -> str:
         )
     text += f"Student training cost {gflops(ledger['student_flops'])}."
     return text
+
+
+def savings_sentences(ledger: dict[str, Any], at_baseline: bool) -> str:
+    """The teacher FLOPs saved, each part named: the method's choices first, then the service's share
+    on the rows sent, then the whole bill against vanilla KD as the trainer would pad it."""
+    service = ledger.get("teacher_flops_saved_by_service")
+    if service is None:
+        by_service = "The service was sent no rows. "
+    else:
+        change = f"{100 * abs(service):.1f}% {'less' if service >= 0 else 'more, for padding'}"
+        by_service = (
+            f"The service then computed {gflops(ledger['teacher_flops_spent'])} for them ({change}; "
+            f"its output cache answered {ledger['teacher_cache_hits']:,} rows). "
+        )
+    return (
+        f"Dynamic KD's choices saved {100 * ledger['teacher_flops_saved_by_method']:.1f}% of the teacher "
+        f"FLOPs{', for a student that learned nothing usable' if at_baseline else ''}: the rows sent cost "
+        f"{gflops(ledger['teacher_flops_requested'])} at their real lengths, where vanilla KD (every row to "
+        f"every teacher) would cost {gflops(ledger['teacher_flops_vanilla_unpadded'])}. {by_service}"
+        f"Against vanilla KD padded as the trainer collates its batches "
+        f"({gflops(ledger['teacher_flops_vanilla'])}), the teachers' bill is "
+        f"{100 * ledger['teacher_flops_saved_fraction']:.1f}% lower. "
+    )
 
 
 BASELINE_MARGIN = 0.01  # "within 1 point" of the majority-class baseline's accuracy
