@@ -142,8 +142,7 @@ def to_binary(value: Tensor) -> bytes:
 
 def from_json_data(data: list[Any], datatype: str, shape: Sequence[int], *, field: str) -> Tensor:
     """Decode a JSON ``data`` list (flat or nested, row-major), checking count and value types."""
-    count = math.prod(shape)
-    flat = _flatten(data, count, shape, field)
+    flat = _flatten(data, math.prod(shape), shape, field)
     if datatype == "BYTES":
         if not all(isinstance(v, str) for v in flat):
             raise CodecError("BYTES values must be strings", field)
@@ -211,27 +210,37 @@ def _bytes_from_binary(blob: memoryview, count: int, *, field: str) -> list[str]
 
 
 def _flatten(data: list[Any], count: int, shape: Sequence[int], field: str) -> list[Any]:
-    """The values of nested ``data`` in row-major order, which must be exactly ``count``.
-
-    A level without sub-lists is copied whole (C speed), after checking it does not overflow
-    ``count``: a huge list under a small shape is refused without walking it value by value.
+    """The values of ``data`` in row-major order: flat with exactly ``count`` values, or nested
+    exactly as ``shape`` (the two forms the protocol allows). Ragged or over-nested data is an
+    error, never read as some other tensor. Flat data is taken whole (C speed) after one length
+    check, so a huge list under a small shape is refused without walking it value by value.
     """
+    if list not in set(map(type, data)):
+        if len(data) != count:
+            raise CodecError(f"{len(data)} values given but shape {list(shape)} holds {count}", field)
+        return data
     flat: list[Any] = []
 
-    def walk(level: list[Any]) -> None:
-        if list not in set(map(type, level)):
-            if len(flat) + len(level) > count:
-                raise CodecError(
-                    f"more than {count} values given but shape {list(shape)} holds {count}", field
-                )
+    def mismatch(what: str) -> CodecError:
+        return CodecError(f"nested data does not match shape {list(shape)}: {what}", field)
+
+    def walk(level: list[Any], depth: int, where: str) -> None:
+        if len(level) != shape[depth]:
+            raise mismatch(f"{where} has {len(level)} entries, not {shape[depth]}")
+        last = depth == len(shape) - 1
+        if last and list not in set(map(type, level)):
             flat.extend(level)
             return
-        for item in level:
-            walk(item if type(item) is list else [item])
+        for i, item in enumerate(level):
+            if (type(item) is list) is last:  # a list among the values, or a value among the lists
+                found, wanted = ("a list", "a value") if last else ("a value", "a list")
+                raise mismatch(f"{where}[{i}] is {found}, not {wanted}")
+            if not last:
+                walk(item, depth + 1, f"{where}[{i}]")
 
-    walk(data)
-    if len(flat) != count:
-        raise CodecError(f"{len(flat)} values given but shape {list(shape)} holds {count}", field)
+    if not shape:
+        raise mismatch("a scalar is one value, not a list")
+    walk(data, 0, "data")
     return flat
 
 

@@ -183,11 +183,12 @@ def test_response_round_trip_mixed_json_and_binary(outputs: dict, data: st.DataO
         assert_same(decoded.outputs[name], value)
 
 
-def test_json_data_may_be_nested() -> None:
-    body = json.dumps(
-        {"inputs": [{"name": "input_ids", "shape": [2, 2], "datatype": "INT32", "data": [[1, 2], [3, 4]]}]}
-    ).encode()
-    assert_same(parse_request_body(body, None).inputs["input_ids"], torch.tensor([[1, 2], [3, 4]]).int())
+@pytest.mark.parametrize("data", [[[1, 2], [3, 4]], [1, 2, 3, 4]], ids=["nested", "flat"])
+def test_json_data_may_be_nested_as_the_shape_or_flat(data: list) -> None:
+    body = json.dumps({"inputs": [{"name": "input_ids", "shape": [2, 2], "datatype": "INT32", "data": data}]})
+    assert_same(
+        parse_request_body(body.encode(), None).inputs["input_ids"], torch.tensor([[1, 2], [3, 4]]).int()
+    )
 
 
 def test_json_request_has_no_header_length() -> None:
@@ -222,9 +223,24 @@ IDS = {"name": "input_ids", "shape": [1, 2], "datatype": "INT64", "data": [1, 2]
             request(IDS, {**IDS, "name": "mask", "data": [1, 2, 3]}),
             None,
             "inputs[1].data",
-            "more than 2 values",
+            "3 values given but shape [1, 2] holds 2",
         ),
-        (request(IDS, {**IDS, "name": "mask", "data": [[1], []]}), None, "inputs[1].data", "1 values"),
+        # nested data must match the shape: never flattened into some other tensor
+        (
+            request(IDS, {**IDS, "name": "mask", "data": [[1], []]}),
+            None,
+            "inputs[1].data",
+            "data has 2 entries",
+        ),
+        (
+            request({**IDS, "shape": [2, 2], "data": [[2, 10, 3], [4]]}),
+            None,
+            "inputs[0].data",
+            "data[0] has 3 entries, not 2",
+        ),
+        (request({**IDS, "data": [[[1], [2]]]}), None, "inputs[0].data", "data[0][0] is a list, not a value"),
+        (request({**IDS, "shape": [2, 1], "data": [[1], 2]}), None, "inputs[0].data", "data[1] is a value"),
+        (request({**IDS, "shape": [], "data": [[1]]}), None, "inputs[0].data", "shape []"),
         (request({**IDS, "data": [1, 2.5]}), None, "inputs[0].data", "integers"),
         (request({**IDS, "data": [1, True]}), None, "inputs[0].data", "integers"),
         (request({**IDS, "datatype": "INT8", "data": [1, 300]}), None, "inputs[0].data", "[-128, 127]"),
@@ -264,7 +280,7 @@ def test_a_huge_list_under_a_small_shape_is_refused_unwalked() -> None:
     data = [7] * 2_000_000
     with pytest.raises(CodecError) as err:
         parse_request_body(request({**IDS, "data": data}), None)
-    assert err.value.field == "inputs[0].data" and "more than 2 values" in err.value.message
+    assert err.value.field == "inputs[0].data" and "2000000 values given" in err.value.message
 
 
 def test_check_header_runs_before_any_tensor_is_decoded() -> None:

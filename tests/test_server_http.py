@@ -403,6 +403,15 @@ ERRORS = {
     ),
     "1-D token ids": ("large", body_of(ids_input([2, 10, 3])), {}, 400, "inputs[0].shape"),
     "data count != shape": ("large", body_of({**GOOD, "shape": [1, 4]}), {}, 400, "inputs[0].data"),
+    # was read as the flat [2, 10, 3, 4]: a wrong answer rather than an error
+    "ragged data": (
+        "large",
+        body_of({**GOOD, "shape": [2, 2], "data": [[2, 10, 3], [4]]}),
+        {},
+        400,
+        "inputs[0].data",
+    ),
+    "over-nested data": ("large", body_of({**GOOD, "data": [[[2], [10], [3]]]}), {}, 400, "inputs[0].data"),
     "text and ids": (
         "large",
         body_of(GOOD, {"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"]}),
