@@ -13,12 +13,12 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 PIP    := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: install demo test lint unit bench tools clean
+.PHONY: install demo test lint unit docs bench tools clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q "$(TORCH)" 2>&1 | { grep -v "^WARNING: Location" || true; }
-	$(PIP) install -q -e ".[dev,demo]" 2>&1 | { grep -v "^WARNING: Location" || true; }
+	$(PIP) install -q -e ".[dev,demo,docs]" 2>&1 | { grep -v "^WARNING: Location" || true; }
 	@$(BIN)/python -c "import torch, transformers, fastapi, pytest" || { echo "install failed"; exit 1; }
 	@touch $(STAMP)
 
@@ -42,7 +42,11 @@ lint: install
 unit: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test: install tools lint unit
+# The documentation site (MkDocs Material) into site/; --strict: a broken link or page fails.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+test: install tools lint docs unit
 
 bench: install
 	$(BIN)/python benchmarks/bench_server.py
@@ -50,4 +54,4 @@ bench: install
 	$(BIN)/python benchmarks/bench_codec.py --layers 13
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) site .pytest_cache .mypy_cache .ruff_cache .hypothesis
