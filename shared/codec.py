@@ -32,6 +32,7 @@ import orjson
 import torch
 from pydantic import BaseModel, ValidationError
 
+from shared.errors import cut, shown
 from shared.protocol import InferenceRequest, InferenceResponse, ParameterValue, RequestInput, ResponseOutput
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -176,7 +177,7 @@ def from_binary(blob: bytes | memoryview, datatype: str, shape: Sequence[int], *
     needed = count * wire.itemsize
     if len(blob) != needed:
         raise CodecError(
-            f"{len(blob)} bytes given but shape {list(shape)} of {datatype} needs {needed}", field
+            f"{len(blob)} bytes given but shape {shown(list(shape))} of {datatype} needs {needed}", field
         )
     array = np.frombuffer(blob, dtype=wire).astype(wire.newbyteorder("="), copy=True)
     if datatype == "BOOL":
@@ -217,12 +218,12 @@ def _flatten(data: list[Any], count: int, shape: Sequence[int], field: str) -> l
     """
     if list not in set(map(type, data)):
         if len(data) != count:
-            raise CodecError(f"{len(data)} values given but shape {list(shape)} holds {count}", field)
+            raise CodecError(f"{len(data)} values given but shape {shown(list(shape))} holds {count}", field)
         return data
     flat: list[Any] = []
 
     def mismatch(what: str) -> CodecError:
-        return CodecError(f"nested data does not match shape {list(shape)}: {what}", field)
+        return CodecError(f"nested data does not match shape {shown(list(shape))}: {what}", field)
 
     def walk(level: list[Any], depth: int, where: str) -> None:
         if len(level) != shape[depth]:
@@ -372,7 +373,7 @@ def _split_body(body: bytes, header_length: str | int | None) -> tuple[bytes, me
     try:
         length = int(header_length)
     except ValueError as err:
-        raise CodecError(f"{header_length!r} is not an integer", HEADER_LENGTH) from err
+        raise CodecError(f"{shown(header_length)} is not an integer", HEADER_LENGTH) from err
     if not 0 <= length <= len(body):
         raise CodecError(f"{length} lies outside the {len(body)}-byte body", HEADER_LENGTH)
     view = memoryview(body)
@@ -392,10 +393,11 @@ def _validate(model: type[_Model], json_part: bytes) -> _Model:
 
 
 def field_name(loc: Sequence[str | int]) -> str:
-    """``('inputs', 1, 'data')`` -> ``inputs[1].data`` (pydantic locations as users write them)."""
+    """``('inputs', 1, 'data')`` -> ``inputs[1].data`` (pydantic locations as users write them; a key
+    the client made up is cut short)."""
     name = ""
     for part in loc:
-        name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
+        name += f"[{part}]" if isinstance(part, int) else (f".{cut(part)}" if name else cut(str(part)))
     return name
 
 
@@ -407,7 +409,7 @@ def _decode_tensors(
     for i, tensor in enumerate(tensors):
         field = f"{key}[{i}]"
         if tensor.name in decoded:
-            raise CodecError(f"{tensor.name!r} appears twice", f"{field}.name")
+            raise CodecError(f"{shown(tensor.name)} appears twice", f"{field}.name")
         params = tensor.parameters or {}
         if "shared_memory_region" in params:
             raise CodecError("shared memory is not supported", f"{field}.parameters.shared_memory_region")
@@ -455,7 +457,7 @@ def parse_layers(value: ParameterValue, *, field: str) -> tuple[int, ...]:
     elif isinstance(value, str):
         items = [part.strip() for part in value.split(",")] if value.strip() else []
         if not all(part.isascii() and part.isdigit() for part in items):  # not "²", not "٣"
-            raise CodecError(f"{value!r} is not a comma-separated list of non-negative integers", field)
+            raise CodecError(f"{shown(value)} is not a comma-separated list of non-negative integers", field)
         items = [int(part) for part in items]
     elif isinstance(value, list):
         items = value
@@ -464,7 +466,7 @@ def parse_layers(value: ParameterValue, *, field: str) -> tuple[int, ...]:
     if not items:
         raise CodecError("no layers given", field)
     if any(type(i) is not int or i < 0 for i in items):
-        raise CodecError(f"{value!r}: layers must be non-negative integers", field)
+        raise CodecError(f"{shown(value)}: layers must be non-negative integers", field)
     return tuple(items)
 
 

@@ -15,6 +15,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.requests import ClientDisconnect
 
+from shared.errors import shown
 from teacher_server.batcher import DynamicBatcher
 from teacher_server.engine import TeacherEngine
 from teacher_server.errors import CLIENT_CLOSED_REQUEST, ServiceError
@@ -51,7 +52,7 @@ async def get_batcher(name: str, service: ServiceDep) -> DynamicBatcher:
     """The named teacher's batcher: 404 if no such teacher, 503 while it loads or drains."""
     if all(t.name != name for t in service.config.teachers):
         known = ", ".join(t.name for t in service.config.teachers)
-        raise ServiceError(f"no teacher named {name!r} (served: {known})", "model_name", status=404)
+        raise ServiceError(f"no teacher named {shown(name)} (served: {known})", "model_name", status=404)
     if name not in service.batchers or service.draining:
         raise ServiceError(
             f"teacher {name!r} is not ready", "model_name", status=503, headers={"Retry-After": "1"}

@@ -12,15 +12,19 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared.codec import field_name
+from shared.errors import cut
 from teacher_server.errors import ServiceError
 
 logger = logging.getLogger("teacher_server")
+# Messages quote client input cut short (shared.errors.shown); this bounds any message whatever it quotes.
+MAX_ERROR_CHARS = 1024
 
 
 def error_response(
     status: int, message: str, field: str | None, headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    return JSONResponse({"error": message, "field": field}, status_code=status, headers=headers)
+    body = {"error": cut(message, MAX_ERROR_CHARS), "field": field and cut(field, MAX_ERROR_CHARS)}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def install_error_handlers(app: FastAPI, count_error: Callable[[Request, int], None]) -> None:

@@ -35,6 +35,7 @@ from shared.codec import (
     requested_layers,
     wants_binary,
 )
+from shared.errors import shown
 from shared.protocol import InferenceRequest
 from shared.teacher_api import TeacherAnswer, TeacherQuery
 from teacher_server.config import TeacherConfig
@@ -126,7 +127,7 @@ def check_inputs(header: InferenceRequest, engine: TeacherEngine, max_rows: int)
                 raise BadRequest(f"{name} must be INT32 or INT64", f"{location}.datatype")
             if len(entry.shape) != 2:
                 raise BadRequest(
-                    f"{name} must have shape [batch, length], got {entry.shape}", f"{location}.shape"
+                    f"{name} must have shape [batch, length], got {shown(entry.shape)}", f"{location}.shape"
                 )
             rows, length = entry.shape
             if length > engine.info.max_seq_length:
@@ -137,7 +138,7 @@ def check_inputs(header: InferenceRequest, engine: TeacherEngine, max_rows: int)
             rows = math.prod(entry.shape)
         else:
             raise BadRequest(
-                f"unknown input {name!r}; inputs are {', '.join(INPUT_NAMES)}", f"{location}.name"
+                f"unknown input {shown(name)}; inputs are {', '.join(INPUT_NAMES)}", f"{location}.name"
             )
         if rows > max_rows:
             raise QueryError(name, f"{rows} rows exceed max_batch_size {max_rows}")
@@ -169,10 +170,10 @@ def to_teacher_call(request: DecodedRequest, engine: TeacherEngine) -> TeacherCa
     for i, name in enumerate(requested):
         if name not in OUTPUT_NAMES:
             raise BadRequest(
-                f"unknown output {name!r}; outputs are {', '.join(OUTPUT_NAMES)}", f"outputs[{i}].name"
+                f"unknown output {shown(name)}; outputs are {', '.join(OUTPUT_NAMES)}", f"outputs[{i}].name"
             )
         if requested.index(name) != i:
-            raise BadRequest(f"output {name!r} asked for twice", f"outputs[{i}].name")
+            raise BadRequest(f"output {shown(name)} asked for twice", f"outputs[{i}].name")
     params = header.parameters or {}
     return TeacherCall(
         query=TeacherQuery(

@@ -542,6 +542,33 @@ def test_errors_are_json_naming_the_field(server, model, content, headers, statu
     assert error["field"] == field and error["error"]
 
 
+LONG = "x" * 60_000
+ECHOES = {
+    "model name": (LONG, body_of(GOOD), {}, 404),
+    "header value": ("large", body_of(GOOD), {HEADER_LENGTH: LONG}, 400),
+    "input name": ("large", body_of({**GOOD, "name": LONG}), {}, 400),
+    "output name": ("large", body_of(GOOD, outputs=[{"name": LONG}]), {}, 400),
+    "layers": (
+        "large",
+        body_of(GOOD, outputs=[{"name": "hidden_cls"}], parameters={"layers": LONG}),
+        {},
+        400,
+    ),
+    "key": ("large", json.dumps({"inputs": [GOOD], LONG: 1}).encode(), {}, 400),
+    "shape": ("large", body_of({**GOOD, "shape": [1] * 20_000}), {}, 400),
+}
+
+
+@pytest.mark.parametrize(("model", "content", "headers", "status"), ECHOES.values(), ids=ECHOES.keys())
+def test_errors_echo_client_input_cut_short(server, model, content, headers, status):
+    response = httpx.post(
+        f"{server.url}/v2/models/{model}/infer", content=content, headers=headers, trust_env=False
+    )
+    assert response.status_code == status, response.text[:300]
+    assert len(response.content) < 500, response.text[:300]  # the 60 KB input is not sent back
+    assert "characters" in response.text or "…" in response.text  # it is quoted, cut, and says so
+
+
 def test_refused_requests_are_counted_with_bounded_labels(server):
     def count(model, code):
         return server.metric("teacher_requests_total", model=model, code=code)
