@@ -4,8 +4,8 @@
 request of ``--texts`` texts of ``--kb`` KB each (tokenized by the server), while another polls
 ``GET /v2/health/live`` every ``--interval_ms``. Reported per repeat: the request's wall time and
 the slowest and median probe answered while it was in flight. A probe waits only for what runs
-on the event loop: before the redesign the server tokenized, rendered and encoded on it (the
-slowest probe took about as long as tokenizing); now that work runs on worker threads.
+on the event loop, so the server tokenizes, renders and encodes large requests on worker threads
+(on the loop, the slowest probe would take about as long as tokenizing).
 
 Prints a table and writes JSON (``--output``).
 """

@@ -20,7 +20,7 @@ Datatype = Literal[
 
 
 def _check_parameter(value: Any) -> bool | int | float | str | list[int]:
-    """v2 parameters are scalars; ``layers`` may also be a list of ints (DESIGN.md §3)."""
+    """v2 parameters are scalars; ``layers`` may also be a list of ints (docs/architecture.md)."""
     if isinstance(value, bool | int | float | str):
         return value
     if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):

@@ -1,4 +1,4 @@
-"""The teacher service: BERT teachers over the KServe Open Inference Protocol v2 (see DESIGN.md §3)."""
+"""The teacher service: teachers over the KServe Open Inference Protocol v2 (docs/architecture.md)."""
 
 from importlib.metadata import PackageNotFoundError, version
 

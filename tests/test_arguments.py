@@ -254,7 +254,7 @@ def test_finetune_options_share_the_checks(tmp_path: Path, options: dict, messag
 def test_a_misspelt_model_path_is_one_line_naming_the_folder(
     command: str, path: str, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    """Not "Repo id must be in the form 'namespace/repo_name'" (issue #12): a path is a path."""
+    """Not "Repo id must be in the form 'namespace/repo_name'": a path is a path."""
     data = tmp_path / "train.tsv"
     data.write_text("sentence\tlabel\na b\t0\nc d\t1\n")
     argv = [

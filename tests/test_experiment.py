@@ -305,7 +305,7 @@ def test_a_teacher_is_fine_tuned_once_whatever_role_it_plays(finished_grid, work
 def test_a_stopped_teacher_fine_tuning_resumes_to_the_weights_of_one_never_stopped(
     workspace, tmp_path, monkeypatch, capsys
 ):
-    """A session may end mid fine-tuning: the next one continues from the saved state, not step 0."""
+    """A fine-tuning stopped midway: the next run continues from the saved state, not step 0."""
     from dataclasses import replace
 
     from student_trainer.args.builder import arguments_from_namespace
@@ -327,7 +327,7 @@ def test_a_stopped_teacher_fine_tuning_resumes_to_the_weights_of_one_never_stopp
             stop_at_step(patch, 4)
             with pytest.raises(KeyboardInterrupt):
                 finetune(args)
-        raise UserError("the session ended")
+        raise UserError("the process was stopped")
 
     def layout(name: str) -> Layout:
         return Layout(
@@ -336,7 +336,7 @@ def test_a_stopped_teacher_fine_tuning_resumes_to_the_weights_of_one_never_stopp
 
     with monkeypatch.context() as patch:
         patch.setattr(runner, "_trainer", stopped_after_three_steps)
-        with pytest.raises(UserError, match="the session ended"):
+        with pytest.raises(UserError, match="the process was stopped"):
             runner.ensure_teacher(config, layout("stopped"), "sst2", "large")
     resumed = runner.ensure_teacher(config, layout("stopped"), "sst2", "large")
     assert "resuming the large teacher" in capsys.readouterr().out

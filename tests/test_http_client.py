@@ -439,7 +439,7 @@ class ImportRecorder(importlib.abc.MetaPathFinder):
 
 def test_a_request_imports_nothing(replicas) -> None:
     """The trainer's hot path: a failed import is a walk of sys.path (~1 ms) each time; httpx's
-    transport once made one per request (``sniffio``, not installed; issue #12)."""
+    transport made one per request while ``sniffio`` was not installed."""
     replica, recorder = replicas(), ImportRecorder()
     client = HttpTeacherClient([replica.url], model="fake")
 
@@ -669,7 +669,7 @@ def test_exhausted_retries_raise_a_clear_error(replicas) -> None:
 
 def test_an_outage_log_says_how_long_the_trainer_keeps_waiting(monkeypatch, caplog) -> None:
     """Every retry says when it comes and what budget is left; the readiness wait that follows says
-    how long it lasts and keeps saying how long is left (issue #12: it used to wait silently)."""
+    how long it lasts and keeps saying how long is left, rather than waiting silently."""
     monkeypatch.setattr(http, "READY_NOTE_S", 0.2)
     client = HttpTeacherClient(
         [closed_url()], model="large", timeout_s=2.0, max_retries=2, backoff_base_s=0.01

@@ -35,7 +35,7 @@ def answer(flops: int, hits: int = 0, tokens: int = 0) -> TeacherAnswer:
 def test_teacher_config_matches_bert_base() -> None:
     config = teacher_flops_config(BASE)
     assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers) == (768, 3072, 12)
-    # DESIGN.md §2: BERT-base at 128 tokens is about 22.3 GFLOPs
+    # docs/architecture.md, design choices: BERT-base at 128 tokens is about 22.3 GFLOPs
     assert encoder_forward_flops(config, [128]) == pytest.approx(22.35e9, rel=0.01)
 
 

@@ -165,7 +165,7 @@ def test_port_outside_1_to_65535_is_a_usage_error(capsys, port):
     ids=["snake_case", "old-kebab-case"],
 )
 def test_one_flag_spelling_with_the_old_one_still_accepted(argv, capsys):
-    """The trainer's ``--snake_case`` everywhere (issue #12); scripts using the old spelling keep working."""
+    """The trainer's ``--snake_case`` everywhere; scripts using the old spelling keep working."""
     args = build_parser().parse_args(["--config", "c.yaml", *argv])
     assert (args.api_key_env, args.log_level) == ("KEY", "debug")
     with pytest.raises(SystemExit):

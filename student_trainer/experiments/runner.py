@@ -33,7 +33,7 @@ from student_trainer.experiments.tasks import task_record
 # What every subprocess gets beyond the commands' own OpenMP default (shared/openmp.py): no
 # tokenizer thread pool of its own beside torch's threads.
 SUBPROCESS_ENV = {"TOKENIZERS_PARALLELISM": "false"}
-# A teacher's fine-tuning saves its state this often, so a stopped one (a session's end) loses at
+# A teacher's fine-tuning saves its state this often, so a stopped one (killed, or its machine gone) loses at
 # most these steps: ~6 min of MPNet-base on 2 CPU cores, a 1.3 GB file replaced each time.
 TEACHER_SAVE_STEPS = 25
 # Kept from metrics.jsonl per step: enough for the curves, small enough to commit.

@@ -8,7 +8,7 @@ gradient clipping, evaluation with the task's metric at the end. The output dire
 With ``--save_steps N`` the loop saves, every N steps, what resuming needs (weights, optimizer,
 schedule, RNG, the data order of the epoch and the position in it) to one file written atomically;
 ``--resume_from_checkpoint auto`` continues from it, to the same weights as a run never stopped. A
-large teacher's fine-tuning on a CPU takes longer than a session may last.
+large teacher's fine-tuning on a CPU can take hours, and a stopped one need not start over.
 """
 
 from __future__ import annotations
