@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from shared.flags import add_flag
+from teacher_engine.engine import OutputSpec
 from teacher_server.cache import OutputCache, RowOutputs, row_key
-from teacher_server.engine import OutputSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = 64  # rows per forward pass, as the batcher slices them

@@ -3,7 +3,7 @@
     python benchmarks/bench_packing.py [--rows 3,8,32] [--threads 1,2] [--rounds 4] [--teacher DIR]
 
 A batch of SST-2 training sentences padded to its longest runs every layer over the padding; a
-packed pass (``shared/packing.py``) runs the layers' matrices on the real tokens only and pads
+packed pass (``teacher_engine/packing.py``) runs the layers' matrices on the real tokens only and pads
 just attention. The teacher engine runs ``--batches`` batches of each size both ways, in
 interleaved rounds (padded first, then packed first); each figure is the median over rounds of
 the mean ms per pass. Also prints each way's tokens per pass, and the largest logit difference
@@ -22,8 +22,8 @@ import torch
 from bench_server import ROOT, default_teacher, load_sentences, pad, write_report
 
 from shared.teacher_api import TeacherQuery
+from teacher_engine.engine import TeacherEngine
 from teacher_server.config import TeacherConfig
-from teacher_server.engine import TeacherEngine
 
 WAYS = ("padded", "packed")
 
@@ -85,7 +85,7 @@ def main() -> int:
     config = TeacherConfig(name="t", path=teacher, max_seq_length=args.max_seq_length)
     engine = TeacherEngine.from_config(config)
     if not engine.packs:
-        print(f"{engine.info.model_type} does not pack (see shared/families.py)", file=sys.stderr)
+        print(f"{engine.info.model_type} does not pack (see teacher_engine/families.py)", file=sys.stderr)
         return 2
     cells = []
     print("threads | rows | padded ms | packed ms | speedup | tokens padded / packed | max |Δ| | labels")

@@ -30,7 +30,7 @@ import torch
 
 from shared.codec import HEADER_LENGTH, build_request_body, parse_response_body
 from shared.teacher_api import TeacherQuery
-from teacher_server.engine import TeacherEngine
+from teacher_engine.engine import TeacherEngine
 from teacher_server.launch import serve_in_subprocess
 
 ROOT = Path(__file__).resolve().parents[1]

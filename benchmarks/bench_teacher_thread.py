@@ -29,8 +29,8 @@ def measure(mode: str, rows: int, threads: int) -> float:
     """Median ms per pass, in this process, laid out as ``mode`` says."""
     import torch  # imported here so that the parent process starts no OpenMP pool of its own
 
+    from teacher_engine.engine import TeacherEngine
     from teacher_server.config import TeacherConfig
-    from teacher_server.engine import TeacherEngine
 
     torch.set_num_threads(threads)
     teacher = default_teacher()

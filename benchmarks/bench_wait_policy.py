@@ -45,9 +45,9 @@ def serve_passes(rows: list[int], threads: int) -> None:
     torch.set_num_threads(threads)
     from bench_server import default_teacher, sentence_queries
 
+    from teacher_engine.engine import TeacherEngine
     from teacher_server.batcher import teacher_thread
     from teacher_server.config import TeacherConfig
-    from teacher_server.engine import TeacherEngine
 
     teacher = default_teacher()
     queries = {r: sentence_queries(teacher, r, 12) for r in rows}

@@ -9,7 +9,7 @@ sequence of ``n`` tokens, hidden size ``d``, feed-forward size ``f``:
   3 for ModernBERT's gated GLU whose input matrix is ``d × 2f``) ``+ 4n²d`` (``QKᵀ`` and
   ``attention·V``, over every key: the eager and SDPA kernels compute ModernBERT's
   sliding-window layers in full and mask them, so they cost what global layers cost);
-  a packed pass (``shared/packing.py``) runs attention at the pass's padded length ``a``
+  a packed pass (``teacher_engine/packing.py``) runs attention at the pass's padded length ``a``
   (``4a²d``) and may run its last layer for the first token alone (keys and values of every
   token, ``4n·d²``, the rest on one token attending to ``a`` keys);
 * the head: ``2d² + 2dK`` — the pooler (BERT), the dense layer of the classification head

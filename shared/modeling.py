@@ -15,8 +15,8 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrai
 from transformers.utils import logging as hf_logging
 
 from shared.errors import UserError
-from shared.families import family_of
 from shared.model_path import require_model_dir
+from teacher_engine.families import family_of
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def load_sequence_classifier(
 
     ``label_names`` (or ``num_labels``) replace the head when the checkpoint has none or a
     different one; ``num_layers`` truncates the encoder before the weights are loaded (any family
-    of :mod:`shared.families`: ModernBERT's per-layer attention kinds are cut with it).
+    of :mod:`teacher_engine.families`: ModernBERT's per-layer attention kinds are cut with it).
     ``attn_implementation`` None: SDPA where the family has it (MPNet and DeBERTa have not), else eager.
     """
     require_model_dir(name_or_path)

@@ -34,9 +34,9 @@ from typing import Any, TypeVar
 import torch
 
 from shared.teacher_api import TeacherAnswer, TeacherQuery, Timings
+from teacher_engine.engine import OutputSpec, QueryError, TeacherEngine, padded_cost
 from teacher_server.cache import OutputCache, RowOutputs, row_key
 from teacher_server.config import TeacherConfig
-from teacher_server.engine import OutputSpec, QueryError, TeacherEngine, padded_cost
 from teacher_server.errors import ServiceError
 from teacher_server.metrics import ServiceMetrics
 

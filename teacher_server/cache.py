@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from teacher_server.engine import OutputSpec
+from teacher_engine.engine import OutputSpec
 
 
 @dataclass

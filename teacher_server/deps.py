@@ -16,8 +16,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.requests import ClientDisconnect
 
 from shared.errors import shown
+from teacher_engine.engine import TeacherEngine
 from teacher_server.batcher import DynamicBatcher
-from teacher_server.engine import TeacherEngine
 from teacher_server.errors import CLIENT_CLOSED_REQUEST, ServiceError
 from teacher_server.service import TeacherService
 

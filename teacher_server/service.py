@@ -14,10 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from shared.teacher_api import TeacherQuery
+from teacher_engine.engine import TeacherEngine
 from teacher_server.batcher import DynamicBatcher, teacher_thread
 from teacher_server.cache import OutputCache
 from teacher_server.config import ServerConfig
-from teacher_server.engine import TeacherEngine
 from teacher_server.metrics import ServiceMetrics
 
 logger = logging.getLogger("teacher_server")

@@ -38,8 +38,8 @@ from shared.codec import (
 from shared.errors import shown
 from shared.protocol import InferenceRequest
 from shared.teacher_api import TeacherAnswer, TeacherQuery
+from teacher_engine.engine import QueryError, TeacherEngine
 from teacher_server.config import TeacherConfig
-from teacher_server.engine import QueryError, TeacherEngine
 from teacher_server.errors import BadRequest, Unprocessable
 
 TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from shared.teacher_api import TeacherQuery
-from teacher_server.engine import TeacherEngine
+from teacher_engine.engine import TeacherEngine
 from teacher_server.launch import serve_in_subprocess
 from tests.distill_support import (
     REPO,

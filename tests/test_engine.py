@@ -11,7 +11,7 @@ from shared.flops import encoder_forward_flops
 from shared.teacher_api import TeacherQuery
 from student_trainer.teachers.client import make_teacher_client
 from student_trainer.teachers.local import LocalTeacherClient
-from teacher_server.engine import MAX_CHARS_PER_TOKEN, QueryError, TeacherEngine
+from teacher_engine.engine import MAX_CHARS_PER_TOKEN, QueryError, TeacherEngine
 from tests.tiny_models import layer_probe, tiny_vocab
 
 TEXTS = ["a good movie", "the plot was boring and the acting awful , really bad", "fun !"]

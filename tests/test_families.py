@@ -9,11 +9,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig
 
 from shared.errors import UserError
-from shared.families import FAMILIES, family_of
 from shared.flops import encoder_forward_flops
 from shared.modeling import load_sequence_classifier
 from shared.teacher_api import TeacherQuery
-from teacher_server.engine import TeacherEngine
+from teacher_engine.engine import TeacherEngine
+from teacher_engine.families import FAMILIES, family_of
 from tests.tiny_families import FAMILY_CASES, save_tiny_family, tiny_family_model
 from tests.tiny_models import layer_probe
 

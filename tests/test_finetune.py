@@ -20,7 +20,7 @@ from student_trainer.data.readers import load_task
 from student_trainer.data.synthetic import write_synthetic_task
 from student_trainer.train.finetune import finetune
 from student_trainer.train.loop import train as train_student
-from teacher_server.engine import TeacherEngine
+from teacher_engine.engine import TeacherEngine
 from teacher_server.launch import serve_in_subprocess
 from tests.tiny_models import save_tiny_bert
 

@@ -23,7 +23,7 @@ from tests.tiny_models import save_tiny_bert
 
 pytestmark = pytest.mark.slow
 
-PACKAGES = ("shared", "student_trainer", "teacher_server")
+PACKAGES = ("shared", "student_trainer", "teacher_engine", "teacher_server")
 
 
 def comparable(results: dict) -> dict:

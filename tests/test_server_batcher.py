@@ -13,6 +13,7 @@ import torch
 
 from shared.flops import encoder_forward_flops
 from shared.teacher_api import TeacherQuery
+from teacher_engine.engine import OutputSpec, QueryError, TeacherEngine
 from teacher_server.batcher import (
     DeadlineExceededError,
     DynamicBatcher,
@@ -23,7 +24,6 @@ from teacher_server.batcher import (
 )
 from teacher_server.cache import OutputCache, RowOutputs, row_key, row_tensors
 from teacher_server.config import ServerConfig, TeacherConfig
-from teacher_server.engine import OutputSpec, QueryError, TeacherEngine
 from teacher_server.metrics import ServiceMetrics
 from teacher_server.service import TeacherService
 

@@ -10,9 +10,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from teacher_engine.engine import TeacherEngine
 from teacher_server import v2_adapter
 from teacher_server.config import TeacherConfig
-from teacher_server.engine import TeacherEngine
 from teacher_server.errors import ServiceError
 
 

@@ -16,8 +16,8 @@ import asyncio
 from pathlib import Path
 
 from shared.teacher_api import TeacherAnswer, TeacherInfo, TeacherQuery, TextQuery
+from teacher_engine.engine import TeacherEngine
 from teacher_server.config import teacher_entry
-from teacher_server.engine import TeacherEngine
 
 
 class LocalTeacherClient:

@@ -16,11 +16,11 @@ from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
 from shared.errors import UserError
-from shared.families import FAMILIES
 from shared.modeling import load_sequence_classifier
 from shared.teacher_api import TeacherInfo
 from shared.vocabulary import vocab_sha256
 from student_trainer.kd.alignment import make_projection
+from teacher_engine.families import FAMILIES
 
 
 class DistillStudent(nn.Module):

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from transformers.masking_utils import create_bidirectional_mask, create_bidirectional_sliding_window_mask
 
 from shared.errors import UserError
-from shared.packing import LayerParts, attention_bias
+from teacher_engine.packing import LayerParts, attention_bias
 
 Context = dict[str, Any]  # what every layer of one forward pass needs besides the hidden states
 # A ``*ForSequenceClassification`` model: its parts are found by attribute name, so typed loosely.
@@ -35,7 +35,7 @@ class Family:
     ``position_offset`` is how many position ids the embeddings reserve (RoBERTa-style models
     number positions from ``pad_token_id + 1``), so the longest input is shorter by that much.
     ``packs``: its layers are post-LN and BERT-shaped, so a padded batch may run packed
-    (:mod:`shared.packing`) from the :meth:`parts` of each layer.
+    (:mod:`teacher_engine.packing`) from the :meth:`parts` of each layer.
     """
 
     model_types: ClassVar[tuple[str, ...]] = ("bert",)

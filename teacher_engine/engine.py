@@ -3,7 +3,7 @@
 The service's batcher and the trainer's in-process client both call :meth:`TeacherEngine.run`,
 so both sides return the same numbers and the same FLOPs accounting.
 
-Early exit, for every family in :mod:`shared.families` (BERT, RoBERTa, XLM-R, ELECTRA, MPNet,
+Early exit, for every family in :mod:`teacher_engine.families` (BERT, RoBERTa, XLM-R, ELECTRA, MPNet,
 DistilBERT, DeBERTa-v2/v3, ModernBERT): the engine runs the embeddings and the first ``k``
 layers itself, through the family's adapter (with the masks and position extras the model
 would build), and the head only when logits are asked for. Other model types are refused at load.
@@ -14,12 +14,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from shared.families import family_of
 from shared.flops import (
     FlopsShape,
     encoder_forward_flops,
@@ -28,9 +28,10 @@ from shared.flops import (
     layer_forward_flops,
 )
 from shared.modeling import load_sequence_classifier
-from shared.packing import Packing, packed_layer
 from shared.teacher_api import TeacherAnswer, TeacherInfo, TeacherQuery
 from shared.vocabulary import tokenizer_parameters
+from teacher_engine.families import family_of
+from teacher_engine.packing import Packing, packed_layer
 from teacher_server.config import TeacherConfig
 from teacher_server.errors import Unprocessable
 
@@ -124,7 +125,7 @@ class TeacherEngine:
         max_seq_length: int = 512,
         batch_invariant: bool = False,
     ):
-        config = model.config
+        config: Any = model.config  # any family's config, read by field name
         self.family = family_of(config)  # before anything else: an unknown model_type is refused
         self.model = model.eval()
         self.batch_invariant = batch_invariant
@@ -287,8 +288,8 @@ class TeacherEngine:
         depth = spec.depth(self.info.num_layers)
         mask_cpu = query.attention_mask.long()
         ids, mask = self._to_device(query.input_ids), self._to_device(mask_cpu)
-        given_types = query.token_type_ids is not None and self.type_vocab_size > 0
-        types = self._to_device(query.token_type_ids) if given_types else None
+        given = query.token_type_ids if self.type_vocab_size > 0 else None
+        types = None if given is None else self._to_device(given)
         lengths = mask_cpu.sum(dim=1)
         batch, length = ids.shape
         packed = self.packs and bool((lengths < length).any())
@@ -303,7 +304,7 @@ class TeacherEngine:
                 hidden_states = stacked.mul_(mask_cpu[:, None, :, None])  # padding → exact zeros, in place
                 if stacked.shape[2] < query_length:  # back to the query's length (trimmed columns)
                     hidden_states = F.pad(hidden_states, (0, 0, 0, query_length - stacked.shape[2]))
-            logits = logits.float().cpu() if spec.want_logits else None
+            logits = logits.float().cpu() if logits is not None and spec.want_logits else None
         run_lengths = lengths.tolist() if packed else [length] * batch
         flops = encoder_forward_flops(
             self.config,
@@ -378,7 +379,7 @@ class TeacherEngine:
     def _forward_packed(
         self, ids: torch.Tensor, mask: torch.Tensor, types: torch.Tensor | None, spec: OutputSpec, depth: int
     ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
-        """:meth:`_forward_early_exit` with the layers on packed tokens (:mod:`shared.packing`);
+        """:meth:`_forward_early_exit` with the layers on packed tokens (:mod:`teacher_engine.packing`);
         the states asked for come back padded, and the head reads each row's first token. Where
         only that token is read of the last layer, it alone is computed (a state ``[batch, 1, H]``)."""
         family, model = self.family, self.model
