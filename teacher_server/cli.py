@@ -21,7 +21,8 @@ from shared.errors import UserError
 from shared.flags import add_flag
 from teacher_server.app import create_app
 from teacher_server.config import load_config
-from teacher_server.drain import DrainingServer, protocol_with_read_timeout
+from teacher_server.drain import DrainingServer
+from teacher_server.http_protocol import bounded_protocol
 
 _RECORD_FIELDS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "message",
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             port=args.port,
             log_config=None,
             log_level=args.log_level,
-            http=protocol_with_read_timeout(config.read_timeout_s),
+            http=bounded_protocol(config),
             loop="auto",  # uvloop, a dependency (benchmarks/bench_server_stack.py)
             timeout_graceful_shutdown=config.drain_timeout_s,  # a float (0.5 s, or .inf) works
         ),

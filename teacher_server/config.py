@@ -97,6 +97,10 @@ class ServerConfig(BaseModel):
     drain_grace_s: float = Field(
         1.0, ge=0, description="on SIGTERM: answer 503 (readiness and new requests) at least this long"
     )
+    max_header_bytes: int = Field(
+        64 * 2**10, ge=1024, description="a request line and headers longer than this get 431"
+    )
+    max_headers: int = Field(100, ge=1, description="a request with more headers gets 431")
     read_timeout_s: float = Field(
         60.0, gt=0, description="a request's headers, and then its body, must arrive within this (408)"
     )

@@ -1,4 +1,4 @@
-"""Graceful drain and slow clients, where uvicorn meets the service.
+"""Graceful drain, where uvicorn meets the service (slow clients: :mod:`teacher_server.http_protocol`).
 
 * :class:`DrainMiddleware` counts the requests in flight and, once the service drains, answers
   every response with ``Connection: close`` so that keep-alive clients reconnect elsewhere
@@ -7,9 +7,6 @@
   new inference answer 503) while it keeps listening; once the requests in flight are answered
   and ``drain_grace_s`` has passed (load balancers need a moment to see the 503), uvicorn shuts
   down. A second signal exits at once.
-* :class:`ReadTimeoutProtocol`: uvicorn's httptools protocol (a C parser: ~1 ms less per request
-  than h11's pure Python on these 2 cores), plus a deadline for a request's headers:
-  ``read_timeout_s`` (else 408 and close); the body's own deadline is in :mod:`teacher_server.deps`.
 """
 
 from __future__ import annotations
@@ -21,12 +18,10 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from teacher_server.service import TeacherService
 
 logger = logging.getLogger("teacher_server")
-REQUEST_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
 
 
 class DrainMiddleware:
@@ -82,56 +77,3 @@ class DrainingServer(uvicorn.Server):
         left = config.drain_timeout_s - (time.monotonic() - started)
         self.config.timeout_graceful_shutdown = max(0.0, left)
         super().handle_exit(sig, frame)
-
-
-class ReadTimeoutProtocol(HttpToolsProtocol):
-    """httptools with a deadline for each request's headers (uvicorn has none: half-sent headers
-    would hold a connection forever). The clock starts when the connection opens or the previous
-    answer is sent, and stops when the headers are complete."""
-
-    read_timeout_s = 60.0  # set per server by :func:`protocol_with_read_timeout`
-    header_timer: asyncio.TimerHandle | None = None
-    headers_pending = False  # part of a request arrived, its headers are not complete yet
-
-    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._arm()
-
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self.headers_pending = True
-
-    def on_headers_complete(self) -> None:
-        self.headers_pending = False
-        self._disarm()
-        super().on_headers_complete()
-
-    def on_response_complete(self) -> None:
-        pipelined = bool(self.pipeline)  # its headers are in already: it starts now, no deadline
-        super().on_response_complete()
-        if not pipelined and not self.transport.is_closing():
-            self._arm()  # the next request on this connection gets its own deadline
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
-        super().connection_lost(exc)
-
-    def _arm(self) -> None:
-        self._disarm()
-        self.header_timer = self.loop.call_later(self.read_timeout_s, self._timed_out)
-
-    def _disarm(self) -> None:
-        if self.header_timer is not None:
-            self.header_timer.cancel()
-            self.header_timer = None
-
-    def _timed_out(self) -> None:
-        self.header_timer = None
-        if not self.transport.is_closing():
-            if self.headers_pending:
-                self.transport.write(REQUEST_TIMEOUT)  # part of a request came, never all of it
-            self.transport.close()
-
-
-def protocol_with_read_timeout(seconds: float) -> type[HttpToolsProtocol]:
-    return type("ReadTimeoutProtocol", (ReadTimeoutProtocol,), {"read_timeout_s": seconds})

@@ -24,6 +24,7 @@ from shared.flops import encoder_forward_flops
 from teacher_server import v2_adapter
 from teacher_server.app import create_app
 from teacher_server.config import ServerConfig
+from teacher_server.http_protocol import bounded_protocol
 from teacher_server.routes import v2 as v2_routes
 
 TEXTS = ["a good movie", "the plot was boring and the acting awful , really bad", "fun !"]
@@ -31,12 +32,17 @@ PAIRS = ["i like it", "not great", "the best film of the year"]
 
 
 class LiveServer:
-    """``create_app(config)`` served by uvicorn in a thread on a free 127.0.0.1 port."""
+    """``create_app(config)`` served by uvicorn in a thread on a free 127.0.0.1 port, with the
+    CLI's connection limits (:mod:`teacher_server.http_protocol`)."""
 
     def __init__(self, config: ServerConfig, *, wait_ready: bool = True, **app_options):
         self.wait_ready = wait_ready
         self.app = create_app(config, **app_options)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(
+                self.app, host="127.0.0.1", port=0, log_level="warning", http=bounded_protocol(config)
+            )
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> LiveServer:
