@@ -7,9 +7,13 @@ one that does not exist fails ``mkdocs build --strict``.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from mkdocs.structure.files import File, Files
+
+# Docstrings cross-reference in reStructuredText (``:func:`x```); the rendered page keeps the name.
+SPHINX_ROLE = re.compile(r":(?:mod|func|class|meth|attr|data|exc):(?=<code>)")
 
 PUBLISHED = ("*/*/report.md", "*/*/*.png", "cuda/README.md", "benchmarks/*/*.json")
 
@@ -28,3 +32,7 @@ def on_files(files: Files, config) -> Files:
                 )
             )
     return files
+
+
+def on_page_content(html: str, page, config, files) -> str:
+    return SPHINX_ROLE.sub("", html)
