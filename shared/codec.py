@@ -331,7 +331,7 @@ def parse_request_body(
     unknown input name or an oversized shape without decoding megabytes of data first.
     """
     json_part, blobs = _split_body(body, header_length)
-    header = _validate(InferenceRequest, json_part)
+    header = _validate(InferenceRequest, json_part, cut_short=len(blobs) > 0)
     if check_header is not None:
         check_header(header)
     return DecodedRequest(header, _decode_tensors(header.inputs, blobs, "inputs"))
@@ -340,7 +340,7 @@ def parse_request_body(
 def parse_response_body(body: bytes, header_length: str | int | None) -> DecodedResponse:
     """Decode a response body; ``header_length`` is the ``Inference-Header-Content-Length`` header or None."""
     json_part, blobs = _split_body(body, header_length)
-    header = _validate(InferenceResponse, json_part)
+    header = _validate(InferenceResponse, json_part, cut_short=len(blobs) > 0)
     return DecodedResponse(header, _decode_tensors(header.outputs, blobs, "outputs"))
 
 
@@ -383,12 +383,16 @@ def _split_body(body: bytes, header_length: str | int | None) -> tuple[bytes, me
 _Model = TypeVar("_Model", bound=BaseModel)
 
 
-def _validate(model: type[_Model], json_part: bytes) -> _Model:
-    """Validate the JSON header; the first error becomes a CodecError naming its field."""
+def _validate(model: type[_Model], json_part: bytes, *, cut_short: bool) -> _Model:
+    """Validate the JSON header; the first error becomes a CodecError naming its field (the
+    length header when it cut ``json_part`` short of the body and what it cut is not JSON)."""
     try:
         return model.model_validate_json(json_part)
     except ValidationError as err:
         first = err.errors(include_url=False)[0]
+        if first["type"] == "json_invalid" and cut_short:
+            where = f"the first {len(json_part)} bytes, as this header says"
+            raise CodecError(f"{first['msg']}: {where}, are not the JSON part", HEADER_LENGTH) from None
         raise CodecError(first["msg"], field_name(first["loc"]) or "body") from None
 
 

@@ -23,6 +23,20 @@ from teacher_server.handlers import install_error_handlers
 from teacher_server.routes import health, v2
 from teacher_server.service import TeacherService
 
+# Answered by the connection itself (teacher_server.http_protocol), whatever the path
+CONNECTION_ERRORS = {
+    "400": "malformed HTTP request",
+    "408": "the request's headers or body did not arrive within read_timeout_s",
+    "431": "request headers over max_header_bytes, or more than max_headers of them",
+}
+
+
+def json_error(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+    }
+
 
 def create_app(
     config: ServerConfig, *, api_key: str | None = None, on_load_failure: Callable[[str], None] | None = None
@@ -51,11 +65,14 @@ def create_app(
     default_openapi = app.openapi
 
     def openapi() -> dict[str, Any]:
-        """FastAPI's document, plus the infer body's nested schemas and the served teachers' names."""
+        """FastAPI's document, plus the infer body's nested schemas, the served teachers' names and
+        the errors any request may meet before it reaches a route (the connection's own)."""
         doc = default_openapi()
         doc.setdefault("components", {}).setdefault("schemas", {}).update(v2.INFER_SCHEMAS)
         names = [t.name for t in config.teachers]
         for operation in (op for path in doc["paths"].values() for op in path.values()):
+            for code, text in CONNECTION_ERRORS.items():
+                operation["responses"].setdefault(code, json_error(text))
             for parameter in operation.get("parameters", ()):
                 if parameter["in"] == "path" and parameter["name"] == "name":
                     parameter["schema"] = {"type": "string", "enum": names, "title": "Name"}

@@ -9,8 +9,8 @@ a connection forever. :class:`BoundedHttpProtocol` adds, per connection:
   :mod:`teacher_server.deps`): the clock starts when the connection opens or the previous answer
   is sent, and stops when the headers are complete;
 * ``max_header_bytes`` (request line and headers) and ``max_headers`` (431);
-* JSON for these refusals, like every other error, sent after the answers to the requests before
-  it on the connection (pipelining), then closing.
+* JSON for these refusals and for a request it cannot parse (400), like every other error, sent
+  after the answers to the requests before it on the connection (pipelining), then closing.
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from shared.protocol import ErrorBody
 from teacher_server.config import ServerConfig
-
-REQUEST_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
 
 
 class HeaderLimitExceeded(Exception):
@@ -96,10 +94,12 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to what httptools could not parse, or what a limit stopped."""
-        if self.refusal is None:
-            super().send_400_response(msg)
-        else:
-            self._refuse(self.refusal)
+        self._refuse(
+            self.refusal
+            or json_answer(
+                400, "malformed HTTP request (for instance a body shorter than its Content-Length)", None
+            )
+        )
 
     def on_response_complete(self) -> None:
         pipelined = bool(self.pipeline)  # its headers are in already: it starts now, no deadline
@@ -150,9 +150,10 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
     def _timed_out(self) -> None:
         self.header_timer = None
-        if not self.transport.is_closing():
-            if self.headers_pending:
-                self.transport.write(REQUEST_TIMEOUT)  # part of a request came, never all of it
+        if self.headers_pending and self.refusal is None:  # part of a request came, never all of it
+            message = f"request headers not received within {self.read_timeout_s:g} s"
+            self._refuse(json_answer(408, message, "headers"))
+        elif not self.transport.is_closing():
             self.transport.close()
 
 

@@ -191,6 +191,11 @@ def test_json_data_may_be_nested_as_the_shape_or_flat(data: list) -> None:
     )
 
 
+def test_a_json_body_may_give_its_own_length_in_the_header() -> None:
+    body = request(IDS)
+    assert parse_request_body(body, len(body)).inputs["input_ids"].tolist() == [[1, 2]]
+
+
 def test_json_request_has_no_header_length() -> None:
     body, headers = build_request_body(
         {"input_ids": torch.ones(1, 3, dtype=torch.int64)}, binary_inputs=False
@@ -215,6 +220,7 @@ IDS = {"name": "input_ids", "shape": [1, 2], "datatype": "INT64", "data": [1, 2]
         (b"{not json", None, "body", "JSON"),
         (request(IDS), "x", HEADER_LENGTH, "integer"),
         (request(IDS), 10_000, HEADER_LENGTH, "outside"),
+        (request(IDS), 1, HEADER_LENGTH, "the first 1 bytes, as this header says, are not the JSON part"),
         (request(), None, "inputs", "at least 1"),
         (request(IDS, output=[]), None, "output", "Extra"),
         (request(IDS, {**IDS, "name": "mask", "datatype": "INT33"}), None, "inputs[1].datatype", "INT64"),

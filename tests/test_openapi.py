@@ -45,6 +45,9 @@ def test_every_ref_resolves_and_routes_document_their_media_types(server):
     assert list(paths["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]
     infer = paths["/v2/models/{name}/infer"]["post"]
     assert {"401", "404", "413", "422", "429", "503"} <= set(infer["responses"])
+    for path, operations in paths.items():  # what the connection itself answers, on any path
+        for operation in operations.values():
+            assert {"400", "408", "431"} <= set(operation["responses"]), path
     assert set(infer["responses"]["200"]["content"]) == {"application/json", "application/octet-stream"}
     assert any(p["name"] == "Inference-Header-Content-Length" for p in infer["parameters"])
     assert {"name": "name", "in": "path"}.items() <= infer["parameters"][0].items()

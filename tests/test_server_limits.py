@@ -1,4 +1,5 @@
-"""The connection's bounds (:mod:`teacher_server.http_protocol`), over raw sockets to a live server."""
+"""The connection's bounds (:mod:`teacher_server.http_protocol`), over raw sockets to a live server:
+header size, count and deadline, and what a client that breaks HTTP/1.1 gets back."""
 
 from __future__ import annotations
 
@@ -103,3 +104,22 @@ def test_headers_within_the_limits_are_served(server):
     received, _ = exchange(server.port, request("/v2/health/live", *headers, "Connection: close"))
     [(status, _, body)] = answers(received)
     assert status == 200 and json.loads(body) == {"live": True}
+
+
+def test_slow_headers_are_answered_408_json(server):
+    received, seconds = exchange(server.port, b"GET /v2/health/live HTTP/1.1\r\nHost: test\r\n")
+    refused(received, 408, "headers", "not received within 1 s")
+    assert seconds < 5
+
+
+def test_a_body_shorter_than_its_content_length_is_400_json_after_the_requests_before_it(server):
+    """The short body swallows the start of the next request, whose rest is not HTTP: that is a
+    400 for the connection, sent after the answers to the complete requests before it."""
+    infer = request("/v2/models/small/infer", method="POST", body=GOOD_BODY)
+    short = request("/v2/models/small/infer", method="POST").replace(
+        b"Content-Length: 0", b"Content-Length: 5"
+    )
+    received, _ = exchange(server.port, infer + short + b"{}" + request())
+    statuses = [(status, headers["content-type"]) for status, headers, _ in answers(received)]
+    assert statuses == [(200, "application/json"), (400, "application/json"), (400, "application/json")]
+    assert json.loads(answers(received)[-1][2])["error"].startswith("malformed HTTP request")

@@ -111,7 +111,10 @@ async def model_ready(name: str, batcher: BatcherDep) -> JSONResponse:
                 "name": HEADER_LENGTH,
                 "in": "header",
                 "required": False,
-                "description": f"with an application/octet-stream body: {BINARY_NOTE}",
+                "description": (
+                    f"with an application/octet-stream body: {BINARY_NOTE}; with an application/json "
+                    "body it may be left out, or give the whole body's length"
+                ),
                 "schema": {"type": "integer", "minimum": 0},
             }
         ],
