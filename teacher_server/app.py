@@ -14,13 +14,14 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from teacher_server import __version__
 from teacher_server.config import ServerConfig
+from teacher_server.deps import require_api_key
 from teacher_server.drain import DrainMiddleware
 from teacher_server.handlers import install_error_handlers
-from teacher_server.routes import health, v2
+from teacher_server.routes import docs, health, v2
 from teacher_server.service import TeacherService
 
 # Answered by the connection itself (teacher_server.http_protocol), whatever the path
@@ -39,10 +40,17 @@ def json_error(description: str) -> dict[str, Any]:
 
 
 def create_app(
-    config: ServerConfig, *, api_key: str | None = None, on_load_failure: Callable[[str], None] | None = None
+    config: ServerConfig,
+    *,
+    api_key: str | None = None,
+    key_for_docs_and_metrics: bool = False,
+    on_load_failure: Callable[[str], None] | None = None,
 ) -> FastAPI:
-    """The service for ``config``; ``on_load_failure`` lets the CLI exit when a teacher cannot load."""
+    """The service for ``config``; ``on_load_failure`` lets the CLI exit when a teacher cannot load.
+    With ``key_for_docs_and_metrics`` (and a key), the API document, its pages and ``/metrics``
+    need the key too (see ``teacher-server --help`` for why that is not the default)."""
     service = TeacherService(config, api_key=api_key or None, on_load_failure=on_load_failure)
+    private = bool(api_key and key_for_docs_and_metrics)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -56,10 +64,20 @@ def create_app(
         version=__version__,
         description="BERT teachers over the KServe Open Inference Protocol v2, with dynamic batching.",
         lifespan=lifespan,
+        **({"openapi_url": None, "docs_url": None, "redoc_url": None} if private else {}),
     )
     app.state.service = service
     app.add_middleware(DrainMiddleware, service=service)
     app.include_router(health.router)
+    if private:
+        app.include_router(
+            health.metrics_router,
+            dependencies=[Depends(require_api_key)],
+            responses=v2.error_responses(v2.UNAUTHORIZED),
+        )
+        app.include_router(docs.router)
+    else:
+        app.include_router(health.metrics_router)
     app.include_router(v2.router)
     install_error_handlers(app, count_error=v2.count_infer_error)
     default_openapi = app.openapi

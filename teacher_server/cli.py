@@ -91,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="require 'Authorization: Bearer $NAME'",
     )
+    parser.add_argument(
+        "--key_for_docs_and_metrics",
+        action="store_true",
+        help="with --api_key_env: require the key for /openapi.json, /docs, /redoc and /metrics too. Off by "
+        "default, as in vLLM and TEI: Prometheus scrapers and readers of the API document seldom hold the "
+        "key, and these pages show the teachers' names, settings and request counts, never inputs or "
+        "outputs. Turn it on when clients you do not trust can reach the port",
+    )
     add_flag(
         parser,
         "--log_level",
@@ -107,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config)
         api_key = read_api_key(args.api_key_env)
+        if args.key_for_docs_and_metrics and api_key is None:
+            raise UserError("--key_for_docs_and_metrics needs an API key: give --api_key_env too")
     except UserError as err:
         print(f"teacher-server: error: {err}", file=sys.stderr)
         return 2
@@ -117,7 +127,12 @@ def main(argv: list[str] | None = None) -> int:
         failures.append(message)
         server.should_exit = True
 
-    app = create_app(config, api_key=api_key, on_load_failure=stop_serving)
+    app = create_app(
+        config,
+        api_key=api_key,
+        key_for_docs_and_metrics=args.key_for_docs_and_metrics,
+        on_load_failure=stop_serving,
+    )
     server = DrainingServer(
         uvicorn.Config(
             app,

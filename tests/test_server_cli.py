@@ -117,6 +117,10 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
     assert main(["--config", str(good), "--api_key_env", "NO_SUCH_KEY_VAR"]) == 2
     assert "NO_SUCH_KEY_VAR: the API key is empty or unset" in capsys.readouterr().err
+    assert main(["--config", str(good), "--key_for_docs_and_metrics"]) == 2
+    assert capsys.readouterr().err == (
+        "teacher-server: error: --key_for_docs_and_metrics needs an API key: give --api_key_env too\n"
+    )
 
 
 def test_api_key_from_a_secret_file_loses_its_newline(monkeypatch, capsys):

@@ -701,6 +701,26 @@ def test_api_key_is_required_except_for_probes(tiny_teachers):
         )
         assert response.status_code == 200 and response.json()["outputs"][0]["name"] == "logits"
         assert httpx.get(f"{live.url}/v2/health/ready", trust_env=False).status_code == 200
+        for path in DOCS_AND_METRICS:  # by default (see --key_for_docs_and_metrics), open to all
+            assert httpx.get(live.url + path, trust_env=False).status_code == 200, path
+
+
+DOCS_AND_METRICS = ("/openapi.json", "/docs", "/redoc", "/metrics")
+
+
+def test_docs_and_metrics_can_require_the_key_too(tiny_teachers):
+    config = ServerConfig(teachers=[{"name": "small", "path": str(tiny_teachers["small"])}])
+    with LiveServer(config, api_key="s3cret-key", key_for_docs_and_metrics=True) as live:
+        good = {"Authorization": "Bearer s3cret-key"}
+        for path in DOCS_AND_METRICS:
+            refused = httpx.get(live.url + path, headers={"Authorization": "Bearer wrong"}, trust_env=False)
+            assert refused.status_code == 401 and refused.json()["field"] == "Authorization", path
+            assert "small" not in refused.text
+            assert httpx.get(live.url + path, headers=good, trust_env=False).status_code == 200, path
+        doc = httpx.get(f"{live.url}/openapi.json", headers=good, trust_env=False).json()
+        assert "401" in doc["paths"]["/metrics"]["get"]["responses"]
+        assert not {"/docs", "/redoc", "/openapi.json"} & set(doc["paths"])
+        assert httpx.get(f"{live.url}/v2/health/ready", trust_env=False).status_code == 200  # probes: no key
 
 
 def test_not_ready_until_every_teacher_loaded(tmp_path, tiny_teachers):

@@ -1,4 +1,5 @@
-"""Liveness, readiness and Prometheus metrics (no API key: probes and scrapers call them)."""
+"""Liveness and readiness (never behind the API key: probes call them), and Prometheus metrics
+(behind it only with ``--key_for_docs_and_metrics``: :func:`teacher_server.app.create_app`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from teacher_server.deps import ServiceDep
 
 router = APIRouter(tags=["health"])
+metrics_router = APIRouter(tags=["health"])
 READY_SCHEMA = {"type": "object", "properties": {"ready": {"type": "boolean"}}, "required": ["ready"]}
 
 
@@ -31,7 +33,7 @@ async def ready(service: ServiceDep) -> JSONResponse:
     return JSONResponse({"ready": service.ready}, status_code=200 if service.ready else 503)
 
 
-@router.get(
+@metrics_router.get(
     "/metrics",
     summary="Prometheus metrics",
     response_class=PlainTextResponse,
