@@ -138,6 +138,25 @@ def test_grid_runs_every_cell_and_reports(finished_grid):
     assert (folder / "fig1_accuracy_vs_flops.png").stat().st_size > 1000
 
 
+def test_a_grid_runs_with_the_default_folders_and_records_no_machine_path(workspace, tmp_path):
+    """The defaults are relative (``.cache/experiments/teachers``): the service must still find the
+    teacher, and the committed teacher record must not hold a path of this machine."""
+    config = yaml.safe_load(
+        grid_config(tmp_path, workspace["teacher"], workspace["student"], workspace["data"]).read_text()
+    )
+    config.update(seeds=[1], methods=config["methods"][:1], tables=[], plots=[])
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(config))
+    done = subprocess.run(
+        [sys.executable, "-m", "student_trainer.cli", "experiment", "--config", "grid.yaml"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    record = (tmp_path / "results/default/tiny/teachers/sst2-large.json").read_text()
+    assert str(tmp_path) not in record and json.loads(record)["folder"].startswith("sst2-")
+    assert (tmp_path / ".cache/experiments/teachers" / json.loads(record)["folder"] / "config.json").exists()
+
+
 def test_rerun_skips_finished_runs(finished_grid, workspace):
     before = {p: p.stat().st_mtime_ns for p in (finished_grid / "results").rglob("results.json")}
     again = run_experiment(finished_grid / "grid.yaml", finished_grid)
@@ -297,7 +316,7 @@ def test_a_teacher_is_fine_tuned_once_whatever_role_it_plays(finished_grid, work
     layout = Layout(results=tmp_path / "results", work=tmp_path / "work", teachers=teachers)
     before = sorted(p.name for p in layout.teachers.iterdir() if p.is_dir())
     small = ensure_teacher(both, layout, "sst2", "small")  # finds the grid's teacher: no fine-tuning
-    assert small["dir"] == ensure_teacher(both, layout, "sst2", "large")["dir"]
+    assert small["folder"] == ensure_teacher(both, layout, "sst2", "large")["folder"]
     assert sorted(p.name for p in layout.teachers.iterdir() if p.is_dir()) == before
     assert small["role"] == "small" and (layout.results / "teachers/sst2-small.json").exists()
 
@@ -340,7 +359,8 @@ def test_a_stopped_teacher_fine_tuning_resumes_to_the_weights_of_one_never_stopp
             runner.ensure_teacher(config, layout("stopped"), "sst2", "large")
     resumed = runner.ensure_teacher(config, layout("stopped"), "sst2", "large")
     assert "resuming the large teacher" in capsys.readouterr().out
-    assert "finetune: resuming at step 2/6" in (Path(resumed["dir"]) / "finetune.log").read_text()
+    log = tmp_path / "stopped" / resumed["folder"] / "finetune.log"
+    assert "finetune: resuming at step 2/6" in log.read_text()
     whole = runner.ensure_teacher(config, layout("whole"), "sst2", "large")
     assert resumed["weights_sha256"] == whole["weights_sha256"] and resumed["eval"]["train_steps"] == 6
 
@@ -380,3 +400,11 @@ def test_run_results_are_not_git_ignored():
     if checked.returncode == 128:
         pytest.skip("not a git checkout")
     assert checked.stdout.split() == [str(paths[1])]
+
+
+def test_committed_teacher_records_hold_no_machine_path():
+    records = list((REPO / "results").glob("*/*/teachers/*.json"))
+    assert records
+    for path in records:
+        record = json.loads(path.read_text())
+        assert "dir" not in record and "/" not in record["folder"], path

@@ -105,7 +105,7 @@ def _ensure_teacher(
     record_path = layout.teacher_record(task, role)
     if (out / "eval_results.json").exists() and record_path.exists():
         record = json.loads(record_path.read_text())
-        if record.get("dir") == str(out):
+        if record.get("folder") == out.name:
             return record
     if not (out / "eval_results.json").exists():
         partial = out.with_name(out.name + ".partial")  # where a stopped fine-tuning left its state
@@ -159,7 +159,7 @@ def _teacher_record(out: Path, task: str, role: str, spec: TeacherSpec) -> dict[
         "eval": json.loads((out / "eval_results.json").read_text()),
         "wall_time_s": float((out / "wall_time_s.txt").read_text()),
         "weights_sha256": _sha256(weights) if weights.exists() else None,
-        "dir": str(out),
+        "folder": out.name,  # under --teachers_dir: no path of the machine that made it
     }
 
 
@@ -174,9 +174,10 @@ def task_service(
     from teacher_server.launch import serve_in_subprocess
 
     max_len = int(config.distill.get("max_seq_length", 128))
-    entries = [
-        {"name": role, "path": record["dir"], "max_seq_length": max_len, **config.server}
-        for role, record in teachers.items()
+    folders = {role: (layout.teachers / record["folder"]).resolve() for role, record in teachers.items()}
+    entries = [  # absolute: the service reads a relative path against the YAML's own folder
+        {"name": role, "path": str(path), "max_seq_length": max_len, **config.server}
+        for role, path in folders.items()
     ]
     work = layout.task_work_dir(task)
     work.mkdir(parents=True, exist_ok=True)
