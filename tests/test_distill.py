@@ -171,8 +171,9 @@ def test_a_student_not_above_the_majority_baseline_is_flagged(workspace, tmp_pat
     assert "WARNING" not in capsys.readouterr().err
 
 
-def summary_of(accuracy: float, baseline: dict | None) -> str:
-    """The summary paragraph of an 82 %-saving run whose student scored ``accuracy``."""
+def summary_of(score: float, baseline: dict | None, accuracy: float | None = None) -> str:
+    """The summary paragraph of an 82 %-saving run whose student scored ``score`` in accuracy and F1
+    (``accuracy``, when given, apart)."""
     ledger = {
         "teacher_flops_spent": 18e9,
         "teacher_flops_vanilla": 100e9,
@@ -183,7 +184,8 @@ def summary_of(accuracy: float, baseline: dict | None) -> str:
     ledger |= {"teacher_flops_requested": 30e9, "teacher_cache_hits": 0, "student_flops": 50e9}
     results = {"flops": ledger, "student_layers": 2, "task": "sst2", "global_step": 10, "epoch": 1.0}
     results |= {"world_size": 1, "train_runtime_s": 3.0, "majority_baseline": baseline}
-    results["eval"] = {"eval_loss": 0.7, "eval_accuracy": accuracy, "eval_f1": 0.6}
+    results["eval"] = {"eval_loss": 0.7, "eval_accuracy": score if accuracy is None else accuracy}
+    results["eval"] |= {"eval_f1": score, "eval_mcc": score}
     args = parse_distill_args(["--model_name_or_path", "m", "--output_dir", "o", "--task", "sst2"]
                               + ["--data_dir", "d", "--teacher", "large=http://h:1"])  # fmt: skip
     return summary_paragraph(args, results)
@@ -191,23 +193,40 @@ def summary_of(accuracy: float, baseline: dict | None) -> str:
 
 def test_a_saving_never_stands_alone_beside_a_student_at_the_majority_baseline() -> None:
     baseline = {"label": "positive", "metric": "f1", "eval_accuracy": 0.509, "eval_f1": 0.675}
-    at_baseline = summary_of(0.515, baseline)
+    at_baseline = summary_of(0.68, baseline)
     assert (
         "Majority-class baseline of the evaluation set (always 'positive'): accuracy 0.5090, f1 0.6750."
         in (at_baseline)
     )
-    assert "within 1 point of that baseline: it has not learned the task" in at_baseline
+    assert "f1 0.6800 is within 0.01 of that baseline: it has not learned the task" in at_baseline
     assert (
         "choices saved 50.0% of the teacher FLOPs, for a student that learned nothing usable:" in at_baseline
     )
-    assert "accuracy is below that baseline: it has not learned" in summary_of(0.3, baseline)
+    assert "f1 0.3000 is below that baseline: it has not learned" in summary_of(0.3, baseline)
     learned = summary_of(0.85, baseline)
-    assert "accuracy 0.5090" in learned and "within 1 point" not in learned
+    assert "accuracy 0.5090" in learned and "within" not in learned
     assert "Dynamic KD's choices saved 50.0% of the teacher FLOPs: the rows sent cost 30.00 GFLOPs" in learned
     assert "The service then computed 18.00 GFLOPs for them (40.0% less;" in learned
     assert "(100.00 GFLOPs), the teachers' bill is 82.0% lower." in learned
     assert learned.index("choices saved") < learned.index("service then") < learned.index("bill is")
     assert "Majority-class" not in summary_of(0.85, None) and "82.0% lower." in summary_of(0.85, None)
+
+
+def test_results_and_summary_judge_the_majority_baseline_on_the_tasks_metric_alike() -> None:
+    """CoLA: a student at MCC 0.004 (the majority's is 0) whose accuracy is below the majority's has
+    learned nothing, in ``results.json``, the summary and the experiment report alike."""
+    from student_trainer.experiments.report import below_majority
+    from student_trainer.train.metrics import above_majority_baseline
+
+    baseline = {"label": "1", "metric": "mcc", "eval_accuracy": 0.691, "eval_mcc": 0.0}
+    for mcc, accuracy, learned in [(0.004, 0.683, False), (0.0, 0.70, False), (0.25, 0.72, True)]:
+        evaluation = {"eval_accuracy": accuracy, "eval_mcc": mcc}
+        assert above_majority_baseline(evaluation, baseline) is learned
+        summary = summary_of(mcc, {**baseline, "metric": "mcc"}, accuracy=accuracy)
+        assert ("learned nothing usable" in summary) is not learned, summary
+        rows = [{"method": "kd", "tasks": {"cola": {"mean": mcc}}}]
+        task = {"metric": "mcc", "majority_baseline": baseline}
+        assert bool(below_majority(rows, {"cola": task})) is not learned
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ from typing import Any
 
 from student_trainer.experiments.config import ExperimentConfig, TableSpec
 from student_trainer.experiments.layout import Layout, write_json
+from student_trainer.train.metrics import above_majority_baseline
 
 SIGNIFICANCE = 0.05
 
@@ -150,14 +151,16 @@ def format_table(
 
 
 def below_majority(rows: list[dict[str, Any]], task_info: dict[str, Any]) -> list[str]:
-    """Cells whose mean does not beat the majority-class baseline (the report says so plainly)."""
+    """Cells whose mean does not beat the majority-class baseline on the task's metric, by the rule
+    of ``above_majority_baseline`` in ``results.json`` (the report says so plainly)."""
     found = []
     for row in rows:
         for task, entry in row["tasks"].items():
             info = task_info.get(task) or {}
-            floor = (info.get("majority_baseline") or {}).get(f"eval_{info.get('metric', 'accuracy')}")
-            if floor is not None and entry["mean"] <= floor:
-                found.append(f"{task}/{row['method']} ({entry['mean']:.4f} <= {floor:.4f})")
+            baseline = {**(info.get("majority_baseline") or {}), "metric": info.get("metric", "accuracy")}
+            key = f"eval_{baseline['metric']}"
+            if key in baseline and not above_majority_baseline({key: entry["mean"]}, baseline):
+                found.append(f"{task}/{row['method']} ({entry['mean']:.4f}, baseline {baseline[key]:.4f})")
     return found
 
 

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from student_trainer.args.distill import DistillArguments
 from student_trainer.kd.ledger import FlopsLedger
+from student_trainer.train.metrics import BASELINE_MARGIN, above_majority_baseline
 
 
 class MetricsLog:
@@ -186,16 +187,13 @@ def savings_sentences(ledger: dict[str, Any], at_baseline: bool) -> str:
     )
 
 
-BASELINE_MARGIN = 0.01  # "within 1 point" of the majority-class baseline's accuracy
-
-
 def at_majority_baseline(results: dict[str, Any]) -> bool:
-    """Whether the student's accuracy is at most 1 point above always predicting the majority
-    label (False when there was no evaluation)."""
+    """Whether the student did not beat always predicting the majority label on the task's metric
+    (False when there was no evaluation): ``not above_majority_baseline`` of ``results.json``."""
     baseline, evaluation = results.get("majority_baseline"), results.get("eval") or {}
-    if not baseline or "eval_accuracy" not in evaluation:
+    if not baseline or f"eval_{baseline['metric']}" not in evaluation:
         return False
-    return evaluation["eval_accuracy"] - baseline["eval_accuracy"] <= BASELINE_MARGIN
+    return not above_majority_baseline(evaluation, baseline)
 
 
 def baseline_sentence(results: dict[str, Any], at_baseline: bool) -> str:
@@ -210,9 +208,7 @@ def baseline_sentence(results: dict[str, Any], at_baseline: bool) -> str:
         scores += f", {metric} {baseline[f'eval_{metric}']:.4f}"
     text = f"Majority-class baseline of the evaluation set (always {baseline['label']!r}): {scores}. "
     if at_baseline:
-        below = results["eval"]["eval_accuracy"] < baseline["eval_accuracy"] - BASELINE_MARGIN
-        text += (
-            f"The student's accuracy is {'below' if below else 'within 1 point of'} that baseline: "
-            "it has not learned the task. "
-        )
+        score, floor = results["eval"][f"eval_{metric}"], baseline[f"eval_{metric}"]
+        where = "below" if score < floor else f"within {BASELINE_MARGIN} of"
+        text += f"The student's {metric} {score:.4f} is {where} that baseline: it has not learned the task. "
     return text

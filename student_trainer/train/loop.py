@@ -40,6 +40,7 @@ from student_trainer.teachers.client import TeacherCallError
 from student_trainer.train.distributed import any_rank, barrier, init_processes, mean_over_ranks
 from student_trainer.train.evaluate import evaluate, majority_baseline
 from student_trainer.train.logs import MetricsLog, Reporter, summary_paragraph
+from student_trainer.train.metrics import BASELINE_MARGIN, above_majority_baseline
 from student_trainer.train.setup import (
     DistillRun,
     Teachers,
@@ -302,8 +303,8 @@ def run_results(run: DistillRun, teachers: Teachers, last_eval: dict[str, float]
 
 
 def baseline_check(run: DistillRun, last_eval: dict[str, float]) -> dict[str, Any]:
-    """The majority-class baseline of the evaluation set and whether the student beat it (None, None
-    without an evaluation)."""
+    """The majority-class baseline of the evaluation set and whether the student beat it on the task's
+    metric (:func:`above_majority_baseline`; None, None without an evaluation)."""
     if not last_eval or run.eval_data is None:
         return {"majority_baseline": None, "above_majority_baseline": None}
     metric = run.eval_data.metric
@@ -313,8 +314,8 @@ def baseline_check(run: DistillRun, last_eval: dict[str, float]) -> dict[str, An
         metric,
         run.train_data.label_names,
     )
-    key = f"eval_{metric}"
-    return {"majority_baseline": baseline, "above_majority_baseline": last_eval[key] > baseline[key]}
+    above = above_majority_baseline(last_eval, baseline)
+    return {"majority_baseline": baseline, "above_majority_baseline": above}
 
 
 def baseline_warning(results: dict[str, Any]) -> str:
@@ -322,6 +323,7 @@ def baseline_warning(results: dict[str, Any]) -> str:
     key = f"eval_{baseline['metric']}"
     return (
         f"WARNING: the student's {baseline['metric']} {results['eval'][key]:.4f} is not above the "
-        f"majority-class baseline {baseline[key]:.4f} (always predicting {baseline['label']!r}): it has not "
+        f"majority-class baseline {baseline[key]:.4f} by more than {BASELINE_MARGIN} "
+        f"(always predicting {baseline['label']!r}): it has not "
         "learned the task (more steps, a higher learning rate, or check the data)"
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -69,3 +70,19 @@ def compute_metrics(metric: str, predictions: Sequence[int], labels: Sequence[in
     elif metric == "mcc":
         results["mcc"] = matthews_corrcoef(predictions, labels)
     return results
+
+
+# How far above the majority baseline a student must score to count as having learned the task.
+BASELINE_MARGIN = 0.01
+
+
+def above_majority_baseline(evaluation: dict[str, float], baseline: dict[str, Any]) -> bool:
+    """Whether the student beats the majority baseline by more than ``BASELINE_MARGIN`` on the task's
+    own metric (``baseline["metric"]``), compared with the baseline's value of that same metric.
+
+    The one rule behind ``above_majority_baseline`` in ``results.json``, the summary paragraph and
+    the experiment report: a CoLA student at MCC 0.004 (the majority's is 0) with an accuracy below
+    the majority's has not learned the task.
+    """
+    key = f"eval_{baseline['metric']}"
+    return evaluation[key] - baseline[key] > BASELINE_MARGIN
