@@ -867,3 +867,21 @@ def test_real_service_reports_cache_hits_and_refuses_bad_input(teacher_service) 
     first, second = asyncio.run(main())
     assert second.cache_hits > first.cache_hits
     torch.testing.assert_close(second.logits, first.logits, rtol=0, atol=0)
+
+
+def test_distill_with_a_wrong_api_key_names_the_401_and_the_variable(replicas, tmp_path, monkeypatch, capsys):
+    """A refused key is a configuration error said at once, not a teacher that was 'not ready'."""
+    from student_trainer.cli import EXIT_USAGE, main
+    from tests.distill_support import distill_argv, save_student, write_sentences
+
+    replica = replicas(api_key="s3cret")
+    monkeypatch.setenv("TEACHER_KEY", "wrong")
+    train = write_sentences(tmp_path / "train.tsv", 16, seed=1)
+    argv = distill_argv(
+        save_student(tmp_path / "student"), train, tmp_path / "run", {"large": f"{replica.url}#fake"}
+    )
+    began = time.monotonic()
+    code = main(["distill", *argv, "--api_key_env", "TEACHER_KEY"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == EXIT_USAGE and time.monotonic() - began < 30
+    assert "HTTP 401" in err[-1] and "TEACHER_KEY" in err[-1] and "not ready" not in err[-1], err

@@ -31,7 +31,12 @@ from student_trainer.kd.budget import BatchCosts, BudgetPacer
 from student_trainer.kd.config import TEACHER_ROLES, KDConfig
 from student_trainer.kd.ledger import FlopsLedger, teacher_flops_config
 from student_trainer.kd.selection import ExactBudgetSelector, select_instances
-from student_trainer.teachers.client import TeacherClient, TeacherInfo, make_teacher_client
+from student_trainer.teachers.client import (
+    TeacherClient,
+    TeacherInfo,
+    TeacherRequestError,
+    make_teacher_client,
+)
 from student_trainer.train.checkpoint import (
     capture_rng_state,
     list_checkpoints,
@@ -179,6 +184,15 @@ def make_clients(args: DistillArguments, device: torch.device) -> dict[str, Teac
     }
 
 
+def key_hint(err: TeacherRequestError, args: DistillArguments) -> str:
+    """What to check when the service refused the API key (401/403), naming where it came from."""
+    if err.status not in (401, 403):
+        return ""
+    if args.api_key_env:
+        return f" (unauthorised: check the API key in ${args.api_key_env}, from --api_key_env)"
+    return " (unauthorised: the service wants an API key; name its environment variable with --api_key_env)"
+
+
 def start_teachers(teachers: Teachers, args: DistillArguments) -> None:
     """Wait (bounded) until every teacher is ready and keep their metadata, by role."""
 
@@ -186,11 +200,13 @@ def start_teachers(teachers: Teachers, args: DistillArguments) -> None:
         try:
             return await teachers.clients[role].start(args.teacher_ready_timeout)
         except Exception as err:
+            where = f"teacher {role} ({args.teachers[role]})"
             if type(err) is UserError:  # the checkpoint itself is refused (e.g. an unsupported model_type)
-                raise UserError(f"teacher {role} ({args.teachers[role]}): {err}") from err
+                raise UserError(f"{where}: {err}") from err
+            if isinstance(err, TeacherRequestError):  # refused at once (a key, a model name): no waiting
+                raise UserError(f"{where}: {err}{key_hint(err, args)}") from err
             raise UserError(
-                f"teacher {role} ({args.teachers[role]}) is not ready after "
-                f"{args.teacher_ready_timeout:g} s: {type(err).__name__}: {err}"
+                f"{where} is not ready after {args.teacher_ready_timeout:g} s: {type(err).__name__}: {err}"
             ) from err
 
     async def start_all() -> list[TeacherInfo]:
