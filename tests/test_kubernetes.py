@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import functools
 import http.client
 import importlib.util
@@ -108,7 +109,7 @@ def find(docs: list[dict] | tuple[dict, ...], kind: str, name: str | None = None
 def pod_spec(doc: dict) -> dict | None:
     """The pod template of a workload (Deployment, each PyTorchJob replica) or a runtime's pod fields."""
     kind = doc["kind"]
-    if kind == "Deployment":
+    if kind in ("Deployment", "Job"):
         return doc["spec"]["template"]["spec"]
     if kind == "ServingRuntime":
         return doc["spec"]
@@ -345,34 +346,67 @@ def image_argv(container: dict) -> list[str]:
     return [*command, *container.get("args", [])]
 
 
+def completion_indexes(doc: dict) -> list[dict[str, str]]:
+    """What an Indexed Job's pods see as JOB_COMPLETION_INDEX, one mapping per index (else one empty)."""
+    spec = doc.get("spec", {})
+    if doc["kind"] != "Job" or spec.get("completionMode") != "Indexed":
+        return [{}]
+    return [{"JOB_COMPLETION_INDEX": str(i)} for i in range(spec["completions"])]
+
+
+def expand(args: list[str], container: dict, downward: dict[str, str]) -> list[str]:
+    """``$(NAME)`` as the kubelet expands it: from the container's env (literal values, or the downward
+    API's value in ``downward``); a reference to anything else stays as written."""
+    env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+    env |= {e["name"]: downward[e["name"]] for e in container.get("env", []) if e["name"] in downward}
+    return [re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m[1], m[0]), a) for a in args]
+
+
+def shard_errors(doc: dict, container: dict) -> list[str]:
+    """An Indexed Job's ``--shard I/N``: N is its completions, so every run of the grid has a task."""
+    shard = option(container.get("args", []), "--shard")
+    if shard is None:
+        return []
+    count = shard.rpartition("/")[2]
+    completions = doc["spec"].get("completions") if doc["kind"] == "Job" else None
+    if str(completions) != count:
+        return [f"{where(doc)}: --shard {shard} splits the grid {count} ways, completions is {completions}"]
+    return []
+
+
 def command_errors(docs: list[dict]) -> list[str]:
-    """The executable exists, a ``-m`` module imports, the program's own parser accepts the arguments."""
+    """The executable exists, a ``-m`` module imports, the program's own parser accepts the arguments
+    (for each index of an Indexed Job)."""
     errors = []
     for doc in docs:
         for container in containers(doc):
             if "image" not in container:
                 continue  # an InferenceService's model takes its image from the ServingRuntime
-            argv = image_argv(container)
-            program, args = argv[0], argv[1:]
-            if shutil.which(program, path=str(VENV_BIN)) is None:
-                errors.append(f"{where(doc)}: {program}: no such executable in the image")
-                continue
-            if program == "torchrun":
-                module = option(args, "-m")
-                if module is None or importlib.util.find_spec(module) is None:
-                    errors.append(f"{where(doc)}: torchrun -m {module}: no such module")
-                    continue
-                program, args = module, args[args.index("-m") + 2 :]
-            if program not in PROGRAMS:
-                errors.append(f"{where(doc)}: {program}: a program these tests cannot check")
-                continue
-            parser = importlib.import_module(PROGRAMS[program]).build_parser()
-            with redirect_stderr(StringIO()) as stderr:
-                try:
-                    parser.parse_args(args)
-                except SystemExit:
-                    errors.append(f"{where(doc)}: {program} {shlex.join(args)}: {stderr.getvalue().strip()}")
+            errors += shard_errors(doc, container)
+            for downward in completion_indexes(doc):
+                errors += argv_errors(doc, expand(image_argv(container), container, downward))
     return errors
+
+
+def argv_errors(doc: dict, argv: list[str]) -> list[str]:
+    """One container command line: the executable, a ``-m`` module, the program's own parser."""
+    program, args = argv[0], argv[1:]
+    if shutil.which(program, path=str(VENV_BIN)) is None:
+        return [f"{where(doc)}: {program}: no such executable in the image"]
+    if program == "torchrun":
+        module = option(args, "-m")
+        if module is None or importlib.util.find_spec(module) is None:
+            return [f"{where(doc)}: torchrun -m {module}: no such module"]
+        program, args = module, args[args.index("-m") + 2 :]
+    if program not in PROGRAMS:
+        return [f"{where(doc)}: {program}: a program these tests cannot check"]
+    parser = importlib.import_module(PROGRAMS[program]).build_parser()
+    with redirect_stderr(StringIO()) as stderr:
+        try:
+            parser.parse_args(args)
+        except SystemExit:
+            return [f"{where(doc)}: {program} {shlex.join(args)}: {stderr.getvalue().strip()}"]
+    return []
 
 
 CROSS_CHECKS = (secret_key_errors, volume_errors, port_errors, kserve_errors, command_errors)
@@ -411,6 +445,7 @@ def test_every_kind_the_issue_asks_for_is_there() -> None:
         "ServiceMonitor",
         "Secret",
         "PyTorchJob",
+        "Job",
         "ConfigMap",
         "PersistentVolumeClaim",
     } <= kinds
@@ -434,6 +469,9 @@ def deployment_container(doc: dict) -> dict:
 
 def worker(doc: dict) -> dict:
     return doc["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
+
+
+GRID_JOB = "grid-single-teacher"
 
 
 BREAKAGES = {  # the five the issue names, some in more than one place; each must fail
@@ -502,6 +540,20 @@ BREAKAGES = {  # the five the issue names, some in more than one place; each mus
             ),
         ),
         "unrecognized arguments",
+    ),
+    "grid split 8 ways by 4 tasks": (
+        ("Job", GRID_JOB, lambda d: d["spec"].update(completions=4)),
+        "completions is 4",
+    ),
+    "grid shard index not expanded: $(JOB_INDEX)": (
+        (
+            "Job",
+            GRID_JOB,
+            lambda d: deployment_container(d).update(
+                args=[a.replace("JOB_COMPLETION_INDEX", "JOB_INDEX") for a in deployment_container(d)["args"]]
+            ),
+        ),
+        "is not I/N",
     ),
     "missing Secret key: apikey": (
         (
@@ -946,3 +998,113 @@ if __name__ == "__main__":  # python -m tests.test_kubernetes: the static checks
         or f"{len(documents())} manifests in {len(MANIFESTS)} files: schemas and cross-checks pass"
     )
     sys.exit(1 if problems else 0)
+
+
+# -- the experiment grid as an Indexed Job -------------------------------------------------------------
+
+
+def embedded_grid(docs: tuple[dict, ...]) -> dict:
+    return yaml.safe_load(find(docs, "ConfigMap", "experiment-grid")[0]["data"]["grid.yaml"])
+
+
+def test_grid_job_runs_the_repository_grid() -> None:
+    """The embedded grid is experiments/single_teacher.yaml's paper profile, but for where the data and
+    the pretrained model are mounted: a change to the one fails here until the other follows."""
+    from student_trainer.experiments.config import load_experiment, parse_config
+
+    embedded = parse_config(embedded_grid(documents()))
+    ours = load_experiment(REPO / "experiments" / "single_teacher.yaml", profile="paper")
+
+    def unmounted(config: Any) -> Any:
+        tasks = {t: {**d, "data_dir": Path(d["data_dir"]).name} for t, d in config.tasks.items()}
+        teachers = {r: dataclasses.replace(t, model=Path(t.model).name) for r, t in config.teachers.items()}
+        student = dataclasses.replace(config.student, model=Path(config.student.model).name)
+        return dataclasses.replace(config, tasks=tasks, teachers=teachers, student=student, profile=None)
+
+    assert unmounted(embedded) == unmounted(ours)
+    assert len(embedded.runs()) == 96
+
+
+def tiny_grid(grid: dict) -> dict:
+    """The embedded grid cut to three short runs on one task, on the CPU: its shape, not its size."""
+    first, second, sweep = grid["methods"][:3]
+    return {
+        **grid,
+        "tasks": {"sst2": {"data_dir": "/data/sst2"}},
+        "seeds": [1],
+        "teachers": {
+            "large": {**grid["teachers"]["large"], "max_steps": 2, "per_device_train_batch_size": 4}
+        },
+        "student": {**grid["student"], "num_layers": 1},
+        "distill": {
+            **grid["distill"],
+            "max_steps": 2,
+            "per_device_train_batch_size": 4,
+            "max_seq_length": 16,
+            "save_steps": 1,
+            "logging_steps": 1,
+        },  # fmt: skip
+        "server": {**grid["server"], "device": "cpu"},
+        "methods": [
+            first,
+            second,
+            {**sweep, "sweep": {"selection_ratio": [0.5], "data_selection": ["entropy"]}},
+        ],
+        "tables": [
+            {"title": "tiny", "methods": ["no-kd", "vanilla-kd", "entropy-r0.5"], "baselines": ["vanilla-kd"]}
+        ],
+        "plots": [],
+    }
+
+
+def run_grid_job(
+    job: dict, container: Container, indexes: list[dict[str, str]]
+) -> list[subprocess.CompletedProcess]:
+    """Every index of the job at once, as the Job controller starts them (parallelism >= completions)."""
+    (spec,) = job["spec"]["template"]["spec"]["containers"]
+    image = target_instructions(parse_dockerfile(DOCKERFILE), IMAGES[spec["image"].rsplit(":", 1)[0]])
+    env = container.env(image_env(image), {"OMP_NUM_THREADS": "1"})
+    tasks = [
+        subprocess.Popen(
+            container.argv(expand(image_argv(spec), spec, downward)),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for downward in indexes
+    ]
+    return [subprocess.CompletedProcess(t.args, t.wait(timeout=400), t.communicate()[0], "") for t in tasks]
+
+
+@pytest.mark.slow
+def test_grid_job_splits_the_grid_and_reports(tiny_teachers: dict[str, Path], tmp_path: Path) -> None:
+    docs = documents()
+    job, report = find(docs, "Job", GRID_JOB)[0], find(docs, "Job", f"{GRID_JOB}-report")[0]
+    config_dir, models = tmp_path / "config", tmp_path / "models"
+    config_dir.mkdir()
+    models.mkdir()
+    (models / "bert-base-uncased").symlink_to(tiny_teachers["large"])
+    write_tiny_sst2(tmp_path / "data" / "sst2")
+    outputs = tmp_path / "outputs"
+    grid = yaml.safe_dump(tiny_grid(embedded_grid(docs)))
+    for inside, stand_in in {"/data": tmp_path / "data", "/models": models}.items():
+        grid = grid.replace(f"{inside}/", f"{stand_in}/")
+    (config_dir / "grid.yaml").write_text(grid)
+    container = Container(
+        paths={"/etc/experiment": config_dir, "/models": models, "/data": tmp_path / "data",
+               "/outputs": outputs, "/home/app": tmp_path},
+        port=free_port(),
+    )  # fmt: skip
+
+    tasks = run_grid_job(job, container, completion_indexes(job))
+    assert [t.returncode for t in tasks] == [0] * 8, "\n".join(t.stdout[-2000:] for t in tasks)
+    assert [t.stdout.count("[experiment] run ") for t in tasks] == [1, 1, 1, 0, 0, 0, 0, 0]
+    results = outputs / "results" / "default" / "single_teacher"
+    assert len(list((results / "runs").rglob("results.json"))) == 3
+
+    (done,) = run_grid_job(report, container, [{}])
+    assert done.returncode == 0, done.stdout
+    assert "vanilla-kd" in (results / "report.md").read_text()
+    again = run_grid_job(job, container, [{"JOB_COMPLETION_INDEX": "0"}])[0]  # a retried index
+    assert again.returncode == 0 and "0 to go" in again.stdout, again.stdout

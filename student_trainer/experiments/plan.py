@@ -39,7 +39,7 @@ def model_config(name: str, num_layers: int | None, num_labels: int) -> SimpleNa
         from transformers import AutoConfig
 
         try:
-            loaded = AutoConfig.from_pretrained(resolve_model(name))
+            loaded = AutoConfig.from_pretrained(resolve_model(name), local_files_only=True)
         except (OSError, ValueError) as err:
             raise UserError(f"cannot read the config of {name!r} for the estimate: {err}") from None
         sizes = {k: getattr(loaded, k) for k in ("num_hidden_layers", "hidden_size", "intermediate_size")}
@@ -58,8 +58,8 @@ def token_lengths(
     from student_trainer.data.readers import load_task
 
     data = load_task(task, data_dir, "train", max_examples=max_samples)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
+    try:  # a dry run prices a grid offline: a hub id not on disk falls back at once, without retries
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(model), local_files_only=True)
     except (OSError, ValueError):
         tokenizer = AutoTokenizer.from_pretrained(resolve_model(FALLBACK_TOKENIZER))
     pairs = [e.text_b for e in data.examples] if data.examples and data.examples[0].text_b else None
