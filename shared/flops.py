@@ -1,4 +1,4 @@
-"""Exact forward FLOPs of an encoder classifier, from its config and the real sequence lengths.
+"""Exact forward FLOPs of a classifier (encoder or decoder), from its config and the real sequence lengths.
 
 Convention (the one ``torch.utils.flop_counter.FlopCounterMode`` uses): one multiply-add
 = 2 FLOPs, only matrix products and convolutions counted (embedding look-ups, layer norms,
@@ -15,6 +15,17 @@ sequence of ``n`` tokens, hidden size ``d``, feed-forward size ``f``:
 * the head: ``2d² + 2dK`` — the pooler (BERT), the dense layer of the classification head
   (RoBERTa, XLM-R, ELECTRA, MPNet, ModernBERT), ``pre_classifier`` (DistilBERT, no pooler) or
   the context pooler (DeBERTa) are all ``d × d`` on [CLS] (or the mean), then ``d × K``.
+
+Decoder (LLM) classifiers (Llama, Mistral, Qwen2/3, Gemma 1/2/3, GPT-2) differ in three terms:
+
+* grouped-query attention: the query and output projections are ``d × q`` (``q`` = heads ×
+  ``head_dim``, which Gemma sets apart from ``d``), keys and values ``d × k`` each (``k`` =
+  key-value heads × ``head_dim``): ``2n·(2dq + 2dk + m·d·f)``, attention ``4n²q``;
+* gated MLPs (all but GPT-2): gate, up and down, ``m = 3``; GPT-2's is ``d × 4d`` and back, ``m = 2``;
+* the head is ``score`` alone, ``2dK`` on the pooled (last real) token: no pooler. Whether the
+  embeddings are tied to an LM head changes parameters, never these FLOPs (a look-up is free, and a
+  classifier has no LM head). Causal and sliding-window masks are counted over every key, as the
+  eager and SDPA kernels compute them.
 
 Family extras, counted where the model really computes them:
 
@@ -40,6 +51,10 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Protocol
 
 BACKWARD_TO_FORWARD = 2
+# Model types whose feed-forward block is gated (three d × f matrices), and those whose head is
+# ``score`` on the last real token (no d × d pooler): facts about their compute, kept here.
+GATED_FFN = frozenset({"modernbert", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"})
+SCORE_HEAD = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gpt2"})
 
 
 class EncoderConfig(Protocol):
@@ -72,6 +87,9 @@ class FlopsShape:
     relative_projections: int = 0  # DeBERTa: projections of those rows per layer and call
     conv_kernel: int = 0  # DeBERTa: the first layer's convolution
     conv_groups: int = 1
+    query_width: int = 0  # heads × head_dim, when it is not hidden_size (Gemma)
+    kv_width: int = 0  # key-value heads × head_dim, when it is not hidden_size (grouped-query attention)
+    pooler: bool = True  # a d × d dense before the classifier (encoders); decoders score directly
 
     @classmethod
     def of(cls, config: Any) -> FlopsShape:
@@ -79,24 +97,37 @@ class FlopsShape:
         (a namespace with BERT's four fields only counts as a BERT)."""
         if isinstance(config, FlopsShape):
             return config
-        if hasattr(config, "ffn_matrices"):  # a published flops_config
-            return cls(**{name: getattr(config, name) for name in cls.__dataclass_fields__})
+        if hasattr(config, "ffn_matrices"):  # a published flops_config (older ones lack the newer fields)
+            known = [name for name in cls.__dataclass_fields__ if hasattr(config, name)]
+            return cls(**{name: getattr(config, name) for name in known})
         model_type = str(getattr(config, "model_type", "") or "bert")
         hidden = int(config.hidden_size)
         shape = cls(
             model_type=model_type,
             hidden_size=hidden,
-            # DistilBERT names its FFN width hidden_dim
-            intermediate_size=int(getattr(config, "intermediate_size", None) or config.hidden_dim),
+            intermediate_size=_ffn_width(config, model_type),
             num_hidden_layers=int(config.num_hidden_layers),
             num_labels=int(config.num_labels),
-            ffn_matrices=3 if model_type == "modernbert" else 2,
+            ffn_matrices=3 if model_type in GATED_FFN else 2,
+            pooler=model_type not in SCORE_HEAD,
         )
+        if model_type in SCORE_HEAD and model_type != "gpt2":
+            heads = int(config.num_attention_heads)
+            head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
+            kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+            shape = replace(shape, query_width=heads * head_dim, kv_width=kv_heads * head_dim)
         if model_type in ("electra", "deberta-v2"):
             shape = replace(shape, embedding_size=int(getattr(config, "embedding_size", None) or hidden))
         if model_type == "deberta-v2":
             shape = replace(shape, **_deberta_fields(config))
         return shape
+
+
+def _ffn_width(config: Any, model_type: str) -> int:
+    """The feed-forward width: DistilBERT names it ``hidden_dim``, GPT-2 ``n_inner`` (None: 4d)."""
+    if model_type == "gpt2":
+        return int(config.n_inner or 4 * config.hidden_size)
+    return int(getattr(config, "intermediate_size", None) or config.hidden_dim)
 
 
 def _deberta_fields(config: Any) -> dict[str, Any]:
@@ -130,26 +161,37 @@ def layer_forward_flops(
     seq_len: int,
     ffn_matrices: int = 2,
     attention_len: int | None = None,
+    query_width: int = 0,
+    kv_width: int = 0,
 ) -> int:
-    """FLOPs of one BERT-style encoder layer on one sequence of ``seq_len`` tokens whose
-    attention ran at ``attention_len`` (default ``seq_len``; a packed pass pads only attention)."""
+    """FLOPs of one layer on one sequence of ``seq_len`` tokens whose attention ran at
+    ``attention_len`` (default ``seq_len``; a packed pass pads only attention); the query and
+    key-value widths default to ``hidden_size`` (no grouped-query attention)."""
     d, f, n = hidden_size, intermediate_size, seq_len
+    q, k = query_width or d, kv_width or d
     a = n if attention_len is None else attention_len
-    return 2 * n * (4 * d * d + ffn_matrices * d * f) + 4 * a * a * d
+    return 2 * n * (2 * d * q + 2 * d * k + ffn_matrices * d * f) + 4 * a * a * q
 
 
-def head_forward_flops(hidden_size: int, num_labels: int) -> int:
-    """FLOPs of the pooler (or dense layer of the head) and classifier on one sequence."""
-    return 2 * hidden_size * hidden_size + 2 * hidden_size * num_labels
+def head_forward_flops(hidden_size: int, num_labels: int, pooler: bool = True) -> int:
+    """FLOPs of the pooler (or dense layer of the head), if any, and classifier on one sequence."""
+    return 2 * hidden_size * hidden_size * pooler + 2 * hidden_size * num_labels
 
 
 def first_token_layer_flops(
-    hidden_size: int, intermediate_size: int, seq_len: int, ffn_matrices: int, attention_len: int
+    hidden_size: int,
+    intermediate_size: int,
+    seq_len: int,
+    ffn_matrices: int,
+    attention_len: int,
+    query_width: int = 0,
+    kv_width: int = 0,
 ) -> int:
     """A layer that outputs only the first token (a packed pass's last layer when only [CLS] is
     read): keys and values of every token, the rest of the layer on one token attending to all."""
     d, f, n = hidden_size, intermediate_size, seq_len
-    return 2 * n * 2 * d * d + 2 * (2 * d * d + ffn_matrices * d * f) + 4 * attention_len * d
+    q, k = query_width or d, kv_width or d
+    return 2 * n * 2 * d * k + 2 * (2 * d * q + ffn_matrices * d * f) + 4 * attention_len * q
 
 
 def _sequence_flops(
@@ -157,10 +199,12 @@ def _sequence_flops(
 ) -> int:
     """Every per-token and per-pair term of one sequence through ``layers`` layers."""
     d, f, m = shape.hidden_size, shape.intermediate_size, shape.ffn_matrices
+    widths = {"query_width": shape.query_width, "kv_width": shape.kv_width}
     last_alone = first_token_last and layers > 0
-    total = (layers - last_alone) * layer_forward_flops(d, f, n, m, attention_len)
+    total = (layers - last_alone) * layer_forward_flops(d, f, n, m, attention_len, **widths)
     if last_alone:
-        total += first_token_layer_flops(d, f, n, m, n if attention_len is None else attention_len)
+        a = n if attention_len is None else attention_len
+        total += first_token_layer_flops(d, f, n, m, a, **widths)
     if shape.embedding_size and shape.embedding_size != d:
         total += 2 * n * shape.embedding_size * d
     total += layers * shape.relative_kinds * 2 * n * shape.relative_span * d
@@ -202,7 +246,7 @@ def encoder_forward_flops(
         count += 1
         total += _sequence_flops(shape, int(n), layers, attention_len, first_token_last)
         if head:
-            total += head_forward_flops(shape.hidden_size, shape.num_labels)
+            total += head_forward_flops(shape.hidden_size, shape.num_labels, shape.pooler)
     calls = count if batches is None else min(int(batches), count)
     d = shape.hidden_size
     total += calls * layers * shape.relative_projections * 2 * shape.relative_span * d * d

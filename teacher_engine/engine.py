@@ -1,12 +1,14 @@
-"""One teacher in memory: validate a query, run the encoder only as deep as needed, count FLOPs.
+"""One teacher in memory: validate a query, run the model only as deep as needed, count FLOPs.
 
 The service's batcher and the trainer's in-process client both call :meth:`TeacherEngine.run`,
 so both sides return the same numbers and the same FLOPs accounting.
 
-Early exit, for every family in :mod:`teacher_engine.families` (BERT, RoBERTa, XLM-R, ELECTRA, MPNet,
-DistilBERT, DeBERTa-v2/v3, ModernBERT): the engine runs the embeddings and the first ``k``
-layers itself, through the family's adapter (with the masks and position extras the model
-would build), and the head only when logits are asked for. Other model types are refused at load.
+Early exit, for every family in :mod:`teacher_engine.families` (encoders: BERT, RoBERTa, XLM-R,
+ELECTRA, MPNet, DistilBERT, DeBERTa-v2/v3, ModernBERT; decoder classifiers: Llama, Mistral,
+Qwen2/3, Gemma 1/2/3, GPT-2): the engine runs the embeddings and the first ``k`` layers itself,
+through the family's adapter (with the masks and position extras the model would build), and the
+head only when logits are asked for. Other model types are refused at load. A decoder's rows may
+come left-padded: the engine computes them right-aligned and puts token states back in place.
 """
 
 from __future__ import annotations
@@ -55,6 +57,35 @@ def trim_padding(query: TeacherQuery) -> TeacherQuery:
         attention_mask=query.attention_mask[:, :width],
         token_type_ids=None if types is None else types[:, :width],
     )
+
+
+def right_aligned(query: TeacherQuery) -> tuple[TeacherQuery, torch.Tensor | None]:
+    """A validated query with left-padded rows turned into right-padded ones (the layout the
+    engine computes in, so positions start at 0 in every row), and each row's shift, or None
+    when no row was left-padded."""
+    mask = query.attention_mask
+    pads = mask.shape[1] - mask.sum(dim=1) if bool((mask[:, 0] == 0).any()) else None
+    if pads is None:
+        return query, None
+    index = (torch.arange(mask.shape[1]) + pads[:, None]) % mask.shape[1]
+    types = query.token_type_ids
+    return replace(
+        query,
+        input_ids=query.input_ids.gather(1, index),
+        attention_mask=mask.gather(1, index),
+        token_type_ids=None if types is None else types.gather(1, index),
+    ), pads
+
+
+def realigned(answer: TeacherAnswer, pads: torch.Tensor | None) -> TeacherAnswer:
+    """An answer to :func:`right_aligned`'s query with ``hidden_states`` back where the caller's
+    left-padded rows had their tokens."""
+    states = answer.hidden_states
+    if pads is None or states is None:
+        return answer
+    length = states.shape[2]
+    index = (torch.arange(length) - pads[:, None]) % length
+    return replace(answer, hidden_states=states.gather(2, index[:, None, :, None].expand(states.shape)))
 
 
 def padded_cost(rows: int, longest: int, length: int) -> float:
@@ -129,6 +160,8 @@ class TeacherEngine:
         self.family = family_of(config)  # before anything else: an unknown model_type is refused
         self.model = model.eval()
         self.batch_invariant = batch_invariant
+        if tokenizer.pad_token is None and tokenizer.eos_token is not None:  # LLM tokenizers often have none
+            tokenizer.pad_token = tokenizer.eos_token  # padding is masked, whatever its id
         self.tokenizer = tokenizer
         self.revision = revision
         self.device = next(model.parameters()).device
@@ -248,7 +281,9 @@ class TeacherEngine:
         if not torch.equal(mask, right_padded) or int(lengths.min()) < 1:  # few ops when it holds
             if not bool(((mask == 0) | (mask == 1)).all()):
                 raise QueryError("attention_mask", "values must be 0 or 1")
-            raise QueryError("attention_mask", "each row must be 1s then 0s (right padding, [CLS] first)")
+            left_padded = torch.equal(mask, right_padded.flip(1))
+            if not (self.family.causal and left_padded and int(lengths.min()) >= 1):
+                raise QueryError("attention_mask", self._padding_rule)
         types = query.token_type_ids
         if types is not None:
             if not isinstance(types, torch.Tensor) or types.shape != ids.shape:
@@ -264,12 +299,19 @@ class TeacherEngine:
         if not (query.want_logits or query.cls_layers or query.token_layers):
             raise QueryError("outputs", "nothing requested: ask for logits and/or hidden states")
 
+    @property
+    def _padding_rule(self) -> str:
+        if self.family.causal:
+            return "each row must be 1s then 0s or 0s then 1s (right or left padding), with at least one 1"
+        return "each row must be 1s then 0s (right padding, [CLS] first)"
+
     # -- compute ------------------------------------------------------------------------------
 
     def run(self, query: TeacherQuery) -> TeacherAnswer:
         """Answer one padded batch: float32 CPU tensors plus the FLOPs actually run."""
         self.validate(query)
-        return self.compute(query)
+        aligned, pads = right_aligned(query)
+        return realigned(self.compute(aligned), pads)
 
     def compute(self, query: TeacherQuery) -> TeacherAnswer:
         """:meth:`run` for a query already validated (the batcher validates each request as it
@@ -298,7 +340,8 @@ class TeacherEngine:
             states, logits = forward(ids, mask, types, spec, depth)
             hidden_cls = hidden_states = None
             if spec.cls_layers:
-                hidden_cls = torch.stack([states[i][:, 0] for i in spec.cls_layers], dim=1).float().cpu()
+                pooled = [self.family.pooled(states[i], mask) for i in spec.cls_layers]
+                hidden_cls = torch.stack(pooled, dim=1).float().cpu()
             if spec.token_layers:
                 stacked = torch.stack([states[i] for i in spec.token_layers], dim=1).float().cpu()
                 hidden_states = stacked.mul_(mask_cpu[:, None, :, None])  # padding → exact zeros, in place

@@ -1,4 +1,4 @@
-"""Where each encoder family keeps its parts, so a teacher can run any of them layer by layer.
+"""Where each model family keeps its parts, so a teacher can run any of them layer by layer.
 
 The engine's early exit runs the embeddings, then only the first ``k`` layers a request needs,
 then the classification head only when logits are asked for. Each Hugging Face family keeps
@@ -6,6 +6,11 @@ those parts under different names and feeds its layers different extras (attenti
 relative position biases, rotary embeddings), so each gets one small adapter here that says
 where they live. The engine's tests prove, for every family, that the adapter's pieces put
 together equal the model's own forward (``*ForSequenceClassification``, fp32, atol 1e-5).
+
+Decoder (LLM) classifiers are families too: causal attention, rotary positions (absolute ones
+for GPT-2), a final norm, and a ``score`` head on the last real token of each row instead of a
+head on [CLS]. The engine hands every family right-aligned rows (real tokens first), so "the last
+real token" is at ``length - 1`` and rotary positions start at 0 in every row.
 
 Hidden state ``j`` is what the model's own ``output_hidden_states`` returns at index ``j``:
 0 = the embeddings as the first layer sees them, ``j`` = the output of layer ``j``.
@@ -17,7 +22,12 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
-from transformers.masking_utils import create_bidirectional_mask, create_bidirectional_sliding_window_mask
+from transformers.masking_utils import (
+    create_bidirectional_mask,
+    create_bidirectional_sliding_window_mask,
+    create_causal_mask,
+    create_sliding_window_causal_mask,
+)
 
 from shared.errors import UserError
 from teacher_engine.packing import LayerParts, attention_bias
@@ -42,6 +52,7 @@ class Family:
     base: ClassVar[str] = "bert"
     token_types: ClassVar[bool] = True
     packs: ClassVar[bool] = True
+    causal: ClassVar[bool] = False  # reads the last real token, so rows may come left-padded
 
     def position_offset(self, config: Any) -> int:
         return 0
@@ -86,6 +97,10 @@ class Family:
             layer.output.LayerNorm,
             attention.self.num_attention_heads,
         )
+
+    def pooled(self, hidden: Tensor, mask: Tensor) -> Tensor:
+        """The token whose state stands for the row (``[batch, hidden]``): [CLS], the first."""
+        return hidden[:, 0]
 
     def packed_bias(self, model: Model, hidden: Tensor, mask: Tensor) -> Tensor:
         """What a packed pass's attention adds to its scores (``hidden``: the padded embeddings)."""
@@ -285,6 +300,122 @@ class ModernBertFamily(Family):
         return model.classifier(model.drop(model.head(pooled)))
 
 
+class DecoderFamily(Family):
+    """Llama, Mistral, Qwen2/Qwen3, Gemma/Gemma 2: ``*ForSequenceClassification`` over a decoder.
+
+    Pre-norm layers with causal attention, rotary positions computed once per pass, grouped-query
+    attention inside the layer; per layer a causal or sliding-window causal mask, as
+    ``config.layer_types`` (or Mistral's ``sliding_window``) says; a final norm; ``score`` on the
+    last real token (the model's own forward finds it as the last token that is not
+    ``pad_token_id``: the same token whenever padding is padding).
+    """
+
+    model_types: ClassVar[tuple[str, ...]] = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
+    base = "model"
+    token_types = False
+    # The padded pass only: packing a causal batch needs variable-length (block-diagonal) causal
+    # attention, which on CPU means one dense tokens × tokens mask per pass, costlier than padding
+    # at sentence lengths; on CUDA it needs flash-attn's varlen kernel, not a dependency here.
+    packs = False
+    causal = True
+
+    def layers(self, model: Model) -> nn.ModuleList:
+        return self.encoder(model).layers
+
+    def embed(self, model: Model, ids: Tensor, types: Tensor | None, mask: Tensor) -> Tensor:
+        return self.encoder(model).embed_tokens(ids)  # Gemma's scales by sqrt(hidden) itself
+
+    def kinds(self, config: Any) -> list[str]:
+        """Each layer's attention kind: ``full_attention`` or ``sliding_attention``."""
+        kinds = getattr(config, "layer_types", None)
+        if kinds:
+            return list(kinds)[: config.num_hidden_layers]
+        sliding = getattr(config, "sliding_window", None) is not None  # Mistral: every layer slides
+        return ["sliding_attention" if sliding else "full_attention"] * config.num_hidden_layers
+
+    def context(self, model: Model, hidden: Tensor, mask: Tensor) -> Context:
+        positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        kwargs = {"config": model.config, "inputs_embeds": hidden, "attention_mask": mask, "cache": None}
+        build = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+        kinds = self.kinds(model.config)
+        masks = {kind: build[kind](**kwargs, position_ids=positions) for kind in set(kinds)}
+        return {
+            "kinds": kinds,
+            "masks": masks,
+            "positions": positions,
+            "rotary": self.rotary(model, hidden, positions),
+        }
+
+    def rotary(self, model: Model, hidden: Tensor, positions: Tensor) -> Any:
+        return self.encoder(model).rotary_emb(hidden, positions)
+
+    def position_embeddings(self, ctx: Context, kind: str) -> Any:
+        return ctx["rotary"]
+
+    def layer(self, layer: nn.Module, index: int, hidden: Tensor, ctx: Context) -> Tensor:
+        kind = ctx["kinds"][index]
+        return layer(
+            hidden,
+            attention_mask=ctx["masks"][kind],
+            position_embeddings=self.position_embeddings(ctx, kind),
+            position_ids=ctx["positions"],
+        )
+
+    def last(self, model: Model, hidden: Tensor) -> Tensor:
+        return self.encoder(model).norm(hidden)
+
+    def pooled(self, hidden: Tensor, mask: Tensor) -> Tensor:
+        """The last real token of each (right-aligned) row."""
+        last = mask.sum(dim=1) - 1
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last.to(hidden.device)]
+
+    def head(self, model: Model, hidden: Tensor, mask: Tensor) -> Tensor:
+        return model.score(self.pooled(hidden, mask))
+
+    def max_positions(self, config: Any) -> int:
+        return int(config.max_position_embeddings)
+
+
+class Gemma3Family(DecoderFamily):
+    """Gemma 3 (text): a rotary table per attention kind (local layers use their own base)."""
+
+    model_types = ("gemma3_text",)
+
+    def rotary(self, model: Model, hidden: Tensor, positions: Tensor) -> Any:
+        rotary = self.encoder(model).rotary_emb
+        return {kind: rotary(hidden, positions, kind) for kind in set(self.kinds(model.config))}
+
+    def position_embeddings(self, ctx: Context, kind: str) -> Any:
+        return ctx["rotary"][kind]
+
+
+class GPT2Family(DecoderFamily):
+    """GPT-2: absolute position embeddings added to the tokens', one causal mask, ``ln_f``."""
+
+    model_types = ("gpt2",)
+    base = "transformer"
+
+    def layers(self, model: Model) -> nn.ModuleList:
+        return self.encoder(model).h
+
+    def embed(self, model: Model, ids: Tensor, types: Tensor | None, mask: Tensor) -> Tensor:
+        gpt2 = self.encoder(model)
+        positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
+        return gpt2.drop(gpt2.wte(ids) + gpt2.wpe(positions))
+
+    def kinds(self, config: Any) -> list[str]:
+        return ["full_attention"] * config.num_hidden_layers
+
+    def rotary(self, model: Model, hidden: Tensor, positions: Tensor) -> Any:
+        return None
+
+    def layer(self, layer: nn.Module, index: int, hidden: Tensor, ctx: Context) -> Tensor:
+        return layer(hidden, attention_mask=ctx["masks"]["full_attention"], position_ids=ctx["positions"])
+
+    def last(self, model: Model, hidden: Tensor) -> Tensor:
+        return self.encoder(model).ln_f(hidden)
+
+
 FAMILIES: dict[str, Family] = {
     model_type: family
     for family in (
@@ -295,6 +426,9 @@ FAMILIES: dict[str, Family] = {
         DistilBertFamily(),
         DebertaV2Family(),
         ModernBertFamily(),
+        DecoderFamily(),
+        Gemma3Family(),
+        GPT2Family(),
     )
     for model_type in family.model_types
 }

@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 import torch
 
 from shared.teacher_api import TeacherAnswer, TeacherQuery, Timings
-from teacher_engine.engine import OutputSpec, QueryError, TeacherEngine, padded_cost
+from teacher_engine.engine import OutputSpec, QueryError, TeacherEngine, padded_cost, realigned, right_aligned
 from teacher_server.cache import OutputCache, RowOutputs, row_key
 from teacher_server.config import TeacherConfig
 from teacher_server.errors import ServiceError
@@ -213,6 +213,10 @@ class DynamicBatcher:
         rows = query.input_ids.shape[0]
         if rows > self.config.max_batch_size:
             raise QueryError("input_ids", f"{rows} rows exceed max_batch_size {self.config.max_batch_size}")
+        query, pads = right_aligned(query)  # a decoder's left-padded rows: real tokens first, as merged
+        return realigned(await self._infer(query, timeout_s), pads)
+
+    async def _infer(self, query: TeacherQuery, timeout_s: float | None) -> TeacherAnswer:
         request = self._prepare(query)
         if request.todo == 0:
             return self._answer(request)

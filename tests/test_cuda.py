@@ -1,7 +1,7 @@
-"""The CUDA paths, where a GPU is (skipped elsewhere; CI has none): every family's engine answers
-on the GPU what it answers on the CPU, in fp32 and in bf16; the service serves a GPU teacher; a
-distill run on the GPU is killed mid-run and resumes to the same weights; its checkpoint loads
-on a machine without a GPU."""
+"""The CUDA paths, where a GPU is (skipped elsewhere; CI has none): every family's engine (encoders
+and decoder classifiers) answers on the GPU what it answers on the CPU, in fp32, fp16 and bf16; the
+service serves a GPU teacher; a distill run on the GPU is killed mid-run and resumes to the same
+weights; its checkpoint loads on a machine without a GPU."""
 
 from __future__ import annotations
 
@@ -26,15 +26,15 @@ from tests.distill_support import (
     save_student,
     write_sentences,
 )
-from tests.tiny_families import FAMILY_CASES, save_tiny_family
+from tests.tiny_families import ALL_CASES, save_tiny_family
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 TEXTS = ["a good movie", "the plot was boring and the acting awful , really bad , i hate it", "fun !"]
 
 
-@pytest.mark.parametrize("case", sorted(FAMILY_CASES))
-@pytest.mark.parametrize(("dtype", "atol"), [("fp32", 1e-4), ("bf16", 0.1)])
+@pytest.mark.parametrize("case", sorted(ALL_CASES))
+@pytest.mark.parametrize(("dtype", "atol"), [("fp32", 1e-4), ("fp16", 0.02), ("bf16", 0.1)])
 def test_every_family_answers_on_the_gpu_what_it_answers_on_the_cpu(tmp_path, case, dtype, atol):
     path = save_tiny_family(case, tmp_path / case)
     cpu = TeacherEngine.load(case, path)

@@ -205,7 +205,7 @@ def test_what_a_teacher_is_sent_follows_its_published_vocabulary(workspace) -> N
     assert text_teachers({"large": info()}, tokenizer, tokenizer.vocab_size, all_token_features=True) == set()
     with pytest.raises(UserError, match="publishes no tokenizer fingerprint to be sent text instead"):
         text_teachers({"large": info()}, tokenizer, tokenizer.vocab_size + 1, all_token_features=False)
-    with pytest.raises(UserError, match=r"teacher large is a 'gpt2' model, which this trainer cannot count"):
+    with pytest.raises(UserError, match=r"teacher large is a 't5' model, which this trainer cannot count"):
         text_teachers(
-            {"large": info(model_type="gpt2")}, tokenizer, tokenizer.vocab_size, all_token_features=False
+            {"large": info(model_type="t5")}, tokenizer, tokenizer.vocab_size, all_token_features=False
         )

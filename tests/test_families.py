@@ -14,7 +14,7 @@ from shared.modeling import load_sequence_classifier
 from shared.teacher_api import TeacherQuery
 from teacher_engine.engine import TeacherEngine
 from teacher_engine.families import FAMILIES, family_of
-from tests.tiny_families import FAMILY_CASES, save_tiny_family, tiny_family_model
+from tests.tiny_families import ALL_CASES, FAMILY_CASES, save_tiny_family, tiny_family_model
 from tests.tiny_models import layer_probe
 
 TEXTS = ["a good movie", "the plot was boring and the acting awful , really bad , i hate it", "fun !"]
@@ -37,7 +37,7 @@ def own_forward(engine: TeacherEngine, ids, mask, types):
 
 
 def test_every_model_type_has_an_adapter():
-    assert {model_type for model_type, _ in FAMILY_CASES.values()} == set(FAMILIES)
+    assert {model_type for model_type, _ in ALL_CASES.values()} == set(FAMILIES)
 
 
 @pytest.mark.parametrize("packs", [True, False], ids=["packed", "padded"])
@@ -175,5 +175,5 @@ def test_first_m_layers_make_a_student(tmp_path, case):
 
 
 def test_unknown_model_type_is_refused_in_one_line():
-    with pytest.raises(UserError, match=r"model_type 'gpt2' is not supported; supported families: bert, "):
-        family_of(AutoConfig.for_model("gpt2"))
+    with pytest.raises(UserError, match=r"model_type 't5' is not supported; supported families: bert, "):
+        family_of(AutoConfig.for_model("t5"))

@@ -67,17 +67,47 @@ FAMILY_CASES: dict[str, tuple[str, dict[str, Any]]] = {
     ),
 }
 
+# Decoder classifiers: grouped-query attention (4 query heads, 2 key-value heads) and, where the
+# family has them, a head_dim apart from hidden/heads, sliding windows shorter than the test
+# sentences, untied embeddings; pad id 0 = the tiny tokenizer's [PAD], so the model's own forward
+# finds the last real token as the engine does.
+DECODER = {
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "pad_token_id": 0,
+    "bos_token_id": 2,
+    "eos_token_id": 3,
+}
+WINDOWED = ["sliding_attention", "full_attention", "sliding_attention"]
+DECODER_CASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("llama", {**DECODER, "tie_word_embeddings": False}),
+    "mistral": ("mistral", {**DECODER, "sliding_window": 4}),
+    "qwen2": ("qwen2", {**DECODER}),
+    "qwen3": ("qwen3", {**DECODER, "head_dim": 16}),
+    "gemma": ("gemma", {**DECODER, "head_dim": 16}),
+    "gemma2": (
+        "gemma2",
+        {**DECODER, "head_dim": 8, "sliding_window": 4, "layer_types": WINDOWED},
+    ),
+    "gemma3": (
+        "gemma3_text",
+        {**DECODER, "head_dim": 16, "sliding_window": 4, "layer_types": WINDOWED},
+    ),
+    "gpt2": ("gpt2", {"n_inner": 64, "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3}),
+}
+ALL_CASES = {**FAMILY_CASES, **DECODER_CASES}
+
 SPECIAL_IDS = {"pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3, "cls_token_id": 2, "sep_token_id": 3}
 
 
 def tiny_family_config(case: str, num_labels: int = 3) -> PretrainedConfig:
-    model_type, overrides = FAMILY_CASES[case]
+    model_type, overrides = ALL_CASES[case]
     fields: dict[str, Any] = {**COMMON, "vocab_size": len(tiny_vocab()), "max_position_embeddings": 128}
     if model_type == "distilbert":
         fields = {"vocab_size": fields["vocab_size"], "max_position_embeddings": 128}
     if model_type == "modernbert":
         fields.update(SPECIAL_IDS)
-    return AutoConfig.for_model(model_type, **fields, **overrides, num_labels=num_labels)
+    return AutoConfig.for_model(model_type, **{**fields, **overrides}, num_labels=num_labels)
 
 
 def tiny_family_model(case: str, seed: int = 0, num_labels: int = 3) -> PreTrainedModel:
