@@ -16,7 +16,7 @@ import importlib
 import sys
 
 from shared.errors import UserError
-from student_trainer.train.loop import Interrupted, TeacherUnavailable
+from student_trainer.train.errors import Interrupted, TeacherUnavailable
 
 EXIT_USAGE, EXIT_TEACHER_UNAVAILABLE, EXIT_INTERRUPTED = 2, 3, 130
 

@@ -198,3 +198,17 @@ class WrappedTeacher:
 
     async def aclose(self) -> None:
         await self.real.aclose()
+
+
+class FlakyTeacher(WrappedTeacher):
+    """A real in-process teacher that goes down for good after ``answers`` answers."""
+
+    def __init__(self, real, answers: int):
+        super().__init__(real)
+        self.answers = answers
+
+    async def infer(self, query):
+        if self.answers == 0:
+            raise ConnectionError("connection refused")
+        self.answers -= 1
+        return await self.real.infer(query)

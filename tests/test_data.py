@@ -231,18 +231,14 @@ def test_tokenized_dataset_and_dynamic_padding(tokenizer) -> None:
         8,
     ]  # [CLS] good film [SEP] it is [SEP]; truncated
     item = dataset[1]
-    assert item["label"] == 0 and "index" not in item
+    assert item["label"] == 0 and item["index"] == 1  # the row's text, for a teacher with its own vocabulary
     batch = collate_batch([dataset[0], dataset[1]], pad_token_id=tokenizer.pad_token_id)
     assert batch["input_ids"].shape == (2, 8)
     assert batch["input_ids"][0, 7].item() == tokenizer.pad_token_id
     assert batch["attention_mask"].sum(dim=1).tolist() == [7, 8]
     assert batch["token_type_ids"][0].tolist() == [0, 0, 0, 0, 1, 1, 1, 0]
-    assert batch["labels"].tolist() == [1, 0] and set(batch) == {
-        "input_ids",
-        "attention_mask",
-        "token_type_ids",
-        "labels",
-    }
+    assert batch["labels"].tolist() == [1, 0] and batch["index"].tolist() == [0, 1]
+    assert set(batch) == {"input_ids", "attention_mask", "token_type_ids", "labels", "index"}
     assert tokenizer.decode(batch["input_ids"][0, :4]) == "[CLS] good film [SEP]"
     single = collate_batch([dataset[0]], pad_token_id=tokenizer.pad_token_id)
     assert single["input_ids"].shape == (1, 7)  # pads only to the longest in the batch

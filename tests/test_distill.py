@@ -22,7 +22,7 @@ from student_trainer.train.setup import make_clients
 from student_trainer.train.student import teacher_label_order
 from tests.distill_support import (
     METHODS,
-    WrappedTeacher,
+    FlakyTeacher,
     checkpoint_tensors,
     distill_argv,
     expected_rows,
@@ -240,20 +240,6 @@ def test_results_and_summary_judge_the_majority_baseline_on_the_tasks_metric_ali
 )
 def test_majority_baseline_scores_the_constant_predictor(metric, train, evaluation, expected) -> None:
     assert majority_baseline(train, evaluation, metric, ["a", "b"]) == {**expected, "metric": metric}
-
-
-class FlakyTeacher(WrappedTeacher):
-    """A real in-process teacher that goes down for good after ``answers`` answers."""
-
-    def __init__(self, real, answers: int):
-        super().__init__(real)
-        self.answers = answers
-
-    async def infer(self, query):
-        if self.answers == 0:
-            raise ConnectionError("connection refused")
-        self.answers -= 1
-        return await self.real.infer(query)
 
 
 RESUMABLE = ["--teacher_selection", "hard", "--supervision", "uncertainty", "--data_selection", "random"]

@@ -49,26 +49,33 @@ class TokenizedDataset(Dataset):
             "input_ids": self.input_ids[index],
             "token_type_ids": self.token_type_ids[index],
             "label": self.labels[index],
+            "index": index,  # a teacher with its own vocabulary reads the row's text
         }
 
 
 def collate_batch(items: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Pad to the longest item in the batch: input_ids, attention_mask, token_type_ids, labels."""
+    """Pad to the longest item in the batch: input_ids, attention_mask, token_type_ids, labels (and
+    the rows' dataset ``index`` when the items carry one). Items without ``token_type_ids`` (a
+    tokenizer that makes none) get zeros; ``labels`` may be spelled ``label``, as in `datasets`."""
     width = max(len(item["input_ids"]) for item in items)
     input_ids = torch.full((len(items), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(items), width), dtype=torch.long)
     token_type_ids = torch.zeros((len(items), width), dtype=torch.long)
     for row, item in enumerate(items):
         n = len(item["input_ids"])
-        input_ids[row, :n] = torch.tensor(item["input_ids"], dtype=torch.long)
+        input_ids[row, :n] = torch.as_tensor(item["input_ids"], dtype=torch.long)
         attention_mask[row, :n] = 1
-        token_type_ids[row, :n] = torch.tensor(item["token_type_ids"], dtype=torch.long)
-    return {
+        if "token_type_ids" in item:
+            token_type_ids[row, :n] = torch.as_tensor(item["token_type_ids"], dtype=torch.long)
+    batch = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "token_type_ids": token_type_ids,
-        "labels": torch.tensor([item["label"] for item in items], dtype=torch.long),
+        "labels": torch.tensor([item.get("label", item.get("labels")) for item in items], dtype=torch.long),
     }
+    if "index" in items[0]:
+        batch["index"] = torch.tensor([item["index"] for item in items], dtype=torch.long)
+    return batch
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

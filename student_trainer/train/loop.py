@@ -33,11 +33,11 @@ from typing import Any
 import torch.distributed as dist
 from transformers.utils import logging as hf_logging
 
-from shared.errors import UserError
 from student_trainer.args.distill import DistillArguments
 from student_trainer.kd.budget import budget_counts
 from student_trainer.teachers.client import TeacherCallError
 from student_trainer.train.distributed import any_rank, barrier, init_processes, mean_over_ranks
+from student_trainer.train.errors import Interrupted, TeacherUnavailable
 from student_trainer.train.evaluate import evaluate, majority_baseline
 from student_trainer.train.logs import MetricsLog, Reporter, summary_paragraph
 from student_trainer.train.metrics import BASELINE_MARGIN, above_majority_baseline
@@ -54,14 +54,6 @@ from student_trainer.train.setup import (
     write_checkpoint,
 )
 from student_trainer.train.step import ask_teachers_about, load_batch, step_counts, update
-
-
-class TeacherUnavailable(UserError):
-    """A teacher stayed down mid-run (after a checkpoint): its own exit code, unlike a usage error."""
-
-
-class Interrupted(UserError):
-    """SIGINT/SIGTERM stopped the run after a checkpoint of its last step."""
 
 
 class StopSignals:
@@ -98,7 +90,7 @@ def train(args: DistillArguments) -> dict[str, Any]:
     try:
         output_dir = prepare_output_dir(args, procs)
         teachers.clients = make_clients(args, procs.device)
-        start_teachers(teachers, args)
+        start_teachers(teachers, args.teachers, args.api_key_env)
         run = build_run(args, procs, output_dir, teachers)
         resume(run)
         return run_loop(run, teachers, stop)
@@ -148,7 +140,7 @@ def run_loop(run: DistillRun, teachers: Teachers, stop: StopSignals | None = Non
             batch = load_batch(run, order[batch_index])
 
             # student forward; its own uncertainty picks rows and teachers; ask them
-            asked = ask_teachers_about(run, teachers, batch)
+            asked = ask_teachers_about(run, run.student, teachers, batch)
             if any_rank(asked.failure is not None, run.procs):
                 stop_for_failed_teacher(run, before_step, asked.failure)
 
@@ -158,7 +150,7 @@ def run_loop(run: DistillRun, teachers: Teachers, stop: StopSignals | None = Non
             state.batch_in_epoch = batch_index + 1
 
             # FLOPs ledger (summed over ranks) and logs
-            counts = step_counts(run, teachers, batch, asked)
+            counts = step_counts(run, run.student.model.config, teachers, batch, asked)
             run.ledger.add(counts)
             parts = mean_over_ranks({**losses, "teacher_seconds": asked.seconds}, run.procs)
             state.teacher_time_s += parts["teacher_seconds"]

@@ -10,6 +10,7 @@ import math
 import os
 import shutil
 import sys
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,9 @@ class DistillRun:
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
+    def row_texts(self, rows: list[int]) -> tuple[list[str], list[str] | None]:
+        return self.train_set.texts(rows)
+
 
 # -- before the run: output folder and teachers ------------------------------------------------------
 
@@ -184,30 +188,30 @@ def make_clients(args: DistillArguments, device: torch.device) -> dict[str, Teac
     }
 
 
-def key_hint(err: TeacherRequestError, args: DistillArguments) -> str:
+def key_hint(err: TeacherRequestError, api_key_env: str | None) -> str:
     """What to check when the service refused the API key (401/403), naming where it came from."""
     if err.status not in (401, 403):
         return ""
-    if args.api_key_env:
-        return f" (unauthorised: check the API key in ${args.api_key_env}, from --api_key_env)"
+    if api_key_env:
+        return f" (unauthorised: check the API key in ${api_key_env}, from --api_key_env)"
     return " (unauthorised: the service wants an API key; name its environment variable with --api_key_env)"
 
 
-def start_teachers(teachers: Teachers, args: DistillArguments) -> None:
-    """Wait (bounded) until every teacher is ready and keep their metadata, by role."""
+def start_teachers(teachers: Teachers, specs: Mapping[str, str], api_key_env: str | None = None) -> None:
+    """Wait (bounded) until every teacher is ready and keep their metadata, by role; ``specs`` name
+    them in errors."""
+    timeout = teachers.ready_timeout_s
 
     async def start(role: str) -> TeacherInfo:
         try:
-            return await teachers.clients[role].start(args.teacher_ready_timeout)
+            return await teachers.clients[role].start(timeout)
         except Exception as err:
-            where = f"teacher {role} ({args.teachers[role]})"
+            where = f"teacher {role} ({specs[role]})"
             if type(err) is UserError:  # the checkpoint itself is refused (e.g. an unsupported model_type)
                 raise UserError(f"{where}: {err}") from err
             if isinstance(err, TeacherRequestError):  # refused at once (a key, a model name): no waiting
-                raise UserError(f"{where}: {err}{key_hint(err, args)}") from err
-            raise UserError(
-                f"{where} is not ready after {args.teacher_ready_timeout:g} s: {type(err).__name__}: {err}"
-            ) from err
+                raise UserError(f"{where}: {err}{key_hint(err, api_key_env)}") from err
+            raise UserError(f"{where} is not ready after {timeout:g} s: {type(err).__name__}: {err}") from err
 
     async def start_all() -> list[TeacherInfo]:
         return await asyncio.gather(*(start(role) for role in teachers.clients))
@@ -227,6 +231,14 @@ def ladder_order(infos: dict[str, TeacherInfo]) -> tuple[str, ...]:
     """The teachers by FLOPs per token (from their metadata), smallest first: the ladder that
     ``hard`` and ``soft`` climb. Ties keep the command line's order."""
     return tuple(sorted(infos, key=lambda role: flops_per_token(teacher_flops_config(infos[role]))))
+
+
+def check_budget_vocabulary(kd: KDConfig, text_roles: frozenset[str]) -> None:
+    if kd.budget is not None and text_roles:
+        raise UserError(
+            f"--teacher_budget needs teachers that share the student's vocabulary: {sorted(text_roles)[0]} "
+            "tokenizes text itself, so a row's cost is known only after it answers"
+        )
 
 
 # -- the run itself ------------------------------------------------------------------------------------
@@ -269,11 +281,7 @@ def build_run(args: DistillArguments, procs: Processes, output_dir: Path, teache
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
     optimizer, scheduler = make_optimizer(student, args, total_steps)
     kd = replace(args.kd, ladder=ladder_order(infos)) if infos else args.kd
-    if kd.budget is not None and text_roles:
-        raise UserError(
-            f"--teacher_budget needs teachers that share the student's vocabulary: {sorted(text_roles)[0]} "
-            "tokenizes text itself, so a row's cost is known only after it answers"
-        )
+    check_budget_vocabulary(kd, text_roles)
     return DistillRun(
         args=args,
         kd=kd,

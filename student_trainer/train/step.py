@@ -14,18 +14,35 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from shared.teacher_api import TeacherAnswer
 from student_trainer.data.tokenized import collate_batch
 from student_trainer.kd import ledger as flops
+from student_trainer.kd.alignment import LayerAlignment
 from student_trainer.kd.budget import BatchCosts
+from student_trainer.kd.config import KDConfig
+from student_trainer.kd.ledger import FlopsLedger
 from student_trainer.kd.objective import distillation_loss
-from student_trainer.kd.plan import TeacherPlan, plan_batch, routed_costs
+from student_trainer.kd.plan import RowTexts, TeacherPlan, plan_batch, routed_costs
 from student_trainer.teachers.client import TeacherCallError, ask_teachers, in_data_label_order
 from student_trainer.train.distributed import average_gradients
-from student_trainer.train.setup import DistillRun, Teachers
+from student_trainer.train.setup import DistillRun, RowSelector, Teachers
+
+
+class KDContext(Protocol):
+    """What one step of dynamic KD reads, whichever loop runs it (:class:`DistillRun`, or
+    :class:`~student_trainer.train.trainer.DynamicKDTrainer`)."""
+
+    kd: KDConfig
+    selector: RowSelector
+    alignments: dict[str, LayerAlignment]
+    ledger: FlopsLedger
+    text_roles: frozenset[str]
+
+    def row_texts(self, rows: list[int]) -> tuple[list[str], list[str] | None]: ...
 
 
 @dataclass
@@ -41,29 +58,30 @@ class TeacherRound:
 
 
 def load_batch(run: DistillRun, rows: list[int]) -> dict[str, torch.Tensor]:
-    """Collate the training rows (and their dataset indices: a teacher with its own vocabulary
+    """Collate the training rows (with their dataset indices: a teacher with its own vocabulary
     reads their text) and move them to this process's device."""
     batch = collate_batch([run.train_set[i] for i in rows], run.pad_id)
-    batch["index"] = torch.tensor(rows, dtype=torch.long)
     return {key: value.to(run.procs.device, non_blocking=True) for key, value in batch.items()}
 
 
 def batch_costs(
-    run: DistillRun, teachers: Teachers, logits: torch.Tensor, batch: dict[str, torch.Tensor]
+    kd: KDConfig, teachers: Teachers, logits: torch.Tensor, batch: dict[str, torch.Tensor]
 ) -> BatchCosts:
     """What each row would cost a teacher budget (on its routed teacher(s)) and vanilla KD's bill."""
     costs = flops.row_costs(teachers.infos, batch["attention_mask"].sum(dim=1).tolist())
     vanilla = sum(sum(per_row) for per_row in costs.values())
-    return BatchCosts(routed_costs(run.kd, logits, costs), vanilla)
+    return BatchCosts(routed_costs(kd, logits, costs), vanilla)
 
 
-def ask_teachers_about(run: DistillRun, teachers: Teachers, batch: dict[str, torch.Tensor]) -> TeacherRound:
+def ask_teachers_about(
+    ctx: KDContext, student: torch.nn.Module, teachers: Teachers, batch: dict[str, torch.Tensor]
+) -> TeacherRound:
     """Student forward; choose rows and teachers from its uncertainty; ask them (see module docstring)."""
-    logits, hidden_states = run.student(batch, output_hidden_states=run.kd.uses_hidden_states)
-    texts = {role: run.train_set.texts for role in run.text_roles}
-    costs = batch_costs(run, teachers, logits, batch) if run.selector.pacer else None
-    select = functools.partial(run.selector.select, costs=costs)
-    plan = plan_batch(run.kd, logits, batch, select, run.alignments, texts)
+    logits, hidden_states = student(batch, output_hidden_states=ctx.kd.uses_hidden_states)
+    texts: dict[str, RowTexts] = {role: ctx.row_texts for role in ctx.text_roles}
+    costs = batch_costs(ctx.kd, teachers, logits, batch) if ctx.selector.pacer else None
+    select = functools.partial(ctx.selector.select, costs=costs)
+    plan = plan_batch(ctx.kd, logits, batch, select, ctx.alignments, texts)
     failure: TeacherCallError | None = None
     asked = time.perf_counter()
     try:
@@ -101,7 +119,11 @@ def update(run: DistillRun, batch: dict[str, torch.Tensor], asked: TeacherRound)
 
 
 def step_counts(
-    run: DistillRun, teachers: Teachers, batch: dict[str, torch.Tensor], asked: TeacherRound
+    ctx: KDContext,
+    student_config: object,
+    teachers: Teachers,
+    batch: dict[str, torch.Tensor],
+    asked: TeacherRound,
 ) -> dict[str, int]:
     """This step's ledger entries (teachers spent / requested / vanilla, student), summed over ranks."""
     batch_size, seq_len = batch["input_ids"].shape
@@ -116,17 +138,17 @@ def step_counts(
     spent = flops.teacher_counts(answers, plan.rows_sent, {role: sum(n) for role, n in student_sent.items()})
     text_lengths = {  # every row in a text teacher's tokens: measured if sent, else estimated
         role: flops.text_batch_lengths(
-            lengths, run.ledger.token_ratio(role, spent), rows.get(role, []), teacher_sent.get(role, [])
+            lengths, ctx.ledger.token_ratio(role, spent), rows.get(role, []), teacher_sent.get(role, [])
         )
-        for role in run.text_roles
+        for role in ctx.text_roles
     }
     return flops.all_reduce_counts(
         {
             **spent,
             **flops.requested_counts(teachers.infos, teacher_sent),
             **flops.vanilla_counts(teachers.infos, lengths, seq_len, text_lengths),
-            **flops.student_counts(run.student.model.config, batch_size, seq_len),
+            **flops.student_counts(student_config, batch_size, seq_len),
             "selected_instances": len(plan.selected),
         },
-        run.ledger.keys,
+        ctx.ledger.keys,
     )

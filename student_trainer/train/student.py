@@ -145,15 +145,18 @@ def build_student(
         tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load the tokenizer of {model_name_or_path!r}: {err}") from err
+    check_label_counts(teachers, len(label_names))
+    student = DistillStudent(model, teacher_projections(model, teachers) if with_projections else {})
+    return student.to(device), tokenizer
+
+
+def check_label_counts(teachers: Mapping[str, TeacherInfo], num_labels: int) -> None:
     for role, info in teachers.items():
-        if info.num_labels != len(label_names):
-            raise UserError(
-                f"teacher {role} predicts {info.num_labels} labels but the data has {len(label_names)}"
-            )
+        if info.num_labels != num_labels:
+            raise UserError(f"teacher {role} predicts {info.num_labels} labels but the data has {num_labels}")
+
+
+def teacher_projections(model: PreTrainedModel, teachers: Mapping[str, TeacherInfo]) -> dict[str, nn.Module]:
+    """One map per teacher from the student's hidden width to the teacher's (drawn from the global RNG)."""
     hidden = int(model.config.hidden_size)
-    projections = (
-        {role: make_projection(hidden, info.hidden_size) for role, info in teachers.items()}
-        if with_projections
-        else {}
-    )
-    return DistillStudent(model, projections).to(device), tokenizer
+    return {role: make_projection(hidden, info.hidden_size) for role, info in teachers.items()}

@@ -1,0 +1,357 @@
+"""Dynamic KD as a Hugging Face ``Trainer``: :meth:`DynamicKDTrainer.compute_loss` is one step of it.
+
+The ``Trainer`` owns the loop, optimizer and schedule, gradient accumulation, mixed precision,
+checkpoints, resume, logging (every ``report_to`` integration) and evaluation. This subclass adds
+what dynamic KD needs and nothing else: the teachers (started once, asked on one asyncio event
+loop of its own), the student's projections to the teachers' widths, and per batch the student's
+forward, the rows and teachers its uncertainty picks, the teachers' answers, the objective
+(:mod:`student_trainer.kd.objective`) and the FLOPs ledger (:mod:`student_trainer.kd.ledger`).
+
+State that a resume needs besides the ``Trainer``'s own is written into every ``checkpoint-N/``
+as ``kd_state.pt`` (``kd_state_<rank>.pt`` per process under ``torchrun``), before the
+``Trainer`` writes ``trainer_state.json``: the FLOPs ledger (summed over the processes, the same
+on each), and the row selector's RNG, exact-budget carry and teacher-budget counters. The
+:class:`KDState` callback keeps it in step with the loop (budget restarts at an epoch, the state
+before each step, so that a teacher that stays down leaves a checkpoint of the last whole step).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+
+from shared.errors import UserError
+from student_trainer.data.tokenized import collate_batch
+from student_trainer.kd.alignment import LayerAlignment
+from student_trainer.kd.budget import budget_counts
+from student_trainer.kd.config import LADDER_METHODS, TEACHER_ROLES, KDConfig
+from student_trainer.kd.ledger import FlopsLedger
+from student_trainer.kd.objective import distillation_loss
+from student_trainer.teachers.client import TeacherCallError, TeacherClient, make_teacher_client
+from student_trainer.train.checkpoint import capture_rng_state, restore_rng_state
+from student_trainer.train.distributed import Processes, any_rank
+from student_trainer.train.errors import TeacherUnavailable
+from student_trainer.train.setup import (
+    RowSelector,
+    Teachers,
+    check_budget_vocabulary,
+    close_teachers,
+    ladder_order,
+    start_teachers,
+)
+from student_trainer.train.step import ask_teachers_about, step_counts
+from student_trainer.train.student import (
+    DistillStudent,
+    check_label_counts,
+    teacher_label_order,
+    teacher_projections,
+    text_teachers,
+)
+
+PROJECTIONS_FILE = "projections.safetensors"
+BATCH_COLUMNS = ["input_ids", "attention_mask", "token_type_ids", "labels", "label", "label_ids", "index"]
+
+
+class DynamicKDTrainer(Trainer):
+    """A ``Trainer`` whose loss is dynamic KD from teachers behind a service (or loaded in-process).
+
+    ``teachers`` maps a name to a spec (``local:PATH``, ``URL[,URL...][#MODEL]``) or to a
+    :class:`~student_trainer.teachers.client.TeacherClient`; ``kd`` says which of them supervise
+    which rows and how (its ``ladder`` is replaced by the teachers given, smallest first). The
+    student is a sequence classifier; ``processing_class`` its tokenizer (which decides whether a
+    teacher is sent token ids or text). Every other argument is the ``Trainer``'s.
+    """
+
+    loss_is_scaled_for_ga = False  # the objective is a batch mean: the Trainer divides it by accumulation
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        args: TrainingArguments,
+        *,
+        kd: KDConfig,
+        teachers: Mapping[str, str | TeacherClient],
+        processing_class: Any = None,
+        data_collator: Any = None,
+        callbacks: list[TrainerCallback] | None = None,
+        teacher_timeout: float = 60.0,
+        teacher_ready_timeout: float = 120.0,
+        api_key: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        check_teacher_selection(kd.teacher_selection, tuple(teachers))
+        kd = replace(kd, ladder=tuple(teachers)) if teachers else kd
+        if kd.teacher_roles and processing_class is None:
+            raise UserError("dynamic KD needs the student's tokenizer (processing_class)")
+        options = {"timeout_s": teacher_timeout, "api_key": api_key, "device": str(args.device)}
+        clients = {
+            role: make_teacher_client(spec, name=role, **options) if isinstance(spec, str) else spec
+            for role, spec in teachers.items()
+            if role in kd.teacher_roles
+        }
+        self.teachers = Teachers(clients, asyncio.new_event_loop(), teacher_ready_timeout)
+        start_teachers(self.teachers, {role: str(spec) for role, spec in teachers.items()})
+        infos = self.teachers.infos
+        label_names = [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
+        check_label_counts(infos, len(label_names))
+        self.teachers.label_orders = {
+            role: teacher_label_order(role, info, label_names) for role, info in infos.items()
+        }
+        self.text_roles = (
+            text_teachers(
+                infos,
+                processing_class,
+                int(model.config.vocab_size),
+                all_token_features=kd.uses_hidden_states and kd.pt_features == "all-tokens",
+            )
+            if infos
+            else frozenset()
+        )
+        self.kd = replace(kd, ladder=ladder_order(infos)) if infos else kd
+        check_budget_vocabulary(self.kd, self.text_roles)
+        num_layers = int(model.config.num_hidden_layers)
+        self.alignments = {r: LayerAlignment.between(num_layers, i.num_layers) for r, i in infos.items()}
+        self.ledger = FlopsLedger(roles=tuple(dict.fromkeys((*TEACHER_ROLES, *infos))))
+        self.selector = RowSelector.build(self.kd, args.seed, world_size=args.world_size)
+        self.kd_state = KDState(self)
+        self._window: list[dict[str, float]] = []  # what each batch since the last log said
+        set_seed(args.seed)  # the projections are drawn the same whatever ran before
+        projections = teacher_projections(model, infos) if self.kd.uses_hidden_states else {}
+        if data_collator is None and processing_class is not None:
+            data_collator = functools.partial(collate_batch, pad_token_id=processing_class.pad_token_id or 0)
+        super().__init__(
+            model=DistillStudent(model, projections),
+            args=args,
+            data_collator=data_collator,
+            processing_class=processing_class,
+            callbacks=[*(callbacks or []), self.kd_state],
+            **kwargs,
+        )
+        self.label_names = ["labels"]
+        train_dataset = kwargs.get("train_dataset")
+        if self.text_roles and not hasattr(train_dataset, "texts"):
+            raise UserError(
+                f"teacher {sorted(self.text_roles)[0]} has its own vocabulary and reads the rows' text: the "
+                "train_dataset must be a student_trainer TokenizedDataset (items with their `index`)"
+            )
+
+    @property
+    def student(self) -> PreTrainedModel:
+        """The sequence classifier being trained (without the projections)."""
+        return self.model.model
+
+    def row_texts(self, rows: list[int]) -> tuple[list[str], list[str] | None]:
+        return self.train_dataset.texts(rows)
+
+    # -- the loss --------------------------------------------------------------------------------
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Training: one batch of dynamic KD. Evaluation: the student's cross-entropy (no teacher)."""
+        if not model.training:
+            logits, _ = model(inputs)
+            loss = F.cross_entropy(logits.float(), inputs["labels"])
+            return (loss, {"logits": logits}) if return_outputs else loss
+        if "token_type_ids" not in inputs:
+            inputs = {**inputs, "token_type_ids": torch.zeros_like(inputs["input_ids"])}
+        asked = ask_teachers_about(self, model, self.teachers, inputs)
+        procs = Processes(self.args.process_index, self.args.world_size, self.args.device)
+        if any_rank(asked.failure is not None, procs):
+            raise asked.failure or TeacherCallError("a teacher", RuntimeError("failed on another process"))
+        loss, parts = distillation_loss(
+            self.kd,
+            self.model,
+            asked.logits,
+            asked.hidden_states,
+            inputs,
+            asked.plan,
+            asked.answers,
+            self.alignments,
+        )
+        counts = step_counts(self, self.student.config, self.teachers, inputs, asked)
+        self.ledger.add(counts)
+        self._window.append(
+            {
+                **parts,
+                "teacher_seconds": asked.seconds,
+                "selected": counts["selected_instances"],
+                "instances": counts["instances"],
+            }
+        )
+        return (loss, {"logits": asked.logits}) if return_outputs else loss
+
+    # -- logs: the KD metrics beside the loss, for every report_to --------------------------------
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._window:  # a training log
+            logs = {**logs, **self.kd_metrics()}
+        super().log(logs, start_time)
+
+    def kd_metrics(self) -> dict[str, float]:
+        """The loss parts and teacher wait (means since the last log, over the processes), the share
+        of rows the teachers saw, and the ledger's running totals."""
+        window, self._window = self._window, []
+        names = ("ce", "kd", "pt", "w_kl", "teacher_seconds")
+        sums = torch.tensor([sum(w[k] for w in window) for k in names], device=self.args.device)
+        means = self.accelerator.reduce(sums / len(window), reduction="mean")
+        metrics: dict[str, float] = dict(zip(names, means.tolist(), strict=True))
+        selected, instances = (sum(w[k] for w in window) for k in ("selected", "instances"))
+        metrics["selection_share"] = selected / max(1, instances)
+        ledger = self.ledger
+        metrics.update(
+            teacher_flops_spent=ledger.teacher_flops,
+            teacher_flops_requested=ledger.requested_flops,
+            teacher_flops_vanilla=ledger.vanilla_flops,
+        )
+        if self.kd.budget is not None:
+            bound = budget_counts(
+                self.kd.budget,
+                self.state.global_step,
+                self.state.max_steps,
+                ledger.vanilla_unpadded_flops,
+                ledger.requested_flops,
+            )
+            metrics.update({key: value for key, value in bound.items() if value is not None})
+        return metrics
+
+    # -- training, checkpoints and resume ---------------------------------------------------------
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
+        """``Trainer.train``; a teacher that stays down stops it with :class:`TeacherUnavailable`
+        after a checkpoint of the last whole step (``train(resume_from_checkpoint=True)`` continues)."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise UserError(f"no checkpoint-<step> folder to resume in {self.args.output_dir}")
+        if resume_from_checkpoint:
+            self.kd_state.load(Path(resume_from_checkpoint))
+        try:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint or None, **kwargs)
+        except TeacherCallError as failure:
+            path = self.kd_state.checkpoint_last_step()
+            raise TeacherUnavailable(
+                f"{failure}; stopped at step {self.state.global_step} with a resumable checkpoint at {path} "
+                "(continue with --resume_from_checkpoint latest)"
+            ) from failure
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        folder = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        self.kd_state.save(folder)  # before trainer_state.json, which the Trainer writes last
+        super()._save_checkpoint(model, trial)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """The student as ``save_pretrained`` writes it (a model ``teacher-server`` or ``from_pretrained``
+        loads), its projections beside it, the tokenizer and the arguments."""
+        folder = Path(output_dir or self.args.output_dir)
+        if not self.args.should_save:
+            return
+        student = self.accelerator.unwrap_model(self.model)
+        folder.mkdir(parents=True, exist_ok=True)
+        student.model.save_pretrained(folder)
+        projections = {k: v.detach().cpu().contiguous() for k, v in student.projections.state_dict().items()}
+        if projections:
+            save_file(projections, str(folder / PROJECTIONS_FILE))
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(folder)
+        torch.save(self.args, folder / "training_args.bin")
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        load_student_weights(model or self.model, Path(resume_from_checkpoint))
+
+    def _load_best_model(self) -> None:
+        load_student_weights(self.model, Path(self.state.best_model_checkpoint))
+
+    def _set_signature_columns_if_needed(self) -> None:
+        self._signature_columns = self._signature_columns or BATCH_COLUMNS  # the student reads a batch dict
+
+    def end(self) -> None:
+        """Close the teachers' connections, then the ``Trainer``'s trackers and process group."""
+        close_teachers(self.teachers)
+        self.teachers.loop.close()
+        super().end()
+
+
+def check_teacher_selection(selection: str | None, names: tuple[str, ...]) -> None:
+    if selection in LADDER_METHODS and len(names) < 2:
+        raise UserError(f"teacher_selection {selection!r} needs two or more teachers, got {list(names)}")
+    if selection not in (None, *LADDER_METHODS, *names):
+        raise UserError(f"teacher_selection {selection!r} is none of the teachers given {list(names)}")
+
+
+def load_student_weights(student: DistillStudent, folder: Path) -> None:
+    """A checkpoint's student weights and projections, strictly: another model's do not fit."""
+    try:
+        student.model.load_state_dict(load_file(str(folder / "model.safetensors")))
+        if (folder / PROJECTIONS_FILE).exists() or len(student.projections.state_dict()):
+            student.projections.load_state_dict(load_file(str(folder / PROJECTIONS_FILE)))
+    except (OSError, RuntimeError) as err:  # missing file, shape or key mismatch
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"{folder} does not fit this student (other model or KD options?): {first}") from err
+
+
+class KDState(TrainerCallback):
+    """Dynamic KD's state through the ``Trainer``'s loop: saved with each checkpoint, restored on
+    resume (see the module docstring)."""
+
+    def __init__(self, trainer: DynamicKDTrainer) -> None:
+        self.trainer = trainer
+        self.before_step: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        trainer = self.trainer
+        return {"ledger": trainer.ledger.state_dict(), "selector": trainer.selector.state_dict()}
+
+    def file(self, folder: Path) -> Path:
+        args = self.trainer.args
+        return folder / ("kd_state.pt" if args.world_size <= 1 else f"kd_state_{args.process_index}.pt")
+
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(self.state_dict(), self.file(folder))
+
+    def load(self, folder: Path) -> None:
+        file = self.file(folder)
+        if not file.is_file():
+            raise UserError(f"{folder} has no {file.name}: not a dynamic KD checkpoint, or an incomplete one")
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        self.trainer.ledger.load_state_dict(state["ledger"])
+        self.trainer.selector.load_state_dict(state["selector"])
+
+    def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        pacer = self.trainer.selector.pacer
+        if pacer is not None:  # the budget is paced over every batch the run will see
+            pacer.total_steps = state.max_steps * args.gradient_accumulation_steps
+
+    def on_epoch_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        budget = self.trainer.selector.budget
+        if budget is not None and float(state.epoch or 0).is_integer():  # not a resumed epoch's middle
+            budget.reset()
+
+    def on_step_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        self.before_step = {"rng": capture_rng_state(), **self.state_dict()}
+
+    def checkpoint_last_step(self) -> Path:
+        """Put back the state before the step that failed and checkpoint it (every process together)."""
+        trainer = self.trainer
+        if self.before_step is not None:
+            restore_rng_state(self.before_step["rng"])
+            trainer.ledger.load_state_dict(self.before_step["ledger"])
+            trainer.selector.load_state_dict(self.before_step["selector"])
+        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer._save_checkpoint(trainer.model_wrapped, trial=None)
+        return Path(trainer.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}"

@@ -1,0 +1,231 @@
+"""`DynamicKDTrainer`, the Python API: a Hugging Face `Trainer` whose loss is dynamic KD."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainingArguments
+
+from shared.errors import UserError
+from shared.modeling import load_sequence_classifier
+from student_trainer import DynamicKDTrainer, KDConfig
+from student_trainer.data.loading import load_train_and_eval
+from student_trainer.data.tokenized import TokenizedDataset
+from student_trainer.teachers.client import make_teacher_client
+from student_trainer.train.errors import TeacherUnavailable
+from tests.distill_support import REPO, FlakyTeacher, WrappedTeacher, save_student, write_sentences
+
+pytestmark = pytest.mark.slow
+
+# dropout, random selection, the exact-budget carry, projections, epochs of 5 batches: all must replay
+RESUMABLE = KDConfig(
+    teacher_selection="hard",
+    supervision="uncertainty",
+    data_selection="random",
+    selection_ratio=0.5,
+    exact_budget=True,
+)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory, tiny_teachers: dict[str, Path]) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("kd_trainer")
+    return {
+        "student": save_student(root / "student"),
+        "train": write_sentences(root / "train.tsv", 40, seed=1),
+        "eval": write_sentences(root / "eval.tsv", 12, seed=2),
+        **tiny_teachers,
+    }
+
+
+def make_trainer(
+    workspace: dict[str, Path],
+    output_dir: Path,
+    kd: KDConfig = RESUMABLE,
+    teachers: dict | None = None,
+    **training,
+) -> DynamicKDTrainer:
+    data, evaluation = load_train_and_eval(train_file=workspace["train"], validation_file=workspace["eval"])
+    tokenizer = AutoTokenizer.from_pretrained(workspace["student"])
+    model = load_sequence_classifier(workspace["student"], label_names=data.label_names, num_layers=2)
+    options = {
+        "per_device_train_batch_size": 8,
+        "max_steps": 12,
+        "learning_rate": 1e-3,
+        "warmup_steps": 0.2,  # a fraction of the steps
+        "save_steps": 4,
+        "logging_steps": 1,
+        "seed": 7,
+        "report_to": [],
+        "disable_tqdm": True,
+        "use_cpu": True,
+        **training,
+    }
+    return DynamicKDTrainer(
+        model=model,
+        args=TrainingArguments(output_dir=str(output_dir), **options),
+        kd=kd,
+        teachers=teachers or {role: f"local:{workspace[role]}" for role in ("small", "large")},
+        train_dataset=TokenizedDataset(data, tokenizer, 64),
+        eval_dataset=TokenizedDataset(evaluation, tokenizer, 64) if evaluation else None,
+        processing_class=tokenizer,
+    )
+
+
+def trained_tensors(trainer: DynamicKDTrainer) -> dict[str, torch.Tensor]:
+    """The student's weights and its projections."""
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
+def assert_same_run(resumed: DynamicKDTrainer, reference: DynamicKDTrainer) -> None:
+    final, expected = trained_tensors(resumed), trained_tensors(reference)
+    assert final.keys() == expected.keys() and any(k.startswith("projections.") for k in final)
+    for name, tensor in expected.items():
+        assert torch.equal(final[name], tensor), name
+    assert resumed.ledger.totals == reference.ledger.totals  # the ledger carried over exactly
+    assert resumed.state.global_step == reference.state.global_step == 12
+
+
+@pytest.fixture(scope="module")
+def reference(workspace, tmp_path_factory: pytest.TempPathFactory) -> DynamicKDTrainer:
+    """12 steps never stopped, a checkpoint every 4."""
+    trainer = make_trainer(workspace, tmp_path_factory.mktemp("reference"))
+    trainer.train()
+    return trainer
+
+
+def test_resuming_mid_epoch_gives_the_same_weights_as_a_run_never_stopped(
+    workspace, reference, tmp_path: Path
+) -> None:
+    """checkpoint-8 is in the middle of the second epoch (5 batches each)."""
+    shutil.copytree(Path(reference.args.output_dir) / "checkpoint-8", tmp_path / "checkpoint-8")
+    resumed = make_trainer(workspace, tmp_path)
+    resumed.train(resume_from_checkpoint=True)
+    assert_same_run(resumed, reference)
+    files = {p.name for p in (tmp_path / "checkpoint-12").iterdir()}
+    assert {"model.safetensors", "projections.safetensors", "optimizer.pt", "kd_state.pt"} <= files
+
+
+def test_a_teacher_that_stays_down_leaves_a_checkpoint_of_the_last_step_that_resumes_exactly(
+    workspace, reference, tmp_path: Path
+) -> None:
+    """The failed step's dropout draws, row choice and ledger entries are put back before the
+    checkpoint: resumed, the run is the one never stopped."""
+    large = FlakyTeacher(make_teacher_client(f"local:{workspace['large']}", name="large"), answers=6)
+    teachers = {"small": f"local:{workspace['small']}", "large": large}
+    interrupted = make_trainer(workspace, tmp_path, teachers=teachers, save_steps=100)
+    with pytest.raises(TeacherUnavailable, match=r"teacher 'large' failed.*stopped at step 6.*resumable"):
+        interrupted.train()
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-6"]
+    resumed = make_trainer(workspace, tmp_path, save_steps=100)
+    resumed.train(resume_from_checkpoint=True)
+    assert_same_run(resumed, reference)
+
+
+class CountingTeacher(WrappedTeacher):
+    def __init__(self, real):
+        super().__init__(real)
+        self.rows: list[int] = []
+
+    async def infer(self, query):
+        self.rows.append(int(query.input_ids.shape[0]))
+        return await self.real.infer(query)
+
+
+def test_gradient_accumulation_asks_and_counts_each_teacher_row_once(workspace, tmp_path: Path) -> None:
+    small = CountingTeacher(make_teacher_client(f"local:{workspace['small']}", name="small"))
+    kd = KDConfig(teacher_selection="small", data_selection="entropy", selection_ratio=0.5)
+    trainer = make_trainer(
+        workspace, tmp_path, kd, {"small": small}, max_steps=3, gradient_accumulation_steps=2, save_steps=100
+    )
+    trainer.train()
+    assert trainer.state.global_step == 3
+    # one epoch of 5 batches of 8 in 3 steps (2 + 2 + 1 batches): half of each batch sent, once
+    assert small.rows == [4] * 5
+    totals = trainer.ledger.totals
+    assert totals["teacher_rows_small"] == 20 and totals["teacher_requests"] == 5
+    assert totals["instances"] == 40
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["step"] for entry in logged] == [1, 2, 3]
+    assert all(entry["selection_share"] == 0.5 for entry in logged)
+
+
+def test_report_to_tensorboard_shows_the_kd_metrics_beside_the_loss(workspace, tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    kd = KDConfig(teacher_selection="large", data_selection="margin", selection_ratio=0.25)
+    trainer = make_trainer(workspace, tmp_path, kd, max_steps=3, report_to=["tensorboard"], save_steps=100)
+    trainer.train()
+    trainer.end()
+    (run,) = {event.parent for event in tmp_path.rglob("events.out.tfevents.*")}
+    events = EventAccumulator(str(run))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    kd_tags = {
+        "train/teacher_flops_spent",
+        "train/teacher_flops_vanilla",
+        "train/selection_share",
+        "train/kd",
+    }
+    assert {"train/loss", "train/learning_rate"} | kd_tags <= tags
+    spent = events.Scalars("train/teacher_flops_spent")
+    assert [s.step for s in spent] == [1, 2, 3] and spent[-1].value == pytest.approx(
+        trainer.ledger.teacher_flops
+    )
+    assert all(s.value == 0.25 for s in events.Scalars("train/selection_share"))
+
+
+def test_evaluation_asks_no_teacher_and_the_saved_student_is_a_plain_model(workspace, tmp_path: Path) -> None:
+    large = CountingTeacher(make_teacher_client(f"local:{workspace['large']}", name="large"))
+    kd = KDConfig(teacher_selection="large", supervision="pkd")  # wider than the student: a projection
+    trainer = make_trainer(workspace, tmp_path, kd, {"large": large}, max_steps=2, save_steps=100)
+    trainer.train()
+    asked = len(large.rows)
+    scores = trainer.evaluate()
+    assert len(large.rows) == asked and scores["eval_loss"] > 0
+    trainer.save_model(str(tmp_path / "final"))
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "final")
+    for name, tensor in trainer.student.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    assert (tmp_path / "final" / "projections.safetensors").is_file()  # beside it, not in it
+
+
+@pytest.mark.parametrize(
+    ("selection", "message"),
+    [
+        ("soft", r"teacher_selection 'soft' needs two or more teachers, got \['small'\]"),
+        ("large", r"teacher_selection 'large' is none of the teachers given \['small'\]"),
+    ],
+)
+def test_a_method_without_its_teachers_is_a_one_line_error(workspace, tmp_path, selection, message) -> None:
+    with pytest.raises(UserError, match=message):
+        make_trainer(workspace, tmp_path, KDConfig(teacher_selection=selection), {"small": "local:/nowhere"})
+
+
+def test_the_example_script_trains_with_accumulation_and_logs_kd_metrics_to_tensorboard(
+    workspace, tmp_path: Path
+) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    script = REPO / "examples" / "hf_trainer_dynamic_kd.py"
+    output = tmp_path / "out"
+    argv = [str(workspace["student"]), f"local:{workspace['large']}", str(workspace["train"]), str(output)]
+    done = subprocess.run(
+        [sys.executable, str(script), *argv], cwd=REPO, capture_output=True, text=True, timeout=240
+    )
+    assert done.returncode == 0, done.stderr
+    assert AutoModelForSequenceClassification.from_pretrained(output).config.num_hidden_layers == 3
+    (run,) = {event.parent for event in output.rglob("events.out.tfevents.*")}
+    events = EventAccumulator(str(run))
+    events.Reload()
+    spent = events.Scalars("train/teacher_flops_spent")
+    assert [s.step for s in spent] == [1, 2, 3, 4] and spent[0].value > 0
+    assert {s.value for s in events.Scalars("train/selection_share")} == {0.5}
+    state = json.loads((output / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4 and state["log_history"][-1]["step"] == 4
