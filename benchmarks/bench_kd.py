@@ -80,33 +80,38 @@ def data_options(args: argparse.Namespace, work: Path) -> tuple[dict, str]:
     return {"task": "synthetic", "data_dir": str(work / "synthetic")}, "synthetic (../shared/data absent)"
 
 
+def distill_arguments(
+    teacher_spec: str, ratio: float, args: argparse.Namespace, base_model: Path, data: dict, output: Path
+) -> DistillArguments:
+    """The options of one epoch of KD from the teacher at ``teacher_spec``; the student is
+    ``base_model``'s first layers."""
+    return DistillArguments(
+        model_name_or_path=str(base_model),
+        student_num_layers=args.student_layers,
+        **data,
+        max_train_samples=args.train_samples,
+        max_eval_samples=32,
+        max_seq_length=args.max_seq_length,
+        output_dir=str(output),
+        per_device_train_batch_size=args.batch_size,
+        num_train_epochs=1,
+        learning_rate=1e-4,
+        seed=args.seed,
+        logging_steps=10**9,
+        eval_strategy="no",
+        save_strategy="no",
+        device="cpu",
+        disable_tqdm=True,
+        teacher=[f"large={teacher_spec}"],
+        data_selection="entropy" if ratio < 1 else "none",
+        selection_ratio=ratio,
+    ).validate()
+
+
 def one_epoch(
     teacher_spec: str, ratio: float, args: argparse.Namespace, base_model: Path, data: dict, output: Path
 ) -> dict:
-    """One epoch of KD from the teacher at ``teacher_spec``; the student is ``base_model``'s first layers."""
-    results = train(
-        DistillArguments(
-            model_name_or_path=str(base_model),
-            student_num_layers=args.student_layers,
-            **data,
-            max_train_samples=args.train_samples,
-            max_eval_samples=32,
-            max_seq_length=args.max_seq_length,
-            output_dir=str(output),
-            per_device_train_batch_size=args.batch_size,
-            num_train_epochs=1,
-            learning_rate=1e-4,
-            seed=args.seed,
-            logging_steps=10**9,
-            eval_strategy="no",
-            save_strategy="no",
-            device="cpu",
-            disable_tqdm=True,
-            teacher=[f"large={teacher_spec}"],
-            data_selection="entropy" if ratio < 1 else "none",
-            selection_ratio=ratio,
-        ).validate()
-    )
+    results = train(distill_arguments(teacher_spec, ratio, args, base_model, data, output))
     return {
         "epoch_s": results["train_runtime_s"],
         "teacher_s": results["teacher_time_s"],

@@ -24,37 +24,13 @@ from pathlib import Path
 import torch
 from transformers import TrainingArguments
 
-from benchmarks.bench_kd import ROOT, data_options, save_teacher
+from benchmarks.bench_kd import ROOT, data_options, distill_arguments, save_teacher
 from student_trainer.args.distill import DistillArguments
 from student_trainer.data.loading import load_train_and_eval_from
 from student_trainer.data.tokenized import TokenizedDataset
 from student_trainer.train.loop import train
 from student_trainer.train.student import build_student
 from student_trainer.train.trainer import DynamicKDTrainer
-
-
-def distill_arguments(args: argparse.Namespace, teacher: Path, data: dict, output: Path) -> DistillArguments:
-    return DistillArguments(
-        model_name_or_path=str(teacher),
-        student_num_layers=args.student_layers,
-        **data,
-        max_train_samples=args.train_samples,
-        max_eval_samples=32,
-        max_seq_length=args.max_seq_length,
-        output_dir=str(output),
-        per_device_train_batch_size=args.batch_size,
-        num_train_epochs=1,
-        learning_rate=1e-4,
-        seed=args.seed,
-        logging_steps=10**9,
-        eval_strategy="no",
-        save_strategy="no",
-        device="cpu",
-        disable_tqdm=True,
-        teacher=[f"large=local:{teacher}"],
-        data_selection="entropy",
-        selection_ratio=args.ratio,
-    ).validate()
 
 
 def old_loop(options: DistillArguments) -> float:
@@ -116,7 +92,9 @@ def main() -> None:
         data, data_name = data_options(args, work)
         for repeat in range(args.repeats):
             for name, loop in (("old", old_loop), ("new", new_loop)):
-                runs[name].append(loop(distill_arguments(args, teacher, data, work / f"{name}-{repeat}")))
+                output = work / f"{name}-{repeat}"
+                options = distill_arguments(f"local:{teacher}", args.ratio, args, teacher, data, output)
+                runs[name].append(loop(options))
                 print(f"{name} loop, run {repeat + 1}: {runs[name][-1]:.4f} s/step", flush=True)
 
     medians = {name: statistics.median(values) for name, values in runs.items()}
