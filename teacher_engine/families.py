@@ -313,9 +313,10 @@ class DecoderFamily(Family):
     model_types: ClassVar[tuple[str, ...]] = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
     base = "model"
     token_types = False
-    # The padded pass only: packing a causal batch needs variable-length (block-diagonal) causal
-    # attention, which on CPU means one dense tokens × tokens mask per pass, costlier than padding
-    # at sentence lengths; on CUDA it needs flash-attn's varlen kernel, not a dependency here.
+    # Padded passes only. Packing a causal batch needs variable-length causal attention: on CUDA
+    # flash-attn's varlen kernel (not a dependency here); on CPU either one block-diagonal mask
+    # over all of a pass's tokens, whose scores grow with their square (8,192 tokens: 256 MiB per
+    # head and layer), or each family's attention rerun per row inside its own layer; neither is here.
     packs = False
     causal = True
 
