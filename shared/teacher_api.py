@@ -31,6 +31,7 @@ class TeacherInfo:
     tokenizer_vocab_sha256: str | None = None
     tokenizer_sha256: str | None = None
     flops_config: dict[str, Any] | None = None
+    text_only: bool = False  # reads raw text only (a teacher behind another server, its vocabulary unknown)
 
     def metadata_parameters(self) -> dict[str, Any]:
         """These fields as the service publishes them in the model metadata ``parameters``."""

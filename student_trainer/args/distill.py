@@ -12,6 +12,7 @@ from typing import Any
 
 from shared.errors import UserError
 from shared.model_path import require_model_dir
+from shared.prompting import LabelPrompt
 from student_trainer.args.builder import check_choices, option, parse_arguments
 from student_trainer.args.common import (
     DataArguments,
@@ -91,8 +92,12 @@ class DistillArguments(DataArguments):
     # -- knowledge distillation ------------------------------------------------------------------
     teacher: list[str] = option(
         [],
-        "NAME=SPEC (NAME: small, large or any name; SPEC local:PATH or URL[,URL...][#MODEL]). Repeat for "
-        "a ladder of teachers, ordered by their FLOPs per token.",
+        "NAME=SPEC (NAME: small, large or any name; SPEC local:PATH, URL[,URL...][#MODEL] or "
+        "openai+URL#MODEL). Repeat for a ladder of teachers, ordered by their FLOPs per token.",
+    )
+    teacher_prompt: list[str] = option(
+        [],
+        "NAME=FILE: the prompt and label_words (YAML) that the openai+ teacher NAME is asked with.",
     )
     teacher_selection: str | None = option(
         None,
@@ -139,6 +144,17 @@ class DistillArguments(DataArguments):
                 raise UserError(f"--teacher {role}= given twice")
             parsed[role] = spec.strip()
         return parsed
+
+    @property
+    def teacher_prompts(self) -> dict[str, LabelPrompt]:
+        """``{name: prompt}`` from the ``--teacher_prompt NAME=FILE`` entries."""
+        prompts = {}
+        for entry in self.teacher_prompt:
+            role, sep, path = entry.partition("=")
+            if not sep or role not in self.teachers:
+                raise UserError(f"--teacher_prompt takes NAME=FILE with NAME a --teacher, got {entry!r}")
+            prompts[role] = LabelPrompt.read(path)
+        return prompts
 
     @property
     def kd(self) -> KDConfig:

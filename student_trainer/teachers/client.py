@@ -7,6 +7,8 @@ backend from the spec string the user passes on the command line:
   served by ``teacher-server`` (least-outstanding-requests balancing, retries, failover);
   the model name defaults to the teacher's role (``small`` / ``large``); ``...#MODEL@HOST``
   sends ``Host: HOST`` (a KServe InferenceService behind its ingress gateway's address);
+* ``openai+URL[,URL...]#MODEL``: a causal LM behind an OpenAI-compatible server (vLLM, llama.cpp,
+  SGLang, TGI), asked the prompt given with ``prompt`` (see ``student_trainer.teachers.openai``);
 * ``local:PATH``: the checkpoint at ``PATH`` runs in this process with the service's own
   engine, for offline runs and comparisons. Outputs, shapes and ``tokens`` match the service;
   ``teacher_flops``/``padded_tokens`` match when the service runs the request alone in one pass
@@ -18,6 +20,7 @@ backend from the spec string the user passes on the command line:
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 from collections.abc import Mapping
 from dataclasses import replace
@@ -73,22 +76,40 @@ class TeacherClient(Protocol):
     async def aclose(self) -> None: ...
 
 
+# ``KIND+URL#MODEL``: a teacher behind a server that is not this service
+REMOTE_KINDS = {
+    "openai": ("student_trainer.teachers.openai", "OpenAITeacherClient"),
+}
+
+
 def make_teacher_client(spec: str, *, name: str, **options: object) -> TeacherClient:
     """Build the backend a spec names (see module docstring); ``options`` go to the backend."""
     if spec.startswith("local:"):
         from student_trainer.teachers.local import LocalTeacherClient
 
         return LocalTeacherClient(spec.removeprefix("local:"), name=name, **options)  # type: ignore[arg-type]
+    scheme, plus, rest = spec.partition("+")
+    if plus and scheme in REMOTE_KINDS:
+        urls, _, model = rest.partition("#")
+        if not model:
+            raise UserError(f"teacher {name}: {spec!r} names no model: {scheme}+URL#MODEL")
+        module, cls = REMOTE_KINDS[scheme]
+        backend = getattr(importlib.import_module(module), cls)
+        return backend(_url_list(urls), model=model, **options)  # type: ignore[no-any-return]
     from student_trainer.teachers.http import HttpTeacherClient
 
     urls, _, target = spec.partition("#")
     model, _, host = target.partition("@")
     return HttpTeacherClient(
-        [u.strip() for u in urls.split(",") if u.strip()],
+        _url_list(urls),
         model=model or name,
         host=host or None,
         **options,  # type: ignore[arg-type]
     )
+
+
+def _url_list(urls: str) -> list[str]:
+    return [u.strip() for u in urls.split(",") if u.strip()]
 
 
 class TeacherCallError(Exception):

@@ -120,6 +120,8 @@ class HttpTeacherClient:
     and ignored so one set of trainer options fits both.
     """
 
+    health_path = "/v2/health/ready"  # what a replica answers 200 on once it is ready
+
     def __init__(
         self,
         urls: list[str],
@@ -195,19 +197,26 @@ class HttpTeacherClient:
         for replica in replicas:
             if replica not in ready:
                 self._cool_down(replica)
-        try:
-            response = await _send(ready[0], "GET", f"/v2/models/{self.model}", timeout_s=self.timeout_s)
-        except TRANSPORT_ERRORS as err:
-            raise TeacherUnavailableError(f"{ready[0].url}: model metadata: {_describe(err)}") from err
-        if response.status_code != 200:
-            raise self._refusal(ready[0], response)
-        try:
-            self.info = ModelMetadata.model_validate_json(response.content).teacher_info()
-        except ValueError as err:
-            raise TeacherRequestError(
-                f"{ready[0].url}: bad model metadata for {self.model!r}: {err}"
-            ) from err
+        self.info = await self._fetch_info(ready[0])
         return self.info
+
+    async def _fetch_info(self, replica: _Replica) -> TeacherInfo:
+        """The model's v2 metadata, as the trainer's :class:`TeacherInfo`."""
+        response = await self._get(replica, f"/v2/models/{self.model}", "model metadata")
+        try:
+            return ModelMetadata.model_validate_json(response.content).teacher_info()
+        except ValueError as err:
+            raise TeacherRequestError(f"{replica.url}: bad model metadata for {self.model!r}: {err}") from err
+
+    async def _get(self, replica: _Replica, path: str, what: str) -> _Reply:
+        """One GET at start-up that must answer 200 (else the server's refusal is raised)."""
+        try:
+            response = await _send(replica, "GET", path, timeout_s=self.timeout_s)
+        except TRANSPORT_ERRORS as err:
+            raise TeacherUnavailableError(f"{replica.url}: {what}: {_describe(err)}") from err
+        if response.status_code != 200:
+            raise self._refusal(replica, response)
+        return response
 
     async def aclose(self) -> None:
         """Close the pooled connections; the client may be started again afterwards."""
@@ -219,7 +228,7 @@ class HttpTeacherClient:
         """None when the server and the model are ready, else why not (unknown model / bad key raise)."""
         timeout = max(0.05, min(self.timeout_s, 5.0, deadline - time.monotonic()))
         try:
-            server = await _send(replica, "GET", "/v2/health/ready", timeout_s=timeout)
+            server = await _send(replica, "GET", self.health_path, timeout_s=timeout)
             if server.status_code in (401, 403):
                 raise self._refusal(replica, server)
             if server.status_code != 200:
@@ -287,7 +296,7 @@ class HttpTeacherClient:
             binary_inputs=self.binary,
             binary_outputs=self.binary,
         )
-        replica, response = await self._post(body, headers)
+        replica, response = await self._post(f"/v2/models/{self.model}/infer", body, headers)
         try:
             decoded = parse_response_body(response.content, response.headers.get(HEADER_LENGTH))
         except CodecError as err:
@@ -341,10 +350,9 @@ class HttpTeacherClient:
             timings=Timings(queue_us=number("queue_us"), compute_us=number("compute_us")),
         )
 
-    async def _post(self, body: bytes, headers: dict[str, str]) -> tuple[_Replica, _Reply]:
+    async def _post(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[_Replica, _Reply]:
         """Send one infer request, retrying and failing over until it succeeds or the budget is spent."""
         replicas = await self._pool()
-        path = f"/v2/models/{self.model}/infer"
         errors: list[str] = []
         failed: _Replica | None = None
         attempts = self.max_retries + 1
@@ -419,7 +427,7 @@ class HttpTeacherClient:
         """Let real traffic back to a suspect replica only if its health check answers 200 quickly."""
         probe_s = min(self.timeout_s, PROBE_TIMEOUT_S)
         try:
-            health = await _retryable(replica, "GET", "/v2/health/ready", timeout_s=probe_s)
+            health = await _retryable(replica, "GET", self.health_path, timeout_s=probe_s)
         except _Retryable as err:
             raise _Retryable(f"health probe {err}") from None
         if health.status_code != 200:

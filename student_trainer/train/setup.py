@@ -183,8 +183,10 @@ def make_clients(args: DistillArguments, device: torch.device) -> dict[str, Teac
         api_key = clean_api_key(os.environ.get(args.api_key_env), f"--api_key_env {args.api_key_env}")
     # each backend ignores the other's options (local: device; HTTP: timeout, API key)
     options = {"timeout_s": args.teacher_timeout, "api_key": api_key, "device": str(device)}
+    prompts = args.teacher_prompts
     return {
-        role: make_teacher_client(args.teachers[role], name=role, **options) for role in args.teacher_roles
+        role: make_teacher_client(args.teachers[role], name=role, prompt=prompts.get(role), **options)
+        for role in args.teacher_roles
     }
 
 

@@ -106,7 +106,9 @@ def text_teachers(
                 f"teacher {role} is a {info.model_type!r} model, which this trainer cannot count; "
                 f"supported families: {', '.join(sorted(FAMILIES))}"
             )
-        if info.tokenizer_vocab_sha256 is not None:
+        if info.text_only:
+            text.add(role)
+        elif info.tokenizer_vocab_sha256 is not None:
             if info.tokenizer_vocab_sha256 != mine:
                 text.add(role)
         elif info.vocab_size != student_vocab_size:

@@ -1,0 +1,207 @@
+"""The OpenAI-compatible teacher backend against a fake server: protocol edge cases, retries, costs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+
+import pytest
+import torch
+import yaml
+
+from shared.errors import UserError
+from shared.prompting import LabelPrompt
+from shared.teacher_api import TeacherAnswer, TeacherQuery, TextQuery
+from student_trainer.teachers.client import TeacherRequestError, make_teacher_client
+from student_trainer.teachers.label_logprobs import FLOOR, class_logits
+from student_trainer.teachers.openai import OpenAITeacherClient
+from tests.distill_support import distill_argv, run_in_process, save_student, train_log, write_sentences
+from tests.fake_openai import FakeOpenAI, sentiment
+
+PROMPT = {
+    "prompt": "Review: {text}\nSentiment:",
+    "label_words": {"negative": [" negative"], "positive": [" positive"]},
+}
+
+
+@pytest.fixture
+def server():
+    fake = FakeOpenAI().start()
+    yield fake
+    fake.stop()
+
+
+def client(server: FakeOpenAI, prompt: dict = PROMPT, **options) -> OpenAITeacherClient:
+    spec = f"openai+{server.url}/v1#{server.model}"
+    made = make_teacher_client(spec, name="llm", prompt=LabelPrompt.from_mapping(prompt, "test"), **options)
+    assert isinstance(made, OpenAITeacherClient)
+    return made
+
+
+def ask(teacher: OpenAITeacherClient, *queries) -> list[TeacherAnswer]:
+    async def main():
+        try:
+            await teacher.start(5.0)
+            return [await teacher.infer(q) for q in queries]
+        finally:
+            await teacher.aclose()
+
+    return asyncio.run(main())
+
+
+TEXTS = ["a good film", "a bad film", "a film"]
+
+
+def expected_logits(texts: list[str], words=((" negative",), (" positive",))) -> torch.Tensor:
+    rows = [[math.log(sum(sentiment(t)[w] for w in ws)) for ws in words] for t in texts]
+    return torch.tensor(rows)
+
+
+# --- the maths ------------------------------------------------------------------------------------
+
+
+def test_label_words_in_the_top_k_keep_their_log_probabilities_and_a_class_sums_its_words() -> None:
+    top = {" positive": math.log(0.5), " great": math.log(0.2), " negative": math.log(0.1)}
+    logits = class_logits(top, [(" negative",), (" positive", " great")])
+    assert logits == pytest.approx([math.log(0.1), math.log(0.7)])
+
+
+def test_words_outside_the_top_k_share_the_remaining_mass_capped_by_the_least_likely_returned() -> None:
+    top = {" the": math.log(0.5), " positive": math.log(0.3)}  # 0.2 left for two missing words
+    assert class_logits(top, [(" negative", " bad"), (" positive",)]) == pytest.approx(
+        [math.log(0.2), math.log(0.3)]
+    )
+    top = {" the": math.log(0.4), " positive": math.log(0.05)}  # 0.55 left, but none beats 0.05
+    assert class_logits(top, [(" negative",), (" positive",)])[0] == pytest.approx(math.log(0.05))
+
+
+def test_no_mass_left_gives_the_floor_not_minus_infinity() -> None:
+    top = {" positive": 0.0}  # probability 1
+    assert class_logits(top, [(" negative",), (" positive",)]) == pytest.approx([math.log(FLOOR), 0.0])
+
+
+@pytest.mark.parametrize(
+    ("raw", "complaint"),
+    [
+        ({"prompt": "no field", "label_words": {"a": ["x"], "b": ["y"]}}, "{text}"),
+        ({"prompt": "{text} {other}", "label_words": {"a": ["x"], "b": ["y"]}}, "may name only"),
+        ({"prompt": "{text}", "label_words": {"a": ["x"]}}, "at least two classes"),
+        ({"prompt": "{text}", "label_words": {"a": ["x"], "b": []}}, "label_words.b"),
+        ({"prompt": "{text}", "label_words": {"a": ["x"], "b": ["x"]}}, "one class only"),
+        ({"prompt": "{text}", "label_words": {"a": ["x"], "b": ["y"]}, "temp": 1}, "unknown field"),
+    ],
+)
+def test_a_bad_prompt_config_is_refused_naming_the_field(raw: dict, complaint: str) -> None:
+    with pytest.raises(UserError, match=complaint):
+        LabelPrompt.from_mapping(raw, "prompt.yaml")
+
+
+# --- the protocol ---------------------------------------------------------------------------------
+
+
+def test_completions_send_every_row_in_one_request_and_count_the_servers_usage(server) -> None:
+    (answer,) = ask(client(server), TextQuery(TEXTS))
+    torch.testing.assert_close(answer.logits, expected_logits(TEXTS))
+    assert answer.tokens == sum(len(f"Review: {t}\nSentiment:".split()) + 1 for t in TEXTS)
+    assert [kind for kind, _ in server.requests] == ["completions"]
+    body = server.requests[0][1]
+    assert body["prompt"][1] == "Review: a bad film\nSentiment:" and body["max_tokens"] == 1
+    assert body["temperature"] == 0.0 and body["logprobs"] == 20
+
+
+def test_chat_sends_one_request_per_row_and_gives_the_same_logits(server) -> None:
+    (answer,) = ask(client(server, {**PROMPT, "chat": True}), TextQuery(TEXTS))
+    torch.testing.assert_close(answer.logits, expected_logits(TEXTS))
+    assert [kind for kind, _ in server.requests] == ["chat"] * 3
+    assert {body["messages"][0]["content"] for _, body in server.requests} == {
+        f"Review: {t}\nSentiment:" for t in TEXTS
+    }
+
+
+def test_a_label_word_outside_the_top_k_shares_what_the_top_k_leave(server) -> None:
+    prompt = {**PROMPT, "label_words": {"negative": [" negative"], "positive": [" positive", " great"]}}
+    (answer,) = ask(client(server, prompt, top_logprobs=4), TextQuery(["a good film"]))
+    dist = sentiment("a good film")  # top 4: positive .55, the .2, a .1, it .06 -> negative, great missing
+    share = min((1 - (0.55 + 0.2 + 0.1 + 0.06)) / 2, 0.06)
+    assert share == pytest.approx(0.045)
+    want = [[math.log(share), math.log(dist[" positive"] + share)]]
+    torch.testing.assert_close(answer.logits, torch.tensor(want))
+
+
+def test_a_label_word_of_several_tokens_counts_by_its_first_token(server) -> None:
+    server.tokenizer = {" negatively": [" negative", "ly"], " positively": [" positive", "ly"]}
+    prompt = {**PROMPT, "label_words": {"negative": [" negatively"], "positive": [" positively"]}}
+    (answer,) = ask(client(server, prompt), TextQuery(TEXTS))
+    torch.testing.assert_close(answer.logits, expected_logits(TEXTS))
+
+
+def test_classes_whose_words_begin_with_the_same_token_are_refused(server) -> None:
+    server.tokenizer = {" positive": [" positive"], " positively": [" positive", "ly"]}
+    prompt = {**PROMPT, "label_words": {"negative": [" positively"], "positive": [" positive"]}}
+    with pytest.raises(TeacherRequestError, match="same token"):
+        ask(client(server, prompt))
+
+
+@pytest.mark.parametrize("plan", [["429:0.2"], ["503", "503"]])
+def test_429_and_503_are_retried(server, plan: list[str]) -> None:
+    server.plan = list(plan)
+    (answer,) = ask(client(server, backoff_base_s=0.01), TextQuery(TEXTS))
+    torch.testing.assert_close(answer.logits, expected_logits(TEXTS))
+    assert len(server.requests) == len(plan) + 1
+
+
+def test_missing_usage_counts_no_tokens_and_says_so(server, caplog) -> None:
+    server.usage = False
+    with caplog.at_level(logging.WARNING):
+        (answer,) = ask(client(server), TextQuery(TEXTS))
+    assert answer.tokens == 0 and "reports no usage" in caplog.text
+    torch.testing.assert_close(answer.logits, expected_logits(TEXTS))
+
+
+def test_start_reports_the_labels_and_the_servers_context_length(server) -> None:
+    teacher = client(server)
+    info = asyncio.run(teacher.start(5.0))
+    assert info.label_names == ("negative", "positive") and info.max_seq_length == 512 and info.text_only
+
+
+def test_an_unknown_model_is_refused_at_start_naming_what_is_served(server) -> None:
+    teacher = make_teacher_client(
+        f"openai+{server.url}/v1#other", name="llm", prompt=LabelPrompt.from_mapping(PROMPT, "t")
+    )
+    with pytest.raises(TeacherRequestError, match="fake-lm"):
+        ask(teacher)
+
+
+def test_what_an_llm_teacher_cannot_answer_is_refused(server) -> None:
+    ids = TeacherQuery(torch.ones(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.long))
+    with pytest.raises(TeacherRequestError, match="reads text"):
+        ask(client(server), ids)
+    with pytest.raises(TeacherRequestError, match="hidden states"):
+        ask(client(server), TextQuery(TEXTS, cls_layers=(1,)))
+
+
+def test_a_spec_without_model_or_prompt_is_refused() -> None:
+    with pytest.raises(UserError, match="names no model"):
+        make_teacher_client("openai+http://127.0.0.1:1/v1", name="llm")
+    with pytest.raises(UserError, match="--teacher_prompt"):
+        make_teacher_client("openai+http://127.0.0.1:1/v1#m", name="llm")
+
+
+# --- in a distillation run ------------------------------------------------------------------------
+
+
+def test_a_run_distils_from_an_llm_behind_an_openai_server(server, tmp_path) -> None:
+    student = save_student(tmp_path / "student")
+    train_file = write_sentences(tmp_path / "train.tsv", 24, seed=5)
+    (tmp_path / "prompt.yaml").write_text(yaml.safe_dump(PROMPT))
+    teacher = {"llm": f"openai+{server.url}/v1#{server.model}"}
+    argv = distill_argv(student, train_file, tmp_path / "out", teacher, "--teacher_prompt",
+                        f"llm={tmp_path / 'prompt.yaml'}")  # fmt: skip
+    results = run_in_process(argv)
+    prompts = [p for _, body in server.requests for p in body["prompt"]]
+    assert results["global_step"] == 3 and len(prompts) == 24
+    assert all(r["kd"] > 0 for r in train_log(tmp_path / "out"))
+    flops = results["flops"]
+    assert flops["teacher_tokens_llm"] == sum(len(p.split()) + 1 for p in prompts)  # the server's usage
+    assert flops["teacher_rows_llm"] == 24
