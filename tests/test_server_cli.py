@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
@@ -323,6 +324,57 @@ def test_sigterm_turns_ready_and_new_requests_503_with_connection_close_answers_
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+@pytest.mark.slow
+def test_requests_sent_as_the_drain_ends_are_answered_or_refused_never_reset(tmp_path, tiny_teachers):
+    """Clients open a new connection per request through the whole drain: each gets 200, then
+    503, then a refused connection; none is reset or closed unanswered (closing the listener
+    outright reset 2-4 of them per drain)."""
+    config = write(
+        tmp_path / "t.yaml",
+        f"drain_grace_s: 0.3\nteachers:\n  - {{name: small, path: {tiny_teachers['small']}}}\n",
+    )
+    port = free_port()
+    command = [sys.executable, "-m", "teacher_server.cli", "--config", str(config), "--port", str(port)]
+    process = subprocess.Popen([*command, "--log_level", "warning"], stderr=subprocess.PIPE, text=True)
+    outcomes: collections.Counter[str] = collections.Counter()
+    stop = threading.Event()
+
+    def one_request_per_connection() -> None:
+        while not stop.is_set():
+            try:
+                sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            except ConnectionRefusedError:
+                outcomes["refused"] += 1
+                time.sleep(0.01)
+                continue
+            with sock:
+                try:
+                    sock.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: t\r\n\r\n")
+                    answer = sock.recv(4096)
+                    outcomes[answer.split(b" ", 2)[1].decode() if answer else "closed unanswered"] += 1
+                except OSError as err:
+                    outcomes[type(err).__name__] += 1
+
+    clients = [threading.Thread(target=one_request_per_connection) for _ in range(4)]
+    try:
+        wait_until_ready(process, f"http://127.0.0.1:{port}")
+        for client in clients:
+            client.start()
+        time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) in (0, -signal.SIGTERM)
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        for client in clients:
+            client.join(30)
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert outcomes["200"] and outcomes["503"] and outcomes["refused"], outcomes
+    assert set(outcomes) == {"200", "503", "refused"}, outcomes
 
 
 def read_until_closed(sock: socket.socket, limit_s: float) -> tuple[bytes, float]:
