@@ -3,34 +3,25 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainingArguments
+from transformers import AutoModelForSequenceClassification, TrainerCallback
 
 from shared.errors import UserError
-from shared.modeling import load_sequence_classifier
 from student_trainer import DynamicKDTrainer, KDConfig
-from student_trainer.data.loading import load_train_and_eval
-from student_trainer.data.tokenized import TokenizedDataset
 from student_trainer.teachers.client import make_teacher_client
-from student_trainer.train.errors import TeacherUnavailable
+from student_trainer.train.errors import Interrupted, TeacherUnavailable
 from tests.distill_support import REPO, FlakyTeacher, WrappedTeacher, save_student, write_sentences
+from tests.kd_trainer_run import make_trainer
 
 pytestmark = pytest.mark.slow
-
-# dropout, random selection, the exact-budget carry, projections, epochs of 5 batches: all must replay
-RESUMABLE = KDConfig(
-    teacher_selection="hard",
-    supervision="uncertainty",
-    data_selection="random",
-    selection_ratio=0.5,
-    exact_budget=True,
-)
 
 
 @pytest.fixture(scope="module")
@@ -42,40 +33,6 @@ def workspace(tmp_path_factory: pytest.TempPathFactory, tiny_teachers: dict[str,
         "eval": write_sentences(root / "eval.tsv", 12, seed=2),
         **tiny_teachers,
     }
-
-
-def make_trainer(
-    workspace: dict[str, Path],
-    output_dir: Path,
-    kd: KDConfig = RESUMABLE,
-    teachers: dict | None = None,
-    **training,
-) -> DynamicKDTrainer:
-    data, evaluation = load_train_and_eval(train_file=workspace["train"], validation_file=workspace["eval"])
-    tokenizer = AutoTokenizer.from_pretrained(workspace["student"])
-    model = load_sequence_classifier(workspace["student"], label_names=data.label_names, num_layers=2)
-    options = {
-        "per_device_train_batch_size": 8,
-        "max_steps": 12,
-        "learning_rate": 1e-3,
-        "warmup_steps": 0.2,  # a fraction of the steps
-        "save_steps": 4,
-        "logging_steps": 1,
-        "seed": 7,
-        "report_to": [],
-        "disable_tqdm": True,
-        "use_cpu": True,
-        **training,
-    }
-    return DynamicKDTrainer(
-        model=model,
-        args=TrainingArguments(output_dir=str(output_dir), **options),
-        kd=kd,
-        teachers=teachers or {role: f"local:{workspace[role]}" for role in ("small", "large")},
-        train_dataset=TokenizedDataset(data, tokenizer, 64),
-        eval_dataset=TokenizedDataset(evaluation, tokenizer, 64) if evaluation else None,
-        processing_class=tokenizer,
-    )
 
 
 def trained_tensors(trainer: DynamicKDTrainer) -> dict[str, torch.Tensor]:
@@ -124,6 +81,32 @@ def test_a_teacher_that_stays_down_leaves_a_checkpoint_of_the_last_step_that_res
         interrupted.train()
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-6"]
     resumed = make_trainer(workspace, tmp_path, save_steps=100)
+    resumed.train(resume_from_checkpoint=True)
+    assert_same_run(resumed, reference)
+
+
+class SignalAt(TrainerCallback):
+    """Sends this process ``sig`` when step ``step`` begins, as a user's Ctrl-C or a scheduler would."""
+
+    def __init__(self, sig: int, step: int):
+        self.sig, self.step = sig, step
+
+    def on_step_begin(self, args, state, control, **kwargs) -> None:
+        if state.global_step + 1 == self.step:
+            os.kill(os.getpid(), self.sig)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_finishes_the_step_checkpoints_it_and_stops_and_resuming_is_exact(
+    workspace, reference, tmp_path: Path, stop: int
+) -> None:
+    interrupted = make_trainer(workspace, tmp_path)
+    interrupted.add_callback(SignalAt(stop, step=3))
+    with pytest.raises(Interrupted, match=rf"interrupted at step 3, after a checkpoint in {tmp_path} "):
+        interrupted.train()
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-3"]
+    assert signal.getsignal(stop) != interrupted.stop.signals._note  # the handlers are put back
+    resumed = make_trainer(workspace, tmp_path)
     resumed.train(resume_from_checkpoint=True)
     assert_same_run(resumed, reference)
 
@@ -229,3 +212,41 @@ def test_the_example_script_trains_with_accumulation_and_logs_kd_metrics_to_tens
     assert {s.value for s in events.Scalars("train/selection_share")} == {0.5}
     state = json.loads((output / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["global_step"] == 4 and state["log_history"][-1]["step"] == 4
+
+
+def test_two_processes_under_torchrun_train_like_one_with_the_union_batch(workspace, tmp_path: Path) -> None:
+    """Rank r's k-th batch of 4 is half of the one process's k-th batch of 8 (the same shuffled
+    order): averaged gradients give the same weights up to float rounding, and the ledgers, summed
+    over the ranks, count the same rows. Dropout is off so neither run draws anything random."""
+    student = save_student(tmp_path / "student", dropout=0.0)
+    spec = {
+        "workspace": {key: str(workspace[key]) for key in ("train", "large")} | {"student": str(student)},
+        "kd": {"teacher_selection": "large"},
+        "teachers": ["large"],
+        "training": {"max_steps": 4, "save_strategy": "no"},
+    }
+    script = [str(REPO / "tests" / "kd_trainer_run.py")]
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for name, launcher, batch in (
+        ("single", [sys.executable], 8),
+        ("ddp", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], 4),
+    ):
+        spec["output_dir"] = str(tmp_path / name)
+        spec["training"]["per_device_train_batch_size"] = batch
+        done = subprocess.run(
+            [*launcher, *script, json.dumps(spec)], cwd=REPO, env=environment, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[name] = json.loads((tmp_path / name / "run.json").read_text())
+    assert runs["ddp"]["world_size"] == 2
+    single, ddp = runs["single"]["ledger"], runs["ddp"]["ledger"]
+    for key in ("instances", "teacher_rows_large", "requested_flops_large", "vanilla_unpadded_flops_large"):
+        assert ddp[key] == single[key] > 0, key
+    initial = AutoModelForSequenceClassification.from_pretrained(student).state_dict()
+    expected = AutoModelForSequenceClassification.from_pretrained(tmp_path / "single" / "final").state_dict()
+    got = AutoModelForSequenceClassification.from_pretrained(tmp_path / "ddp" / "final").state_dict()
+    for name, tensor in expected.items():
+        assert torch.allclose(got[name], tensor, atol=2e-5), name
+    moved = [n for n in expected if not torch.allclose(initial[n], expected[n], atol=1e-4)]
+    assert len(moved) > 10  # training did change the weights, so the comparison means something

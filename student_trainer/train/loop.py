@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -53,31 +51,8 @@ from student_trainer.train.setup import (
     start_teachers,
     write_checkpoint,
 )
+from student_trainer.train.signals import StopSignals
 from student_trainer.train.step import ask_teachers_about, load_batch, step_counts, update
-
-
-class StopSignals:
-    """The first SIGINT/SIGTERM is noted (the loop stops after the step); a second interrupts at once."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self.previous: dict[int, Any] = {}
-
-    def install(self) -> None:
-        if threading.current_thread() is threading.main_thread():  # signal handlers live there only
-            self.previous = {sig: signal.signal(sig, self._note) for sig in self.SIGNALS}
-
-    def uninstall(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def _note(self, sig: int, _frame: Any) -> None:
-        if self.received is not None:
-            raise KeyboardInterrupt
-        self.received = sig
-        print(f"{signal.Signals(sig).name}: stopping after this step (again to stop now)", file=sys.stderr)
 
 
 def train(args: DistillArguments) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from student_trainer.kd.objective import distillation_loss
 from student_trainer.teachers.client import TeacherCallError, TeacherClient, make_teacher_client
 from student_trainer.train.checkpoint import capture_rng_state, restore_rng_state
 from student_trainer.train.distributed import Processes, any_rank
-from student_trainer.train.errors import TeacherUnavailable
+from student_trainer.train.errors import Interrupted, TeacherUnavailable
 from student_trainer.train.setup import (
     RowSelector,
     Teachers,
@@ -49,6 +49,7 @@ from student_trainer.train.setup import (
     ladder_order,
     start_teachers,
 )
+from student_trainer.train.signals import StopOnSignal
 from student_trainer.train.step import ask_teachers_about, step_counts
 from student_trainer.train.student import (
     DistillStudent,
@@ -59,6 +60,7 @@ from student_trainer.train.student import (
 )
 
 PROJECTIONS_FILE = "projections.safetensors"
+RESUME_HINT = "continue with --resume_from_checkpoint latest, or train(resume_from_checkpoint=True)"
 BATCH_COLUMNS = ["input_ids", "attention_mask", "token_type_ids", "labels", "label", "label_ids", "index"]
 
 
@@ -93,7 +95,8 @@ class DynamicKDTrainer(Trainer):
         kd = replace(kd, ladder=tuple(teachers)) if teachers else kd
         if kd.teacher_roles and processing_class is None:
             raise UserError("dynamic KD needs the student's tokenizer (processing_class)")
-        options = {"timeout_s": teacher_timeout, "api_key": api_key, "device": str(args.device)}
+        device = "cpu" if args.device.type == "cpu" else str(args.device)  # torchrun on CPU says cpu:0
+        options = {"timeout_s": teacher_timeout, "api_key": api_key, "device": device}
         clients = {
             role: make_teacher_client(spec, name=role, **options) if isinstance(spec, str) else spec
             for role, spec in teachers.items()
@@ -124,6 +127,7 @@ class DynamicKDTrainer(Trainer):
         self.ledger = FlopsLedger(roles=tuple(dict.fromkeys((*TEACHER_ROLES, *infos))))
         self.selector = RowSelector.build(self.kd, args.seed, world_size=args.world_size)
         self.kd_state = KDState(self)
+        self.stop = StopOnSignal()
         self._window: list[dict[str, float]] = []  # what each batch since the last log said
         set_seed(args.seed)  # the projections are drawn the same whatever ran before
         projections = teacher_projections(model, infos) if self.kd.uses_hidden_states else {}
@@ -134,7 +138,7 @@ class DynamicKDTrainer(Trainer):
             args=args,
             data_collator=data_collator,
             processing_class=processing_class,
-            callbacks=[*(callbacks or []), self.kd_state],
+            callbacks=[*(callbacks or []), self.kd_state, self.stop],
             **kwargs,
         )
         self.label_names = ["labels"]
@@ -232,8 +236,9 @@ class DynamicKDTrainer(Trainer):
     # -- training, checkpoints and resume ---------------------------------------------------------
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
-        """``Trainer.train``; a teacher that stays down stops it with :class:`TeacherUnavailable`
-        after a checkpoint of the last whole step (``train(resume_from_checkpoint=True)`` continues)."""
+        """``Trainer.train``; a teacher that stays down stops it with :class:`TeacherUnavailable` after a
+        checkpoint of the last whole step; SIGINT/SIGTERM with :class:`Interrupted` after a checkpoint of
+        the step in progress (a second signal at once). ``train(resume_from_checkpoint=True)`` continues."""
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
@@ -241,13 +246,21 @@ class DynamicKDTrainer(Trainer):
         if resume_from_checkpoint:
             self.kd_state.load(Path(resume_from_checkpoint))
         try:
-            return super().train(resume_from_checkpoint=resume_from_checkpoint or None, **kwargs)
+            output = super().train(resume_from_checkpoint=resume_from_checkpoint or None, **kwargs)
         except TeacherCallError as failure:
             path = self.kd_state.checkpoint_last_step()
             raise TeacherUnavailable(
                 f"{failure}; stopped at step {self.state.global_step} with a resumable checkpoint at {path} "
-                "(continue with --resume_from_checkpoint latest)"
+                f"({RESUME_HINT})"
             ) from failure
+        finally:
+            self.stop.signals.uninstall()
+        if self.stop.signals.received is not None:
+            raise Interrupted(
+                f"interrupted at step {self.state.global_step}, after a checkpoint in {self.args.output_dir} "
+                f"({RESUME_HINT})"
+            )
+        return output
 
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
         folder = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
