@@ -9,9 +9,10 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from shared.errors import UserError
@@ -48,6 +49,7 @@ def load_sequence_classifier(
     device: str | torch.device = "cpu",
     dtype: str = "fp32",
     attn_implementation: str | None = None,
+    lm_head: bool = False,
 ) -> PreTrainedModel:
     """Load a checkpoint (local dir or hub id) as ``AutoModelForSequenceClassification``.
 
@@ -55,6 +57,7 @@ def load_sequence_classifier(
     different one; ``num_layers`` truncates the encoder before the weights are loaded (any family
     of :mod:`teacher_engine.families`: ModernBERT's per-layer attention kinds are cut with it).
     ``attn_implementation`` None: SDPA where the family has it (MPNet and DeBERTa have not), else eager.
+    ``lm_head``: the causal LM with its language-model head (a prompted teacher), not a classifier.
     """
     require_model_dir(name_or_path)
     kwargs: dict = {"revision": revision, "trust_remote_code": False}
@@ -86,7 +89,8 @@ def load_sequence_classifier(
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
         try:
-            model, loading = AutoModelForSequenceClassification.from_pretrained(
+            auto: Any = AutoModelForCausalLM if lm_head else AutoModelForSequenceClassification
+            model, loading = auto.from_pretrained(
                 str(name_or_path),
                 config=config,
                 dtype=resolve_dtype(dtype),

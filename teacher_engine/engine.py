@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from shared.errors import UserError
 from shared.flops import (
     FlopsShape,
     encoder_forward_flops,
@@ -30,10 +31,12 @@ from shared.flops import (
     layer_forward_flops,
 )
 from shared.modeling import load_sequence_classifier
+from shared.prompting import LabelPrompt
 from shared.teacher_api import TeacherAnswer, TeacherInfo, TeacherQuery
 from shared.vocabulary import tokenizer_parameters
 from teacher_engine.families import family_of
 from teacher_engine.packing import Packing, packed_layer
+from teacher_engine.prompting import LabelWordHead, label_token_ids, rendered
 from teacher_server.config import TeacherConfig
 from teacher_server.errors import Unprocessable
 
@@ -155,10 +158,12 @@ class TeacherEngine:
         revision: str | None = None,
         max_seq_length: int = 512,
         batch_invariant: bool = False,
+        prompt: LabelPrompt | None = None,
     ):
         config: Any = model.config  # any family's config, read by field name
         self.family = family_of(config)  # before anything else: an unknown model_type is refused
         self.model = model.eval()
+        self.prompt = prompt
         self.batch_invariant = batch_invariant
         if tokenizer.pad_token is None and tokenizer.eos_token is not None:  # LLM tokenizers often have none
             tokenizer.pad_token = tokenizer.eos_token  # padding is masked, whatever its id
@@ -169,24 +174,49 @@ class TeacherEngine:
         self.config = config
         self.type_vocab_size = self.family.type_vocab_size(config)
         self.packs = self.family.packs
+        self.flops_shape = FlopsShape.of(config)
         labels = tuple(str(config.id2label.get(i, f"LABEL_{i}")) for i in range(config.num_labels))
+        self.label_head: LabelWordHead | None = None
+        if prompt is not None:
+            self.label_head = self._label_head(prompt)
+            labels = prompt.labels  # the head's rows are the label words: that is what a pass costs
+            self.flops_shape = replace(self.flops_shape, num_labels=self.label_head.rows, pooler=False)
         self.info = TeacherInfo(
             name=name,
             num_layers=len(self.family.layers(model)),
             hidden_size=int(config.hidden_size),
-            num_labels=int(config.num_labels),
+            num_labels=len(labels),
             label_names=labels,
             vocab_size=int(config.vocab_size),
             max_seq_length=min(int(max_seq_length), self.family.max_positions(config)),
             intermediate_size=FlopsShape.of(config).intermediate_size,
             model_type=str(config.model_type),
             **tokenizer_parameters(tokenizer),
-            flops_config=flops_config(config),
+            flops_config=flops_config(self.flops_shape),
         )
-        self.flops_per_token = flops_per_token(config, min(128, self.info.max_seq_length))
-        shape = FlopsShape.of(config)
+        self.flops_per_token = flops_per_token(self.flops_shape, min(128, self.info.max_seq_length))
+        shape = self.flops_shape
         token = layer_forward_flops(shape.hidden_size, shape.intermediate_size, 1, shape.ffn_matrices, 0)
         self._pair_tokens = 4 * shape.hidden_size / token  # one attention pair, in tokens' worth
+
+    def _label_head(self, prompt: LabelPrompt) -> LabelWordHead:
+        """The LM head's label-word rows, for a causal LM with a chat template where one is asked."""
+        lm_head = getattr(self.model, "lm_head", None)
+        if not self.family.causal or not isinstance(lm_head, torch.nn.Linear):
+            raise UserError(
+                f"a prompted teacher needs a causal LM with an lm_head; {self.config.model_type!r} "
+                f"loaded as {type(self.model).__name__}"
+            )
+        if prompt.chat and not getattr(self.tokenizer, "chat_template", None):
+            raise UserError("chat: true, but the tokenizer has no chat template")
+        softcap = getattr(self.config, "final_logit_softcapping", None)
+        return LabelWordHead(lm_head, label_token_ids(prompt, self.tokenizer), softcap)
+
+    def _head(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Logits from the last layer's output: the family's head, or the label words'."""
+        if self.label_head is not None:
+            return self.label_head(self.family.pooled(hidden, mask))
+        return self.family.head(self.model, hidden, mask)
 
     def padding_cost(self, rows: int, longest: int, length: int) -> float:
         """Tokens of compute that padding ``rows`` rows from ``longest`` to ``length`` adds to a
@@ -207,9 +237,12 @@ class TeacherEngine:
         dtype: str = "fp32",
         max_seq_length: int = 512,
         batch_invariant: bool = False,
+        prompt: LabelPrompt | None = None,
     ) -> TeacherEngine:
-        """Load checkpoint + tokenizer from a local dir or hub id (never ``trust_remote_code``)."""
-        model = load_sequence_classifier(path, revision=revision, device=device, dtype=dtype)
+        """Load checkpoint + tokenizer from a local dir or hub id (never ``trust_remote_code``);
+        with a ``prompt``, the checkpoint's causal LM and its LM head."""
+        lm_head = prompt is not None
+        model = load_sequence_classifier(path, revision=revision, device=device, dtype=dtype, lm_head=lm_head)
         tokenizer = AutoTokenizer.from_pretrained(str(path), revision=revision, trust_remote_code=False)
         return cls(
             name,
@@ -218,6 +251,7 @@ class TeacherEngine:
             revision=revision,
             max_seq_length=max_seq_length,
             batch_invariant=batch_invariant,
+            prompt=prompt,
         )
 
     @classmethod
@@ -231,13 +265,14 @@ class TeacherEngine:
             dtype=teacher.dtype,
             max_seq_length=teacher.max_seq_length,
             batch_invariant=teacher.batch_invariant,
+            prompt=teacher.label_prompt(),
         )
 
     # -- inputs -------------------------------------------------------------------------------
 
     def tokenize(
         self, texts: Sequence[str], text_pairs: Sequence[str] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Tokenize with the teacher's own tokenizer: (input_ids, attention_mask, token_type_ids).
 
         Each text is first cut to ``max_seq_length × MAX_CHARS_PER_TOKEN`` characters (see there).
@@ -247,9 +282,13 @@ class TeacherEngine:
         if text_pairs is not None and len(text_pairs) != len(texts):
             raise QueryError("text_pair", f"has {len(text_pairs)} entries but text has {len(texts)}")
         chars = self.info.max_seq_length * MAX_CHARS_PER_TOKEN
+        texts = [text[:chars] for text in texts]
+        pairs = [pair[:chars] for pair in text_pairs] if text_pairs is not None else None
+        if self.prompt is not None:
+            return self._tokenize_prompts(rendered(self.prompt, self.tokenizer, texts, pairs))
         enc = self.tokenizer(
-            [text[:chars] for text in texts],
-            [pair[:chars] for pair in text_pairs] if text_pairs is not None else None,
+            texts,
+            pairs,
             padding=True,
             truncation=True,
             max_length=self.info.max_seq_length,
@@ -257,6 +296,20 @@ class TeacherEngine:
             return_token_type_ids=self.type_vocab_size > 0,
         )
         return enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids")
+
+    def _tokenize_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """Whole prompts or none: cutting one would cut the question the label words answer."""
+        chat = self.prompt is not None and self.prompt.chat  # the chat template has its own specials
+        enc = self.tokenizer(prompts, padding=True, add_special_tokens=not chat, return_tensors="pt")
+        lengths = enc["attention_mask"].sum(dim=1)
+        too_long = [i for i, n in enumerate(lengths.tolist()) if n > self.info.max_seq_length]
+        if too_long:
+            raise QueryError(
+                "text",
+                f"rows {too_long[:8]}: the prompt has up to {int(lengths.max())} tokens, over "
+                f"max_seq_length {self.info.max_seq_length}",
+            )
+        return enc["input_ids"], enc["attention_mask"], None
 
     def validate(self, query: TeacherQuery) -> None:
         """Reject what would crash or silently mislead the model, naming the input at fault."""
@@ -350,7 +403,7 @@ class TeacherEngine:
             logits = logits.float().cpu() if logits is not None and spec.want_logits else None
         run_lengths = lengths.tolist() if packed else [length] * batch
         flops = encoder_forward_flops(
-            self.config,
+            self.flops_shape,
             run_lengths,
             depth,
             with_head=spec.want_logits,
@@ -416,7 +469,7 @@ class TeacherEngine:
                 hidden = family.last(model, hidden)
             if index + 1 in wanted:
                 states[index + 1] = hidden
-        logits = family.head(model, hidden, mask) if spec.want_logits else None
+        logits = self._head(hidden, mask) if spec.want_logits else None
         return states, logits
 
     def _forward_packed(
@@ -442,5 +495,5 @@ class TeacherEngine:
                 states[index + 1] = hidden.unsqueeze(1) if alone else packing.unpack(hidden)
         if spec.want_logits:
             cls = hidden.unsqueeze(1) if first_token_last else packing.first_tokens(hidden)
-            return states, family.head(model, cls, mask)
+            return states, self._head(cls, mask)
         return states, None

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from shared.config_file import read_yaml_mapping
 from shared.errors import UserError
 from shared.model_path import looks_like_path
+from shared.prompting import LabelPrompt
 
 DEVICE_PATTERN = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
 # benchmarks/bench_pass_overhead.py (MiniLM-L6, SST-2, 1 and 2 threads): a pass costs 8-9 ms plus
@@ -59,6 +60,13 @@ class TeacherConfig(BaseModel):
     pass_overhead_tokens: int | None = Field(
         None, ge=0, description="what one more forward pass costs, in padded tokens (default: by device)"
     )
+    prompt: str | None = Field(
+        None, description="a causal LM as a zero-shot teacher: its prompt, with {text} (and {text_pair})"
+    )
+    label_words: dict[str, list[str] | str] | None = Field(
+        None, description="with prompt: class name -> the words whose next-token logits make its logit"
+    )
+    chat: bool = Field(False, description="with prompt: the prompt as the user's turn of the chat template")
 
     @field_validator("device")
     @classmethod
@@ -74,6 +82,23 @@ class TeacherConfig(BaseModel):
         if self.pass_overhead_tokens is not None:
             return self.pass_overhead_tokens
         return CPU_PASS_OVERHEAD_TOKENS if self.device == "cpu" else ACCELERATOR_PASS_OVERHEAD_TOKENS
+
+    @model_validator(mode="after")
+    def _prompt_and_label_words(self) -> TeacherConfig:
+        if self.prompt is None and (self.label_words is not None or self.chat):
+            raise ValueError("label_words and chat need a prompt")
+        try:
+            self.label_prompt()
+        except UserError as err:
+            raise ValueError(str(err)) from None
+        return self
+
+    def label_prompt(self) -> LabelPrompt | None:
+        """A prompted teacher's prompt (the shape the trainer's --teacher_prompt files have too)."""
+        if self.prompt is None:
+            return None
+        raw = {"prompt": self.prompt, "label_words": self.label_words, "chat": self.chat}
+        return LabelPrompt.from_mapping(raw, "prompt")
 
     @model_validator(mode="after")
     def _longest_sequence_fits_a_batch(self) -> TeacherConfig:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from transformers import (
     AutoConfig,
+    AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     MPNetTokenizer,
     PretrainedConfig,
@@ -119,6 +120,18 @@ def save_tiny_family(case: str, path: Path, seed: int = 0) -> Path:
     """Save a random classifier of ``case`` with the tiny WordPiece tokenizer to ``path``."""
     tiny_family_model(case, seed).save_pretrained(path)
     save_tiny_tokenizer(path)
+    return path
+
+
+def save_tiny_causal_lm(case: str, path: Path, seed: int = 0, chat_template: str | None = None) -> Path:
+    """A random causal LM of a decoder ``case`` (its LM head, no classifier) with the tiny
+    WordPiece tokenizer, and a chat template when given one."""
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(tiny_family_config(case)).eval().save_pretrained(path)
+    tokenizer = save_tiny_tokenizer(path)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+        tokenizer.save_pretrained(path)
     return path
 
 

@@ -24,7 +24,8 @@ class LocalTeacherClient:
     """A :class:`~student_trainer.teachers.client.TeacherClient` that runs the checkpoint here.
 
     HTTP-only options (timeouts, retries, API keys) are accepted and ignored so one set of
-    trainer options works with both backends.
+    trainer options works with both backends. ``prompt``, ``label_words`` and ``chat``
+    make a causal LM a prompted teacher, as in the service's config.
     """
 
     def __init__(
@@ -36,6 +37,9 @@ class LocalTeacherClient:
         dtype: str = "fp32",
         max_seq_length: int = 512,
         revision: str | None = None,
+        prompt: str | None = None,
+        label_words: dict[str, list[str]] | None = None,
+        chat: bool = False,
         **ignored_http_options: object,
     ):
         self.name = name
@@ -47,6 +51,9 @@ class LocalTeacherClient:
             dtype=dtype,
             max_seq_length=max_seq_length,
             revision=revision,
+            prompt=prompt,
+            label_words=label_words,
+            chat=chat,
         )
         self.info: TeacherInfo | None = None
         self._engine: TeacherEngine | None = None
