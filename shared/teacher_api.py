@@ -107,3 +107,5 @@ class TeacherAnswer:
     padded_tokens: int
     cache_hits: int = 0
     timings: Timings = field(default_factory=Timings)
+    store_hits: int = 0  # rows answered from the trainer's on-disk store of teacher answers
+    store_lookups: int = 0  # rows looked up there

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -74,7 +76,20 @@ def test_teacher_counts_take_the_reported_flops() -> None:
         "sent_student_tokens_large": 35,
         "teacher_requests": 2,
         "teacher_cache_hits": 1,
+        "teacher_store_hits": 0,
+        "teacher_store_lookups": 0,
     }
+
+
+def test_the_store_hit_rate_is_over_the_rows_looked_up() -> None:
+    stored = dataclasses.replace(answer(0, tokens=0), store_hits=3, store_lookups=4)
+    ledger = FlopsLedger()
+    assert ledger.summary()["teacher_store_hit_rate"] is None  # nothing looked up
+    for _ in range(2):
+        ledger.add(teacher_counts({"small": stored}, {"small": 4}, {"small": 10}))
+    summary = ledger.summary()
+    assert (summary["teacher_store_hits"], summary["teacher_store_lookups"]) == (6, 8)
+    assert summary["teacher_store_hit_rate"] == 0.75
 
 
 def test_requested_is_the_rows_sent_at_their_real_lengths_through_the_whole_teacher() -> None:

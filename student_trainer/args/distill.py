@@ -95,6 +95,13 @@ class DistillArguments(DataArguments):
         "NAME=SPEC (NAME: small, large or any name; SPEC local:PATH, URL[,URL...][#MODEL] or "
         "openai+URL#MODEL). Repeat for a ladder of teachers, ordered by their FLOPs per token.",
     )
+    teacher_store: str = option(
+        "auto",
+        "Where teacher answers are kept across runs (SQLite): a file, 'none', or 'auto': "
+        "$DKD_CACHE/teacher_answers.sqlite (else ~/.cache/dkd/) for teachers behind other servers "
+        "(openai+...), whose calls are billed; a file given here stores every teacher's answers.",
+    )
+    teacher_store_max_mb: int = option(2048, "Size bound of --teacher_store: older entries are evicted.")
     teacher_prompt: list[str] = option(
         [],
         "NAME=FILE: the prompt and label_words (YAML) that the openai+ teacher NAME is asked with.",

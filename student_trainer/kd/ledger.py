@@ -37,6 +37,9 @@ is sent (its output cache, packed passes, early exit; negative where its padding
 ``saved_fraction = 1 - spent / vanilla`` is the whole bill against vanilla KD padded as the
 trainer collates it: both of those and the padding removal together.
 
+**The store of teacher answers** (``student_trainer.teachers.store``): rows it answers reach no
+teacher and cost nothing; ``teacher_store_hits`` of ``teacher_store_lookups`` rows looked up.
+
 Counts are integers so that summing them across DDP ranks and across resumed runs is exact.
 Per-teacher counts are keyed by the teacher's name: ``small`` and ``large`` always (so results
 keep one shape), any other name of a ladder besides.
@@ -67,6 +70,8 @@ PER_TEACHER = (
 RUN_KEYS = (
     "teacher_requests",
     "teacher_cache_hits",
+    "teacher_store_hits",
+    "teacher_store_lookups",
     "student_forward_flops",
     "student_backward_flops",
     "instances",
@@ -122,6 +127,8 @@ def teacher_counts(
     counts.update({f"sent_student_tokens_{role}": int(student_tokens[role]) for role in answers})
     counts["teacher_requests"] = len(answers)
     counts["teacher_cache_hits"] = sum(int(a.cache_hits) for a in answers.values())
+    counts["teacher_store_hits"] = sum(int(a.store_hits) for a in answers.values())
+    counts["teacher_store_lookups"] = sum(int(a.store_lookups) for a in answers.values())
     return counts
 
 
@@ -294,4 +301,11 @@ class FlopsLedger:
             "teacher_flops_saved_fraction": self.saved_fraction,
             "teacher_flops_saved_fraction_unpadded": self.saved_fraction_unpadded,
             "student_flops": self.totals["student_forward_flops"] + self.totals["student_backward_flops"],
+            "teacher_store_hit_rate": self.store_hit_rate,
         }
+
+    @property
+    def store_hit_rate(self) -> float | None:
+        """The share of rows looked up in the store of teacher answers that it answered."""
+        lookups = self.totals["teacher_store_lookups"]
+        return self.totals["teacher_store_hits"] / lookups if lookups else None

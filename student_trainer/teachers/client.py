@@ -82,15 +82,21 @@ REMOTE_KINDS = {
 }
 
 
+def remote_kind(spec: str) -> str | None:
+    """The kind of server a spec names when it is not this service (``openai``, …), else None."""
+    scheme, plus, _ = spec.partition("+")
+    return scheme if plus and scheme in REMOTE_KINDS else None
+
+
 def make_teacher_client(spec: str, *, name: str, **options: object) -> TeacherClient:
     """Build the backend a spec names (see module docstring); ``options`` go to the backend."""
     if spec.startswith("local:"):
         from student_trainer.teachers.local import LocalTeacherClient
 
         return LocalTeacherClient(spec.removeprefix("local:"), name=name, **options)  # type: ignore[arg-type]
-    scheme, plus, rest = spec.partition("+")
-    if plus and scheme in REMOTE_KINDS:
-        urls, _, model = rest.partition("#")
+    scheme = remote_kind(spec)
+    if scheme is not None:
+        urls, _, model = spec.removeprefix(f"{scheme}+").partition("#")
         if not model:
             raise UserError(f"teacher {name}: {spec!r} names no model: {scheme}+URL#MODEL")
         module, cls = REMOTE_KINDS[scheme]

@@ -148,10 +148,17 @@ def summary_paragraph(args: DistillArguments, results: dict[str, Any]) -> str:
     text += f"Evaluation: {scores}. " if scores else "No evaluation data. "
     at_baseline = at_majority_baseline(results)
     text += baseline_sentence(results, at_baseline)
-    if ledger["teacher_flops_saved_fraction"] is None:
-        text += "No teacher was queried. "
-    else:
+    if ledger["teacher_flops_saved_fraction"] is not None:
         text += savings_sentences(ledger, at_baseline)
+    elif ledger.get("teacher_requests"):
+        text += "The teachers' FLOPs are unknown (teachers behind other servers): see their tokens. "
+    else:
+        text += "No teacher was queried. "
+    if ledger.get("teacher_store_hit_rate") is not None:
+        text += (
+            f"The store of teacher answers answered {ledger['teacher_store_hits']:,} of "
+            f"{ledger['teacher_store_lookups']:,} rows ({100 * ledger['teacher_store_hit_rate']:.1f}%). "
+        )
     if ledger.get("teacher_budget_flops") is not None:
         used = ledger["teacher_budget_used_fraction"]
         text += (

@@ -37,7 +37,10 @@ from student_trainer.teachers.client import (
     TeacherInfo,
     TeacherRequestError,
     make_teacher_client,
+    remote_kind,
 )
+from student_trainer.teachers.store import AnswerStore, default_store_path
+from student_trainer.teachers.stored_client import StoredTeacherClient
 from student_trainer.train.checkpoint import (
     capture_rng_state,
     list_checkpoints,
@@ -184,10 +187,20 @@ def make_clients(args: DistillArguments, device: torch.device) -> dict[str, Teac
     # each backend ignores the other's options (local: device; HTTP: timeout, API key)
     options = {"timeout_s": args.teacher_timeout, "api_key": api_key, "device": str(device)}
     prompts = args.teacher_prompts
-    return {
+    clients = {
         role: make_teacher_client(args.teachers[role], name=role, prompt=prompts.get(role), **options)
         for role in args.teacher_roles
     }
+    stored = [
+        role
+        for role in clients
+        if args.teacher_store != "none" and (args.teacher_store != "auto" or remote_kind(args.teachers[role]))
+    ]
+    if stored:
+        path = default_store_path() if args.teacher_store == "auto" else Path(args.teacher_store)
+        store = AnswerStore(path, max_bytes=args.teacher_store_max_mb * 1024**2)
+        clients.update({role: StoredTeacherClient(clients[role], store) for role in stored})
+    return clients
 
 
 def key_hint(err: TeacherRequestError, api_key_env: str | None) -> str:
