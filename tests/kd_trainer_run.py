@@ -1,7 +1,7 @@
 """A `DynamicKDTrainer` on the tests' tiny models: built by the tests, or run as a script (under
 ``torchrun`` too): ``python tests/kd_trainer_run.py JSON`` with ``{"workspace": {...}, "output_dir": ...,
 "kd": {...}, "training": {...}}``; rank 0 writes ``OUTPUT_DIR/run.json`` (world size, ledger totals)
-and the student's tensors to ``OUTPUT_DIR/final``."""
+and the student (with its projections) to ``OUTPUT_DIR/final``."""
 
 from __future__ import annotations
 
@@ -68,10 +68,10 @@ def main(spec: dict) -> None:
     teachers = {role: f"local:{workspace[role]}" for role in spec["teachers"]}
     trainer = make_trainer(workspace, output, kd, teachers, **spec["training"])
     trainer.train()
+    trainer.save_model(str(output / "final"))
     if trainer.is_world_process_zero():
         run = {"world_size": trainer.args.world_size, "ledger": trainer.ledger.totals}
         (output / "run.json").write_text(json.dumps(run))
-        trainer.student.save_pretrained(output / "final")
     trainer.end()
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, TrainerCallback
 
 from shared.errors import UserError
@@ -216,12 +217,13 @@ def test_the_example_script_trains_with_accumulation_and_logs_kd_metrics_to_tens
 
 def test_two_processes_under_torchrun_train_like_one_with_the_union_batch(workspace, tmp_path: Path) -> None:
     """Rank r's k-th batch of 4 is half of the one process's k-th batch of 8 (the same shuffled
-    order): averaged gradients give the same weights up to float rounding, and the ledgers, summed
-    over the ranks, count the same rows. Dropout is off so neither run draws anything random."""
+    order): averaged gradients give the same weights and projections up to float rounding, and the
+    ledgers, summed over the ranks, count the same rows. Dropout is off so neither run draws anything
+    random. The projections run inside the student's forward, where DistributedDataParallel sees them."""
     student = save_student(tmp_path / "student", dropout=0.0)
     spec = {
         "workspace": {key: str(workspace[key]) for key in ("train", "large")} | {"student": str(student)},
-        "kd": {"teacher_selection": "large"},
+        "kd": {"teacher_selection": "large", "supervision": "pkd"},  # with a projection to width 48
         "teachers": ["large"],
         "training": {"max_steps": 4, "save_strategy": "no"},
     }
@@ -244,9 +246,15 @@ def test_two_processes_under_torchrun_train_like_one_with_the_union_batch(worksp
     for key in ("instances", "teacher_rows_large", "requested_flops_large", "vanilla_unpadded_flops_large"):
         assert ddp[key] == single[key] > 0, key
     initial = AutoModelForSequenceClassification.from_pretrained(student).state_dict()
-    expected = AutoModelForSequenceClassification.from_pretrained(tmp_path / "single" / "final").state_dict()
-    got = AutoModelForSequenceClassification.from_pretrained(tmp_path / "ddp" / "final").state_dict()
+    expected, got = (
+        {
+            **AutoModelForSequenceClassification.from_pretrained(tmp_path / name / "final").state_dict(),
+            **load_file(str(tmp_path / name / "final" / "projections.safetensors")),
+        }
+        for name in ("single", "ddp")
+    )
+    assert any(name.startswith("large.") for name in expected)
     for name, tensor in expected.items():
         assert torch.allclose(got[name], tensor, atol=2e-5), name
-    moved = [n for n in expected if not torch.allclose(initial[n], expected[n], atol=1e-4)]
+    moved = [n for n in initial if n in expected and not torch.allclose(initial[n], expected[n], atol=1e-4)]
     assert len(moved) > 10  # training did change the weights, so the comparison means something

@@ -78,6 +78,17 @@ def ask_teachers_about(
 ) -> TeacherRound:
     """Student forward; choose rows and teachers from its uncertainty; ask them (see module docstring)."""
     logits, hidden_states = student(batch, output_hidden_states=ctx.kd.uses_hidden_states)
+    return ask_teachers_after(ctx, teachers, batch, logits, hidden_states)
+
+
+def ask_teachers_after(
+    ctx: KDContext,
+    teachers: Teachers,
+    batch: dict[str, torch.Tensor],
+    logits: torch.Tensor,
+    hidden_states: tuple[torch.Tensor, ...] | None,
+) -> TeacherRound:
+    """Given the student's forward pass: choose rows and teachers from its uncertainty; ask them."""
     texts: dict[str, RowTexts] = {role: ctx.row_texts for role in ctx.text_roles}
     costs = batch_costs(ctx.kd, teachers, logits, batch) if ctx.selector.pacer else None
     select = functools.partial(ctx.selector.select, costs=costs)

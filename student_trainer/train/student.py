@@ -9,7 +9,8 @@ live in its checkpoints, and are dropped from the exported model (inference neve
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,16 +37,22 @@ class DistillStudent(nn.Module):
         return int(self.model.config.num_hidden_layers)
 
     def forward(
-        self, batch: Mapping[str, torch.Tensor], output_hidden_states: bool = False
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
-        """Logits ``[B, K]`` and, on request, the ``m + 1`` hidden states ``[B, L, H]``."""
+        self,
+        batch: Mapping[str, torch.Tensor],
+        output_hidden_states: bool = False,
+        then: Callable[[DistillStudent, torch.Tensor, tuple[torch.Tensor, ...] | None], Any] | None = None,
+    ) -> Any:
+        """Logits ``[B, K]`` and, on request, the ``m + 1`` hidden states ``[B, L, H]``; with ``then``,
+        what ``then(self, logits, hidden_states)`` returns: a loss computed inside ``forward``, so that
+        ``DistributedDataParallel`` sees every parameter it uses (the projections too)."""
         out = self.model(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
             token_type_ids=batch.get("token_type_ids"),
             output_hidden_states=output_hidden_states,
         )
-        return out.logits, out.hidden_states if output_hidden_states else None
+        hidden_states = out.hidden_states if output_hidden_states else None
+        return (out.logits, hidden_states) if then is None else then(self, out.logits, hidden_states)
 
 
 def reset_classifier(model: PreTrainedModel) -> None:

@@ -50,7 +50,7 @@ from student_trainer.train.setup import (
     start_teachers,
 )
 from student_trainer.train.signals import StopOnSignal
-from student_trainer.train.step import ask_teachers_about, step_counts
+from student_trainer.train.step import ask_teachers_after, step_counts
 from student_trainer.train.student import (
     DistillStudent,
     check_label_counts,
@@ -173,20 +173,8 @@ class DynamicKDTrainer(Trainer):
             return (loss, {"logits": logits}) if return_outputs else loss
         if "token_type_ids" not in inputs:
             inputs = {**inputs, "token_type_ids": torch.zeros_like(inputs["input_ids"])}
-        asked = ask_teachers_about(self, model, self.teachers, inputs)
-        procs = Processes(self.args.process_index, self.args.world_size, self.args.device)
-        if any_rank(asked.failure is not None, procs):
-            raise asked.failure or TeacherCallError("a teacher", RuntimeError("failed on another process"))
-        loss, parts = distillation_loss(
-            self.kd,
-            self.model,
-            asked.logits,
-            asked.hidden_states,
-            inputs,
-            asked.plan,
-            asked.answers,
-            self.alignments,
-        )
+        hidden = self.kd.uses_hidden_states
+        loss, asked, parts = model(inputs, output_hidden_states=hidden, then=self._kd_loss(inputs))
         counts = step_counts(self, self.student.config, self.teachers, inputs, asked)
         self.ledger.add(counts)
         self._window.append(
@@ -198,6 +186,21 @@ class DynamicKDTrainer(Trainer):
             }
         )
         return (loss, {"logits": asked.logits}) if return_outputs else loss
+
+    def _kd_loss(self, inputs: dict[str, torch.Tensor]) -> Any:
+        """What the student's ``forward`` ends with: choose rows and teachers, ask them, the objective."""
+
+        def then(student: DistillStudent, logits: torch.Tensor, hidden_states: Any) -> tuple:
+            asked = ask_teachers_after(self, self.teachers, inputs, logits, hidden_states)
+            procs = Processes(self.args.process_index, self.args.world_size, self.args.device)
+            if any_rank(asked.failure is not None, procs):
+                raise asked.failure or TeacherCallError("a teacher", RuntimeError("down on another process"))
+            loss, parts = distillation_loss(
+                self.kd, student, logits, hidden_states, inputs, asked.plan, asked.answers, self.alignments
+            )
+            return loss, asked, parts
+
+        return then
 
     # -- logs: the KD metrics beside the loss, for every report_to --------------------------------
 
