@@ -191,7 +191,8 @@ def test_a_spec_without_model_or_prompt_is_refused() -> None:
 # --- in a distillation run ------------------------------------------------------------------------
 
 
-def test_a_run_distils_from_an_llm_behind_an_openai_server(server, tmp_path) -> None:
+def test_a_run_distils_from_an_llm_behind_an_openai_server(server, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("DKD_CACHE", str(tmp_path / "cache"))  # where --teacher_store auto keeps answers
     student = save_student(tmp_path / "student")
     train_file = write_sentences(tmp_path / "train.tsv", 24, seed=5)
     (tmp_path / "prompt.yaml").write_text(yaml.safe_dump(PROMPT))
@@ -205,3 +206,4 @@ def test_a_run_distils_from_an_llm_behind_an_openai_server(server, tmp_path) -> 
     flops = results["flops"]
     assert flops["teacher_tokens_llm"] == sum(len(p.split()) + 1 for p in prompts)  # the server's usage
     assert flops["teacher_rows_llm"] == 24
+    assert flops["teacher_store_hit_rate"] == 0.0 and (tmp_path / "cache" / "teacher_answers.sqlite").exists()
