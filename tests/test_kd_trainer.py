@@ -61,8 +61,11 @@ def reference(workspace, tmp_path_factory: pytest.TempPathFactory) -> DynamicKDT
 def test_resuming_mid_epoch_gives_the_same_weights_as_a_run_never_stopped(
     workspace, reference, tmp_path: Path
 ) -> None:
-    """checkpoint-8 is in the middle of the second epoch (5 batches each)."""
+    """checkpoint-8 is in the middle of the second epoch (5 batches each); checkpoint-12 is what a
+    kill in the middle of writing it leaves (no trainer_state.json, written last): passed over."""
     shutil.copytree(Path(reference.args.output_dir) / "checkpoint-8", tmp_path / "checkpoint-8")
+    (tmp_path / "checkpoint-12").mkdir()
+    shutil.copy(Path(reference.args.output_dir) / "checkpoint-12" / "config.json", tmp_path / "checkpoint-12")
     resumed = make_trainer(workspace, tmp_path)
     resumed.train(resume_from_checkpoint=True)
     assert_same_run(resumed, reference)

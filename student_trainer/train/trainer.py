@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments, set_seed
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from shared.errors import UserError
 from student_trainer.data.tokenized import collate_batch
@@ -38,7 +38,7 @@ from student_trainer.kd.config import LADDER_METHODS, TEACHER_ROLES, KDConfig
 from student_trainer.kd.ledger import FlopsLedger
 from student_trainer.kd.objective import distillation_loss
 from student_trainer.teachers.client import TeacherCallError, TeacherClient, make_teacher_client
-from student_trainer.train.checkpoint import capture_rng_state, restore_rng_state
+from student_trainer.train.checkpoint import capture_rng_state, resolve_checkpoint, restore_rng_state
 from student_trainer.train.distributed import Processes, any_rank
 from student_trainer.train.errors import Interrupted, TeacherUnavailable
 from student_trainer.train.setup import (
@@ -241,15 +241,17 @@ class DynamicKDTrainer(Trainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
         """``Trainer.train``; a teacher that stays down stops it with :class:`TeacherUnavailable` after a
         checkpoint of the last whole step; SIGINT/SIGTERM with :class:`Interrupted` after a checkpoint of
-        the step in progress (a second signal at once). ``train(resume_from_checkpoint=True)`` continues."""
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise UserError(f"no checkpoint-<step> folder to resume in {self.args.output_dir}")
-        if resume_from_checkpoint:
-            self.kd_state.load(Path(resume_from_checkpoint))
+        the step in progress (a second signal at once).
+
+        ``resume_from_checkpoint``: a ``checkpoint-N`` folder; ``True`` or ``"latest"`` for the newest
+        complete one in ``output_dir`` (one a kill left without its ``trainer_state.json``, which is
+        written last, is passed over); ``"auto"`` the same, or a fresh start when there is none."""
+        spec = "latest" if resume_from_checkpoint is True else resume_from_checkpoint
+        checkpoint = resolve_checkpoint(spec, self.args.output_dir) if spec else None
+        if checkpoint is not None:
+            self.kd_state.load(checkpoint)
         try:
-            output = super().train(resume_from_checkpoint=resume_from_checkpoint or None, **kwargs)
+            output = super().train(resume_from_checkpoint=str(checkpoint) if checkpoint else None, **kwargs)
         except TeacherCallError as failure:
             path = self.kd_state.checkpoint_last_step()
             raise TeacherUnavailable(
