@@ -5,7 +5,8 @@
 Same teacher (MiniLM-L6 in-process, ``local:``), same student (its first ``--student_layers``
 layers, the same new head), same data (the first ``--train_samples`` SST-2 sentences, or the
 synthetic task when ``../shared/data`` is absent), batches of 32, one epoch, entropy selection at
-``--ratio``, the ``kd`` loss, no evaluation and no checkpoint. The two loops run interleaved
+``--ratio``, the ``kd`` loss, no evaluation and no checkpoint, a log every step (the distill loop's
+``metrics.jsonl`` and TensorBoard; the Trainer's ``report_to`` TensorBoard). The two loops run interleaved
 (old, new, old, new, ...) so that drift of a shared machine hits both alike; reported: each
 run's wall time of the training loop over its steps, the medians, and new / old.
 """
@@ -57,9 +58,9 @@ def new_loop(options: DistillArguments) -> float:
             num_train_epochs=1,
             learning_rate=options.learning_rate,
             seed=options.seed,
-            logging_steps=10**9,
+            logging_steps=1,  # as the distill loop: a log line (metrics.jsonl, TensorBoard) every step
             save_strategy="no",
-            report_to=[],
+            report_to=["tensorboard"],
             disable_tqdm=True,
             use_cpu=True,
         ),
