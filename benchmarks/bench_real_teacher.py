@@ -6,7 +6,8 @@
 On the first ``--sentences`` SST-2 dev sentences (``../shared/data/sst2/dev.tsv``):
 
 1. in-process: the engine's early exit against the model's own forward on the real weights
-   (largest absolute difference of logits and of every hidden state's [CLS] vector), and the
+   (largest absolute difference of logits and of every hidden state's pooled vector: [CLS], or a
+   decoder classifier's last real token), and the
    time of a full pass against an exit after half the layers;
 2. served: ``teacher-server`` in a subprocess on a loopback port, the sentences sent as
    ``text`` (the server tokenizes with the teacher's own tokenizer) in requests of ``--batch``,
@@ -65,7 +66,7 @@ def in_process(engine: TeacherEngine, texts: list[str], batch: int) -> dict:
         half_s += time.perf_counter() - tic
         assert answer.logits is not None and answer.hidden_cls is not None
         worst_logits = max(worst_logits, float((answer.logits - own.logits).abs().max()))
-        expected = torch.stack([own.hidden_states[j][:, 0] for j in every], dim=1)
+        expected = torch.stack([engine.family.pooled(own.hidden_states[j], mask) for j in every], dim=1)
         worst_cls = max(worst_cls, float((answer.hidden_cls - expected).abs().max()))
         cls.append(expected)
     return {
