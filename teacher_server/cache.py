@@ -41,9 +41,13 @@ def row_key(
     return digest.digest()
 
 
-# What one entry costs beyond its key and buffer objects, measured on CPython 3.11 (checked with
-# tracemalloc in tests/test_server_batcher.py): the OrderedDict slot, index and linked-list node.
-ENTRY_OVERHEAD_BYTES = 160
+# What one entry costs in resident memory beyond its key and buffer objects, CPython 3.11 on glibc:
+# its OrderedDict slot, index and node (~160 bytes by tracemalloc), and about as much again that the
+# allocator keeps once rows come and go (the dict's table is rebuilt as they do, and glibc keeps the
+# freed tables' space). Set so that RSS grows by about the budget in a long run that turns the cache
+# over many times: benchmarks/bench_cache_rss.py, 0.85-1.00 x the budget at 4, 16 and 64 MiB
+# (with 160 counted here, 1.9 x).
+ENTRY_OVERHEAD_BYTES = 450
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _ALIGN = 8  # tensors viewing the buffer start at a multiple of 8 bytes
 
@@ -52,8 +56,9 @@ class OutputCache:
     """Least-recently-used rows within a byte budget (``max_bytes`` = 0 turns it off).
 
     A row is kept compactly: one contiguous buffer per entry, a small header (dtypes and shapes)
-    then the tensors' bytes. The budget counts everything an entry keeps (key, buffer, dict slot),
-    not only the tensor bytes: 3-logit rows kept as tensors cost ~800 bytes for the 12 counted.
+    then the tensors' bytes. The budget counts the resident memory an entry costs (key, buffer,
+    dict slot, the allocator's share: ``ENTRY_OVERHEAD_BYTES``), not only the tensor bytes: a
+    3-logit row counts 592 bytes for its 12 tensor bytes.
     """
 
     def __init__(self, max_bytes: int):
