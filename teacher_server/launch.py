@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 
+from shared.children import tied_to_this_process
 from shared.errors import UserError
 
 
@@ -67,12 +68,14 @@ def serve_in_subprocess(
     env: Mapping[str, str] | None = None,
     ready_timeout_s: float = 180.0,
     log_level: str = "info",
+    tie_to_parent: bool = False,
 ) -> Iterator[str]:
     """Start the service, yield its URL once ``/v2/health/ready`` answers 200, stop it gracefully.
 
     A port something already listens on is refused up front: the child binds only after loading
     its teachers, and until then the other server would answer the readiness poll (and every
-    request after it) in the child's name.
+    request after it) in the child's name. ``tie_to_parent``: the server runs in a process group of
+    its own and gets SIGTERM if this process dies (:mod:`shared.children`).
     """
     if port and not port_is_free(port):
         raise UserError(f"port {port} on 127.0.0.1 is in use: choose another, or 0 for a free one")
@@ -82,7 +85,11 @@ def serve_in_subprocess(
     command += ["--port", str(port), "--log_level", log_level]
     log = open(log_path, "w") if log_path else subprocess.DEVNULL  # noqa: SIM115 - lives as long as the server
     server = subprocess.Popen(
-        command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        command,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+        preexec_fn=tied_to_this_process() if tie_to_parent else None,
     )
     where = f"; see {log_path}" if log_path else ""
     try:

@@ -180,8 +180,10 @@ def test_sigkill_mid_grid_resumes_to_the_same_numbers(finished_grid, workspace):
         assert runner.poll() is None, "the runner ended before it could be killed"
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    os.killpg(runner.pid, signal.SIGKILL)  # the runner, its distill and its teacher-server
+    for pid in [runner.pid, *descendants(runner.pid)]:  # all at once, as a container stop or a scheduler does
+        os.kill(pid, signal.SIGKILL)
     runner.wait()
+    wait_until_gone(root)
     assert not (root / "results/default/tiny/runs/sst2/entropy-r0.5/seed1/results.json").exists()
     resumed = run_experiment(config, root)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
@@ -191,6 +193,86 @@ def test_sigkill_mid_grid_resumes_to_the_same_numbers(finished_grid, workspace):
         expected = results_of(finished_grid)[run]
         assert result["eval"] == expected["eval"], run
         assert result["flops"]["teacher_flops_requested"] == expected["flops"]["teacher_flops_requested"]
+
+
+def processes_naming(root: Path) -> dict[int, str]:
+    """Live processes whose command line names a path under ``root`` (the runner, its ``finetune`` or
+    ``distill`` and its teacher-server all do), by pid: their start times (from /proc)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+            stat = (entry / "stat").read_text()
+        except (FileNotFoundError, ProcessLookupError, NotADirectoryError, PermissionError):
+            continue
+        if entry.name.isdigit() and str(root) in cmdline and stat.rsplit(")", 1)[1].split()[0] != "Z":
+            found[int(entry.name)] = stat.rsplit(")", 1)[1].split()[19]
+    return found
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid``, walking parent links in /proc."""
+    children: dict[int, set[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            children.setdefault(parent, set()).add(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def wait_until_gone(root: Path, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while processes_naming(root):
+        assert time.monotonic() < deadline, f"left running: {processes_naming(root)}"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_the_grid_with_nothing_left_and_it_resumes_to_the_same_numbers(
+    finished_grid, workspace, sig
+):
+    """What a scheduler, ``kill`` or Ctrl-C does: the run in flight checkpoints, the service stops,
+    exit 130, no process of the grid left; the same command then completes the grid."""
+    root = workspace["root"] / f"signal-{sig.name}"
+    root.mkdir()
+    config = grid_config(root, workspace["teacher"], workspace["student"], workspace["data"])
+    with open(root / "runner.log", "w") as log:
+        runner = subprocess.Popen(
+            experiment_argv(config, root), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    in_flight = root / "work" / "default" / "tiny" / "runs" / "sst2" / "vanilla-kd" / "seed2"
+    deadline = time.monotonic() + 300
+    while not {"checkpoint-2", "checkpoint-4"} & {p.name for p in in_flight.glob("checkpoint-*")}:
+        assert runner.poll() is None, (root / "runner.log").read_text()
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    grid = descendants(runner.pid)
+    commands = [(Path("/proc") / str(pid) / "cmdline").read_bytes() for pid in grid]
+    assert any(b"teacher_server.cli" in c for c in commands) and any(b"distill" in c for c in commands)
+    runner.send_signal(sig)
+    assert runner.wait(timeout=120) == 130, (root / "runner.log").read_text()
+    assert processes_naming(root) == {}
+    assert not [pid for pid in grid if (Path("/proc") / str(pid)).exists()]
+    assert list(in_flight.glob("checkpoint-*")), "the run in flight stopped without its checkpoint"
+    assert not (root / "results/default/tiny/runs/sst2/vanilla-kd/seed2/results.json").exists()
+    resumed = run_experiment(config, root)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "1 done, 3 to go" in resumed.stdout
+    assert "resum" in (in_flight / "run.log").read_text().lower()
+    expected = results_of(finished_grid)
+    assert sorted(results_of(root)) == sorted(expected)
+    for run, result in results_of(root).items():
+        assert result["eval"] == expected[run]["eval"], run
+        assert result["flops"]["teacher_flops_requested"] == expected[run]["flops"]["teacher_flops_requested"]
 
 
 def hand_grid(tmp_path: Path, methods: list[dict], **keys: object) -> tuple[ExperimentConfig, Layout]:

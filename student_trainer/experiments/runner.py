@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -25,6 +24,7 @@ import yaml
 
 from shared.errors import UserError
 from student_trainer.args.finetune import RESUME_FILE
+from student_trainer.experiments import signals
 from student_trainer.experiments.config import ExperimentConfig, Method, TeacherSpec
 from student_trainer.experiments.layout import Layout, locked, run_id
 from student_trainer.experiments.models import resolve_model
@@ -60,12 +60,8 @@ def _trainer(command: str, flags: list[str], log_path: Path) -> float:
     """Run ``student-trainer COMMAND FLAGS`` to the end, output in ``log_path``; its wall seconds."""
     started = time.perf_counter()
     with open(log_path, "a", encoding="utf-8") as log:
-        code = subprocess.call(
-            [sys.executable, "-m", "student_trainer.cli", command, *flags],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **SUBPROCESS_ENV},
-        )
+        argv = [sys.executable, "-m", "student_trainer.cli", command, *flags]
+        code = signals.call(argv, stdout=log, env={**os.environ, **SUBPROCESS_ENV})
     if code != 0:
         tail = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:]
         raise UserError(f"{command} failed (exit {code}): {' '.join(tail)}; log: {log_path}")
@@ -181,9 +177,9 @@ def task_service(
     ]
     work = layout.task_work_dir(task)
     work.mkdir(parents=True, exist_ok=True)
-    (work / "teachers.yaml").write_text(yaml.safe_dump({"teachers": entries}))
-    env = {**SUBPROCESS_ENV}
-    with serve_in_subprocess(work / "teachers.yaml", log_path=work / "server.log", env=env) as url:
+    config_path, log = work / "teachers.yaml", work / "server.log"
+    config_path.write_text(yaml.safe_dump({"teachers": entries}))
+    with serve_in_subprocess(config_path, log_path=log, env=SUBPROCESS_ENV, tie_to_parent=True) as url:
         yield url
         layout.append_service_record(task, _service_counters(url))
 
@@ -255,7 +251,13 @@ def run_grid(
     config: ExperimentConfig, layout: Layout, *, keep_models: bool = False, shard: tuple[int, int] = (0, 1)
 ) -> None:
     """Every pending run of the grid (of shard ``i`` of ``n``: every n-th run from the i-th, so
-    n processes side by side split it evenly), task by task; progress and ETA after each run."""
+    n processes side by side split it evenly), task by task; progress and ETA after each run.
+    SIGINT/SIGTERM stop it after the run in flight has saved its state (:mod:`.signals`)."""
+    with signals.forwarding_signals():
+        _run_grid(config, layout, keep_models=keep_models, shard=shard)
+
+
+def _run_grid(config: ExperimentConfig, layout: Layout, *, keep_models: bool, shard: tuple[int, int]) -> None:
     index, count = shard
     runs = config.runs()[index::count]
     pending = [r for r in runs if not layout.is_done(*r)]

@@ -1,0 +1,32 @@
+"""Child processes tied to their parent: a process group of their own, and SIGTERM if it dies.
+
+A group of its own keeps a terminal's Ctrl-C (sent to the whole foreground group) from reaching the
+child beside its parent, so the parent decides what the child gets, once. ``PR_SET_PDEATHSIG``
+(Linux) sends the child SIGTERM when the parent dies without stopping it (a SIGKILL included), so
+nothing is left running; elsewhere only the group is set.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+from collections.abc import Callable
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def tied_to_this_process() -> Callable[[], None]:
+    """A ``preexec_fn`` for :class:`subprocess.Popen` that ties the child to the calling process."""
+    parent = os.getpid()
+    prctl = ctypes.CDLL(None).prctl if sys.platform.startswith("linux") else None  # loaded before fork
+
+    def setup() -> None:
+        os.setpgid(0, 0)
+        if prctl is not None:
+            prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before prctl: no signal will come
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return setup
