@@ -22,7 +22,7 @@ from student_trainer.experiments.layout import Layout
 from student_trainer.experiments.report import collect, paired_p_value, write_report
 from tests.distill_support import REPO, save_student, write_sentences
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # whole grids: minutes on a busy machine
 
 METHODS = ["vanilla-kd", "entropy-r0.5"]
 SEEDS = [1, 2]
