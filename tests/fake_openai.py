@@ -1,4 +1,5 @@
-"""A scriptable OpenAI-compatible server (completions, chat completions, vLLM's tokenize) for tests.
+"""A scriptable OpenAI-compatible server (completions, chat completions; vLLM's tokenize and
+classify) for tests.
 
 The next-token distribution of a prompt is ``dist(prompt)`` (token -> probability); the server
 answers the top ``k`` of it as log-probabilities, as vLLM does. ``plan`` holds what the next
@@ -21,6 +22,13 @@ def sentiment(prompt: str) -> dict[str, float]:
     lean = 0.5 if "good" in prompt else -0.5 if "bad" in prompt else 0.0
     return {" positive": 0.3 + lean / 2, " negative": 0.3 - lean / 2, " the": 0.2, " a": 0.1, " it": 0.06,
             " great": 0.04}  # fmt: skip
+
+
+def classes(text: str) -> list[float]:
+    """A toy classifier: the sentiment LM's two label words, renormalised."""
+    dist = sentiment(text)
+    total = dist[" negative"] + dist[" positive"]
+    return [dist[" negative"] / total, dist[" positive"] / total]
 
 
 class FakeOpenAI(ServerThread):
@@ -81,6 +89,18 @@ class FakeOpenAI(ServerThread):
             top = [{"token": t, "logprob": lp} for t, lp in self.top(prompt, body["top_logprobs"]).items()]
             content = [{"token": top[0]["token"], "logprob": top[0]["logprob"], "top_logprobs": top}]
             return {"choices": [{"index": 0, "logprobs": {"content": content}}], **usage([prompt])}
+
+        @app.get("/health")
+        def health() -> dict:
+            return {}
+
+        @app.post("/classify")
+        async def classify(request: Request):
+            body, refusal = await received("classify", request)
+            if refusal is not None:
+                return refusal
+            data = [{"index": i, "probs": classes(text)} for i, text in enumerate(body["input"])]
+            return {"data": data[::-1], **usage(body["input"])}
 
         @app.post("/tokenize")
         async def tokenize(request: Request):

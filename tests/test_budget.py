@@ -13,7 +13,14 @@ from hypothesis import strategies as st
 
 from shared.teacher_api import TeacherInfo
 from shared.uncertainty import entropy, max_entropy
-from student_trainer.kd.budget import BatchCosts, BudgetPacer, TeacherBudget, buy_rows, buying_order
+from student_trainer.kd.budget import (
+    BatchCosts,
+    BudgetPacer,
+    TeacherBudget,
+    buy_rows,
+    buying_order,
+    unit_costs,
+)
 from student_trainer.kd.config import KDConfig
 from student_trainer.kd.ledger import requested_counts, row_costs
 from student_trainer.kd.objective import distillation_loss
@@ -50,7 +57,25 @@ def test_budgets_parse_exactly(spec: str, flops: int | None, fraction: Fraction 
     assert TeacherBudget.parse(spec) == TeacherBudget(flops=flops, fraction=fraction)
 
 
-@pytest.mark.parametrize("spec", ["", "abc", "10", "%", "0%", "101%", "-5GF", "0GF", "0.1F", "5 XF", "1e12%"])
+@pytest.mark.parametrize(
+    ("spec", "amount", "unit"),
+    [("5000calls", 5000, "calls"), ("1call", 1, "calls"), ("2Mtok", 2 * 10**6, "tokens"),
+     ("1.5ktokens", 1500, "tokens"), ("300 tok", 300, "tokens")],
+)  # fmt: skip
+def test_budgets_in_calls_and_tokens_parse_exactly(spec: str, amount: int, unit: str) -> None:
+    assert TeacherBudget.parse(spec) == TeacherBudget(flops=amount, unit=unit)
+
+
+def test_calls_and_tokens_price_rows_by_their_unit() -> None:
+    flops, lengths = {"a": [100, 300], "b": [7, 9]}, {"a": [3, 5], "b": [4, 6]}
+    assert unit_costs("calls", flops, lengths) == {"a": [1, 1], "b": [1, 1]}
+    assert unit_costs("tokens", flops, lengths) == lengths
+    assert unit_costs("flops", flops, lengths) == flops
+
+
+@pytest.mark.parametrize(
+    "spec", ["", "abc", "10", "%", "0%", "101%", "-5GF", "0GF", "0.1F", "5 XF", "1e12%", "0.5calls", "5Ttok"]
+)
 def test_bad_budgets_say_what_is_wrong(spec: str) -> None:
     if spec == "10":  # a plain number is FLOPs: ten of them is a (tiny) budget
         assert TeacherBudget.parse(spec).flops == 10

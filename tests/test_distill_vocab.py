@@ -164,7 +164,8 @@ def test_a_teacher_budget_across_vocabularies_is_refused_before_training(workspa
     out = tmp_path / "out"
     budget = ["--data_selection", "entropy", "--teacher_budget", "10%"]
     line = one_line_error(run_cli(argv(workspace, out, f"local:{workspace['mpnet']}", *budget)))
-    assert "--teacher_budget needs teachers that share the student's vocabulary: large tokenizes" in line
+    assert "--teacher_budget in FLOPs needs teachers that share the student's vocabulary: large reads" in line
+    assert "5000calls, 2Mtok" in line  # what works instead
     assert not (out / "metrics.jsonl").exists()
 
 

@@ -117,6 +117,7 @@ class FakeReplica(ServerThread):
         self.model, self.api_key, self.latency_s = model, api_key, latency_s
         self.plan: list[str] = []  # "429:<retry-after>", "503", "500", "400", "drop", "sleep:<s>"
         self.ready = True
+        self.foreign = False  # True: answers as a v2 server that is not ours (no extra parameters)
         self.infers = 0
         self.health_checks: list[float] = []  # when GET /v2/health/ready came in (monotonic)
         self.requests: list[tuple[DecodedRequest, dict[str, str]]] = []
@@ -150,10 +151,11 @@ class FakeReplica(ServerThread):
         @app.get("/v2/models/{name}")
         def metadata(name: str) -> dict:
             tensor = {"name": "input_ids", "datatype": "INT64", "shape": [-1, -1]}
+            parameters = {"num_layers": 2, "hidden_size": HIDDEN, "num_labels": len(LABELS), "labels": LABELS,
+                          "vocab_size": 100, "max_seq_length": 64}  # fmt: skip
             return {
                 "name": name, "versions": ["1"], "platform": "fake", "inputs": [tensor], "outputs": [],
-                "parameters": {"num_layers": 2, "hidden_size": HIDDEN, "num_labels": len(LABELS),
-                               "labels": LABELS, "vocab_size": 100, "max_seq_length": 64},
+                **({} if self.foreign else {"parameters": parameters}),
             }  # fmt: skip
 
         @app.post("/v2/models/{name}/infer")
@@ -180,9 +182,10 @@ class FakeReplica(ServerThread):
                 name,
                 outputs,
                 binary_outputs={n for n in outputs if wants_binary(decoded.header, n)},
-                parameters={"teacher_flops": 1000 * tokens, "tokens": tokens, "padded_tokens": mask.numel(),
-                            "cache_hits": int(decoded.header.parameters.get("cache") is True),
-                            "queue_us": 5, "compute_us": 7.5},
+                parameters={} if self.foreign else {
+                    "teacher_flops": 1000 * tokens, "tokens": tokens, "padded_tokens": mask.numel(),
+                    "cache_hits": int(decoded.header.parameters.get("cache") is True),
+                    "queue_us": 5, "compute_us": 7.5},
             )  # fmt: skip
             return Response(body, headers=headers)
 
@@ -885,3 +888,18 @@ def test_distill_with_a_wrong_api_key_names_the_401_and_the_variable(replicas, t
     err = capsys.readouterr().err.strip().splitlines()
     assert code == EXIT_USAGE and time.monotonic() - began < 30
     assert "HTTP 401" in err[-1] and "TEACHER_KEY" in err[-1] and "not ready" not in err[-1], err
+
+
+def test_a_v2_server_that_is_not_ours_answers_logits_costed_by_the_tokens_sent(replicas) -> None:
+    replica = replicas()
+    replica.foreign = True  # no teacher parameters in the metadata, no counts in the answers
+    client = HttpTeacherClient([replica.url], model="fake")
+    q = query()
+    (answer,) = run(client, q)
+    assert client.info is not None and client.info.num_labels == len(LABELS) and client.info.vocab_size == 0
+    assert client.info.label_names == tuple(f"LABEL_{i}" for i in range(len(LABELS)))
+    torch.testing.assert_close(answer.logits, expected(q)["logits"])
+    assert (answer.tokens, answer.padded_tokens, answer.teacher_flops) == (
+        int(q.attention_mask.sum()),
+    ) * 2 + (0,)
+    assert replica.infers == 2  # one row at start-up told its number of classes

@@ -16,8 +16,9 @@ from shared.teacher_api import TeacherAnswer, TeacherQuery, TextQuery
 from student_trainer.teachers.client import TeacherRequestError, make_teacher_client
 from student_trainer.teachers.label_logprobs import FLOOR, class_logits
 from student_trainer.teachers.openai import OpenAITeacherClient
+from student_trainer.teachers.vllm_classify import VllmClassifyClient
 from tests.distill_support import distill_argv, run_in_process, save_student, train_log, write_sentences
-from tests.fake_openai import FakeOpenAI, sentiment
+from tests.fake_openai import FakeOpenAI, classes, sentiment
 
 PROMPT = {
     "prompt": "Review: {text}\nSentiment:",
@@ -207,3 +208,46 @@ def test_a_run_distils_from_an_llm_behind_an_openai_server(server, tmp_path, mon
     assert flops["teacher_tokens_llm"] == sum(len(p.split()) + 1 for p in prompts)  # the server's usage
     assert flops["teacher_rows_llm"] == 24
     assert flops["teacher_store_hit_rate"] == 0.0 and (tmp_path / "cache" / "teacher_answers.sqlite").exists()
+
+
+# --- vLLM's /classify -----------------------------------------------------------------------------
+
+
+def classifier(server: FakeOpenAI, **options) -> VllmClassifyClient:
+    made = make_teacher_client(f"vllm+{server.url}#{server.model}", name="cls", **options)
+    assert isinstance(made, VllmClassifyClient)
+    return made
+
+
+def test_a_vllm_classifier_answers_the_log_of_its_probabilities(server) -> None:
+    server.plan = ["", "503"]  # the start-up probe is answered; the query's first try is not
+    teacher = classifier(server, backoff_base_s=0.01)
+    (answer,) = ask(teacher, TextQuery(TEXTS))
+    assert teacher.info is not None and teacher.info.label_names == ("LABEL_0", "LABEL_1")
+    torch.testing.assert_close(answer.logits, torch.tensor([classes(t) for t in TEXTS]).log())
+    assert answer.tokens == sum(len(t.split()) for t in TEXTS) + 3  # the server's usage
+    assert [kind for kind, _ in server.requests] == ["classify"] * 3  # probe, 503, the answer
+
+
+def test_a_vllm_classifier_refuses_text_pairs(server) -> None:
+    with pytest.raises(TeacherRequestError, match="single texts"):
+        ask(classifier(server), TextQuery(TEXTS, text_pair=TEXTS))
+
+
+@pytest.mark.parametrize(("budget", "unit"), [("10calls", "calls"), ("120tok", "tokens")])
+def test_a_budget_in_calls_or_tokens_bounds_what_an_llm_teacher_is_asked(
+    server, tmp_path, budget, unit
+) -> None:
+    student = save_student(tmp_path / "student")
+    train_file = write_sentences(tmp_path / "train.tsv", 24, seed=5)
+    (tmp_path / "prompt.yaml").write_text(yaml.safe_dump(PROMPT))
+    options = ["--teacher_prompt", f"llm={tmp_path / 'prompt.yaml'}", "--teacher_store", "none",
+               "--teacher_budget", budget, "--data_selection", "entropy"]  # fmt: skip
+    teacher = {"llm": f"openai+{server.url}/v1#{server.model}"}
+    flops = run_in_process(distill_argv(student, train_file, tmp_path / "out", teacher, *options))["flops"]
+    prompts = [p for _, body in server.requests for p in body["prompt"]]
+    spent = {"calls": len(prompts), "tokens": flops["teacher_tokens_llm"]}[unit]
+    assert 0 < spent == flops[f"teacher_budget_spent_{unit}"] and flops["teacher_rows_llm"] == len(prompts)
+    assert flops[f"teacher_budget_{unit}"] == int(budget.removesuffix(unit[:3]).removesuffix("calls"))
+    if unit == "calls":  # known before asking: never over
+        assert spent <= 10

@@ -9,27 +9,25 @@ its answers are checked against the same model run by ``transformers`` here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-import signal
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 import yaml
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from shared.prompting import LabelPrompt
-from shared.teacher_api import TextQuery
+from shared.teacher_api import TeacherAnswer, TextQuery
 from student_trainer.teachers.client import make_teacher_client
 from student_trainer.teachers.label_logprobs import class_logits
 from student_trainer.teachers.store import AnswerStore
 from tests.distill_support import distill_argv, run_in_process, save_student, write_sentences
+from tests.server_process import free_port, server_process
 from tests.tiny_causal_lm import save_tiny_causal_lm
+from tests.tiny_models import save_tiny_bert
 
 VLLM_PYTHON = os.environ.get("DKD_VLLM_PYTHON", "")
 START_TIMEOUT_S = 400
@@ -48,40 +46,26 @@ pytestmark = [
 ]
 
 
+@contextlib.contextmanager
+def serve(model: Path, name: str, *options: str) -> Iterator[str]:
+    """A vLLM server on a free loopback port serving ``model`` as ``name``; its root URL."""
+    port = free_port()
+    command = [VLLM_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+               "--served-model-name", name, "--dtype", "float32", "--max-model-len", "128",
+               "--enforce-eager", "--host", "127.0.0.1", "--port", str(port), *options]  # fmt: skip
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0"}
+    url = f"http://127.0.0.1:{port}"
+    log_path = model.parent / f"vllm-{name}.log"
+    with server_process(command, f"{url}/v1/models", log_path, timeout_s=START_TIMEOUT_S, env=env):
+        yield url
+
+
 @pytest.fixture(scope="module")
 def vllm(tmp_path_factory) -> Iterator[tuple[str, Path]]:
-    """A vLLM OpenAI-compatible server on a free loopback port serving the tiny LM as ``tiny``."""
+    """The tiny causal LM behind vLLM's OpenAI-compatible API, as ``tiny``."""
     model = save_tiny_causal_lm(tmp_path_factory.mktemp("vllm") / "tiny-lm")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [VLLM_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-               "--served-model-name", "tiny", "--dtype", "float32", "--max-model-len", "256",
-               "--enforce-eager", "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0"}
-    log = (model.parent / "vllm.log").open("w")
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            assert server.poll() is None, f"vLLM exited: {(model.parent / 'vllm.log').read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"vLLM not ready after {START_TIMEOUT_S} s"
-            try:
-                if httpx.get(f"{url}/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        yield url, model
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()
+    with serve(model, "tiny") as url:
+        yield f"{url}/v1", model
 
 
 def expected_logits(model_dir: Path, texts: list[str], words: list[list[str]], k: int = 20) -> torch.Tensor:
@@ -99,10 +83,9 @@ def expected_logits(model_dir: Path, texts: list[str], words: list[list[str]], k
     return torch.tensor(rows)
 
 
-def answer(url: str, prompt: dict) -> torch.Tensor:
-    teacher = make_teacher_client(
-        f"openai+{url}#tiny", name="llm", prompt=LabelPrompt.from_mapping(prompt, "p")
-    )
+def ask_texts(spec: str, **options) -> TeacherAnswer:
+    """Start the teacher ``spec`` names, ask it about :data:`TEXTS`, close it."""
+    teacher = make_teacher_client(spec, name="teacher", **options)
 
     async def main():
         try:
@@ -111,7 +94,11 @@ def answer(url: str, prompt: dict) -> torch.Tensor:
         finally:
             await teacher.aclose()
 
-    result = asyncio.run(main())
+    return asyncio.run(main())
+
+
+def answer(url: str, prompt: dict) -> torch.Tensor:
+    result = ask_texts(f"openai+{url}#tiny", prompt=LabelPrompt.from_mapping(prompt, "p"))
     assert result.tokens > 0  # vLLM reports usage
     return result.logits
 
@@ -146,3 +133,16 @@ def test_a_second_identical_run_is_answered_from_the_store(vllm, tmp_path) -> No
     assert second["teacher_store_hit_rate"] == 1.0 and second["teacher_tokens_llm"] == 0
     size = AnswerStore(store).file_bytes()
     print(f"store after two runs: {size:,} bytes on disk, the second run's hit rate 100%")
+
+
+def test_a_classifier_behind_vllms_classify_endpoint(tmp_path) -> None:
+    model = save_tiny_bert(tmp_path / "bert", hidden_size=128, num_heads=2)  # CPU attention: heads of 64
+    with serve(model, "bert", "--runner", "pooling") as url:
+        result = ask_texts(f"vllm+{url}#bert")
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    with torch.no_grad():
+        own = AutoModelForSequenceClassification.from_pretrained(model)(
+            **tokenizer(TEXTS, padding=True, return_tensors="pt")
+        )
+    torch.testing.assert_close(result.logits, own.logits.log_softmax(-1), atol=1e-4, rtol=0)
+    assert result.tokens == sum(len(ids) for ids in tokenizer(TEXTS)["input_ids"])

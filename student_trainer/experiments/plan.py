@@ -92,7 +92,13 @@ def estimate(config: ExperimentConfig, task: str, method: Method) -> dict[str, f
     teacher = share * ratio * vanilla
     if options.get("teacher_budget") is not None:  # what the run may spend, at most
         budget = TeacherBudget.parse(str(options["teacher_budget"]))
-        teacher = float(budget.flops if budget.fraction is None else budget.fraction * vanilla)
+        if budget.fraction is not None:
+            teacher = float(budget.fraction * vanilla)
+        elif budget.unit == "flops":
+            teacher = float(budget.flops or 0)
+        else:  # calls or tokens: that share of every row (or token) through every teacher, at most
+            whole = len(roles) * epochs * (len(lengths) if budget.unit == "calls" else sum(lengths))
+            teacher = min(1.0, (budget.flops or 0) / max(1, whole)) * vanilla
     student_config = model_config(config.student.model, config.student.num_layers, num_labels)
     student = 3 * epochs * encoder_forward_flops(student_config, list(lengths))
     return {"teacher": teacher, "student": student, "instances": epochs * len(lengths)}

@@ -6,6 +6,13 @@ every row through every teacher the method uses at its real length). The spend i
 calls ``teacher_flops_requested``: the rows sent, at their real lengths, on the teacher each goes
 to — so the service's cache or padding never makes a budget look kept when it was not.
 
+For teachers behind other servers, whose FLOPs are unknown, the budget is a number of **calls**
+(``5000calls``: rows sent, each teacher a row goes to counting one; the ledger's
+``teacher_rows``) or of **tokens** (``2Mtok``: the rows' lengths in each teacher's tokens; for a
+teacher sent text, priced before it answers as the student's length times the run's observed
+ratio of teacher to student tokens, and reported as the tokens the teachers counted), paced and
+bought the same way.
+
 **Pacing.** After step ``t`` of ``T`` the spend so far may not exceed ``budget × t/T``; with a
 fraction ``f`` the progress is measured in vanilla FLOPs, so the bound is ``f × (vanilla FLOPs of
 the batches seen so far)`` (the whole run's vanilla total is not known before it ends, and this is
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -36,36 +44,45 @@ import torch
 from shared.uncertainty import check_logits, uncertainty_scores
 
 UNITS = {"": 1, "F": 1, "KF": 10**3, "MF": 10**6, "GF": 10**9, "TF": 10**12, "PF": 10**15, "EF": 10**18}
-_SPEC = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?(?:e[+-]?[0-9]+)?|\.[0-9]+)\s*(%|[KMGTPE]?F)?\s*$", re.I)
+PREFIXES = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}  # of calls and tokens: 5000calls, 2Mtok
+_SPEC = re.compile(
+    r"^\s*([0-9]+(?:\.[0-9]*)?(?:e[+-]?[0-9]+)?|\.[0-9]+)\s*(%|[KMGTPE]?F|[KMG]?calls?|[KMG]?tok(?:ens?)?)?\s*$",
+    re.I,
+)
 # what ``margin`` scores cannot go below (``-margin`` >= -1): values are shifted to start at zero
 _SCORE_FLOOR = {"entropy": 0.0, "lc": 0.0, "margin": -1.0}
 
 
 @dataclass(frozen=True)
 class TeacherBudget:
-    """A parsed ``--teacher_budget``: ``flops`` (absolute) or ``fraction`` of vanilla KD."""
+    """A parsed ``--teacher_budget``: an absolute amount (``flops``, in ``unit``: FLOPs, calls or
+    tokens) or a ``fraction`` of vanilla KD's FLOPs."""
 
     flops: int | None = None
     fraction: Fraction | None = None
+    unit: str = "flops"  # "calls": rows sent, per teacher; "tokens": the teachers' tokens
 
     @classmethod
     def parse(cls, spec: str) -> TeacherBudget:
-        """``500GF``, ``2TF``, ``1e12`` (FLOPs) or ``10%``; a ``ValueError`` names what is wrong."""
+        """``500GF``, ``2TF``, ``1e12`` (FLOPs), ``10%``, ``5000calls``, ``2Mtok``; a ``ValueError``
+        names what is wrong."""
         match = _SPEC.match(str(spec))
         if not match:
             raise ValueError(
-                f"--teacher_budget takes FLOPs (500GF, 2TF, 1e12; units {', '.join(u for u in UNITS if u)}) "
-                f"or a percentage of vanilla KD (10%), got {spec!r}"
+                f"--teacher_budget takes FLOPs (500GF, 2TF, 1e12; units {', '.join(u for u in UNITS if u)}), "
+                f"a percentage of vanilla KD (10%), calls (5000calls) or tokens (2Mtok), got {spec!r}"
             )
         number, unit = Fraction(match.group(1)), (match.group(2) or "").upper()
         if unit == "%":
             if not 0 < number <= 100:
                 raise ValueError(f"--teacher_budget percentage must be in (0, 100], got {spec!r}")
             return cls(fraction=number / 100)
-        flops = math.floor(number * UNITS[unit])
-        if flops < 1:
-            raise ValueError(f"--teacher_budget must be at least one FLOP, got {spec!r}")
-        return cls(flops=flops)
+        kind = "calls" if "CALL" in unit else "tokens" if "TOK" in unit else "flops"
+        scale = UNITS[unit] if kind == "flops" else PREFIXES[unit[:1] if unit[:1] in "KMG" else ""]
+        amount = math.floor(number * scale)
+        if amount < 1:
+            raise ValueError(f"--teacher_budget must be at least one {kind.rstrip('s')}, got {spec!r}")
+        return cls(flops=amount, unit=kind)
 
     def bound(self, steps_done: int, total_steps: int, vanilla: int, world_size: int = 1) -> int:
         """The most a rank (of ``world_size``) may have spent after ``steps_done`` of ``total_steps``
@@ -78,6 +95,8 @@ class TeacherBudget:
     def describe(self) -> str:
         if self.fraction is not None:
             return f"{float(self.fraction * 100):g}% of vanilla KD"
+        if self.unit != "flops":
+            return f"{self.flops:,} {self.unit}"
         return f"{self.flops / 1e9:,.2f} GFLOPs"
 
 
@@ -157,11 +176,21 @@ def buy_rows(order: list[int], costs: torch.Tensor, allowance: int) -> tuple[lis
 
 
 def budget_counts(budget: TeacherBudget, steps_done: int, total_steps: int, vanilla: int, spent: int) -> dict:
-    """The whole run's bound so far (the budget itself once every step ran) beside its spend: what
-    ``metrics.jsonl`` logs per step and ``results.json`` keeps at the end."""
+    """The whole run's bound so far (the budget itself once every step ran) beside its spend, in
+    the budget's unit: what ``metrics.jsonl`` logs per step and ``results.json`` keeps at the end."""
     bound = budget.bound(steps_done, total_steps, vanilla)
     return {
-        "teacher_budget_flops": bound,
-        "teacher_budget_spent_flops": spent,
+        f"teacher_budget_{budget.unit}": bound,
+        f"teacher_budget_spent_{budget.unit}": spent,
         "teacher_budget_used_fraction": spent / bound if bound else None,
     }
+
+
+def unit_costs(
+    unit: str, flops: Mapping[str, list[int]], lengths: Mapping[str, list[int]]
+) -> dict[str, list[int]]:
+    """What each row costs each teacher in a budget's unit: its FLOPs, one call, or its tokens
+    (``lengths``: each teacher's length of each row)."""
+    if unit == "calls":
+        return {role: [1] * len(costs) for role, costs in flops.items()}
+    return {role: list(lengths[role]) for role in flops} if unit == "tokens" else dict(flops)

@@ -47,13 +47,15 @@ keep one shape), any other name of a ladder besides.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from shared.flops import BACKWARD_TO_FORWARD, encoder_forward_flops
+from shared.flops import BACKWARD_TO_FORWARD, FlopsShape, encoder_forward_flops
 from shared.teacher_api import TeacherAnswer, TeacherInfo, TeacherQuery, TextQuery
 from student_trainer.kd.config import TEACHER_ROLES
 
@@ -104,6 +106,19 @@ def teacher_flops_config(info: TeacherInfo) -> SimpleNamespace:
         num_hidden_layers=info.num_layers,
         num_labels=info.num_labels,
     )
+
+
+UNCOUNTED = "remote"  # the model_type of a teacher whose architecture the trainer cannot see
+
+
+def uncounted_flops(num_labels: int) -> dict[str, Any]:
+    """The ``flops_config`` of a teacher served elsewhere without its architecture: zero FLOPs,
+    so its cost is what its server reports (tokens) and the rows sent (calls)."""
+    return dataclasses.asdict(FlopsShape(UNCOUNTED, 0, 0, 0, num_labels))
+
+
+def is_uncounted(info: TeacherInfo) -> bool:
+    return (info.flops_config or {}).get("model_type") == UNCOUNTED
 
 
 def scaled_lengths(lengths: list[int], ratio: float) -> list[int]:
@@ -231,24 +246,25 @@ class FlopsLedger:
         for key, value in counts.items():
             self.totals[key] += int(value)
 
-    def _sum(self, prefix: str) -> int:
+    def total(self, prefix: str) -> int:
+        """``prefix``'s count summed over the teachers (``teacher_rows``: the calls, …)."""
         return sum(self.totals[f"{prefix}_{role}"] for role in self.roles)
 
     @property
     def teacher_flops(self) -> int:
-        return self._sum("teacher_flops")
+        return self.total("teacher_flops")
 
     @property
     def vanilla_flops(self) -> int:
-        return self._sum("vanilla_flops")
+        return self.total("vanilla_flops")
 
     @property
     def vanilla_unpadded_flops(self) -> int:
-        return self._sum("vanilla_unpadded_flops")
+        return self.total("vanilla_unpadded_flops")
 
     @property
     def requested_flops(self) -> int:
-        return self._sum("requested_flops")
+        return self.total("requested_flops")
 
     @staticmethod
     def _saved(spent: int, vanilla: int) -> float | None:
@@ -303,6 +319,16 @@ class FlopsLedger:
             "student_flops": self.totals["student_forward_flops"] + self.totals["student_backward_flops"],
             "teacher_store_hit_rate": self.store_hit_rate,
         }
+
+    def budget_spend(self, unit: str) -> tuple[int, int]:
+        """What a teacher budget in ``unit`` has spent and vanilla KD's figure beside it: requested
+        and unpadded vanilla FLOPs; calls (rows sent) and vanilla's rows; the tokens the teachers
+        counted (a budget in tokens is absolute: no vanilla figure)."""
+        return {
+            "flops": (self.requested_flops, self.vanilla_unpadded_flops),
+            "calls": (self.total("teacher_rows"), self.total("vanilla_rows")),
+            "tokens": (self.total("teacher_tokens"), 0),
+        }[unit]
 
     @property
     def store_hit_rate(self) -> float | None:

@@ -9,6 +9,7 @@ backend from the spec string the user passes on the command line:
   sends ``Host: HOST`` (a KServe InferenceService behind its ingress gateway's address);
 * ``openai+URL[,URL...]#MODEL``: a causal LM behind an OpenAI-compatible server (vLLM, llama.cpp,
   SGLang, TGI), asked the prompt given with ``prompt`` (see ``student_trainer.teachers.openai``);
+* ``vllm+URL[,URL...]#MODEL``: a sequence classifier behind vLLM's ``/classify``;
 * ``local:PATH``: the checkpoint at ``PATH`` runs in this process with the service's own
   engine, for offline runs and comparisons. Outputs, shapes and ``tokens`` match the service;
   ``teacher_flops``/``padded_tokens`` match when the service runs the request alone in one pass
@@ -79,6 +80,7 @@ class TeacherClient(Protocol):
 # ``KIND+URL#MODEL``: a teacher behind a server that is not this service
 REMOTE_KINDS = {
     "openai": ("student_trainer.teachers.openai", "OpenAITeacherClient"),
+    "vllm": ("student_trainer.teachers.vllm_classify", "VllmClassifyClient"),
 }
 
 

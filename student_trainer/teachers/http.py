@@ -58,6 +58,7 @@ from shared.codec import (
 from shared.errors import UserError
 from shared.protocol import ErrorBody, ModelMetadata
 from shared.teacher_api import TeacherAnswer, TeacherInfo, TeacherQuery, TextQuery, Timings, query_rows
+from student_trainer.kd.ledger import uncounted_flops
 from student_trainer.teachers.client import TeacherRequestError, TeacherUnavailableError
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError)  # the replica did not an
 PROBE_TIMEOUT_S = 1.0  # a health check answers in milliseconds unless the replica is stuck
 READY_NOTE_S = 10.0  # while waiting for readiness, say every this often how long the wait may last
 HOST_PATTERN = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(:\d{1,5})?")  # a Host header: name[:port]
+FOREIGN_MAX_LENGTH = 512  # what a v2 model that does not publish its limit is sent at most
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")  # reached directly, whatever the proxy variables say
 
 
@@ -204,9 +206,33 @@ class HttpTeacherClient:
         """The model's v2 metadata, as the trainer's :class:`TeacherInfo`."""
         response = await self._get(replica, f"/v2/models/{self.model}", "model metadata")
         try:
-            return ModelMetadata.model_validate_json(response.content).teacher_info()
+            metadata = ModelMetadata.model_validate_json(response.content)
+            if metadata.parameters is None:  # a v2 server that is not this service
+                return await self._foreign_info(metadata)
+            return metadata.teacher_info()
         except ValueError as err:
             raise TeacherRequestError(f"{replica.url}: bad model metadata for {self.model!r}: {err}") from err
+
+    async def _foreign_info(self, metadata: ModelMetadata) -> TeacherInfo:
+        """A model of another KServe v2 server (Triton, KServe's own) as a logits teacher: it reads
+        ``text`` (BYTES) if it declares that input, else the student's token ids; one row tells
+        its number of classes. Its FLOPs are unknown (0): it is costed by tokens and calls."""
+        text = any(i.name == "text" and i.datatype == "BYTES" for i in metadata.inputs)
+        ones = torch.ones(1, 1, dtype=torch.long)
+        probe = await self.infer(TextQuery(["."]) if text else TeacherQuery(ones, ones))
+        assert probe.logits is not None
+        num_labels = int(probe.logits.shape[1])
+        return TeacherInfo(
+            name=metadata.name,
+            num_layers=1,  # unknown, and asked for logits only
+            hidden_size=0,
+            num_labels=num_labels,
+            label_names=tuple(f"LABEL_{i}" for i in range(num_labels)),
+            vocab_size=0,  # unknown: its ids are taken to be the student's
+            max_seq_length=FOREIGN_MAX_LENGTH,
+            flops_config=uncounted_flops(num_labels),
+            text_only=text,
+        )
 
     async def _get(self, replica: _Replica, path: str, what: str) -> _Reply:
         """One GET at start-up that must answer 200 (else the server's refusal is raised)."""
@@ -344,8 +370,8 @@ class HttpTeacherClient:
             hidden_cls=tensor("hidden_cls", cls_shape) if query.cls_layers else None,
             hidden_states=tensor("hidden_states", token_shape) if query.token_layers else None,
             teacher_flops=count("teacher_flops"),
-            tokens=count("tokens"),
-            padded_tokens=count("padded_tokens"),
+            tokens=count("tokens") if "tokens" in params else _real_tokens(query),
+            padded_tokens=count("padded_tokens") if "padded_tokens" in params else _real_tokens(query),
             cache_hits=count("cache_hits"),
             timings=Timings(queue_us=number("queue_us"), compute_us=number("compute_us")),
         )
@@ -481,6 +507,11 @@ def _inputs(query: TeacherQuery | TextQuery) -> dict[str, Tensor]:
     if query.token_type_ids is not None:
         inputs["token_type_ids"] = query.token_type_ids.to(torch.int32)
     return inputs
+
+
+def _real_tokens(query: TeacherQuery | TextQuery) -> int:
+    """The query's tokens, for a server that does not count them: its ids' (text: unknown, 0)."""
+    return 0 if isinstance(query, TextQuery) else int(query.attention_mask.sum())
 
 
 def _layer_list(layers: tuple[int, ...]) -> str:

@@ -24,42 +24,29 @@ server that reports no usage is counted 0 tokens (with a warning). Calls are the
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import json
 import logging
-import time
 from typing import Any
 
 import torch
 
-from shared.flops import FlopsShape
 from shared.prompting import LabelPrompt
 from shared.teacher_api import TeacherAnswer, TeacherInfo, TeacherQuery, TextQuery
+from student_trainer.kd.ledger import uncounted_flops
 from student_trainer.teachers.client import TeacherRequestError
-from student_trainer.teachers.http import TRANSPORT_ERRORS, HttpTeacherClient, _describe, _Replica, _send
+from student_trainer.teachers.http import _Replica
 from student_trainer.teachers.label_logprobs import class_logits
+from student_trainer.teachers.remote import OutOfProtocol, RemoteTeacherClient
 
 log = logging.getLogger(__name__)
 
 TOP_LOGPROBS = 20  # vLLM's default cap (--max-logprobs); OpenAI's chat API allows 20 too
 DEFAULT_CONTEXT = 2048  # a server that does not say its context length (vLLM says max_model_len)
-JSON = {"Content-Type": "application/json"}
 
 
-def uncounted_flops(num_labels: int) -> dict[str, Any]:
-    """The ``flops_config`` of a teacher whose architecture the trainer cannot see: zero FLOPs, so
-    its cost is what the server reports (tokens) and the rows sent (calls)."""
-    return dataclasses.asdict(FlopsShape("remote", 0, 0, 0, num_labels))
-
-
-class OutOfProtocol(ValueError):
-    """A 200 answer whose body is not what the API promises."""
-
-
-class OpenAITeacherClient(HttpTeacherClient):
+class OpenAITeacherClient(RemoteTeacherClient):
     """A prompted teacher behind OpenAI-compatible replicas (see the module docstring)."""
 
-    health_path = "/models"
+    health_path = models_path = "/models"
 
     def __init__(
         self,
@@ -79,38 +66,11 @@ class OpenAITeacherClient(HttpTeacherClient):
         self.prompt = prompt
         self.top_logprobs = top_logprobs
         self.first_tokens: tuple[tuple[str, ...], ...] = tuple(words for _, words in prompt.label_words)
-        self._warned_usage = False
 
     # --- start-up --------------------------------------------------------------------------------
 
-    async def _not_ready(self, replica: _Replica, deadline: float) -> str | None:
-        """None once ``/models`` answers and lists the model (an unknown model is refused at once)."""
-        timeout = max(0.05, min(self.timeout_s, 5.0, deadline - time.monotonic()))
-        try:
-            reply = await _send(replica, "GET", "/models", timeout_s=timeout)
-        except TRANSPORT_ERRORS as err:
-            return _describe(err)
-        if reply.status_code in (401, 403):
-            raise self._refusal(replica, reply)
-        if reply.status_code != 200:
-            return f"server not ready (HTTP {reply.status_code})"
-        self._model_entry(replica, reply.content)
-        return None
-
-    def _model_entry(self, replica: _Replica, content: bytes) -> dict[str, Any]:
-        try:
-            models = {m["id"]: m for m in json.loads(content)["data"]}
-        except (ValueError, KeyError, TypeError) as err:
-            raise TeacherRequestError(f"{replica.url}/models: not an OpenAI model list: {err}") from err
-        if self.model not in models:
-            served = sorted(models)
-            raise TeacherRequestError(
-                f"teacher {self.model!r} is not served at {replica.url} (it serves {served})", status=404
-            )
-        return models[self.model]
-
     async def _fetch_info(self, replica: _Replica) -> TeacherInfo:
-        entry = self._model_entry(replica, (await self._get(replica, "/models", "model list")).content)
+        entry = await self._fetch_entry(replica)
         self.first_tokens = await self._first_tokens(replica)
         return TeacherInfo(
             name=self.model,
@@ -151,21 +111,6 @@ class OpenAITeacherClient(HttpTeacherClient):
             )
         return tuple(firsts)
 
-    async def _call_json(self, replica: _Replica, path: str, body: dict[str, Any]) -> dict[str, Any] | None:
-        """One start-up POST; None when the server has no such endpoint."""
-        try:
-            encoded = json.dumps(body).encode()
-            reply = await _send(replica, "POST", path, timeout_s=self.timeout_s, body=encoded, headers=JSON)
-        except TRANSPORT_ERRORS:
-            return None
-        if reply.status_code != 200:
-            return None
-        try:
-            loaded = json.loads(reply.content)
-        except ValueError:
-            return None
-        return loaded if isinstance(loaded, dict) else None
-
     # --- queries ---------------------------------------------------------------------------------
 
     async def infer(self, query: TeacherQuery | TextQuery) -> TeacherAnswer:
@@ -193,20 +138,10 @@ class OpenAITeacherClient(HttpTeacherClient):
                      "top_logprobs": self.top_logprobs}  # fmt: skip
         else:
             body |= {"prompt": prompts, "logprobs": self.top_logprobs}
-        replica, reply = await self._post(path, json.dumps(body).encode(), JSON)
-        try:
-            answer = json.loads(reply.content)
+        answer = await self._post_json(path, body)
+        with self._in_protocol(path):
             tops = _top_logprobs(answer, len(prompts), chat=path == "/chat/completions")
-        except (OutOfProtocol, ValueError, KeyError, TypeError, IndexError) as err:
-            raise TeacherRequestError(f"{replica.url}{path}: answer outside the protocol: {err}") from err
         return tops, self._usage(answer)
-
-    def _usage(self, answer: dict[str, Any]) -> int:
-        usage = answer.get("usage") or {}
-        if "prompt_tokens" not in usage and not self._warned_usage:
-            log.warning("teacher %r reports no usage: its tokens count as 0", self.model)
-            self._warned_usage = True
-        return int(usage.get("prompt_tokens") or 0) + int(usage.get("completion_tokens") or 0)
 
 
 def _top_logprobs(answer: dict[str, Any], rows: int, *, chat: bool) -> list[dict[str, float]]:

@@ -159,12 +159,16 @@ def summary_paragraph(args: DistillArguments, results: dict[str, Any]) -> str:
             f"The store of teacher answers answered {ledger['teacher_store_hits']:,} of "
             f"{ledger['teacher_store_lookups']:,} rows ({100 * ledger['teacher_store_hit_rate']:.1f}%). "
         )
-    if ledger.get("teacher_budget_flops") is not None:
+    unit = next(
+        (u for u in ("flops", "calls", "tokens") if ledger.get(f"teacher_budget_{u}") is not None), None
+    )
+    if unit is not None:
         used = ledger["teacher_budget_used_fraction"]
+        amount = gflops if unit == "flops" else lambda n: f"{n:,} {unit}"
         text += (
             f"Teacher budget {args.teacher_budget}: the rows sent cost "
-            f"{gflops(ledger['teacher_budget_spent_flops'])} "
-            f"of the {gflops(ledger['teacher_budget_flops'])} it allows"
+            f"{amount(ledger[f'teacher_budget_spent_{unit}'])} "
+            f"of the {amount(ledger[f'teacher_budget_{unit}'])} it allows"
             + (f" ({100 * used:.1f}% of it). " if used is not None else ". ")
         )
     text += f"Student training cost {gflops(ledger['student_flops'])}."

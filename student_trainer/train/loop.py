@@ -203,10 +203,8 @@ def budget_state(run: DistillRun) -> dict[str, Any]:
     budget = run.kd.budget
     if budget is None:
         return {}
-    ledger, state = run.ledger, run.state
-    return budget_counts(
-        budget, state.global_step, run.total_steps, ledger.vanilla_unpadded_flops, ledger.requested_flops
-    )
+    spent, vanilla = run.ledger.budget_spend(budget.unit)
+    return budget_counts(budget, run.state.global_step, run.total_steps, vanilla=vanilla, spent=spent)
 
 
 def evaluate_once(run: DistillRun, marks: Milestones, reporter: Reporter) -> None:

@@ -30,7 +30,7 @@ from student_trainer.data.tokenized import TokenizedDataset
 from student_trainer.kd.alignment import LayerAlignment
 from student_trainer.kd.budget import BatchCosts, BudgetPacer
 from student_trainer.kd.config import TEACHER_ROLES, KDConfig
-from student_trainer.kd.ledger import FlopsLedger, teacher_flops_config
+from student_trainer.kd.ledger import FlopsLedger, is_uncounted, teacher_flops_config
 from student_trainer.kd.selection import ExactBudgetSelector, select_instances
 from student_trainer.teachers.client import (
     TeacherClient,
@@ -248,11 +248,24 @@ def ladder_order(infos: dict[str, TeacherInfo]) -> tuple[str, ...]:
     return tuple(sorted(infos, key=lambda role: flops_per_token(teacher_flops_config(infos[role]))))
 
 
-def check_budget_vocabulary(kd: KDConfig, text_roles: frozenset[str]) -> None:
-    if kd.budget is not None and text_roles:
+def check_budget_vocabulary(
+    kd: KDConfig, text_roles: frozenset[str], infos: Mapping[str, TeacherInfo]
+) -> None:
+    """A budget in FLOPs prices each row before asking: only teachers reading the student's ids,
+    whose FLOPs are counted."""
+    if kd.budget is None or kd.budget.unit != "flops":
+        return
+    instead = " (a budget in calls or tokens works: 5000calls, 2Mtok)"
+    if text_roles:
         raise UserError(
-            f"--teacher_budget needs teachers that share the student's vocabulary: {sorted(text_roles)[0]} "
-            "tokenizes text itself, so a row's cost is known only after it answers"
+            f"--teacher_budget in FLOPs needs teachers that share the student's vocabulary: "
+            f"{sorted(text_roles)[0]} reads text, so a row's FLOPs are known only after it answers" + instead
+        )
+    uncounted = sorted(role for role, info in infos.items() if is_uncounted(info))
+    if uncounted:
+        raise UserError(
+            f"--teacher_budget in FLOPs needs teachers whose FLOPs are known: {uncounted[0]} is served "
+            "without its architecture" + instead
         )
 
 
@@ -296,7 +309,7 @@ def build_run(args: DistillArguments, procs: Processes, output_dir: Path, teache
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
     optimizer, scheduler = make_optimizer(student, args, total_steps)
     kd = replace(args.kd, ladder=ladder_order(infos)) if infos else args.kd
-    check_budget_vocabulary(kd, text_roles)
+    check_budget_vocabulary(kd, text_roles, infos)
     return DistillRun(
         args=args,
         kd=kd,

@@ -22,7 +22,7 @@ from shared.teacher_api import TeacherAnswer
 from student_trainer.data.tokenized import collate_batch
 from student_trainer.kd import ledger as flops
 from student_trainer.kd.alignment import LayerAlignment
-from student_trainer.kd.budget import BatchCosts
+from student_trainer.kd.budget import BatchCosts, unit_costs
 from student_trainer.kd.config import KDConfig
 from student_trainer.kd.ledger import FlopsLedger
 from student_trainer.kd.objective import distillation_loss
@@ -65,12 +65,21 @@ def load_batch(run: DistillRun, rows: list[int]) -> dict[str, torch.Tensor]:
 
 
 def batch_costs(
-    kd: KDConfig, teachers: Teachers, logits: torch.Tensor, batch: dict[str, torch.Tensor]
+    ctx: KDContext, teachers: Teachers, logits: torch.Tensor, batch: dict[str, torch.Tensor]
 ) -> BatchCosts:
-    """What each row would cost a teacher budget (on its routed teacher(s)) and vanilla KD's bill."""
-    costs = flops.row_costs(teachers.infos, batch["attention_mask"].sum(dim=1).tolist())
+    """What each row would cost a teacher budget (on its routed teacher(s)), in the budget's unit,
+    and vanilla KD's bill."""
+    assert ctx.kd.budget is not None
+    lengths = batch["attention_mask"].sum(dim=1).tolist()
+    own = {  # each teacher's tokens: a teacher sent text at the run's observed ratio so far
+        role: flops.scaled_lengths(lengths, ctx.ledger.token_ratio(role, {}))
+        if role in ctx.text_roles
+        else lengths
+        for role in teachers.infos
+    }
+    costs = unit_costs(ctx.kd.budget.unit, flops.row_costs(teachers.infos, lengths), own)
     vanilla = sum(sum(per_row) for per_row in costs.values())
-    return BatchCosts(routed_costs(kd, logits, costs), vanilla)
+    return BatchCosts(routed_costs(ctx.kd, logits, costs), vanilla)
 
 
 def ask_teachers_about(
@@ -90,7 +99,7 @@ def ask_teachers_after(
 ) -> TeacherRound:
     """Given the student's forward pass: choose rows and teachers from its uncertainty; ask them."""
     texts: dict[str, RowTexts] = {role: ctx.row_texts for role in ctx.text_roles}
-    costs = batch_costs(ctx.kd, teachers, logits, batch) if ctx.selector.pacer else None
+    costs = batch_costs(ctx, teachers, logits, batch) if ctx.selector.pacer else None
     select = functools.partial(ctx.selector.select, costs=costs)
     plan = plan_batch(ctx.kd, logits, batch, select, ctx.alignments, texts)
     failure: TeacherCallError | None = None

@@ -118,7 +118,7 @@ def text_teachers(
         elif info.tokenizer_vocab_sha256 is not None:
             if info.tokenizer_vocab_sha256 != mine:
                 text.add(role)
-        elif info.vocab_size != student_vocab_size:
+        elif info.vocab_size and info.vocab_size != student_vocab_size:  # 0: unknown (another v2 server)
             raise UserError(
                 f"teacher {role} has a vocabulary of {info.vocab_size} tokens but the student has "
                 f"{student_vocab_size}, and it publishes no tokenizer fingerprint to be sent text instead"

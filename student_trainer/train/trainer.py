@@ -121,7 +121,7 @@ class DynamicKDTrainer(Trainer):
             else frozenset()
         )
         self.kd = replace(kd, ladder=ladder_order(infos)) if infos else kd
-        check_budget_vocabulary(self.kd, self.text_roles)
+        check_budget_vocabulary(self.kd, self.text_roles, infos)
         num_layers = int(model.config.num_hidden_layers)
         self.alignments = {r: LayerAlignment.between(num_layers, i.num_layers) for r, i in infos.items()}
         self.ledger = FlopsLedger(roles=tuple(dict.fromkeys((*TEACHER_ROLES, *infos))))
@@ -226,12 +226,9 @@ class DynamicKDTrainer(Trainer):
             teacher_flops_vanilla=ledger.vanilla_flops,
         )
         if self.kd.budget is not None:
+            spent, vanilla = ledger.budget_spend(self.kd.budget.unit)
             bound = budget_counts(
-                self.kd.budget,
-                self.state.global_step,
-                self.state.max_steps,
-                ledger.vanilla_unpadded_flops,
-                ledger.requested_flops,
+                self.kd.budget, self.state.global_step, self.state.max_steps, vanilla=vanilla, spent=spent
             )
             metrics.update({key: value for key, value in bound.items() if value is not None})
         return metrics
