@@ -1,5 +1,6 @@
 # Two commands for users: `make demo` (install + run the end-to-end demo) and `make test`.
-# Both install into ./.venv first; a second run skips the install unless pyproject.toml changed.
+# Both install into ./.venv first, every package at its version in requirements.lock; a second run
+# skips the install unless pyproject.toml or the lock changed.
 
 SHELL  := /bin/bash
 # pipefail: pip's own exit status must survive the filter of its noise below
@@ -8,21 +9,44 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-# torch is pinned here, not in pyproject.toml: 2.13.0 is the CPU wheel this machine keeps on
-# disk; an unpinned torch would pull a multi-GB CUDA build. CUDA users install their own first.
-TORCH  ?= torch==2.13.0
+LOCK   := requirements.lock
+EXTRAS := dev demo docs
+# torch goes first, at the lock's version, from the CPU wheel this machine keeps on disk (pip's
+# find-links); any other torch would pull a multi-GB CUDA build. CUDA users install their own
+# torch of that version first: the lock's pin carries no +cpu label, so theirs satisfies it.
+TORCH  ?= $(shell grep -m1 '^torch==' $(LOCK))
 PIP    := $(BIN)/python -m pip --disable-pip-version-check
+QUIET  := 2>&1 | { grep -v "^WARNING: Location" || true; }
+# pip-tools, not uv: pip-compile resolves with pip itself, so it sees what `make install` sees
+# (pip's find-links folder with the CPU torch, its index mirrors and constraints); uv reads no pip
+# configuration and would resolve torch to the CUDA build and its nvidia-* packages.
+COMPILE = CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile -q --strip-extras --no-emit-find-links \
+	--no-emit-index-url --no-emit-trusted-host $(addprefix --extra ,$(EXTRAS)) pyproject.toml
+UNLABEL := sed -i -E 's/^(torch==[^+ ]+)\+[a-z0-9.]+/\1/'
 
-.PHONY: install demo test lint unit docs bench tools clean
+.PHONY: install lock lock-check demo test lint unit docs bench tools clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q "$(TORCH)" 2>&1 | { grep -v "^WARNING: Location" || true; }
-	$(PIP) install -q -e ".[dev,demo,docs]" 2>&1 | { grep -v "^WARNING: Location" || true; }
+	$(PIP) install -q "$(TORCH)" $(QUIET)
+	$(PIP) install -q --no-deps -r $(LOCK) $(QUIET)
+	$(PIP) install -q --no-deps -e . $(QUIET)
+	@$(PIP) check >/dev/null || { $(PIP) check; echo "$(LOCK) is not current with pyproject.toml: make lock"; exit 1; }
 	@$(BIN)/python -c "import torch, transformers, fastapi, pytest" || { echo "install failed"; exit 1; }
 	@touch $(STAMP)
 
 install: $(STAMP)
+
+# requirements.lock: every package of `pip install -e ".[dev,demo,docs]"` pinned, kept where pyproject.toml
+# still allows it (pip-compile reuses the lock's pins); `make lock-check` fails when it is not current.
+lock:
+	@test -x $(BIN)/pip-compile || { test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); $(PIP) install -q pip-tools; }
+	$(COMPILE) -o $(LOCK) 2>/dev/null
+	@$(UNLABEL) $(LOCK)
+
+lock-check: install
+	@tmp=$$(mktemp -d) && cp $(LOCK) $$tmp/lock && $(COMPILE) -o $$tmp/lock 2>/dev/null && $(UNLABEL) $$tmp/lock \
+		&& diff -u $(LOCK) $$tmp/lock && rm -r $$tmp || { echo "$(LOCK) is not current with pyproject.toml: make lock"; exit 1; }
 
 # Debian's docker-compose validates the compose file in the tests (no engine needed).
 # Best effort: without root/apt those tests skip and say why.
@@ -46,7 +70,7 @@ unit: install
 docs: install
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
-test: install tools lint docs unit
+test: install tools lock-check lint docs unit
 
 bench: install
 	$(BIN)/python benchmarks/bench_server.py

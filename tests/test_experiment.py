@@ -157,6 +157,26 @@ def test_a_grid_runs_with_the_default_folders_and_records_no_machine_path(worksp
     assert (tmp_path / ".cache/experiments/teachers" / json.loads(record)["folder"] / "config.json").exists()
 
 
+def test_each_run_and_the_report_record_what_made_them(finished_grid):
+    from importlib.metadata import version
+
+    expected = {name: version(name) for name in ("torch", "transformers", "tokenizers")}
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
+    for result in results_of(finished_grid).values():
+        assert {k: result["made_with"][k] for k in expected} == expected
+        assert result["made_with"]["python"].count(".") == 2
+        assert not head or result["made_with"]["commit"].startswith(head)
+    report = json.loads((finished_grid / "results/default/tiny/report.json").read_text())
+    assert report["made_with"]["transformers"] == expected["transformers"]
+    assert report["runs_made_with"] == [{"made_with": result["made_with"], "runs": 4}]
+    assert (
+        f"transformers {expected['transformers']}"
+        in (finished_grid / "results/default/tiny/report.md").read_text()
+    )
+
+
 def test_rerun_skips_finished_runs(finished_grid, workspace):
     before = {p: p.stat().st_mtime_ns for p in (finished_grid / "results").rglob("results.json")}
     again = run_experiment(finished_grid / "grid.yaml", finished_grid)

@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared.provenance import made_with
 from student_trainer.experiments.config import ExperimentConfig, TableSpec
 from student_trainer.experiments.layout import Layout, write_json
 from student_trainer.train.metrics import above_majority_baseline
@@ -242,6 +243,25 @@ def service_savings(config: ExperimentConfig, layout: Layout) -> dict[str, Any]:
     return out
 
 
+def versions_of_runs(config: ExperimentConfig, layout: Layout) -> list[dict[str, Any]]:
+    """Each distinct ``made_with`` of the finished runs and how many runs it made (None for runs
+    made before ``results.json`` recorded it)."""
+    counts: Counter[str] = Counter()
+    for task, method, seed in config.runs():
+        path = layout.run_results(task, method.name, seed) / "results.json"
+        if path.exists():
+            counts[json.dumps(json.loads(path.read_text()).get("made_with"), sort_keys=True)] += 1
+    return [{"made_with": json.loads(key), "runs": n} for key, n in counts.most_common()]
+
+
+def describe(versions: dict[str, str | None] | None) -> str:
+    """``made_with`` in words, for report.md."""
+    if not versions:
+        return "versions not recorded"
+    packages = ", ".join(f"{k} {v}" for k, v in versions.items() if k != "commit")
+    return f"{packages}, commit {versions.get('commit') or 'unknown'}"
+
+
 def write_report(config: ExperimentConfig, layout: Layout) -> Path:
     """``report.md`` + ``report.json`` (+ PNG plots) in the experiment's results folder."""
     data = collect(config, layout)
@@ -276,7 +296,10 @@ def write_report(config: ExperimentConfig, layout: Layout) -> Path:
         )
     wall = sum(sum(c.wall_time_s) for c in cells.values())
     done = sum(c.n for c in cells.values())
-    parts += [f"- {done} of {len(config.runs())} runs done; their wall time: {wall / 3600:.2f} h.", ""]
+    parts += [f"- {done} of {len(config.runs())} runs done; their wall time: {wall / 3600:.2f} h."]
+    now, runs = made_with(), versions_of_runs(config, layout)
+    parts += [f"- This report: {describe(now)}."]
+    parts += [f"- {entry['runs']} run(s): {describe(entry['made_with'])}." for entry in runs] + [""]
     path = layout.results / "report.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(parts), encoding="utf-8")
@@ -284,7 +307,8 @@ def write_report(config: ExperimentConfig, layout: Layout) -> Path:
         layout.results / "report.json",
         {"tables": tables_json, "budget_vs_ratio": comparison, "tasks": task_info, "teachers": teachers,
          "service": savings,
-         "runs_done": done, "runs_total": len(config.runs()), "wall_time_s": wall},
+         "runs_done": done, "runs_total": len(config.runs()), "wall_time_s": wall,
+         "made_with": now, "runs_made_with": runs},
     )  # fmt: skip
     print(f"[experiment] report: {path}")
     return path

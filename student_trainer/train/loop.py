@@ -31,6 +31,7 @@ from typing import Any
 import torch.distributed as dist
 from transformers.utils import logging as hf_logging
 
+from shared.provenance import made_with
 from student_trainer.args.distill import DistillArguments
 from student_trainer.kd.budget import budget_counts
 from student_trainer.teachers.client import TeacherCallError
@@ -264,6 +265,7 @@ def run_results(run: DistillRun, teachers: Teachers, last_eval: dict[str, float]
             role: {"spec": args.teachers[role], **asdict(info)} for role, info in teachers.infos.items()
         },
         "args": args.to_dict(),
+        "made_with": made_with(),
     }
 
 
