@@ -38,15 +38,22 @@ class FakeOpenAI(ServerThread):
         self.usage = True
         self.tokenizer: dict[str, list[str]] | None = None  # word -> its tokens; None: no /tokenize
         self.requests: list[tuple[str, dict]] = []
+        self.vocab: list[str] = []  # token strings by id, as /tokenize hands them out
         super().__init__(self._app())
 
-    def top(self, prompt: str, k: int) -> dict[str, float]:
-        ranked = sorted(self.dist(prompt).items(), key=lambda item: -item[1])[:k]
+    def top(self, prompt: str, k: int, allowed: list[int] | None = None) -> dict[str, float]:
+        """The ``k`` most likely next tokens and, as vLLM does, the token sampled (the most
+        likely of the ``allowed`` ids) besides, all with their raw log-probabilities."""
+        dist = self.dist(prompt)
+        ranked = sorted(dist.items(), key=lambda item: -item[1])[:k]
+        if allowed:
+            sampled = max((self.vocab[i] for i in allowed), key=lambda token: dist.get(token, 0.0))
+            ranked.append((sampled, dist[sampled]))
         return {token: math.log(p) for token, p in ranked}
 
     def _app(self) -> FastAPI:
         app = FastAPI()
-        vocab: list[str] = []
+        vocab = self.vocab
 
         @app.get("/v1/models")
         def models() -> dict:
@@ -75,7 +82,7 @@ class FakeOpenAI(ServerThread):
             prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
             choices = [
                 {"index": i, "text": next(iter(self.top(p, 1))),
-                 "logprobs": {"top_logprobs": [self.top(p, body["logprobs"])]}}
+                 "logprobs": {"top_logprobs": [self.top(p, body["logprobs"], body.get("allowed_token_ids"))]}}
                 for i, p in enumerate(prompts)
             ]  # fmt: skip
             return {"choices": choices[::-1], **usage(prompts)}  # out of order: the index decides
@@ -86,7 +93,8 @@ class FakeOpenAI(ServerThread):
             if refusal is not None:
                 return refusal
             prompt = body["messages"][0]["content"]
-            top = [{"token": t, "logprob": lp} for t, lp in self.top(prompt, body["top_logprobs"]).items()]
+            ranked = self.top(prompt, body["top_logprobs"], body.get("allowed_token_ids"))
+            top = [{"token": t, "logprob": lp} for t, lp in ranked.items()]
             content = [{"token": top[0]["token"], "logprob": top[0]["logprob"], "top_logprobs": top}]
             return {"choices": [{"index": 0, "logprobs": {"content": content}}], **usage([prompt])}
 

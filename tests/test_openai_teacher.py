@@ -64,22 +64,30 @@ def expected_logits(texts: list[str], words=((" negative",), (" positive",))) ->
 
 def test_label_words_in_the_top_k_keep_their_log_probabilities_and_a_class_sums_its_words() -> None:
     top = {" positive": math.log(0.5), " great": math.log(0.2), " negative": math.log(0.1)}
-    logits = class_logits(top, [(" negative",), (" positive", " great")])
+    logits = class_logits(top, [(" negative",), (" positive", " great")], k=20)
     assert logits == pytest.approx([math.log(0.1), math.log(0.7)])
 
 
-def test_words_outside_the_top_k_share_the_remaining_mass_capped_by_the_least_likely_returned() -> None:
+def test_words_outside_the_top_k_share_the_remaining_mass_capped_by_the_kth_most_likely() -> None:
     top = {" the": math.log(0.5), " positive": math.log(0.3)}  # 0.2 left for two missing words
-    assert class_logits(top, [(" negative", " bad"), (" positive",)]) == pytest.approx(
+    assert class_logits(top, [(" negative", " bad"), (" positive",)], k=2) == pytest.approx(
         [math.log(0.2), math.log(0.3)]
     )
     top = {" the": math.log(0.4), " positive": math.log(0.05)}  # 0.55 left, but none beats 0.05
-    assert class_logits(top, [(" negative",), (" positive",)])[0] == pytest.approx(math.log(0.05))
+    assert class_logits(top, [(" negative",), (" positive",)], k=2)[0] == pytest.approx(math.log(0.05))
+    top = {
+        " the": math.log(0.4),
+        " a": math.log(0.3),
+        " positive": math.log(1e-6),
+    }  # positive: sampled, not top 2
+    assert class_logits(top, [(" negative",), (" positive",)], k=2) == pytest.approx(
+        [math.log(0.3), math.log(1e-6)], abs=1e-4
+    )  # the 0.3 left goes to the missing word: capped by the 2nd most likely, not by the sampled one
 
 
 def test_no_mass_left_gives_the_floor_not_minus_infinity() -> None:
     top = {" positive": 0.0}  # probability 1
-    assert class_logits(top, [(" negative",), (" positive",)]) == pytest.approx([math.log(FLOOR), 0.0])
+    assert class_logits(top, [(" negative",), (" positive",)], k=20) == pytest.approx([math.log(FLOOR), 0.0])
 
 
 @pytest.mark.parametrize(
@@ -135,6 +143,17 @@ def test_a_label_word_of_several_tokens_counts_by_its_first_token(server) -> Non
     prompt = {**PROMPT, "label_words": {"negative": [" negatively"], "positive": [" positively"]}}
     (answer,) = ask(client(server, prompt), TextQuery(TEXTS))
     torch.testing.assert_close(answer.logits, expected_logits(TEXTS))
+
+
+def test_where_the_server_tells_token_ids_the_most_likely_label_word_is_always_returned(server) -> None:
+    server.tokenizer = {" it": [" it"], " great": [" great"]}
+    prompt = {**PROMPT, "label_words": {"negative": [" it"], "positive": [" great"]}}
+    (answer,) = ask(client(server, prompt, top_logprobs=2), TextQuery(["a good film"]))
+    assert sorted(server.requests[-1][1]["allowed_token_ids"]) == [0, 1]  # the label words' ids
+    # top 2: positive .55, the .2; " it" (.06) is sampled among the allowed, so it comes back too;
+    # " great" shares what the three leave, capped by the 2nd most likely
+    share = min(1 - (0.55 + 0.2 + 0.06), 0.2)
+    torch.testing.assert_close(answer.logits, torch.tensor([[math.log(0.06), math.log(share)]]))
 
 
 def test_classes_whose_words_begin_with_the_same_token_are_refused(server) -> None:

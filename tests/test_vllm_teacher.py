@@ -69,9 +69,11 @@ def vllm(tmp_path_factory) -> Iterator[tuple[str, Path]]:
 
 
 def expected_logits(model_dir: Path, texts: list[str], words: list[list[str]], k: int = 20) -> torch.Tensor:
-    """The class logits ``transformers`` gives: the same top-``k`` rule on the model's own forward."""
+    """The class logits ``transformers`` gives: the same rule on the model's own forward, over the
+    top ``k`` and the most likely label word (the token vLLM samples among the allowed ones)."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    label_ids = [tokenizer(word, add_special_tokens=False)["input_ids"][0] for ws in words for word in ws]
     rows = []
     for text in texts:
         ids = tokenizer(PROMPT["prompt"].format(text=text), return_tensors="pt")
@@ -79,7 +81,9 @@ def expected_logits(model_dir: Path, texts: list[str], words: list[list[str]], k
             logprobs = model(**ids).logits[0, -1].log_softmax(-1)
         values, indices = logprobs.topk(k)
         top = {tokenizer.decode([int(i)]): float(v) for v, i in zip(values, indices, strict=True)}
-        rows.append(class_logits(top, words))
+        sampled = max(label_ids, key=lambda i: float(logprobs[i]))
+        top.setdefault(tokenizer.decode([sampled]), float(logprobs[sampled]))
+        rows.append(class_logits(top, words, k))
     return torch.tensor(rows)
 
 
