@@ -138,6 +138,7 @@ def test_gradient_accumulation_asks_and_counts_each_teacher_row_once(workspace, 
     totals = trainer.ledger.totals
     assert totals["teacher_rows_small"] == 20 and totals["teacher_requests"] == 5
     assert totals["instances"] == 40
+    assert trainer.state.total_flos == trainer.ledger.summary()["student_flops"] > 0  # the model card's
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert [entry["step"] for entry in logged] == [1, 2, 3]
     assert all(entry["selection_share"] == 0.5 for entry in logged)

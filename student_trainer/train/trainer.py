@@ -32,6 +32,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from shared.errors import UserError
 from student_trainer.data.tokenized import collate_batch
+from student_trainer.kd import ledger as flops
 from student_trainer.kd.alignment import LayerAlignment
 from student_trainer.kd.budget import budget_counts
 from student_trainer.kd.config import LADDER_METHODS, TEACHER_ROLES, KDConfig
@@ -186,6 +187,12 @@ class DynamicKDTrainer(Trainer):
             }
         )
         return (loss, {"logits": asked.logits}) if return_outputs else loss
+
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        """The student's forward and backward on this padded batch, as the FLOPs ledger counts them
+        (the ``Trainer``'s ``total_flos``; the teachers' FLOPs are the ledger's)."""
+        counts = flops.student_counts(self.student.config, *inputs["input_ids"].shape)
+        return counts["student_forward_flops"] + counts["student_backward_flops"]
 
     def _kd_loss(self, inputs: dict[str, torch.Tensor]) -> Any:
         """What the student's ``forward`` ends with: choose rows and teachers, ask them, the objective."""
