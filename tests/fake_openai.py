@@ -39,6 +39,7 @@ class FakeOpenAI(ServerThread):
         self.tokenizer: dict[str, list[str]] | None = None  # word -> its tokens; None: no /tokenize
         self.requests: list[tuple[str, dict]] = []
         self.vocab: list[str] = []  # token strings by id, as /tokenize hands them out
+        self.root: str | None = None  # where the served checkpoint lies (vLLM lists it)
         super().__init__(self._app())
 
     def top(self, prompt: str, k: int, allowed: list[int] | None = None) -> dict[str, float]:
@@ -57,7 +58,8 @@ class FakeOpenAI(ServerThread):
 
         @app.get("/v1/models")
         def models() -> dict:
-            return {"object": "list", "data": [{"id": self.model, "object": "model", "max_model_len": 512}]}
+            entry = {"id": self.model, "object": "model", "max_model_len": 512, "root": self.root}
+            return {"object": "list", "data": [entry]}
 
         async def received(kind: str, request: Request) -> tuple[dict, JSONResponse | None]:
             """The request's body, and the planned refusal if there is one."""

@@ -9,10 +9,13 @@ import math
 import pytest
 import torch
 import yaml
+from transformers import LlamaConfig
 
 from shared.errors import UserError
+from shared.flops import FlopsShape, encoder_forward_flops
 from shared.prompting import LabelPrompt
 from shared.teacher_api import TeacherAnswer, TeacherQuery, TextQuery
+from student_trainer.kd.ledger import scaled_lengths
 from student_trainer.teachers.client import TeacherRequestError, make_teacher_client
 from student_trainer.teachers.label_logprobs import FLOOR, class_logits
 from student_trainer.teachers.openai import OpenAITeacherClient
@@ -169,6 +172,30 @@ def test_429_and_503_are_retried(server, plan: list[str]) -> None:
     (answer,) = ask(client(server, backoff_base_s=0.01), TextQuery(TEXTS))
     torch.testing.assert_close(answer.logits, expected_logits(TEXTS))
     assert len(server.requests) == len(plan) + 1
+
+
+def test_where_the_checkpoint_is_readable_here_its_family_counts_the_flops(server, tmp_path) -> None:
+    config = LlamaConfig(vocab_size=500, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    config.save_pretrained(tmp_path / "lm")
+    server.root = str(tmp_path / "lm")
+    teacher = client(server)
+    (answer,) = ask(teacher, TextQuery(TEXTS))
+    assert teacher.info is not None and teacher.info.flops_config is not None
+    shape = FlopsShape(**teacher.info.flops_config)
+    assert (shape.model_type, shape.num_hidden_layers, shape.num_labels, shape.pooler) == (
+        "llama",
+        2,
+        500,
+        False,
+    )
+    # the decoder over each prompt (an equal share of the server's tokens) and the LM head at its end
+    assert (
+        answer.teacher_flops == encoder_forward_flops(shape, scaled_lengths([1] * 3, answer.tokens / 3)) > 0
+    )
+    server.root = str(tmp_path / "nowhere")
+    (answer,) = ask(client(server), TextQuery(TEXTS))
+    assert answer.teacher_flops == 0 and answer.tokens > 0  # costed by tokens and calls only
 
 
 def test_missing_usage_counts_no_tokens_and_says_so(server, caplog) -> None:

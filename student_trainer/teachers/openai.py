@@ -25,23 +25,27 @@ label word at -37.3 came back at -37.3 with the same top 5). ``logit_bias`` beha
 
 **Cost.** The server's ``usage`` (prompt + completion tokens) is the answer's ``tokens``; a
 server that reports no usage is counted 0 tokens (with a warning). Calls are the rows sent.
+FLOPs where the served checkpoint's config can be read here (``remote.known_shape``): the
+decoder over the prompt and the LM head over the vocabulary at its last token.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from typing import Any
 
 import torch
 
+from shared.flops import FlopsShape
 from shared.prompting import LabelPrompt
 from shared.teacher_api import TeacherAnswer, TeacherInfo, TeacherQuery, TextQuery
 from student_trainer.kd.ledger import uncounted_flops
 from student_trainer.teachers.client import TeacherRequestError
 from student_trainer.teachers.http import _Replica
 from student_trainer.teachers.label_logprobs import class_logits
-from student_trainer.teachers.remote import OutOfProtocol, RemoteTeacherClient
+from student_trainer.teachers.remote import OutOfProtocol, RemoteTeacherClient, answer_flops, known_shape
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +77,13 @@ class OpenAITeacherClient(RemoteTeacherClient):
         self.top_logprobs = top_logprobs
         self.first_tokens: tuple[tuple[str, ...], ...] = tuple(words for _, words in prompt.label_words)
         self.first_ids: list[int] = []  # their token ids, where the server can tell
+        self.shape: FlopsShape | None = None  # the FLOPs model, where the checkpoint is readable here
 
     # --- start-up --------------------------------------------------------------------------------
 
     async def _fetch_info(self, replica: _Replica) -> TeacherInfo:
         entry = await self._fetch_entry(replica)
+        self.shape = known_shape(entry, lm_head=True)
         self.first_tokens = await self._first_tokens(replica)
         return TeacherInfo(
             name=self.model,
@@ -87,7 +93,9 @@ class OpenAITeacherClient(RemoteTeacherClient):
             label_names=self.prompt.labels,
             vocab_size=0,
             max_seq_length=int(entry.get("max_model_len") or DEFAULT_CONTEXT),
-            flops_config=uncounted_flops(len(self.prompt.label_words)),
+            flops_config=uncounted_flops(len(self.prompt.label_words))
+            if self.shape is None
+            else dataclasses.asdict(self.shape),
             text_only=True,
         )
 
@@ -138,7 +146,8 @@ class OpenAITeacherClient(RemoteTeacherClient):
         tokens = sum(used for _, used in answers)
         rows = [class_logits(top, self.first_tokens, self.top_logprobs) for top in tops]
         logits = torch.tensor(rows, dtype=torch.float32)
-        return TeacherAnswer(logits, None, None, teacher_flops=0, tokens=tokens, padded_tokens=tokens)
+        flops = sum(answer_flops(self.shape, len(batch), used) for batch, used in answers)
+        return TeacherAnswer(logits, None, None, teacher_flops=flops, tokens=tokens, padded_tokens=tokens)
 
     async def _ask(self, path: str, prompts: list[str]) -> tuple[list[dict[str, float]], int]:
         """One request: each prompt's top next tokens and the tokens the server counted."""

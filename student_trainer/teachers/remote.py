@@ -2,8 +2,9 @@
 
 Over the HTTP backend's replicas, retries and failover: readiness is the server's model list
 naming the model (an unknown model is refused at once), requests and answers are JSON, and the
-cost is the server's ``usage``. The trainer cannot see such a teacher's architecture, so its FLOPs
-are 0 in the ledger (:func:`~student_trainer.kd.ledger.uncounted_flops`): it is costed by tokens and calls.
+cost is the server's ``usage``, and FLOPs where the served checkpoint's config can be read here
+(:func:`known_shape`); otherwise its FLOPs are 0 in the ledger
+(:func:`~student_trainer.kd.ledger.uncounted_flops`): it is costed by tokens and calls.
 """
 
 from __future__ import annotations
@@ -13,14 +14,47 @@ import json
 import logging
 import time
 from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
+from transformers import AutoConfig
+
+from shared.flops import FlopsShape, encoder_forward_flops
+from student_trainer.kd.ledger import scaled_lengths
 from student_trainer.teachers.client import TeacherRequestError
 from student_trainer.teachers.http import TRANSPORT_ERRORS, HttpTeacherClient, _describe, _Replica, _send
 
 log = logging.getLogger(__name__)
 
 JSON = {"Content-Type": "application/json"}
+
+
+def known_shape(entry: dict[str, Any], *, lm_head: bool = False) -> FlopsShape | None:
+    """The FLOPs model of the served checkpoint, where its folder is readable here (vLLM lists it
+    as ``root``: a server on this machine, or a shared volume) and its family is one the count
+    knows; else None (the teacher is costed by tokens and calls). ``lm_head``: a causal LM asked
+    for its next token, whose head runs over the whole vocabulary at the last token."""
+    root = entry.get("root")
+    if not isinstance(root, str) or not (Path(root) / "config.json").is_file():
+        return None
+    try:
+        config = AutoConfig.from_pretrained(root, local_files_only=True)
+        shape = FlopsShape.of(config)
+        return replace(shape, num_labels=int(config.vocab_size), pooler=False) if lm_head else shape
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as err:
+        log.info("the FLOPs of the model at %s are not counted (%s): tokens and calls are", root, err)
+        return None
+
+
+def answer_flops(shape: FlopsShape | None, rows: int, tokens: int) -> int:
+    """An answer's FLOPs on ``shape``: the server reports the request's tokens only, so each row
+    counts an equal share of them (exact in total; only the small attention term depends on it)."""
+    return (
+        0
+        if shape is None or not rows
+        else encoder_forward_flops(shape, scaled_lengths([1] * rows, tokens / rows))
+    )
 
 
 class OutOfProtocol(ValueError):

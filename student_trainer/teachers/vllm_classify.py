@@ -5,23 +5,26 @@ to ``POST /classify`` and takes the class probabilities it returns (``data[i].pr
 teacher's distribution: the class logits are their logarithms (a softmax over them gives the
 probabilities back). vLLM does not publish the label names, so the classes are ``LABEL_0`` … in the
 model's own order (the index is the contract with the data's labels). Cost: the server's ``usage``
-(prompt tokens) and the rows sent. Single texts only: a pair task's teacher needs this service.
+(prompt tokens), the rows sent and, where the checkpoint's folder is readable here, its FLOPs.
+Single texts only: a pair task's teacher needs this service.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
 import torch
 
+from shared.flops import FlopsShape
 from shared.teacher_api import TeacherAnswer, TeacherInfo, TeacherQuery, TextQuery
 from student_trainer.kd.ledger import uncounted_flops
 from student_trainer.teachers.client import TeacherRequestError
 from student_trainer.teachers.http import _Replica
 from student_trainer.teachers.label_logprobs import FLOOR
 from student_trainer.teachers.openai import DEFAULT_CONTEXT
-from student_trainer.teachers.remote import OutOfProtocol, RemoteTeacherClient
+from student_trainer.teachers.remote import OutOfProtocol, RemoteTeacherClient, answer_flops, known_shape
 
 PROBE_TEXT = "."  # what start-up classifies to learn the number of classes
 
@@ -30,9 +33,11 @@ class VllmClassifyClient(RemoteTeacherClient):
     """A sequence classifier served by vLLM (see the module docstring)."""
 
     health_path = "/health"
+    shape: FlopsShape | None = None  # the FLOPs model, where the checkpoint is readable here
 
     async def _fetch_info(self, replica: _Replica) -> TeacherInfo:
         entry = await self._fetch_entry(replica)
+        self.shape = known_shape(entry)
         probe = await self._post_json("/classify", self._body([PROBE_TEXT]))
         with self._in_protocol("/classify"):
             num_labels = len(_probabilities(probe, 1)[0])
@@ -44,7 +49,9 @@ class VllmClassifyClient(RemoteTeacherClient):
             label_names=tuple(f"LABEL_{i}" for i in range(num_labels)),
             vocab_size=0,
             max_seq_length=int(entry.get("max_model_len") or DEFAULT_CONTEXT),
-            flops_config=uncounted_flops(num_labels),
+            flops_config=uncounted_flops(num_labels)
+            if self.shape is None
+            else dataclasses.asdict(self.shape),
             text_only=True,
         )
 
@@ -59,7 +66,8 @@ class VllmClassifyClient(RemoteTeacherClient):
             probs = _probabilities(answer, len(query.text))
         logits = torch.tensor([[math.log(max(FLOOR, p)) for p in row] for row in probs], dtype=torch.float32)
         tokens = self._usage(answer)
-        return TeacherAnswer(logits, None, None, teacher_flops=0, tokens=tokens, padded_tokens=tokens)
+        flops = answer_flops(self.shape, len(query.text), tokens)
+        return TeacherAnswer(logits, None, None, teacher_flops=flops, tokens=tokens, padded_tokens=tokens)
 
     def _body(self, texts: list[str]) -> dict[str, Any]:
         return {"model": self.model, "input": list(texts)}
