@@ -15,6 +15,7 @@ from shared.errors import UserError
 from shared.flops import FlopsShape, encoder_forward_flops
 from shared.prompting import LabelPrompt
 from shared.teacher_api import TeacherAnswer, TeacherQuery, TextQuery
+from student_trainer.args.distill import parse_distill_args
 from student_trainer.kd.ledger import scaled_lengths
 from student_trainer.teachers.client import TeacherRequestError, make_teacher_client
 from student_trainer.teachers.label_logprobs import FLOOR, class_logits
@@ -226,6 +227,14 @@ def test_what_an_llm_teacher_cannot_answer_is_refused(server) -> None:
         ask(client(server), ids)
     with pytest.raises(TeacherRequestError, match="hidden states"):
         ask(client(server), TextQuery(TEXTS, cls_layers=(1,)))
+
+
+def test_a_prompt_for_a_teacher_of_the_service_is_refused(tmp_path) -> None:
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(PROMPT))
+    argv = distill_argv(tmp_path, tmp_path / "t.tsv", tmp_path / "out", {"big": "http://127.0.0.1:1#big"},
+                        "--teacher_prompt", f"big={tmp_path / 'p.yaml'}")  # fmt: skip
+    with pytest.raises(UserError, match="only an openai\\+ teacher"):
+        assert parse_distill_args(argv).teacher_prompts is None  # not reached: refused
 
 
 def test_a_spec_without_model_or_prompt_is_refused() -> None:

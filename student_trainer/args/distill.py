@@ -160,6 +160,11 @@ class DistillArguments(DataArguments):
             role, sep, path = entry.partition("=")
             if not sep or role not in self.teachers:
                 raise UserError(f"--teacher_prompt takes NAME=FILE with NAME a --teacher, got {entry!r}")
+            if not self.teachers[role].startswith("openai+"):
+                raise UserError(
+                    f"--teacher_prompt {role}=: only an openai+ teacher is asked a prompt by the trainer "
+                    "(a prompted teacher of the service has its prompt in the service's config)"
+                )
             prompts[role] = LabelPrompt.read(path)
         return prompts
 
