@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -510,3 +511,23 @@ def test_committed_teacher_records_hold_no_machine_path():
     for path in records:
         record = json.loads(path.read_text())
         assert "dir" not in record and "/" not in record["folder"], path
+
+
+MACHINE_PATH = re.compile(r'"(/(?:root|home|tmp|work|opt|usr)/[^"]*|[^"]*site-packages[^"]*)"')
+
+
+def test_committed_runs_hold_no_machine_path():
+    files = [
+        p for name in ("run.json", "results.json") for p in (REPO / "results").glob(f"*/*/runs/**/{name}")
+    ]
+    assert files
+    found = {str(p.relative_to(REPO)): MACHINE_PATH.findall(p.read_text()) for p in files}
+    assert {path: paths for path, paths in found.items() if paths} == {}
+
+
+def test_a_run_records_its_work_folder_by_name(finished_grid):
+    """The grid ran with an absolute --work_dir: results name it ``{work}``, not this machine's path."""
+    for run in (finished_grid / "results" / "default" / "tiny" / "runs").rglob("*.json"):
+        assert str(finished_grid / "work") not in run.read_text(), run
+    command = json.loads(next((finished_grid / "results").rglob("run.json")).read_text())["command"]
+    assert command[command.index("--output_dir") + 1].startswith("{work}/runs/sst2/")

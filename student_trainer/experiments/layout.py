@@ -24,6 +24,20 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(partial, path)
 
 
+def portable(data: Any, names: dict[str, str]) -> Any:
+    """``data`` with each string that is one of ``names``' paths, or lies under one, named by its
+    stand-in (``/home/me/work/runs/x`` -> ``{work}/runs/x``): results to commit hold no machine path."""
+    if isinstance(data, dict):
+        return {key: portable(value, names) for key, value in data.items()}
+    if isinstance(data, list):
+        return [portable(value, names) for value in data]
+    if isinstance(data, str):
+        for path, name in names.items():
+            if data == path or data.startswith(path + "/"):
+                return name + data[len(path) :]
+    return data
+
+
 @contextmanager
 def locked(path: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``path`` (created if missing): grid shards running side by side

@@ -26,7 +26,7 @@ from shared.errors import UserError
 from student_trainer.args.finetune import RESUME_FILE
 from student_trainer.experiments import signals
 from student_trainer.experiments.config import ExperimentConfig, Method, TeacherSpec
-from student_trainer.experiments.layout import Layout, locked, run_id
+from student_trainer.experiments.layout import Layout, locked, portable, run_id
 from student_trainer.experiments.models import resolve_model
 from student_trainer.experiments.tasks import task_record
 
@@ -306,13 +306,21 @@ def run_one(
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     wall = _trainer("distill", flags, work / "run.log")
     results = json.loads((work / "results.json").read_text())
+    names = {  # the work folder and the student's resolved alias, as the config names them
+        str(layout.work): "{work}",
+        str(layout.work.resolve()): "{work}",
+        resolve_model(config.student.model): config.student.model,
+    }
     layout.save_run(
         task,
         method.name,
         seed,
-        results=results,
+        results=portable(results, names),
         trace=extract_trace(work / "metrics.jsonl"),
-        run={"wall_time_s": wall, "started_utc": started, "command": ["student-trainer", "distill", *flags]},
+        run=portable(
+            {"wall_time_s": wall, "started_utc": started, "command": ["student-trainer", "distill", *flags]},
+            names,
+        ),
     )
     if not keep_models:  # the results are what the grid is for; weights are 60+ MB a run
         for path in work.glob("checkpoint-*"):
