@@ -11,7 +11,7 @@ On the first ``--sentences`` SST-2 dev sentences (``../shared/data/sst2/dev.tsv`
    time of a full pass against an exit after half the layers;
 2. served: ``teacher-server`` in a subprocess on a loopback port, the sentences sent as
    ``text`` (the server tokenizes with the teacher's own tokenizer) in requests of ``--batch``,
-   one at a time, the output cache off; its [CLS] vectors against the in-process forward (the
+   one at a time, the output cache off; its pooled vectors against the in-process forward (the
    classification head is freshly initialised in each process, so logits are compared
    in-process only), its ``tokens`` against the teacher tokenizer's own count, sequences/s.
 
@@ -153,9 +153,12 @@ def main() -> None:
     }
     rows = [
         ("early exit vs own forward, logits (max |diff|)", f"{local['max_abs_diff_logits']:.2e}"),
-        ("early exit vs own forward, [CLS] of every layer", f"{local['max_abs_diff_hidden_cls']:.2e}"),
         (
-            "served vs in-process, [CLS] of every layer",
+            "early exit vs own forward, pooled vector of every layer",
+            f"{local['max_abs_diff_hidden_cls']:.2e}",
+        ),
+        (
+            "served vs in-process, pooled vector of every layer",
             f"{remote['max_abs_diff_hidden_cls_vs_in_process']:.2e}",
         ),
         ("in-process, full depth + head (seq/s)", f"{local['full_seq_per_s']:.1f}"),
@@ -163,13 +166,13 @@ def main() -> None:
             f"in-process, exit after layer {engine.info.num_layers // 2} (seq/s)",
             f"{local['half_depth_seq_per_s']:.1f}",
         ),
-        ("served, text in, logits + every [CLS] (seq/s)", f"{remote['seq_per_s']:.1f}"),
+        ("served, text in, logits + every pooled vector (seq/s)", f"{remote['seq_per_s']:.1f}"),
         ("served tokens / teacher tokenizer's own count", f"{remote['tokens']} / {own_tokens}"),
         ("served teacher FLOPs per sentence (G)", f"{remote['teacher_flops'] / len(texts) / 1e9:.2f}"),
     ]
     print(f"{args.teacher}: {engine.info.model_type}, {len(texts)} SST-2 dev sentences, batch {args.batch}")
     for name, value in rows:
-        print(f"  {name:<52} {value}")
+        print(f"  {name:<56} {value}")
     print("  served metadata:", json.dumps(remote["metadata"]))
     if args.output:
         args.output.write_text(json.dumps(result, indent=2) + "\n")
