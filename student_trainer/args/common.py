@@ -39,11 +39,22 @@ class DataArguments:
     )
     skip_bad_rows: bool = option(False, "Skip (and count) malformed data rows instead of failing.")
     max_train_samples: int | None = option(None, "Use only the first N training examples.")
+    skip_train_samples: int = option(
+        0,
+        "Skip the first N training examples (before --max_train_samples): a transfer set disjoint from the "
+        "rows a teacher was fine-tuned on.",
+    )
+    hide_train_labels: bool = option(
+        False,
+        "Train without the training rows' labels (a transfer set: the teacher is the only supervision; the "
+        "cross-entropy term is zero and only the rows sent to a teacher teach). Evaluation keeps its labels.",
+    )
     max_eval_samples: int | None = option(None, "Use only the first N evaluation examples.")
     max_seq_length: int = option(128, "Truncate inputs to this many tokens.")
 
     def check_data(self) -> None:
         check_data_source(self.task, self.data_dir, self.train_file, self.dataset_name)
+        require_non_negative(self, "skip_train_samples")
 
 
 def require_positive(args: object, *names: str) -> None:

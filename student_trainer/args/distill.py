@@ -217,6 +217,8 @@ class DistillArguments(DataArguments):
                     f"--teacher_selection must be a teacher given with --teacher ({', '.join(teachers)}) "
                     f"or one of {LADDER_METHODS}, got {self.teacher_selection!r}"
                 )
+        if self.hide_train_labels and (self.no_kd or self.kd_alpha == 0):
+            raise UserError("--hide_train_labels leaves the teacher as the only supervision: it needs KD")
         if not 0.0 <= self.selection_ratio <= 1.0:
             raise UserError(f"--selection_ratio must be in [0, 1], got {self.selection_ratio}")
         if self.data_selection == "none" and self.selection_ratio != 1.0:

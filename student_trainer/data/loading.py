@@ -3,6 +3,7 @@ or ``--dataset_name`` [``--dataset_config``] (Hugging Face ``datasets``)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -49,15 +50,20 @@ def load_train_and_eval(
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
     metric: str | None = None,
+    skip_train_samples: int = 0,
+    hide_train_labels: bool = False,
 ) -> tuple[TaskData, TaskData | None]:
     """What the CLIs' data options mean: ``--task``/``--data_dir`` (train + the task's eval split),
     ``--train_file`` [``--validation_file``] with a column mapping, or ``--dataset_name``
     [``--dataset_config``] (its ``train`` split, and its ``validation`` split when it has one);
     eval labels follow the train labels. ``metric`` replaces the task's own (files and datasets
-    default to accuracy: e.g. CoLA augmented into a file still wants MCC).
+    default to accuracy: e.g. CoLA augmented into a file still wants MCC). ``skip_train_samples``
+    drops the first training rows and ``hide_train_labels`` their labels: a transfer set.
     """
     check_data_source(task, data_dir, train_file, dataset_name)
-    limits = (max_train_samples, max_eval_samples)
+    wanted = None if max_train_samples is None else skip_train_samples + max_train_samples
+    limits = (wanted, max_eval_samples)
+    max_train_samples = wanted
     if task:
         train, evaluation = _task_splits(task, data_dir, skip_bad_rows, limits)
     elif train_file:
@@ -75,6 +81,7 @@ def load_train_and_eval(
         train, evaluation = _dataset_splits(
             dataset_name, dataset_config, text_columns, str(label_column), limits
         )
+    train = transfer_set(train, skip_train_samples, hide_train_labels)
     if metric is not None:
         if metric == "f1" and train.num_labels != 2:
             raise UserError(f"--metric f1 is binary F1, but the data has {train.num_labels} labels")
@@ -82,6 +89,17 @@ def load_train_and_eval(
             if split is not None:
                 split.metric = metric
     return train, evaluation
+
+
+def transfer_set(train: TaskData, skip: int, hide_labels: bool) -> TaskData:
+    """The training rows from the ``skip``-th on, without their labels if ``hide_labels`` (the label
+    names stay: the student's head and the teachers' classes are the task's)."""
+    if skip >= len(train.examples) and skip:
+        raise UserError(f"--skip_train_samples {skip}: the training data has only {len(train.examples)} rows")
+    examples = train.examples[skip:]
+    if hide_labels:
+        examples = [dataclasses.replace(e, label=UNLABELLED) for e in examples]
+    return dataclasses.replace(train, examples=examples)
 
 
 def _task_splits(
@@ -146,6 +164,8 @@ DATA_OPTIONS = (
     "skip_bad_rows",
     "max_train_samples",
     "max_eval_samples",
+    "skip_train_samples",
+    "hide_train_labels",
 )
 
 

@@ -1,6 +1,6 @@
 """The training loss of one batch of dynamic KD.
 
-``L = ce_alpha·CE + kd_alpha·mean_{i∈S}(w_kl,i·KD_i + w_pt,i·PT_i)``: CE over every row, the
+``L = ce_alpha·CE + kd_alpha·mean_{i∈S}(w_kl,i·KD_i + w_pt,i·PT_i)``: CE over every labelled row, the
 distillation term over the selected rows ``S`` only (zero when ``S`` is empty), with
 ``(w_kl, w_pt) = (λ_KL, 0)`` for ``kd``, ``(λ_KL, λ_PT)`` for ``pkd`` and
 ``(λ_KL·(1-u/U), λ_PT·u/U)`` for ``uncertainty``. Per row, ``KD_i`` and ``PT_i`` combine the
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from shared.teacher_api import TeacherAnswer
+from student_trainer.data.tasks import UNLABELLED
 from student_trainer.kd.alignment import LayerAlignment
 from student_trainer.kd.config import KDConfig
 from student_trainer.kd.losses import kd_loss, patient_loss
@@ -62,7 +63,10 @@ def distillation_loss(
     alignments: Mapping[str, LayerAlignment],
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The training loss of one batch and its parts (for logging); see the module docstring."""
-    ce = F.cross_entropy(logits, batch["labels"])
+    labels = batch["labels"]
+    # Hidden labels (a transfer set) count nothing; with none left the term is zero, not NaN.
+    labelled = bool((labels != UNLABELLED).any())
+    ce = F.cross_entropy(logits, labels, ignore_index=UNLABELLED) if labelled else logits.new_zeros(())
     loss = config.ce_alpha * ce
     parts = {"ce": ce.item(), "kd": 0.0, "pt": 0.0, "w_kl": 0.0}
     n = len(plan.selected)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from student_trainer.data.tasks import UNLABELLED
 from student_trainer.data.tokenized import TokenizedDataset, collate_batch, model_inputs
 from student_trainer.train.metrics import compute_metrics
 
@@ -42,9 +43,10 @@ def majority_baseline(
     """What always predicting the most frequent training label scores on the evaluation set.
 
     A student that does not beat it learned nothing usable (an unbalanced dev set makes a high
-    accuracy look better than it is). Ties go to the lower label index.
+    accuracy look better than it is). Ties go to the lower label index. Training rows without
+    labels (a transfer set) have no majority: the evaluation set's own, a baseline as hard to beat.
     """
-    counts = Counter(train_labels)
+    counts = Counter(label for label in train_labels if label != UNLABELLED) or Counter(eval_labels)
     label = min(counts, key=lambda k: (-counts[k], k))
     scores = compute_metrics(metric, [label] * len(eval_labels), eval_labels)
     return {
