@@ -346,6 +346,24 @@ def test_report_statistics_match_hand_computation(tmp_path):
     assert f"{ours.mean:.4f} ± {ours.std:.4f}* (n=3)" in (layout.results / "report.md").read_text()
 
 
+def test_report_counts_what_the_answer_store_answered(tmp_path):
+    config, layout = hand_grid(tmp_path, [{"name": "kd", "args": {}}], tables=[])
+    layout.write_json(layout.task_record("sst2"), {"metric": "accuracy", "train_size": 100})
+    for seed, (hits, lookups) in zip([1, 2, 3], [(0, 40), (40, 40), (10, 20)], strict=True):
+        flops = {
+            "teacher_flops_requested": 1e11,
+            "teacher_store_hits": hits,
+            "teacher_store_lookups": lookups,
+        }
+        results = {"eval": {"eval_accuracy": 0.8}, "epoch": 1.0, "train_runtime_s": 1.0, "flops": flops}
+        layout.save_run("sst2", "kd", seed, results=results, run={"wall_time_s": 1.0})
+    write_report(config, layout)
+    assert json.loads((layout.results / "report.json").read_text())["answer_store"] == {
+        "sst2": {"hits": 50, "lookups": 100, "hit_rate": 0.5}
+    }
+    assert "answered 50 of the 100 rows looked up (50.0%)" in (layout.results / "report.md").read_text()
+
+
 def test_sweep_expands_and_names_must_be_unique():
     methods = expand_methods(
         [

@@ -243,6 +243,23 @@ def service_savings(config: ExperimentConfig, layout: Layout) -> dict[str, Any]:
     return out
 
 
+def store_hits(config: ExperimentConfig, layout: Layout) -> dict[str, dict[str, Any]]:
+    """Per task, the rows the runs looked up in the answer store and how many it answered (tasks whose
+    runs looked nothing up are left out)."""
+    out = {}
+    for task in config.tasks:
+        hits = lookups = 0
+        for _, method, seed in (r for r in config.runs() if r[0] == task):
+            flops = (_read(layout.run_results(task, method.name, seed) / "results.json") or {}).get(
+                "flops", {}
+            )
+            hits += int(flops.get("teacher_store_hits", 0))
+            lookups += int(flops.get("teacher_store_lookups", 0))
+        if lookups:
+            out[task] = {"hits": hits, "lookups": lookups, "hit_rate": hits / lookups}
+    return out
+
+
 def versions_of_runs(config: ExperimentConfig, layout: Layout) -> list[dict[str, Any]]:
     """Each distinct ``made_with`` of the finished runs and how many runs it made (None for runs
     made before ``results.json`` recorded it)."""
@@ -294,6 +311,12 @@ def write_report(config: ExperimentConfig, layout: Layout) -> Path:
             f"({100 * (s['saved_by_cache'] or 0):.1f}% answered from its cache, "
             f"over {s['service_sessions']} service session(s))."
         )
+    stored = store_hits(config, layout)
+    parts += [
+        f"- {task}: the answer store answered {h['hits']:,} of the {h['lookups']:,} rows looked up "
+        f"({100 * h['hit_rate']:.1f}%), paid for by an earlier run."
+        for task, h in stored.items()
+    ]
     wall = sum(sum(c.wall_time_s) for c in cells.values())
     done = sum(c.n for c in cells.values())
     parts += [f"- {done} of {len(config.runs())} runs done; their wall time: {wall / 3600:.2f} h."]
@@ -306,7 +329,7 @@ def write_report(config: ExperimentConfig, layout: Layout) -> Path:
     write_json(
         layout.results / "report.json",
         {"tables": tables_json, "budget_vs_ratio": comparison, "tasks": task_info, "teachers": teachers,
-         "service": savings,
+         "service": savings, "answer_store": stored,
          "runs_done": done, "runs_total": len(config.runs()), "wall_time_s": wall,
          "made_with": now, "runs_made_with": runs},
     )  # fmt: skip
