@@ -288,10 +288,14 @@ def main(argv: list[str] | None = None) -> int:
         "batched_vs_unbatched_server": throughput("server batched", top)
         / throughput("server unbatched", top),
     }
+    if 1 in levels:  # one client sends what a trainer with a local teacher runs: batches of 8
+        summary["server_vs_in_process_at_1_client"] = throughput("server batched", 1) / throughput(
+            "in-process", wire=None
+        )
     load = (load_before, os.getloadavg()[0])
     print_table(rows)
     for key, value in summary.items():
-        print(f"{key} ({top} clients): {value:.2f}x")
+        print(f"{key}{'' if key.endswith('client') else f' ({top} clients)'}: {value:.2f}x")
     print(f"1-minute load average before/after: {load[0]:.1f}/{load[1]:.1f} on {os.cpu_count()} CPUs")
     report = {
         "command": " ".join(
