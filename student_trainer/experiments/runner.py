@@ -9,6 +9,7 @@ and fine-tuned teachers stay in the (ignored) work folder.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -23,6 +24,7 @@ from typing import Any
 import yaml
 
 from shared.errors import UserError
+from shared.teacher_api import TextQuery
 from student_trainer.args.finetune import RESUME_FILE
 from student_trainer.experiments import signals
 from student_trainer.experiments.config import ExperimentConfig, Method, TeacherSpec
@@ -87,6 +89,8 @@ def ensure_teacher(config: ExperimentConfig, layout: Layout, task: str, role: st
     """Fine-tune (or reuse) one task's teacher; its record (scores, size, time) goes to results."""
     spec = config.teachers[role]
     data = config.tasks[task]
+    if spec.prompted is not None:
+        return prompted_teacher(config, layout, task, role)
     max_len = int(spec.finetune.get("max_seq_length", config.distill.get("max_seq_length", 128)))
     out = layout.teacher_dir(task, spec.model, teacher_key(task, data, spec, max_len))
     with locked(out.with_name(out.name + ".lock")):  # a shard beside us may be making it
@@ -159,6 +163,64 @@ def _teacher_record(out: Path, task: str, role: str, spec: TeacherSpec) -> dict[
     }
 
 
+def prompted_teacher(config: ExperimentConfig, layout: Layout, task: str, role: str) -> dict[str, Any]:
+    """A prompted teacher is not trained: its record holds its zero-shot score on the task's
+    evaluation set (every row through the in-process engine, once; reused while the spec holds)."""
+    spec = config.teachers[role]
+    record_path = layout.teacher_record(task, role)
+    earlier = json.loads(record_path.read_text()) if record_path.exists() else {}
+    mine = {"model": spec.model, "num_layers": spec.num_layers, "prompted": spec.prompted,
+            "max_seq_length": spec.max_seq_length}  # fmt: skip
+    if {key: earlier.get(key) for key in mine} == mine:
+        return earlier
+    print(f"[experiment] scoring the prompted {role} teacher on {task} ({spec.model}) ...", flush=True)
+    started = time.perf_counter()
+    scores = asyncio.run(_zero_shot_scores(config, task, spec))
+    record = {
+        "task": task,
+        "role": role,
+        **mine,
+        "eval": scores,
+        "wall_time_s": time.perf_counter() - started,
+    }
+    layout.write_json(record_path, record)
+    return record
+
+
+async def _zero_shot_scores(config: ExperimentConfig, task: str, spec: TeacherSpec) -> dict[str, float]:
+    from student_trainer.data.loading import load_train_and_eval
+    from student_trainer.teachers.local import LocalTeacherClient
+    from student_trainer.train.metrics import compute_metrics
+
+    options = {**config.distill, **config.tasks[task]}
+    _, dev = load_train_and_eval(
+        task=task, data_dir=options["data_dir"], max_eval_samples=options.get("max_eval_samples")
+    )
+    assert dev is not None  # a registered task always has its evaluation split
+    client = LocalTeacherClient(
+        resolve_model(spec.model), name="teacher", max_seq_length=spec.max_seq_length, **spec.prompted
+    )
+    await client.start()
+    predictions: list[int] = []
+    for start in range(0, len(dev.examples), 32):
+        rows = dev.examples[start : start + 32]
+        pairs = [e.text_b or "" for e in rows] if dev.is_pair else None
+        answer = await client.infer(TextQuery([e.text_a for e in rows], pairs))
+        predictions += answer.logits.argmax(dim=-1).tolist()
+    scores = compute_metrics(dev.metric, predictions, [e.label for e in dev.examples])
+    return {f"eval_{name}": float(value) for name, value in scores.items()}
+
+
+def _served_teacher(layout: Layout, record: Mapping[str, Any], config: ExperimentConfig) -> dict[str, Any]:
+    """The service's entry for a teacher record: a fine-tuned folder, or the prompted LM as it is.
+    Paths are absolute: the service reads a relative path against the YAML's own folder."""
+    if "prompted" in record:
+        path = Path(resolve_model(record["model"])).resolve()
+        return {"path": str(path), "max_seq_length": record["max_seq_length"], **record["prompted"]}
+    max_len = int(config.distill.get("max_seq_length", 128))
+    return {"path": str((layout.teachers / record["folder"]).resolve()), "max_seq_length": max_len}
+
+
 @contextmanager
 def task_service(
     config: ExperimentConfig, layout: Layout, task: str, teachers: Mapping[str, dict[str, Any]]
@@ -169,11 +231,9 @@ def task_service(
         return
     from teacher_server.launch import serve_in_subprocess
 
-    max_len = int(config.distill.get("max_seq_length", 128))
-    folders = {role: (layout.teachers / record["folder"]).resolve() for role, record in teachers.items()}
-    entries = [  # absolute: the service reads a relative path against the YAML's own folder
-        {"name": role, "path": str(path), "max_seq_length": max_len, **config.server}
-        for role, path in folders.items()
+    entries = [
+        {"name": role, **_served_teacher(layout, record, config), **config.server}
+        for role, record in teachers.items()
     ]
     work = layout.task_work_dir(task)
     work.mkdir(parents=True, exist_ok=True)
