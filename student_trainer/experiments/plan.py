@@ -5,7 +5,8 @@ student's tokenizer, cut at ``max_seq_length``): vanilla KD sends every row of e
 every teacher the method uses; data selection sends a fraction ``r`` of the rows (its real rows
 are the most uncertain ones, whose lengths differ, so the ledger of a real run is the truth);
 ``hard`` sends each selected row to one teacher (an equal share to each); a ``teacher_budget``
-spends at most the budget (a percentage: of vanilla KD's bill); training costs 3 × forward.
+spends at most the budget (a percentage: of vanilla KD's bill); training costs 3 × forward. A
+prompted teacher reads each row inside its template: the row's length plus the template's tokens.
 """
 
 from __future__ import annotations
@@ -31,21 +32,33 @@ FALLBACK_TOKENIZER = "minilm"
 
 
 @cache
-def model_config(name: str, num_layers: int | None, num_labels: int) -> SimpleNamespace:
-    """The encoder's size (layers cut to ``num_layers``), from disk or :data:`KNOWN_CONFIGS`."""
+def model_config(name: str, num_layers: int | None, num_labels: int) -> Any:
+    """The model's shape for the FLOPs model (layers cut to ``num_layers``): its config from disk,
+    whatever its family, or a BERT of :data:`KNOWN_CONFIGS`."""
     if name in KNOWN_CONFIGS:
         sizes = dict(KNOWN_CONFIGS[name])
-    else:
-        from transformers import AutoConfig
+        if num_layers:
+            sizes["num_hidden_layers"] = num_layers
+        return SimpleNamespace(**sizes, num_labels=num_labels)
+    from transformers import AutoConfig
 
-        try:
-            loaded = AutoConfig.from_pretrained(resolve_model(name), local_files_only=True)
-        except (OSError, ValueError) as err:
-            raise UserError(f"cannot read the config of {name!r} for the estimate: {err}") from None
-        sizes = {k: getattr(loaded, k) for k in ("num_hidden_layers", "hidden_size", "intermediate_size")}
+    try:
+        loaded = AutoConfig.from_pretrained(resolve_model(name), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read the config of {name!r} for the estimate: {err}") from None
+    loaded.num_labels = num_labels
     if num_layers:
-        sizes["num_hidden_layers"] = num_layers
-    return SimpleNamespace(**sizes, num_labels=num_labels)
+        loaded.num_hidden_layers = num_layers
+    return loaded
+
+
+@cache
+def prompt_tokens(model: str, prompt: str) -> int:
+    """The tokens a prompted teacher's template adds to every row (its own tokenizer)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model), local_files_only=True)
+    return len(tokenizer(prompt.format(text="", text_pair=""))["input_ids"])
 
 
 @cache
@@ -88,7 +101,8 @@ def estimate(config: ExperimentConfig, task: str, method: Method) -> dict[str, f
     for role in roles:
         spec = config.teachers[role]
         teacher_config = model_config(spec.model, spec.num_layers, num_labels)
-        vanilla += epochs * encoder_forward_flops(teacher_config, list(lengths))
+        extra = prompt_tokens(spec.model, spec.prompted["prompt"]) if spec.prompted else 0
+        vanilla += epochs * encoder_forward_flops(teacher_config, [n + extra for n in lengths])
     teacher = share * ratio * vanilla
     if options.get("teacher_budget") is not None:  # what the run may spend, at most
         budget = TeacherBudget.parse(str(options["teacher_budget"]))
