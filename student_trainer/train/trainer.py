@@ -302,9 +302,12 @@ class DynamicKDTrainer(Trainer):
         self._signature_columns = self._signature_columns or BATCH_COLUMNS  # the student reads a batch dict
 
     def end(self) -> None:
-        """Close the teachers' connections, then the ``Trainer``'s trackers and process group."""
+        """Close the teachers' connections, then the ``Trainer``'s trackers and process group, once
+        every rank is here: a rank that tore the group down while rank 0 still saved the model was
+        seen to abort at exit under torchrun."""
         close_teachers(self.teachers)
         self.teachers.loop.close()
+        self.accelerator.wait_for_everyone()
         super().end()
 
 
