@@ -1,0 +1,138 @@
+"""One prompted LLM teacher behind two servers: teacher-server and vLLM's OpenAI-compatible server.
+
+    python scripts/fetch_smollm2.py                                   # the real SmolLM2-135M-Instruct
+    python benchmarks/bench_llm_teacher_servers.py --vllm_python PATH --sentences 200
+
+Both serve the same checkpoint with the same prompt and label words (those of
+``experiments/llm_teacher.yaml``); the trainer's own backends ask them about the first ``--sentences``
+SST-2 dev sentences, in batches of ``--batch`` (``http://...#large`` for ours: the exact next-token logits
+of the label words; ``openai+http://.../v1#large`` for vLLM: its top-20 log-probabilities, the allowed
+label tokens always among them). Printed and written to ``--output``: each server's accuracy against the
+gold labels, the largest and the median difference between their class probabilities (a row differs
+where a label word fell outside vLLM's top 20 and shared what the top 20 left), the rows that differ by
+more than 0.001 and those whose class differs, and seconds per row (on a busy machine: rough).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from shared.prompting import LabelPrompt  # noqa: E402
+from shared.teacher_api import TextQuery  # noqa: E402
+from student_trainer.experiments.config import load_experiment  # noqa: E402
+from student_trainer.experiments.models import resolve_model  # noqa: E402
+from student_trainer.teachers.client import make_teacher_client  # noqa: E402
+from teacher_server.launch import serve_in_subprocess  # noqa: E402
+
+SST2_DEV = ROOT.parent / "shared" / "data" / "sst2" / "dev.tsv"
+
+
+def load_rows(count: int) -> tuple[list[str], list[int]]:
+    lines = SST2_DEV.read_text(encoding="utf-8").splitlines()[1 : count + 1]
+    rows = [line.split("\t") for line in lines]
+    return [row[0] for row in rows], [int(row[1]) for row in rows]
+
+
+def start_vllm(python: str, model: str, port: int, log: Path) -> subprocess.Popen:
+    """vLLM's OpenAI-compatible server as its CPU guide starts it; ready once /v1/models answers."""
+    command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+               "--served-model-name", "large", "--dtype", "float32", "--max-model-len", "512",
+               "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"vLLM exited: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    server.terminate()
+    raise SystemExit("vLLM not ready after 600 s")
+
+
+async def ask(spec: str, texts: list[str], batch: int, **options: object) -> tuple[torch.Tensor, float]:
+    """The class probabilities the trainer's backend for ``spec`` reads, and seconds per row."""
+    teacher = make_teacher_client(spec, name="large", **options)
+    try:
+        await teacher.start(600)
+        started, rows = time.perf_counter(), []
+        for at in range(0, len(texts), batch):
+            rows.append((await teacher.infer(TextQuery(texts[at : at + batch]))).logits.softmax(-1))
+        return torch.cat(rows), (time.perf_counter() - started) / len(texts)
+    finally:
+        await teacher.aclose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vllm_python", default=os.environ.get("DKD_VLLM_PYTHON"), required=False)
+    parser.add_argument("--sentences", type=int, default=200)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--output", type=Path, default=ROOT / "runs" / "bench_llm_teacher_servers.json")
+    args = parser.parse_args()
+    if not args.vllm_python:
+        raise SystemExit("give --vllm_python (or DKD_VLLM_PYTHON): the python of a venv with vllm-cpu")
+    spec = load_experiment(ROOT / "experiments" / "llm_teacher.yaml").teachers["large"]
+    model, prompted = resolve_model(spec.model), dict(spec.prompted or {})
+    texts, gold = load_rows(args.sentences)
+    work = Path(tempfile.mkdtemp(prefix="llm-servers-"))
+    entry = {"name": "large", "path": model, "max_seq_length": spec.max_seq_length, **prompted}
+    (work / "teachers.yaml").write_text(yaml.safe_dump({"teachers": [entry]}))
+    with serve_in_subprocess(work / "teachers.yaml", log_path=work / "server.log") as url:
+        ours, ours_s = asyncio.run(ask(f"{url}#large", texts, args.batch))
+    port = 18000 + os.getpid() % 1000
+    vllm = start_vllm(args.vllm_python, model, port, work / "vllm.log")
+    try:
+        prompt = LabelPrompt.from_mapping(prompted, "llm_teacher.yaml")
+        theirs, theirs_s = asyncio.run(
+            ask(f"openai+http://127.0.0.1:{port}/v1#large", texts, args.batch, prompt=prompt)
+        )
+    finally:
+        vllm.terminate()
+        vllm.wait(timeout=60)
+    labels = torch.tensor(gold)
+    result = {
+        "sentences": len(texts),
+        "prompt": prompted,
+        "accuracy": {
+            "teacher-server": float((ours.argmax(-1) == labels).float().mean()),
+            "vllm": float((theirs.argmax(-1) == labels).float().mean()),
+        },  # fmt: skip
+        "majority": max(float((labels == k).float().mean()) for k in (0, 1)),
+        "max_probability_difference": float((ours - theirs).abs().max()),
+        "median_probability_difference": float((ours - theirs).abs().max(-1).values.median()),
+        "rows_differing_by_over_0.001": int(((ours - theirs).abs().max(-1).values > 1e-3).sum()),
+        "rows_disagreeing": int((ours.argmax(-1) != theirs.argmax(-1)).sum()),
+        "seconds_per_row": {"teacher-server": ours_s, "vllm": theirs_s},
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join(["python", "benchmarks/bench_llm_teacher_servers.py", *sys.argv[1:]]),
+    }
+    print(json.dumps(result, indent=1))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
