@@ -47,7 +47,7 @@ from transformers import AutoTokenizer
 from shared.modeling import load_sequence_classifier
 from student_trainer.args.distill import DistillArguments
 from student_trainer.data.synthetic import write_synthetic_task
-from student_trainer.train.loop import train
+from student_trainer.train.distill import distill
 from teacher_server.launch import serve_in_subprocess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,7 +87,7 @@ def distill_arguments(
     ``base_model``'s first layers."""
     return DistillArguments(
         model_name_or_path=str(base_model),
-        student_num_layers=args.student_layers,
+        num_layers=args.student_layers,
         **data,
         max_train_samples=args.train_samples,
         max_eval_samples=32,
@@ -100,7 +100,7 @@ def distill_arguments(
         logging_steps=10**9,
         eval_strategy="no",
         save_strategy="no",
-        device="cpu",
+        use_cpu=True,
         disable_tqdm=True,
         teacher=[f"large={teacher_spec}"],
         data_selection="entropy" if ratio < 1 else "none",
@@ -111,7 +111,7 @@ def distill_arguments(
 def one_epoch(
     teacher_spec: str, ratio: float, args: argparse.Namespace, base_model: Path, data: dict, output: Path
 ) -> dict:
-    results = train(distill_arguments(teacher_spec, ratio, args, base_model, data, output))
+    results = distill(distill_arguments(teacher_spec, ratio, args, base_model, data, output))
     return {
         "epoch_s": results["train_runtime_s"],
         "teacher_s": results["teacher_time_s"],

@@ -16,6 +16,7 @@ import importlib
 import sys
 
 from shared.errors import UserError
+from student_trainer.args.parser import CommandParser
 from student_trainer.train.errors import Interrupted, TeacherUnavailable
 
 EXIT_USAGE, EXIT_TEACHER_UNAVAILABLE, EXIT_INTERRUPTED = 2, 3, 130
@@ -28,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="student-trainer",
         description="Distil BERT teachers into a smaller student with dynamic knowledge distillation.",
     )
-    subparsers = parser.add_subparsers(dest="command", required=True)
+    subparsers = parser.add_subparsers(dest="command", required=True, parser_class=CommandParser)
     for name in COMMANDS:
         importlib.import_module(f"student_trainer.commands.{name}").register(subparsers)
     return parser
@@ -36,7 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UserError as err:  # a --config file's key or value
+        command = (argv if argv is not None else sys.argv[1:])[0]
+        print(f"student-trainer {command}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         return int(args.func(args) or 0)
     except Interrupted as err:

@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -157,10 +157,10 @@ def ensure_teacher(
             learning_rate=recipe.learning_rate,
             num_train_epochs=recipe.epochs * settings.teacher_epochs_scale,
             per_device_train_batch_size=32,
-            warmup_ratio=0.1,
+            warmup_steps=0.1,
             seed=settings.seed,
             logging_steps=10**9,
-            device="cpu",
+            use_cpu=True,
             disable_tqdm=True,
         ).validate()
     )
@@ -215,7 +215,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         print(f"[demo] teacher-server ready at {url}")
         args = DistillArguments(
             model_name_or_path=base_model,
-            student_num_layers=settings.student_layers,
+            num_layers=settings.student_layers,
             task=task,
             data_dir=str(data_dir),
             max_train_samples=settings.max_train_samples,
@@ -226,12 +226,12 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
             num_train_epochs=settings.student_epochs,
             per_device_train_batch_size=32,
             per_device_eval_batch_size=64,
-            warmup_ratio=0.1,
+            warmup_steps=0.1,
             seed=settings.seed,
             logging_steps=10**9,
             eval_strategy="no",
             save_strategy="no",
-            device="cpu",
+            use_cpu=True,
             disable_tqdm=True,
             teacher=[f"small={url}", f"large={url}"],
             teacher_selection="hard",
@@ -239,9 +239,9 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
             selection_ratio=settings.selection_ratio,
             supervision="kd",
         )
-        from student_trainer.train.loop import train as distill
+        from student_trainer.train.distill import distill
 
-        results = distill(replace(args).validate())
+        results = distill(args.validate())
         rows = served_rows(url)
     finished = time.perf_counter()
     report = {

@@ -21,7 +21,7 @@ from transformers import BertForSequenceClassification
 from student_trainer.args.distill import parse_distill_args
 from student_trainer.kd.config import SUPERVISIONS, TEACHER_SELECTIONS
 from student_trainer.kd.selection import SELECTION_STRATEGIES
-from student_trainer.train.loop import train
+from student_trainer.train.distill import distill
 from tests.tiny_models import WORDS, save_tiny_tokenizer, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,7 +91,7 @@ def distill_argv(
 
 
 def run_in_process(argv: list[str]) -> dict:
-    return train(parse_distill_args(argv))
+    return distill(parse_distill_args(argv))
 
 
 def run_cli(argv: list[str], *, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -127,7 +127,8 @@ def run_torchrun(argv: list[str], processes: int = 2) -> subprocess.CompletedPro
 
 
 def kill_after_checkpoint(argv: list[str], output_dir: Path, step: int) -> None:
-    """Start ``distill argv`` in a fresh interpreter and SIGKILL it once ``checkpoint-<step>`` exists."""
+    """Start ``distill argv`` in a fresh interpreter and SIGKILL it once ``checkpoint-<step>`` is complete
+    (its ``trainer_state.json``, written last, exists)."""
     process = subprocess.Popen(
         [sys.executable, "-m", "student_trainer.cli", "distill", *argv],
         cwd=REPO,
@@ -135,7 +136,7 @@ def kill_after_checkpoint(argv: list[str], output_dir: Path, step: int) -> None:
         stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 120
-    while not (output_dir / f"checkpoint-{step}").exists():
+    while not (output_dir / f"checkpoint-{step}" / "trainer_state.json").exists():
         assert process.poll() is None, f"the run ended before checkpoint-{step}"
         assert time.monotonic() < deadline
         time.sleep(0.002)

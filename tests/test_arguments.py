@@ -36,13 +36,14 @@ def test_command_line_uses_hugging_face_names_and_types() -> None:
     assert args.teacher_selection == "large"  # the only teacher given
     assert args.teacher_roles == ("large",)
     assert args.exact_budget and args.uses_hidden_states
-    assert args.eval_steps == args.logging_steps  # HF default: eval_steps follows logging_steps
+    steps = parse_distill_args(BASE + ["--no_kd", "--eval_strategy", "steps", "--logging_steps", "7"])
+    assert steps.eval_steps == steps.logging_steps == 7  # HF default: eval_steps follows logging_steps
 
 
 def test_defaults_follow_training_arguments() -> None:
     defaults = DistillArguments()
     assert (defaults.learning_rate, defaults.per_device_train_batch_size, defaults.seed) == (5e-5, 8, 42)
-    assert (defaults.max_steps, defaults.warmup_ratio, defaults.lr_scheduler_type) == (-1, 0.0, "linear")
+    assert (defaults.max_steps, defaults.warmup_steps, defaults.lr_scheduler_type) == (-1, 0, "linear")
 
 
 def test_two_teachers_route_by_method() -> None:
@@ -157,7 +158,7 @@ def test_missing_config_file_is_one_line(tmp_path: Path) -> None:
         (["--teacher", "small=local:/a", "--selection_ratio", "1.5"], "selection_ratio must be in"),
         (["--teacher", "small=local:/a", "--temperature", "0"], "temperature must be > 0"),
         (["--teacher", "small=local:/a", "--selection_ratio", "0.5"], "needs --data_selection"),
-        (["--no_kd", "--student_num_layers", "0"], "student_num_layers must be >= 1"),
+        (["--no_kd", "--student_num_layers", "0"], r"--student_num_layers\) must be >= 1"),
         (["--no_kd", "--eval_strategy", "steps", "--eval_steps", "0"], "--eval_steps must be > 0, got 0"),
         (["--no_kd", "--save_steps", "0"], "--save_steps must be > 0"),
         (["--no_kd", "--logging_steps", "-1"], "--logging_steps must be > 0"),
@@ -217,7 +218,7 @@ def test_a_ladder_of_named_teachers() -> None:
 def test_optional_yaml_keys_may_be_left_empty(tmp_path: Path) -> None:
     config = write_yaml(tmp_path, "max_train_samples:\neval_steps:\n")
     args = parse_distill_args(BASE + ["--no_kd", "--config", str(config)])
-    assert args.max_train_samples is None and args.eval_steps == args.logging_steps
+    assert args.max_train_samples is None and args.eval_steps is None
 
 
 def test_output_dir_must_not_be_a_file(tmp_path: Path) -> None:
@@ -244,9 +245,10 @@ def test_output_dir_must_not_be_a_file(tmp_path: Path) -> None:
     ],
 )
 def test_finetune_options_share_the_checks(tmp_path: Path, options: dict, message: str) -> None:
-    args = FinetuneArguments(model_name_or_path="m", output_dir=str(tmp_path / "o"), task="sst2", **options)
     with pytest.raises(UserError, match=message):
-        args.validate()
+        FinetuneArguments(
+            model_name_or_path="m", output_dir=str(tmp_path / "o"), task="sst2", **options
+        ).validate()
 
 
 @pytest.mark.parametrize("command", ["distill", "finetune"])

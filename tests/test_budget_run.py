@@ -92,7 +92,7 @@ def budget_argv(workspace, output_dir: Path, method: list[str]) -> list[str]:
 
 
 def rank_budget_state(checkpoint: Path) -> dict:
-    return torch.load(checkpoint / "rng_state.pth", weights_only=True)[0]["teacher_budget"]
+    return torch.load(checkpoint / "kd_state.pt", weights_only=True)["selector"]["teacher_budget"]
 
 
 @pytest.mark.parametrize(
@@ -146,7 +146,10 @@ def test_two_processes_each_pace_their_share_and_keep_the_whole_budget(workspace
     assert result.returncode == 0, result.stderr[-3000:]
 
     flops = json.loads((output / "results.json").read_text())["flops"]
-    ranks = torch.load(output / "checkpoint-4" / "rng_state.pth", weights_only=True)
+    ranks = [
+        torch.load(output / "checkpoint-4" / f"kd_state_{rank}.pt", weights_only=True)["selector"]
+        for rank in (0, 1)
+    ]
     assert len(ranks) == 2
     assert flops["teacher_flops_requested"] == sum(rank["teacher_budget"]["spent"] for rank in ranks) > 0
     assert flops["teacher_flops_vanilla_unpadded"] == sum(rank["teacher_budget"]["vanilla"] for rank in ranks)

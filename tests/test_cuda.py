@@ -68,11 +68,11 @@ def test_a_gpu_teacher_served_over_rest_trains_a_gpu_student(workspace, tmp_path
         argv = distill_argv(
             workspace["student"], workspace["train"], tmp_path / "out", {"large": f"{url}#large"},
             *["--teacher_selection", "large", "--data_selection", "entropy", "--selection_ratio", "0.5"],
-            *["--device", "cuda"],
+            *["--use_cpu", "false"],  # CUDA: the Trainer's default where there is one
         )  # fmt: skip
         done = run_cli(argv)
     assert done.returncode == 0, done.stderr
-    assert "cuda" in (tmp_path / "out" / "results.json").read_text()
+    assert '"use_cpu": false' in (tmp_path / "out" / "results.json").read_text()
 
 
 def resumable_argv(workspace, output_dir: Path) -> list[str]:
@@ -80,7 +80,7 @@ def resumable_argv(workspace, output_dir: Path) -> list[str]:
         workspace["student"], workspace["train"], output_dir, {"large": f"local:{workspace['teacher']}"},
         *["--teacher_selection", "large", "--supervision", "pkd", "--data_selection", "entropy"],
         *["--selection_ratio", "0.5", "--max_steps", "30", "--save_strategy", "steps", "--save_steps", "5"],
-        *["--device", "cuda"],
+        *["--use_cpu", "false"],
     )  # fmt: skip
 
 
@@ -93,7 +93,7 @@ def test_a_gpu_run_killed_mid_run_resumes_to_the_same_weights(workspace, tmp_pat
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     deadline = time.monotonic() + 120
-    while not (killed / "checkpoint-5").exists():
+    while not (killed / "checkpoint-5" / "trainer_state.json").exists():
         assert process.poll() is None and time.monotonic() < deadline
         time.sleep(0.002)
     os.kill(process.pid, signal.SIGKILL)
@@ -107,6 +107,6 @@ def test_a_gpu_run_killed_mid_run_resumes_to_the_same_weights(workspace, tmp_pat
     # a checkpoint made on the GPU resumes on a machine without one (its CUDA RNG state is skipped)
     argv = resumable_argv(workspace, tmp_path / "on-cpu")
     resume = ["--resume_from_checkpoint", str(killed / "checkpoint-25")]
-    on_cpu = run_cli([*argv[:-2], "--device", "cpu", *resume])
+    on_cpu = run_cli([*argv[:-2], "--use_cpu", *resume])
     assert on_cpu.returncode == 0, on_cpu.stderr
     assert (tmp_path / "on-cpu" / "checkpoint-30").exists()

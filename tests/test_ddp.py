@@ -52,7 +52,7 @@ def test_two_processes_train_like_one_with_the_union_batch(
     assert [s["step"] for s in steps] == [1, 2, 3, 4]  # one line per step: rank 0 alone writes
     assert all(s["instances"] == 8 and s["teacher_rows_large"] == 8 for s in steps)  # summed over ranks
     assert results["flops"]["instances"] == sum(s["instances"] for s in train_log(single))
-    assert len(torch.load(ddp / "checkpoint-4" / "rng_state.pth", weights_only=True)) == 2  # every rank's RNG
+    assert len(list((ddp / "checkpoint-4").glob("rng_state_*.pth"))) == 2  # every process's RNG
 
     expected, got = checkpoint_tensors(single / "checkpoint-4"), checkpoint_tensors(ddp / "checkpoint-4")
     initial = checkpoint_tensors(student)
@@ -60,21 +60,3 @@ def test_two_processes_train_like_one_with_the_union_batch(
         assert torch.allclose(got[name], tensor, atol=2e-5), name
     moved = [n for n in initial if n in expected and not torch.allclose(initial[n], expected[n], atol=1e-4)]
     assert len(moved) > 10  # training did change the weights, so the comparison means something
-
-
-def test_a_parameter_no_rank_used_keeps_no_gradient(tmp_path: Path) -> None:
-    """AdamW skips a parameter whose grad is None (no decay, no momentum step); averaging must not
-    turn "unused everywhere" into a zero gradient, or DDP runs would decay what one process leaves."""
-    import torch.distributed as dist
-
-    from student_trainer.train.distributed import average_gradients
-
-    used, unused = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
-    used.grad = torch.tensor([2.0, 4.0, 6.0])
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        average_gradients([used, unused], world_size=1)
-    finally:
-        dist.destroy_process_group()
-    assert unused.grad is None
-    assert torch.equal(used.grad, torch.tensor([2.0, 4.0, 6.0]))

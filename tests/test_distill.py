@@ -347,33 +347,31 @@ def test_the_api_key_comes_from_the_named_environment_variable(monkeypatch: pyte
         make_clients(args, torch.device("cpu"))
 
 
-def test_tensorboard_gets_the_same_scalars_when_installed(
-    workspace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_report_to_tensorboard_gets_the_loss_and_kd_metrics_of_metrics_jsonl(
+    workspace, tmp_path: Path
 ) -> None:
-    """tensorboard is an optional extra (not installed here): a stand-in module records the calls."""
-    import sys
-    import types
+    """Any ``TrainingArguments`` flag works on the command line: ``--report_to tensorboard`` writes
+    the same per-step values that ``metrics.jsonl`` holds."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    scalars: list[tuple[str, float, int]] = []
-
-    class SummaryWriter:
-        def __init__(self, log_dir: str):
-            self.log_dir = log_dir
-
-        def add_scalar(self, tag: str, value: float, step: int) -> None:
-            scalars.append((tag, value, step))
-
-        def close(self) -> None:
-            scalars.append(("closed", 0.0, 0))
-
-    monkeypatch.setitem(
-        sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=SummaryWriter)
-    )
-    run_in_process(argv(workspace, tmp_path, "--teacher_selection", "small", roles=("small",)))
-    losses = [(step, value) for tag, value, step in scalars if tag == "train/loss"]
-    assert [step for step, _ in losses] == [1, 2, 3]
-    assert [value for _, value in losses] == [s["loss"] for s in train_log(tmp_path)]
-    assert scalars[-1][0] == "closed"
+    extra = [
+        "--teacher_selection",
+        "small",
+        "--report_to",
+        "tensorboard",
+        "--gradient_accumulation_steps",
+        "2",
+    ]
+    run_in_process(argv(workspace, tmp_path, *extra, roles=("small",)))
+    (run,) = {event.parent for event in tmp_path.rglob("events.out.tfevents.*")}
+    events = EventAccumulator(str(run))
+    events.Reload()
+    steps = train_log(tmp_path)
+    assert [s["instances"] for s in steps] == [16, 16, 8]  # two batches a step; the epoch's 5th alone
+    for tag in ("loss", "kd", "teacher_flops_spent"):
+        scalars = events.Scalars(f"train/{tag}")
+        assert [s.step for s in scalars] == [1, 2, 3]
+        assert [s.value for s in scalars] == pytest.approx([s[tag] for s in steps], rel=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -218,7 +218,7 @@ def test_the_service_cache_is_not_counted_as_dynamic_kd_saving(workspace, tmp_pa
     flops = results["flops"]
     assert flops["teacher_cache_hits"] == 40  # the whole second epoch
     steps = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
-    spent = {step["step"]: step["teacher_flops_spent_total"] for step in steps if step["event"] == "train"}
+    spent = {step["step"]: step["teacher_flops_spent"] for step in steps if step["event"] == "train"}
     assert spent[10] == spent[5] > 0  # the second epoch cost nothing
     assert flops["teacher_flops_spent"] == spent[5]
     vanilla = flops["teacher_flops_vanilla"]
@@ -304,8 +304,7 @@ def test_service_that_never_comes_back_fails_clearly_after_a_checkpoint(workspac
     done = train_log(output)[-1]["step"]
     assert f"checkpoint-{done}" in last_line
     assert (
-        json.loads((output / f"checkpoint-{done}" / "trainer_state.json").read_text())["state"]["global_step"]
-        == done
+        json.loads((output / f"checkpoint-{done}" / "trainer_state.json").read_text())["global_step"] == done
     )
 
     # the checkpoint does not care where the teachers run: finish the run with the in-process ones

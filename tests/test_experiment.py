@@ -448,7 +448,6 @@ def test_a_stopped_teacher_fine_tuning_resumes_to_the_weights_of_one_never_stopp
     """A fine-tuning stopped midway: the next run continues from the saved state, not step 0."""
     from dataclasses import replace
 
-    from student_trainer.args.builder import arguments_from_namespace
     from student_trainer.args.finetune import FinetuneArguments
     from student_trainer.experiments import runner
     from student_trainer.train.finetune import finetune
@@ -462,7 +461,8 @@ def test_a_stopped_teacher_fine_tuning_resumes_to_the_weights_of_one_never_stopp
     monkeypatch.setattr(runner, "TEACHER_SAVE_STEPS", 2)
 
     def stopped_after_three_steps(command: str, flags: list[str], log_path: Path) -> float:
-        args = arguments_from_namespace(parse(flags), FinetuneArguments)
+        namespace = parse(flags)
+        args = namespace.parser.arguments(namespace, FinetuneArguments)
         with monkeypatch.context() as patch:
             stop_at_step(patch, 4)
             with pytest.raises(KeyboardInterrupt):
@@ -481,7 +481,10 @@ def test_a_stopped_teacher_fine_tuning_resumes_to_the_weights_of_one_never_stopp
     resumed = runner.ensure_teacher(config, layout("stopped"), "sst2", "large")
     assert "resuming the large teacher" in capsys.readouterr().out
     log = tmp_path / "stopped" / resumed["folder"] / "finetune.log"
-    assert "finetune: resuming at step 2/6" in log.read_text()
+    assert (
+        f"Resuming from {tmp_path / 'stopped'}" in log.read_text()
+        and "checkpoint-2 (step 2)" in log.read_text()
+    )
     whole = runner.ensure_teacher(config, layout("whole"), "sst2", "large")
     assert resumed["weights_sha256"] == whole["weights_sha256"] and resumed["eval"]["train_steps"] == 6
 

@@ -531,12 +531,12 @@ BREAKAGES = {  # the five the issue names, some in more than one place; each mus
         ("PyTorchJob", "distill-sst2", lambda d: worker(d)["args"].__setitem__(1, "student_trainer.clii")),
         "no such module",
     ),
-    "bad flag: --selection-ratio": (
+    "bad flag: --selection_ration": (
         (
             "PyTorchJob",
             "distill-sst2",
             lambda d: worker(d)["args"].__setitem__(
-                worker(d)["args"].index("--selection_ratio"), "--selection-ratio"
+                worker(d)["args"].index("--selection_ratio"), "--selection_ration"
             ),
         ),
         "unrecognized arguments",

@@ -1,16 +1,47 @@
-"""What `distill` and `finetune` share: the data options (one declaration, inherited by both) and the
-checks of the training options both have."""
+"""What `distill` and `finetune` share: the model and data options, and the checks of the training
+options both have."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from shared.errors import UserError
-from student_trainer.args.builder import option
+from shared.model_path import require_model_dir
 from student_trainer.data.loading import check_data_source
 from student_trainer.train.metrics import METRICS
+
+
+def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, **extra: Any) -> Any:
+    """A dataclass field carrying its command-line help (and allowed values, aliases) for the parser."""
+    metadata = {"help": help, **({"choices": choices} if choices else {}), **extra}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class ModelArguments:
+    """The model that is trained: a pretrained checkpoint, optionally cut to its first layers."""
+
+    model_name_or_path: str | None = option(
+        None,
+        "Pretrained model (local folder or hub id): the student's start in distill, the teacher's in "
+        "finetune.",
+    )
+    num_layers: int | None = option(
+        None,
+        "Keep only the first m encoder layers of that model (default: all of them).",
+        aliases=["--student_num_layers"],
+    )
+
+    def validate(self) -> None:
+        if not self.model_name_or_path:
+            raise UserError("--model_name_or_path is required (the pretrained model training starts from)")
+        require_model_dir(self.model_name_or_path)
+        if self.num_layers is not None and self.num_layers < 1:
+            raise UserError(f"--num_layers (--student_num_layers) must be >= 1, got {self.num_layers}")
 
 
 @dataclass
@@ -52,7 +83,8 @@ class DataArguments:
     max_eval_samples: int | None = option(None, "Use only the first N evaluation examples.")
     max_seq_length: int = option(128, "Truncate inputs to this many tokens.")
 
-    def check_data(self) -> None:
+    def validate(self) -> None:
+        require_positive(self, "max_seq_length")
         check_data_source(self.task, self.data_dir, self.train_file, self.dataset_name)
         require_non_negative(self, "skip_train_samples")
 
@@ -70,7 +102,7 @@ def require_non_negative(args: object, *names: str) -> None:
             raise UserError(f"--{name} must be >= 0, got {getattr(args, name)}")
 
 
-def _check_output_dir(output_dir: str | None) -> None:
+def check_output_dir(output_dir: str | None) -> None:
     """A file where the folder (or one above it) should be would only fail at the first save."""
     if not output_dir:
         raise UserError("--output_dir is required")
@@ -80,15 +112,3 @@ def _check_output_dir(output_dir: str | None) -> None:
             if not folder.is_dir():
                 raise UserError(f"--output_dir {output_dir}: {folder} is a file, not a folder")
             return
-
-
-def check_training_options(args: Any) -> None:
-    """The options `distill` and `finetune` both have, checked the same way."""
-    require_positive(args, "per_device_train_batch_size", "per_device_eval_batch_size", "max_seq_length")
-    require_positive(args, "logging_steps", "learning_rate")
-    require_non_negative(args, "weight_decay", "max_grad_norm")
-    if not 0.0 <= args.warmup_ratio <= 1.0:
-        raise UserError(f"--warmup_ratio must be in [0, 1], got {args.warmup_ratio}")
-    if args.max_steps <= 0 and not args.num_train_epochs > 0:
-        raise UserError("--num_train_epochs must be > 0 (or give --max_steps)")
-    _check_output_dir(args.output_dir)

@@ -1,25 +1,24 @@
-"""`student-trainer distill` options: Hugging Face ``TrainingArguments`` names plus the KD knobs.
-
-Built into flags and YAML keys by :mod:`student_trainer.args.builder`; the maths reads the
-:class:`~student_trainer.kd.config.KDConfig` that :attr:`DistillArguments.kd` makes of them.
+"""`student-trainer distill` options: the model and data, the KD knobs, and Hugging Face's
+``TrainingArguments`` (every flag of them) — parsed by :mod:`student_trainer.args.parser`; the maths
+reads the :class:`~student_trainer.kd.config.KDConfig` that :attr:`KDArguments.kd` makes of them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
 
 from shared.errors import UserError
-from shared.model_path import require_model_dir
 from shared.prompting import LabelPrompt
-from student_trainer.args.builder import check_choices, option, parse_arguments
 from student_trainer.args.common import (
     DataArguments,
-    check_training_options,
-    require_non_negative,
+    ModelArguments,
+    check_output_dir,
+    option,
     require_positive,
 )
+from student_trainer.args.parser import CommandArguments, CommandParser
+from student_trainer.args.training import DistillTrainingArguments
 from student_trainer.kd.budget import TeacherBudget
 from student_trainer.kd.config import (
     LADDER_METHODS,
@@ -32,62 +31,10 @@ from student_trainer.kd.config import (
 from student_trainer.kd.losses import KD_LOSS_KINDS
 from student_trainer.kd.selection import SELECTION_STRATEGIES
 
-STRATEGIES = ("no", "steps", "epoch")
-SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
-
 
 @dataclass
-class DistillArguments(DataArguments):
-    """`student-trainer distill` options (Hugging Face ``TrainingArguments`` names, the data options
-    of :class:`DataArguments`, the KD knobs)."""
-
-    # -- student and data ------------------------------------------------------------------------
-    model_name_or_path: str | None = option(
-        None, "Pretrained BERT (local dir or hub id) whose first layers initialise the student."
-    )
-    student_num_layers: int | None = option(
-        None, "Keep only the first m encoder layers of that model (default: all of them)."
-    )
-
-    # -- training (Hugging Face TrainingArguments names and defaults) -----------------------------
-    output_dir: str | None = option(None, "Where checkpoints, logs, the final model and results.json go.")
-    overwrite_output_dir: bool = option(
-        False, "Start afresh in an --output_dir that holds checkpoints of another run (deletes them)."
-    )
-    learning_rate: float = option(5e-5, "Peak AdamW learning rate.")
-    weight_decay: float = option(0.0, "AdamW weight decay (not applied to biases and LayerNorm weights).")
-    adam_beta1: float = option(0.9, "AdamW beta1.")
-    adam_beta2: float = option(0.999, "AdamW beta2.")
-    adam_epsilon: float = option(1e-8, "AdamW epsilon.")
-    max_grad_norm: float = option(1.0, "Gradient clipping norm (0 disables clipping).")
-    num_train_epochs: float = option(3.0, "Epochs to train (fractions allowed); --max_steps > 0 overrides.")
-    max_steps: int = option(-1, "Total optimizer steps; overrides --num_train_epochs when > 0.")
-    per_device_train_batch_size: int = option(8, "Training batch size per process.")
-    per_device_eval_batch_size: int = option(8, "Evaluation batch size.")
-    lr_scheduler_type: str = option("linear", "Learning-rate schedule.", choices=SCHEDULERS)
-    warmup_ratio: float = option(0.0, "Fraction of the total steps used for linear warm-up.")
-    warmup_steps: int = option(0, "Warm-up steps (overrides --warmup_ratio when > 0).")
-    seed: int = option(42, "Seed for initialisation, data order, dropout and random selection.")
-    logging_steps: int = option(50, "Print and log averaged training metrics every N steps.")
-    eval_strategy: str = option("epoch", "When to evaluate during training.", choices=STRATEGIES)
-    eval_steps: int | None = option(
-        None, "Evaluate every N steps (eval_strategy=steps; default: logging_steps)."
-    )
-    save_strategy: str = option("steps", "When to write checkpoints.", choices=STRATEGIES)
-    save_steps: int = option(500, "Write a checkpoint every N steps (save_strategy=steps).")
-    save_total_limit: int | None = option(
-        2,
-        "Keep at most N checkpoints, oldest deleted first; 0 keeps all. Each holds the optimizer state "
-        "resume needs (about 200 MB for a 6-layer BERT-base student), so 2: the newest to resume from "
-        "and one before it in case the newest is lost or damaged.",
-    )
-    resume_from_checkpoint: str | None = option(
-        None,
-        "A checkpoint-<step> folder; 'latest' for the newest one in --output_dir; 'auto' for the newest "
-        "one if there is any, else a fresh start (a job its supervisor restarts).",
-    )
-    device: str = option("auto", "cpu, cuda, cuda:N or auto (cuda when available).")
-    disable_tqdm: bool = option(False, "Hide the progress bars.")
+class KDArguments:
+    """The teachers and how they supervise which rows."""
 
     # -- knowledge distillation ------------------------------------------------------------------
     teacher: list[str] = option(
@@ -188,13 +135,8 @@ class DistillArguments(DataArguments):
     def uses_hidden_states(self) -> bool:
         return self.kd.uses_hidden_states
 
-    def validate(self) -> DistillArguments:
+    def validate(self) -> None:
         """Fill what can be inferred and reject contradictions, each with a one-line reason."""
-        if not self.model_name_or_path:
-            raise UserError("--model_name_or_path is required (the pretrained model the student starts from)")
-        require_model_dir(self.model_name_or_path)
-        self.check_data()
-        check_choices(self)
         teachers = self.teachers
         if not self.no_kd:
             if not teachers:
@@ -217,29 +159,13 @@ class DistillArguments(DataArguments):
                     f"--teacher_selection must be a teacher given with --teacher ({', '.join(teachers)}) "
                     f"or one of {LADDER_METHODS}, got {self.teacher_selection!r}"
                 )
-        if self.hide_train_labels and (self.no_kd or self.kd_alpha == 0):
-            raise UserError("--hide_train_labels leaves the teacher as the only supervision: it needs KD")
         if not 0.0 <= self.selection_ratio <= 1.0:
             raise UserError(f"--selection_ratio must be in [0, 1], got {self.selection_ratio}")
         if self.data_selection == "none" and self.selection_ratio != 1.0:
             raise UserError("--selection_ratio needs --data_selection random, entropy, margin or lc")
         if self.teacher_budget is not None:
             self.check_teacher_budget()
-        if self.eval_steps is None:
-            self.eval_steps = self.logging_steps
-        check_training_options(self)
-        require_positive(
-            self, "eval_steps", "save_steps", "temperature", "teacher_timeout", "teacher_ready_timeout"
-        )
-        require_non_negative(self, "adam_epsilon")
-        for name in ("adam_beta1", "adam_beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise UserError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.student_num_layers is not None and self.student_num_layers < 1:
-            raise UserError(f"--student_num_layers must be >= 1, got {self.student_num_layers}")
-        if self.save_total_limit is not None and self.save_total_limit < 0:
-            raise UserError(f"--save_total_limit must be >= 0 (0 keeps all), got {self.save_total_limit}")
-        return self
+        require_positive(self, "temperature", "teacher_timeout", "teacher_ready_timeout")
 
     def check_teacher_budget(self) -> None:
         """A budget replaces the ratio: it needs a strategy to rank rows and nothing that fixes counts."""
@@ -256,10 +182,27 @@ class DistillArguments(DataArguments):
         except ValueError as err:
             raise UserError(str(err)) from None
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+
+class DistillArguments(CommandArguments):
+    """Every `distill` option (see :class:`CommandArguments`)."""
+
+    PARTS = (ModelArguments, DataArguments, KDArguments, DistillTrainingArguments)
+
+    def validate(self) -> DistillArguments:
+        for part in self.parts[:3]:
+            part.validate()
+        if self.hide_train_labels and (self.no_kd or self.kd_alpha == 0):
+            raise UserError("--hide_train_labels leaves the teacher as the only supervision: it needs KD")
+        check_output_dir(self.training.given_output_dir)
+        return self
+
+    @property
+    def training(self) -> DistillTrainingArguments:
+        return self.part(DistillTrainingArguments)
 
 
 def parse_distill_args(argv: list[str]) -> DistillArguments:
     """Parse a `distill` command line on its own (tests and scripts)."""
-    return parse_arguments(DistillArguments, argv, prog="student-trainer distill")
+    parser = CommandParser(prog="student-trainer distill")
+    parser.add_options(DistillArguments)
+    return parser.arguments(parser.parse_args(argv), DistillArguments)

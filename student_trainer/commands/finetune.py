@@ -1,13 +1,13 @@
 """`student-trainer finetune`: fine-tune a teacher checkpoint that `teacher-server` can load.
 
-``--config FILE.yaml`` may hold any of the flags (the same builder as `distill`).
+The same flags as `distill` but the KD knobs (every ``TrainingArguments`` flag; BERT's fine-tuning
+recipe as defaults); ``--config FILE.yaml`` may hold any of them.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from student_trainer.args.builder import add_arguments, arguments_from_namespace
 from student_trainer.args.finetune import FinetuneArguments
 
 
@@ -17,12 +17,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="Fine-tune a teacher (optionally its first m layers) on a task.",
         description=__doc__.splitlines()[0] if __doc__ else None,
     )
-    add_arguments(parser, FinetuneArguments)
-    parser.set_defaults(func=run)
+    parser.add_options(FinetuneArguments)
+    parser.set_defaults(func=run, parser=parser)
 
 
-def run(args: argparse.Namespace) -> int:
-    arguments = arguments_from_namespace(args, FinetuneArguments)
+def run(namespace: argparse.Namespace) -> int:
+    arguments = namespace.parser.arguments(namespace, FinetuneArguments)
     from student_trainer.train.finetune import finetune  # torch + transformers: only when this command runs
 
     results = finetune(arguments)

@@ -25,7 +25,6 @@ import yaml
 
 from shared.errors import UserError
 from shared.teacher_api import TextQuery
-from student_trainer.args.finetune import RESUME_FILE
 from student_trainer.experiments import signals
 from student_trainer.experiments.config import ExperimentConfig, Method, TeacherSpec
 from student_trainer.experiments.layout import Layout, locked, portable, run_id
@@ -35,9 +34,12 @@ from student_trainer.experiments.tasks import task_record
 # What every subprocess gets beyond the commands' own OpenMP default (shared/openmp.py): no
 # tokenizer thread pool of its own beside torch's threads.
 SUBPROCESS_ENV = {"TOKENIZERS_PARALLELISM": "false"}
-# A teacher's fine-tuning saves its state this often, so a stopped one (killed, or its machine gone) loses at
-# most these steps: ~6 min of MPNet-base on 2 CPU cores, a 1.3 GB file replaced each time.
+# A teacher's fine-tuning checkpoints this often, so a stopped one (killed, or its machine gone) loses at
+# most these steps: ~6 min of MPNet-base on 2 CPU cores, a 1.3 GB checkpoint (2 kept) each time.
 TEACHER_SAVE_STEPS = 25
+# What trains a teacher: part of its cache key, since another loop (data order, optimizer) makes other
+# weights from the same recipe.
+FINETUNE_LOOP = "transformers.Trainer"
 # Kept from metrics.jsonl per step: enough for the curves, small enough to commit.
 TRACE_FIELDS = ("step", "loss", "ce", "kd", "pt", "w_kl", "selected_instances", "teacher_flops_requested")
 
@@ -82,6 +84,7 @@ def teacher_key(task: str, data: Mapping[str, Any], spec: TeacherSpec, max_seq_l
     """A fingerprint of everything that shapes a fine-tuned teacher, so the cache is never stale."""
     fields = {"task": task, "data": dict(data), "spec": [spec.model, spec.num_layers, spec.finetune]}
     fields["max_seq_length"] = max_seq_length
+    fields["loop"] = FINETUNE_LOOP
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -110,7 +113,7 @@ def _ensure_teacher(
     if not (out / "eval_results.json").exists():
         partial = out.with_name(out.name + ".partial")  # where a stopped fine-tuning left its state
         partial.mkdir(parents=True, exist_ok=True)
-        doing = "resuming" if (partial / RESUME_FILE).is_file() else "fine-tuning"
+        doing = "resuming" if any(partial.glob("checkpoint-*/trainer_state.json")) else "fine-tuning"
         print(f"[experiment] {doing} the {role} teacher for {task} ({spec.model}) ...", flush=True)
         flags = {
             "model_name_or_path": resolve_model(spec.model),
@@ -121,6 +124,7 @@ def _ensure_teacher(
             "output_dir": str(partial),
             "disable_tqdm": True,
             "logging_steps": 10**6,
+            "save_strategy": "steps",
             "save_steps": TEACHER_SAVE_STEPS,
             "resume_from_checkpoint": "auto",
             **{k: v for k, v in spec.finetune.items() if k != "max_seq_length"},

@@ -1,39 +1,24 @@
-"""Checkpoints: ``checkpoint-<step>/`` folders that appear whole or not at all.
-
-A checkpoint is written into a hidden temporary folder beside its final place, flushed to
-disk, then renamed (one atomic ``rename`` on POSIX), so a crash or ``kill -9`` mid-write
-leaves either the previous checkpoints or the new one, never half of one. Layout (Hugging
-Face ``Trainer`` names where they exist, so the folder is also a loadable model):
-
-* ``config.json``, ``model.safetensors``, tokenizer files: the student (``from_pretrained`` works);
-* ``projections.safetensors``: the student→teacher width maps (when there are any);
-* ``optimizer.pt``, ``scheduler.pt``: their ``state_dict``;
-* ``rng_state.pth``: one entry per DDP rank: python / numpy / torch (+ cuda) RNG states, the
-  random-selection generator, the exact-budget carry, the teacher budget's counters (steps, spend,
-  vanilla FLOPs seen: :mod:`student_trainer.kd.budget`);
-* ``trainer_state.json``: step, epoch, batch position, data seed, world size, FLOPs ledger;
-* ``training_args.json``: the arguments of the run that wrote it.
-
-Everything loads with ``torch.load(weights_only=True)``: no pickled code.
+"""Checkpoints are ``checkpoint-<step>/`` folders as the Hugging Face ``Trainer`` writes them (model,
+optimizer, scheduler, RNG, ``trainer_state.json`` written last) plus dynamic KD's ``kd_state.pt``
+(:class:`~student_trainer.train.trainer.KDState`). This module finds them (``latest``, ``auto``),
+refuses to mix a new run with another run's, and captures the RNG state that a step which could not
+finish is rolled back to.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import pickle
 import random
 import re
 import shutil
-import uuid
-from collections.abc import Callable, Mapping
+import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from transformers import TrainingArguments
 
 from shared.errors import UserError
 
@@ -103,121 +88,56 @@ def resolve_checkpoint(spec: str, output_dir: str | Path) -> Path | None:
         found = list_checkpoints(output_dir)
         if not found and spec == "latest":
             raise UserError(f"--resume_from_checkpoint latest: no checkpoint-<step> folder in {output_dir}")
+        if found:
+            check_files(found[-1])
         return found[-1] if found else None
     path = Path(spec)
     if not (path / TRAINER_STATE).is_file():
         raise UserError(f"--resume_from_checkpoint {spec}: not a checkpoint folder (no {TRAINER_STATE})")
+    check_files(path)
     return path
 
 
-# -- writing ------------------------------------------------------------------------------------
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in [*root.rglob("*"), root]:
-        fd = os.open(path, os.O_RDONLY)
+def check_files(path: Path) -> None:
+    """Refuse, in one line naming the file, a checkpoint missing what resuming reads or holding a file
+    cut short (a full disk): the ``Trainer`` would fail deep inside torch."""
+    wanted = ["model.safetensors", "optimizer.pt", "scheduler.pt"]
+    for name in wanted:
+        if not (path / name).is_file():
+            raise UserError(f"{path} has no {name}: an incomplete checkpoint; resume from another one")
+    rng_files = sorted(path.glob("rng_state*.pth"))
+    if not rng_files:
+        raise UserError(f"{path} has no rng_state.pth: an incomplete checkpoint; resume from another one")
+    for file in [path / "model.safetensors", *(path / n for n in wanted[1:]), *rng_files]:
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            if file.suffix == ".safetensors":
+                with safe_open(str(file), framework="pt") as tensors:
+                    for key in tensors.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                        tensors.get_slice(key)
+            else:  # torch.save's zip archive: every member's CRC, without unpickling anything
+                with zipfile.ZipFile(file) as archive:
+                    bad = archive.testzip()
+                if bad is not None:
+                    raise ValueError(f"bad CRC in {bad}")
+        except (OSError, RuntimeError, EOFError, ValueError, SafetensorError, zipfile.BadZipFile) as err:
+            raise UserError(
+                f"{file} is damaged ({type(err).__name__}): resume from another checkpoint"
+            ) from err
 
 
-def save_checkpoint(
-    output_dir: str | Path,
-    step: int,
-    *,
-    student: torch.nn.Module,
-    tokenizer: Any,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    rank_states: list[dict[str, Any]],
-    trainer_state: dict[str, Any],
-    args: dict[str, Any],
-) -> Path:
-    """Write ``checkpoint-<step>`` atomically (replacing one of the same step) and return it."""
-    root = Path(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{PREFIX}{step}"
-    tmp = root / f".tmp-{PREFIX}{step}-{uuid.uuid4().hex[:8]}"
-    try:
-        student.model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        projections = {k: v.detach().cpu().contiguous() for k, v in student.projections.state_dict().items()}
-        if projections:
-            save_file(projections, str(tmp / "projections.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rank_states, tmp / "rng_state.pth")
-        (tmp / "training_args.json").write_text(json.dumps(args, indent=2, sort_keys=True))
-        (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2, sort_keys=True))
-        _fsync_tree(tmp)
-        if final.exists():  # the same step again (a failure right after a save): swap, then drop
-            old = root / f".old-{PREFIX}{step}-{uuid.uuid4().hex[:8]}"
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-def rotate_checkpoints(output_dir: str | Path, keep: int | None) -> list[Path]:
-    """Delete all but the newest ``keep`` checkpoints (``None`` or 0: keep all); return what was deleted."""
-    if not keep:
-        return []
-    found = list_checkpoints(output_dir)
-    doomed = found[: max(0, len(found) - keep)]
-    for path in doomed:
-        shutil.rmtree(path)
-    return doomed
-
-
-# -- reading ------------------------------------------------------------------------------------
-
-
-def _read(path: Path, name: str, reader: Callable[[Path], Any]) -> Any:
-    """One file of a checkpoint; a missing or damaged one is the user's to fix (another checkpoint)."""
-    file = path / name
-    if not file.is_file():
-        raise UserError(f"{path} has no {name}: an incomplete checkpoint; resume from another one")
-    try:
-        return reader(file)
-    except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError, SafetensorError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UserError(f"{file} is damaged ({first}); resume from another checkpoint") from err
-
-
-def load_checkpoint(path: Path, *, student: torch.nn.Module, map_location: torch.device) -> dict[str, Any]:
-    """Load the weights into ``student``; return the rest for the trainer to restore.
-
-    Every file is read before anything is applied, so a broken checkpoint leaves the student as it was.
-    """
-    projections_file = path / "projections.safetensors"
-    if len(student.projections.state_dict()) and not projections_file.exists():
-        raise UserError(f"{path} has no projections.safetensors but this run needs projections")
-
-    def _tensors(file: Path) -> dict[str, torch.Tensor]:
-        return load_file(str(file), device=str(map_location))
-
-    def _torch(file: Path) -> Any:
-        return torch.load(file, map_location="cpu", weights_only=True)
-
-    weights = _read(path, "model.safetensors", _tensors)
-    projections = _read(path, projections_file.name, _tensors) if projections_file.exists() else None
-    saved = {
-        "optimizer": _read(path, "optimizer.pt", _torch),
-        "scheduler": _read(path, "scheduler.pt", _torch),
-        "rank_states": _read(path, "rng_state.pth", _torch),
-        "trainer_state": _read(path, TRAINER_STATE, lambda file: json.loads(file.read_text())),
-    }
-    try:
-        student.model.load_state_dict(weights)
-        if projections is not None:
-            student.projections.load_state_dict(projections)
-    except RuntimeError as err:  # shape or key mismatch: a checkpoint of another configuration
-        first = str(err).strip().splitlines()[0]
-        raise UserError(f"{path} does not fit this student (other model or KD options?): {first}") from err
-    return saved
+def prepare_output_dir(args: TrainingArguments) -> Path | None:
+    """The checkpoint to resume from (``--resume_from_checkpoint``), if any; a new run is refused an
+    ``--output_dir`` holding another run's checkpoints unless told to delete them."""
+    output_dir, spec = Path(args.output_dir), args.resume_from_checkpoint
+    checkpoint = resolve_checkpoint(spec, output_dir) if spec else None
+    stale = [] if checkpoint is not None or spec == "auto" else list_checkpoints(output_dir)
+    if stale and not getattr(args, "overwrite_output_dir", False):
+        raise UserError(
+            f"{output_dir} already holds {stale[-1].name}: continue it with --resume_from_checkpoint latest, "
+            "or start afresh with --overwrite_output_dir"
+        )
+    if args.process_index == 0:
+        for path in stale:
+            shutil.rmtree(path)
+        output_dir.mkdir(parents=True, exist_ok=True)
+    return checkpoint

@@ -1,5 +1,5 @@
-"""What a distill run tells humans and tools: ``metrics.jsonl`` (+ TensorBoard), progress lines, the
-closing summary paragraph."""
+"""What a distill run tells humans and tools besides the ``Trainer``'s own logs: ``metrics.jsonl`` and
+the closing summary paragraph."""
 
 from __future__ import annotations
 
@@ -7,31 +7,30 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
+from transformers import TrainerCallback, TrainerState, TrainingArguments
 
 from student_trainer.args.distill import DistillArguments
-from student_trainer.kd.ledger import FlopsLedger
 from student_trainer.train.metrics import BASELINE_MARGIN, above_majority_baseline
 
 
-class MetricsLog:
-    """``metrics.jsonl`` (one line per step and per evaluation) + TensorBoard when installed."""
+class MetricsWriter(TrainerCallback):
+    """``metrics.jsonl``: the ``Trainer``'s logs, one JSON line each (``event`` train, eval or end), on the
+    main process. A resumed run first drops what a killed run logged past its checkpoint."""
 
-    def __init__(self, output_dir: Path, resume_step: int | None, enabled: bool):
+    def __init__(self, output_dir: Path, resumed_from: Path | None) -> None:
         self.path = output_dir / "metrics.jsonl"
-        self.enabled = enabled
-        self.tensorboard = None
-        if not enabled:
+        self.resumed_from = resumed_from
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: Any, **kwargs: Any
+    ) -> None:
+        if not state.is_world_process_zero:
             return
-        if resume_step is None:
+        if self.resumed_from is None:
             self.path.unlink(missing_ok=True)
-        elif self.path.exists():  # drop what a killed run logged past its last checkpoint
-            self.path.write_text("".join(line + "\n" for line in self._lines_up_to(resume_step)))
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            return
-        self.tensorboard = SummaryWriter(str(output_dir / "runs"))
+        elif self.path.exists():
+            step = int(self.resumed_from.name.rsplit("-", 1)[-1])
+            self.path.write_text("".join(line + "\n" for line in self._lines_up_to(step)))
 
     def _lines_up_to(self, step: int) -> list[str]:
         """The log's records up to ``step``; a kill mid-write leaves a torn last line, dropped too."""
@@ -45,71 +44,23 @@ class MetricsLog:
                 kept.append(line)
         return kept
 
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
-        if self.tensorboard is not None:
-            for key, value in record.items():
-                if isinstance(value, int | float) and key != "step":
-                    self.tensorboard.add_scalar(f"{record['event']}/{key}", value, record["step"])
-
-    def close(self) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-
-
-class Reporter:
-    """Rank 0's voice: the metrics log, the progress bar and the averaged progress lines."""
-
-    def __init__(
-        self, log: MetricsLog, total_steps: int, initial_step: int, logging_steps: int, disable: bool
-    ):
-        self.log = log
-        self.logging_steps = logging_steps
-        self.total_steps = total_steps
-        self.progress = tqdm(total=total_steps, initial=initial_step, desc="distill", disable=disable)
-        self.window: list[dict[str, float]] = []  # step records since the last progress line
-
-    def train_step(
-        self, record: dict[str, Any], parts: dict[str, float], learning_rate: float, ledger: FlopsLedger
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: Any,
+        logs: dict | None = None,
+        **kwargs: Any,
     ) -> None:
-        """Log one step; every ``logging_steps`` print the mean since the last line."""
-        self.log.write(record)
-        self.progress.update(1)
-        if not self.log.enabled:  # only rank 0 prints, so only rank 0 keeps the window
+        if not state.is_world_process_zero or not logs:
             return
-        self.window.append(parts)
-        step = record["step"]
-        if step % self.logging_steps == 0:
-            mean = {k: sum(w[k] for w in self.window) / len(self.window) for k in self.window[0]}
-            self.window.clear()
-            self.progress.write(
-                f"step {step}/{self.total_steps} epoch {record['epoch']:.2f} | "
-                + progress_line(mean, learning_rate, ledger)
-            )
-
-    def evaluation(self, step: int, scores: dict[str, float]) -> None:
-        self.log.write({"event": "eval", "step": step, **scores})
-        self.progress.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
-
-    def close(self) -> None:
-        self.log.close()
+        event = "train" if "loss" in logs else "eval" if any(k.startswith("eval_") for k in logs) else "end"
+        with self.path.open("a") as handle:
+            handle.write(json.dumps({"event": event, "step": state.global_step, **logs}) + "\n")
 
 
 def gflops(value: float) -> str:
     return f"{value / 1e9:,.2f} GFLOPs"
-
-
-def progress_line(mean: dict[str, float], learning_rate: float, ledger: FlopsLedger) -> str:
-    saved = ledger.method_saved_fraction
-    return (
-        f"loss {mean['loss']:.4f} (ce {mean['ce']:.4f} kd {mean['kd']:.4f} pt {mean['pt']:.4f}) | "
-        f"lr {learning_rate:.2e} | teacher wait {mean['teacher_seconds']:.3f} s/step | "
-        f"teachers {gflops(ledger.teacher_flops)}"
-        + (f" ({100 * saved:.1f}% saved by dynamic KD's choices)" if saved is not None else "")
-    )
 
 
 def selection_amount(args: DistillArguments) -> str:

@@ -1,12 +1,9 @@
-"""One optimizer step of dynamic KD, in the order the loop calls its parts.
+"""One batch of dynamic KD after the student's forward pass, in the order the trainer calls its parts.
 
-1. :func:`ask_teachers_about` — the student's training forward pass; its own (detached)
-   uncertainty picks rows and teachers (:func:`~student_trainer.kd.plan.plan_batch`); every
-   teacher's query in flight at once. A teacher that stays down is returned as ``failure`` so
-   that the loop can checkpoint before it stops.
-2. :func:`update` — the loss (:func:`~student_trainer.kd.objective.distillation_loss`),
-   backward, the gradient all-reduce under ``torchrun``, clipping, optimizer and schedule.
-3. :func:`step_counts` — this step's FLOPs ledger entries, summed over the ranks.
+1. :func:`ask_teachers_after` — the student's own (detached) uncertainty picks rows and teachers
+   (:func:`~student_trainer.kd.plan.plan_batch`); every teacher's query in flight at once. A teacher
+   that stays down is returned as ``failure`` so that the trainer can checkpoint before it stops.
+2. :func:`step_counts` — this batch's FLOPs ledger entries, summed over the processes.
 """
 
 from __future__ import annotations
@@ -19,22 +16,18 @@ from typing import Protocol
 import torch
 
 from shared.teacher_api import TeacherAnswer
-from student_trainer.data.tokenized import collate_batch
 from student_trainer.kd import ledger as flops
 from student_trainer.kd.alignment import LayerAlignment
 from student_trainer.kd.budget import BatchCosts, unit_costs
 from student_trainer.kd.config import KDConfig
 from student_trainer.kd.ledger import FlopsLedger
-from student_trainer.kd.objective import distillation_loss
 from student_trainer.kd.plan import RowTexts, TeacherPlan, plan_batch, routed_costs
 from student_trainer.teachers.client import TeacherCallError, ask_teachers, in_data_label_order
-from student_trainer.train.distributed import average_gradients
-from student_trainer.train.setup import DistillRun, RowSelector, Teachers
+from student_trainer.train.setup import RowSelector, Teachers
 
 
 class KDContext(Protocol):
-    """What one step of dynamic KD reads, whichever loop runs it (:class:`DistillRun`, or
-    :class:`~student_trainer.train.trainer.DynamicKDTrainer`)."""
+    """What one batch of dynamic KD reads (:class:`~student_trainer.train.trainer.DynamicKDTrainer`)."""
 
     kd: KDConfig
     selector: RowSelector
@@ -57,13 +50,6 @@ class TeacherRound:
     seconds: float  # waiting for the teachers
 
 
-def load_batch(run: DistillRun, rows: list[int]) -> dict[str, torch.Tensor]:
-    """Collate the training rows (with their dataset indices: a teacher with its own vocabulary
-    reads their text) and move them to this process's device."""
-    batch = collate_batch([run.train_set[i] for i in rows], run.pad_id)
-    return {key: value.to(run.procs.device, non_blocking=True) for key, value in batch.items()}
-
-
 def batch_costs(
     ctx: KDContext, teachers: Teachers, logits: torch.Tensor, batch: dict[str, torch.Tensor]
 ) -> BatchCosts:
@@ -80,14 +66,6 @@ def batch_costs(
     costs = unit_costs(ctx.kd.budget.unit, flops.row_costs(teachers.infos, lengths), own)
     vanilla = sum(sum(per_row) for per_row in costs.values())
     return BatchCosts(routed_costs(ctx.kd, logits, costs), vanilla)
-
-
-def ask_teachers_about(
-    ctx: KDContext, student: torch.nn.Module, teachers: Teachers, batch: dict[str, torch.Tensor]
-) -> TeacherRound:
-    """Student forward; choose rows and teachers from its uncertainty; ask them (see module docstring)."""
-    logits, hidden_states = student(batch, output_hidden_states=ctx.kd.uses_hidden_states)
-    return ask_teachers_after(ctx, teachers, batch, logits, hidden_states)
 
 
 def ask_teachers_after(
@@ -112,30 +90,6 @@ def ask_teachers_after(
         answers, failure = {}, err
     answers = {role: in_data_label_order(a, teachers.label_orders[role]) for role, a in answers.items()}
     return TeacherRound(logits, hidden_states, plan, answers, failure, time.perf_counter() - asked)
-
-
-def update(run: DistillRun, batch: dict[str, torch.Tensor], asked: TeacherRound) -> dict[str, float]:
-    """Loss, backward, step; returns the loss and its parts (for logging)."""
-    loss, parts = distillation_loss(
-        run.kd,
-        run.student,
-        asked.logits,
-        asked.hidden_states,
-        batch,
-        asked.plan,
-        asked.answers,
-        run.alignments,
-    )
-    loss.backward()
-    parameters = run.parameters
-    if run.procs.world_size > 1:
-        average_gradients(parameters, run.procs.world_size)
-    if run.args.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(parameters, run.args.max_grad_norm)
-    run.optimizer.step()
-    run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss.item(), **parts}
 
 
 def step_counts(

@@ -14,10 +14,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, set_seed
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from shared.errors import UserError
-from shared.modeling import load_sequence_classifier
 from shared.teacher_api import TeacherInfo
 from shared.vocabulary import vocab_sha256
 from student_trainer.kd.alignment import make_projection
@@ -130,33 +129,6 @@ def text_teachers(
             "tokenizers): use --pt_features cls"
         )
     return frozenset(text)
-
-
-def build_student(
-    model_name_or_path: str,
-    *,
-    label_names: list[str],
-    num_layers: int | None,
-    teachers: Mapping[str, TeacherInfo],
-    with_projections: bool,
-    device: torch.device,
-    seed: int,
-) -> tuple[DistillStudent, PreTrainedTokenizerBase]:
-    """Load the truncated pretrained encoder and its tokenizer; check the teachers' label counts.
-
-    The new head and the projections are drawn right after seeding with ``seed``: how much
-    randomness ``from_pretrained`` happened to consume must not change the student.
-    """
-    model = load_sequence_classifier(model_name_or_path, label_names=label_names, num_layers=num_layers)
-    set_seed(seed)
-    reset_classifier(model)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=False)
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot load the tokenizer of {model_name_or_path!r}: {err}") from err
-    check_label_counts(teachers, len(label_names))
-    student = DistillStudent(model, teacher_projections(model, teachers) if with_projections else {})
-    return student.to(device), tokenizer
 
 
 def check_label_counts(teachers: Mapping[str, TeacherInfo], num_labels: int) -> None:

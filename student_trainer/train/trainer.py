@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -28,7 +29,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments, set_seed
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import TrainerState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 
 from shared.errors import UserError
 from student_trainer.data.tokenized import collate_batch
@@ -75,6 +78,7 @@ class DynamicKDTrainer(Trainer):
     teacher is sent token ids or text). Every other argument is the ``Trainer``'s.
     """
 
+    resume_hint = RESUME_HINT  # what a stopped run's message says to do next
     loss_is_scaled_for_ga = False  # the objective is a batch mean: the Trainer divides it by accumulation
 
     def __init__(
@@ -90,6 +94,8 @@ class DynamicKDTrainer(Trainer):
         teacher_timeout: float = 60.0,
         teacher_ready_timeout: float = 120.0,
         api_key: str | None = None,
+        api_key_env: str | None = None,
+        teacher_specs: Mapping[str, str] | None = None,
         **kwargs: Any,
     ) -> None:
         check_teacher_selection(kd.teacher_selection, tuple(teachers))
@@ -104,7 +110,8 @@ class DynamicKDTrainer(Trainer):
             if role in kd.teacher_roles
         }
         self.teachers = Teachers(clients, asyncio.new_event_loop(), teacher_ready_timeout)
-        start_teachers(self.teachers, {role: str(spec) for role, spec in teachers.items()})
+        specs = {role: str(spec) for role, spec in teachers.items()} | dict(teacher_specs or {})
+        start_teachers(self.teachers, specs, api_key_env)  # api_key_env: named when a key is refused
         infos = self.teachers.infos
         label_names = [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
         check_label_counts(infos, len(label_names))
@@ -130,6 +137,8 @@ class DynamicKDTrainer(Trainer):
         self.kd_state = KDState(self)
         self.stop = StopOnSignal()
         self._window: list[dict[str, float]] = []  # what each batch since the last log said
+        self.teacher_time_s = 0.0  # waiting for the teachers, over resumed runs too (in kd_state)
+        self.train_runtime_s = 0.0  # Trainer.train's wall time, likewise
         set_seed(args.seed)  # the projections are drawn the same whatever ran before
         projections = teacher_projections(model, infos) if self.kd.uses_hidden_states else {}
         if data_collator is None and processing_class is not None:
@@ -149,6 +158,10 @@ class DynamicKDTrainer(Trainer):
                 f"teacher {sorted(self.text_roles)[0]} has its own vocabulary and reads the rows' text: the "
                 "train_dataset must be a student_trainer TokenizedDataset (items with their `index`)"
             )
+
+    def running_s(self) -> float:
+        """Seconds since this ``train()`` began (0 outside it)."""
+        return time.perf_counter() - self.kd_state.started if self.kd_state.started else 0.0
 
     @property
     def student(self) -> PreTrainedModel:
@@ -178,14 +191,8 @@ class DynamicKDTrainer(Trainer):
         loss, asked, parts = model(inputs, output_hidden_states=hidden, then=self._kd_loss(inputs))
         counts = step_counts(self, self.student.config, self.teachers, inputs, asked)
         self.ledger.add(counts)
-        self._window.append(
-            {
-                **parts,
-                "teacher_seconds": asked.seconds,
-                "selected": counts["selected_instances"],
-                "instances": counts["instances"],
-            }
-        )
+        self.teacher_time_s += asked.seconds
+        self._window.append({**parts, "teacher_seconds": asked.seconds, **counts})
         return (loss, {"logits": asked.logits}) if return_outputs else loss
 
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
@@ -218,14 +225,16 @@ class DynamicKDTrainer(Trainer):
 
     def kd_metrics(self) -> dict[str, float]:
         """The loss parts and teacher wait (means since the last log, over the processes), the share
-        of rows the teachers saw, and the ledger's running totals."""
+        of rows the teachers saw, this window's ledger entries (summed: rows selected, sent, FLOPs) and
+        the ledger's running totals."""
         window, self._window = self._window, []
         names = ("ce", "kd", "pt", "w_kl", "teacher_seconds")
         sums = torch.tensor([sum(w[k] for w in window) for k in names], device=self.args.device)
         means = self.accelerator.reduce(sums / len(window), reduction="mean")
         metrics: dict[str, float] = dict(zip(names, means.tolist(), strict=True))
-        selected, instances = (sum(w[k] for w in window) for k in ("selected", "instances"))
-        metrics["selection_share"] = selected / max(1, instances)
+        counts = {k: sum(int(w[k]) for w in window) for k in self.ledger.keys if k in window[0]}
+        metrics.update(counts)
+        metrics["selection_share"] = counts["selected_instances"] / max(1, counts["instances"])
         ledger = self.ledger
         metrics.update(
             teacher_flops_spent=ledger.teacher_flops,
@@ -254,22 +263,38 @@ class DynamicKDTrainer(Trainer):
         checkpoint = resolve_checkpoint(spec, self.args.output_dir) if spec else None
         if checkpoint is not None:
             self.kd_state.load(checkpoint)
+            finished = self._finished_run(checkpoint)
+            if finished is not None:
+                return finished
         try:
             output = super().train(resume_from_checkpoint=str(checkpoint) if checkpoint else None, **kwargs)
+            self.train_runtime_s += output.metrics["train_runtime"]
+            self.kd_state.started = None
         except TeacherCallError as failure:
             path = self.kd_state.checkpoint_last_step()
             raise TeacherUnavailable(
                 f"{failure}; stopped at step {self.state.global_step} with a resumable checkpoint at {path} "
-                f"({RESUME_HINT})"
+                f"({self.resume_hint})"
             ) from failure
         finally:
             self.stop.signals.uninstall()
         if self.stop.signals.received is not None:
             raise Interrupted(
                 f"interrupted at step {self.state.global_step}, after a checkpoint in {self.args.output_dir} "
-                f"({RESUME_HINT})"
+                f"({self.resume_hint})"
             )
         return output
+
+    def _finished_run(self, checkpoint: Path) -> TrainOutput | None:
+        """A checkpoint of a run's last step (a job restarted after it ended): its weights and state,
+        no step more (the ``Trainer`` would train one more batch)."""
+        saved = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE_NAME))
+        wanted = self.args.max_steps if self.args.max_steps > 0 else saved.max_steps  # epochs: as it was
+        if saved.global_step < wanted:
+            return None
+        self.state = saved
+        self._load_from_checkpoint(str(checkpoint), self.model)
+        return TrainOutput(saved.global_step, 0.0, {"train_runtime": 0.0})
 
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
         folder = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
@@ -336,10 +361,15 @@ class KDState(TrainerCallback):
     def __init__(self, trainer: DynamicKDTrainer) -> None:
         self.trainer = trainer
         self.before_step: dict[str, Any] | None = None
+        self.started: float | None = None  # perf_counter at train begin
 
     def state_dict(self) -> dict[str, Any]:
         trainer = self.trainer
-        return {"ledger": trainer.ledger.state_dict(), "selector": trainer.selector.state_dict()}
+        return {
+            "ledger": trainer.ledger.state_dict(),
+            "selector": trainer.selector.state_dict(),
+            "seconds": torch.tensor([trainer.teacher_time_s, trainer.train_runtime_s + trainer.running_s()]),
+        }
 
     def file(self, folder: Path) -> Path:
         args = self.trainer.args
@@ -356,8 +386,10 @@ class KDState(TrainerCallback):
         state = torch.load(file, map_location="cpu", weights_only=True)
         self.trainer.ledger.load_state_dict(state["ledger"])
         self.trainer.selector.load_state_dict(state["selector"])
+        self.trainer.teacher_time_s, self.trainer.train_runtime_s = state["seconds"].tolist()
 
     def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        self.started = time.perf_counter()
         pacer = self.trainer.selector.pacer
         if pacer is not None:  # the budget is paced over every batch the run will see
             pacer.total_steps = state.max_steps * args.gradient_accumulation_steps
