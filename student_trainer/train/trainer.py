@@ -112,24 +112,29 @@ class DynamicKDTrainer(Trainer):
         self.teachers = Teachers(clients, asyncio.new_event_loop(), teacher_ready_timeout)
         specs = {role: str(spec) for role, spec in teachers.items()} | dict(teacher_specs or {})
         start_teachers(self.teachers, specs, api_key_env)  # api_key_env: named when a key is refused
-        infos = self.teachers.infos
-        label_names = [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
-        check_label_counts(infos, len(label_names))
-        self.teachers.label_orders = {
-            role: teacher_label_order(role, info, label_names) for role, info in infos.items()
-        }
-        self.text_roles = (
-            text_teachers(
-                infos,
-                processing_class,
-                int(model.config.vocab_size),
-                all_token_features=kd.uses_hidden_states and kd.pt_features == "all-tokens",
+        try:  # a teacher refused here leaves no open connection behind
+            infos = self.teachers.infos
+            label_names = [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
+            check_label_counts(infos, len(label_names))
+            self.teachers.label_orders = {
+                role: teacher_label_order(role, info, label_names) for role, info in infos.items()
+            }
+            self.text_roles = (
+                text_teachers(
+                    infos,
+                    processing_class,
+                    int(model.config.vocab_size),
+                    all_token_features=kd.uses_hidden_states and kd.pt_features == "all-tokens",
+                )
+                if infos
+                else frozenset()
             )
-            if infos
-            else frozenset()
-        )
-        self.kd = replace(kd, ladder=ladder_order(infos)) if infos else kd
-        check_budget_vocabulary(self.kd, self.text_roles, infos)
+            self.kd = replace(kd, ladder=ladder_order(infos)) if infos else kd
+            check_budget_vocabulary(self.kd, self.text_roles, infos)
+        except BaseException:
+            close_teachers(self.teachers)
+            self.teachers.loop.close()
+            raise
         num_layers = int(model.config.num_hidden_layers)
         self.alignments = {r: LayerAlignment.between(num_layers, i.num_layers) for r, i in infos.items()}
         self.ledger = FlopsLedger(roles=tuple(dict.fromkeys((*TEACHER_ROLES, *infos))))
