@@ -12,6 +12,7 @@ import json
 import math
 import statistics
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -222,17 +223,21 @@ def format_budget_vs_ratio(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _run_flops(config: ExperimentConfig, layout: Layout, task: str) -> Iterator[dict[str, Any]]:
+    """The ``flops`` ledger of each finished run of ``task``."""
+    for _, method, seed in (r for r in config.runs() if r[0] == task):
+        results = _read(layout.run_results(task, method.name, seed) / "results.json")
+        if results:
+            yield results["flops"]
+
+
 def service_savings(config: ExperimentConfig, layout: Layout) -> dict[str, Any]:
     """Teacher FLOPs the runs requested vs what the service computed: the cache's share."""
     out = {}
     for task in config.tasks:
         history = _read(layout.results / "service" / f"{task}.json") or []
         computed = sum(t.get("flops_computed", 0) for s in history for t in s["teachers"].values())
-        requested = 0.0
-        for _, method, seed in (r for r in config.runs() if r[0] == task):
-            results = _read(layout.run_results(task, method.name, seed) / "results.json")
-            if results:
-                requested += results["flops"]["teacher_flops_requested"]
+        requested = sum(flops["teacher_flops_requested"] for flops in _run_flops(config, layout, task))
         if history:
             out[task] = {
                 "requested_tflops": requested / 1e12,
@@ -248,13 +253,9 @@ def store_hits(config: ExperimentConfig, layout: Layout) -> dict[str, dict[str, 
     runs looked nothing up are left out)."""
     out = {}
     for task in config.tasks:
-        hits = lookups = 0
-        for _, method, seed in (r for r in config.runs() if r[0] == task):
-            flops = (_read(layout.run_results(task, method.name, seed) / "results.json") or {}).get(
-                "flops", {}
-            )
-            hits += int(flops.get("teacher_store_hits", 0))
-            lookups += int(flops.get("teacher_store_lookups", 0))
+        runs = list(_run_flops(config, layout, task))
+        hits = sum(int(flops.get("teacher_store_hits", 0)) for flops in runs)
+        lookups = sum(int(flops.get("teacher_store_lookups", 0)) for flops in runs)
         if lookups:
             out[task] = {"hits": hits, "lookups": lookups, "hit_rate": hits / lookups}
     return out
