@@ -39,13 +39,8 @@ from student_trainer.experiments.models import resolve_model  # noqa: E402
 from student_trainer.teachers.client import make_teacher_client  # noqa: E402
 from teacher_server.launch import serve_in_subprocess  # noqa: E402
 
-SST2_DEV = ROOT.parent / "shared" / "data" / "sst2" / "dev.tsv"
-
-
-def load_rows(count: int) -> tuple[list[str], list[int]]:
-    lines = SST2_DEV.read_text(encoding="utf-8").splitlines()[1 : count + 1]
-    rows = [line.split("\t") for line in lines]
-    return [row[0] for row in rows], [int(row[1]) for row in rows]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_prompted_teacher import load_rows  # noqa: E402  (the same SST-2 dev rows)
 
 
 def start_vllm(python: str, model: str, port: int, log: Path) -> subprocess.Popen:
