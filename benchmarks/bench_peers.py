@@ -338,7 +338,7 @@ def served_ours(
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "ours.yaml"
         config.write_text(json.dumps(settings))  # JSON is YAML
-        with serve_in_subprocess(config, env=env, log_level="warning") as url:
+        with serve_in_subprocess(config, env=env, log_level="warning", colocated=False) as url:
             yield url
 
 

@@ -113,7 +113,8 @@ def served(
         config_path = Path(tmp) / "bench.yaml"
         config_path.write_text(json.dumps(config))  # JSON is YAML
         env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-        with serve_in_subprocess(config_path, env=env, log_level="warning") as url:
+        # as shipped: the in-process baseline runs on OpenMP's default too (shared/openmp.py)
+        with serve_in_subprocess(config_path, env=env, log_level="warning", colocated=False) as url:
             yield url
 
 

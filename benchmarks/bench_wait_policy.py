@@ -16,8 +16,8 @@ warmed up and run on one worker thread), kept for the whole run; the passes go r
 across the cells, ``--gap_ms`` apart (a trainer's step between two teacher passes), so the host's
 drift hits every cell alike. The neighbour is a process multiplying matrices on the most threads
 of any cell. Median ms per pass of ``--rows`` SST-2 sentences; writes JSON. ``ACTIVE`` workers
-never sleep and would slow every other cell: measure it alone. ``teacher-server`` and
-``student-trainer`` default to the policy of ``shared/openmp.py``.
+never sleep and would slow every other cell: measure it alone. Who chooses which policy:
+``shared/openmp.py``.
 """
 
 from __future__ import annotations

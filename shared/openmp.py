@@ -1,21 +1,37 @@
-"""OpenMP's wait policy, chosen before torch loads libgomp.
+"""OpenMP's wait policy, chosen by whoever puts busy processes on the same cores.
 
 libgomp reads ``OMP_WAIT_POLICY`` once, when torch is imported. By default, while a process's
-threads fit the cores, an idle worker spins (up to 300k iterations) instead of sleeping. Beside
-any other busy process on the same cores (the trainer beside the service, an experiment beside
-both) a spinning worker holds a core while the master of its team waits for one, and a teacher's
-forward pass takes 10-40x longer. Sleeping workers wake for every parallel region, which costs a
-packed pass 17-28 % on a quiet machine (its many short regions), against 22x saved beside a busy
-neighbour; a bounded spin (``GOMP_SPINCOUNT=10000``) loses 2x there, and one of 1,000 shows no
-consistent gain alone (``python benchmarks/bench_wait_policy.py --policies PASSIVE,spin:1000,spin:10000``).
-So both commands default to ``PASSIVE``; a policy the user set is kept.
+threads fit the cores, an idle worker spins (up to 300k iterations) instead of sleeping. Alone on
+its cores that is the fast choice: sleeping (``PASSIVE``) workers wake for every parallel region,
+which costs a packed pass 17-28 % (its many short regions). Beside any other busy process on the
+same cores (the trainer beside the service, an experiment beside both) a spinning worker holds a
+core while the master of its team waits for one, and a pass takes up to 22x longer than with
+``PASSIVE``; a bounded spin (``GOMP_SPINCOUNT=10000``) still loses 2x there, and one of 1,000 shows
+no consistent gain alone (``python benchmarks/bench_wait_policy.py --policies unset,PASSIVE,spin:10000``).
+
+No spin count is right in both places, and a process cannot tell at start which place it is in;
+whoever co-locates can. So ``teacher-server`` keeps OpenMP's default (a server is usually alone
+on its cores), and what puts work beside it asks for ``PASSIVE``: ``student-trainer`` for itself
+and its in-process teacher, :func:`teacher_server.launch.serve_in_subprocess` (the demo, the
+experiment runner) for the server it starts beside itself, the CPU compose file for a server beside
+its trainer. A policy the user set is always kept.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+
+POLICY = "OMP_WAIT_POLICY"
+PASSIVE = "PASSIVE"
 
 
 def prefer_passive_wait() -> None:
-    """Make OpenMP workers sleep when idle, unless the environment says otherwise."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    """Make this process's OpenMP workers sleep when idle, unless the environment says otherwise
+    (call it before anything imports torch)."""
+    os.environ.setdefault(POLICY, PASSIVE)
+
+
+def colocated_env(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` for a child that shares its cores with busy work: ``PASSIVE`` unless a policy is set."""
+    return {POLICY: PASSIVE, **env}

@@ -2,10 +2,6 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from shared.openmp import prefer_passive_wait
-
-prefer_passive_wait()  # before anything imports torch (see shared/openmp.py)
-
 try:
     __version__ = version("dynamic-kd-service")
 except PackageNotFoundError:  # running from a source tree that was never installed

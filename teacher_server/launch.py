@@ -19,6 +19,7 @@ import httpx
 
 from shared.children import tied_to_this_process
 from shared.errors import UserError
+from shared.openmp import colocated_env
 
 
 def free_port() -> int:
@@ -69,13 +70,17 @@ def serve_in_subprocess(
     ready_timeout_s: float = 180.0,
     log_level: str = "info",
     tie_to_parent: bool = False,
+    colocated: bool = True,
 ) -> Iterator[str]:
     """Start the service, yield its URL once ``/v2/health/ready`` answers 200, stop it gracefully.
 
     A port something already listens on is refused up front: the child binds only after loading
     its teachers, and until then the other server would answer the readiness poll (and every
     request after it) in the child's name. ``tie_to_parent``: the server runs in a process group of
-    its own and gets SIGTERM if this process dies (:mod:`shared.children`).
+    its own and gets SIGTERM if this process dies (:mod:`shared.children`). ``colocated``: the
+    caller works beside the server (the demo, the experiment runner), so the server's OpenMP
+    workers sleep when idle unless the environment sets a policy (:mod:`shared.openmp`); False
+    leaves the server its own default (a benchmark of the service as shipped).
     """
     if port and not port_is_free(port):
         raise UserError(f"port {port} on 127.0.0.1 is in use: choose another, or 0 for a free one")
@@ -83,12 +88,13 @@ def serve_in_subprocess(
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "teacher_server.cli", "--config", str(config_path)]
     command += ["--port", str(port), "--log_level", log_level]
+    child_env = {**os.environ, **(env or {})}
     log = open(log_path, "w") if log_path else subprocess.DEVNULL  # noqa: SIM115 - lives as long as the server
     server = subprocess.Popen(
         command,
         stdout=log,
         stderr=subprocess.STDOUT,
-        env={**os.environ, **(env or {})},
+        env=colocated_env(child_env) if colocated else child_env,
         preexec_fn=tied_to_this_process() if tie_to_parent else None,
     )
     where = f"; see {log_path}" if log_path else ""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -74,7 +75,11 @@ class TeacherService:
                 },
             )
         self.loaded = True
-        logger.info("all teachers ready", extra={"event": "ready", "models": list(self.batchers)})
+        policy = os.environ.get("OMP_WAIT_POLICY", "OpenMP's default")  # see shared/openmp.py
+        logger.info(
+            "all teachers ready",
+            extra={"event": "ready", "models": list(self.batchers), "omp_wait_policy": policy},
+        )
 
     async def close(self) -> None:
         """Stop taking work and let each batcher finish what it queued."""

@@ -1,4 +1,5 @@
-"""Both commands make idle OpenMP workers sleep unless the user chose otherwise (shared/openmp.py):
+"""Who chooses OpenMP's wait policy (shared/openmp.py): the trainer makes its idle workers sleep,
+the server keeps OpenMP's default, and what starts a server beside itself asks it for PASSIVE.
 libgomp reads the policy once, when torch loads, so it must be set before that."""
 
 from __future__ import annotations
@@ -6,8 +7,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+from shared.errors import UserError
+from shared.openmp import colocated_env
+from teacher_server import launch
 
 PROBE = "import {package}, os, sys; print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)"
 
@@ -19,11 +25,58 @@ def policy_seen(package: str, **env: str) -> list[str]:
     return done.stdout.split()
 
 
-@pytest.mark.parametrize("package", ["teacher_server", "student_trainer"])
-def test_a_command_package_chooses_passive_waits_before_torch_loads(package: str) -> None:
-    assert policy_seen(package) == ["PASSIVE", "False"]
+def test_the_trainer_chooses_passive_waits_before_torch_loads() -> None:
+    assert policy_seen("student_trainer") == ["PASSIVE", "False"]
+
+
+@pytest.mark.parametrize("package", ["teacher_server", "teacher_engine"])
+def test_the_server_and_its_engine_keep_openmps_default(package: str) -> None:
+    assert policy_seen(package) == ["None", "False"]
 
 
 @pytest.mark.parametrize("package", ["teacher_server", "student_trainer"])
 def test_a_policy_the_user_set_is_kept(package: str) -> None:
     assert policy_seen(package, OMP_WAIT_POLICY="ACTIVE") == ["ACTIVE", "False"]
+
+
+def test_a_colocated_child_sleeps_unless_told_otherwise() -> None:
+    assert colocated_env({"PATH": "/bin"}) == {"PATH": "/bin", "OMP_WAIT_POLICY": "PASSIVE"}
+    assert colocated_env({"OMP_WAIT_POLICY": "ACTIVE"}) == {"OMP_WAIT_POLICY": "ACTIVE"}
+
+
+class ExitedAtOnce:
+    """A server process that exits before it is ready; keeps the environment it was given."""
+
+    envs: list[dict[str, str]] = []
+
+    def __init__(self, command: list[str], **kwargs: object):
+        assert isinstance(kwargs["env"], dict)
+        self.envs.append(kwargs["env"])
+        self.returncode = 3
+
+    def poll(self) -> int:
+        return self.returncode
+
+    def terminate(self) -> None: ...
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.returncode
+
+
+@pytest.mark.parametrize(
+    ("colocated", "given", "expected"),
+    [(True, None, "PASSIVE"), (True, "ACTIVE", "ACTIVE"), (False, None, None)],
+)
+def test_a_server_started_beside_its_caller_is_asked_for_passive_waits(
+    colocated: bool, given: str | None, expected: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(launch.subprocess, "Popen", ExitedAtOnce)
+    ExitedAtOnce.envs.clear()
+    env = {"OMP_WAIT_POLICY": given} if given else None
+    with (
+        pytest.raises(UserError, match="exited with code 3"),
+        launch.serve_in_subprocess(Path("teachers.yaml"), env=env, colocated=colocated),
+    ):
+        pass
+    assert [e.get("OMP_WAIT_POLICY") for e in ExitedAtOnce.envs] == [expected]

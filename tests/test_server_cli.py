@@ -233,7 +233,7 @@ def test_served_from_the_cli_with_json_logs_and_a_draining_shutdown(tmp_path, ti
     )
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    process = start_cli(config, port, env={"TEACHER_KEY": "k3y"})
+    process = start_cli(config, port, env={"TEACHER_KEY": "k3y", "OMP_WAIT_POLICY": "PASSIVE"})
     try:
         wait_until_ready(process, url)
         result: dict[str, httpx.Response] = {}
@@ -263,6 +263,7 @@ def test_served_from_the_cli_with_json_logs_and_a_draining_shutdown(tmp_path, ti
     logs = [json.loads(line) for line in process.stderr.read().splitlines() if line.startswith("{")]
     events = [entry.get("event") for entry in logs]
     assert "teacher_ready" in events and "ready" in events and "drained" in events
+    assert next(entry for entry in logs if entry.get("event") == "ready")["omp_wait_policy"] == "PASSIVE"
     assert all({"ts", "level", "logger", "msg"} <= set(entry) for entry in logs)
     assert any(entry.get("path") == "/v2/models/small/infer" and entry.get("status") == 200 for entry in logs)
 
