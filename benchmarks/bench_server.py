@@ -1,14 +1,16 @@
-"""Throughput and latency of `teacher-server` against a plain in-process forward pass.
+"""Throughput and latency of `teacher-server` against its own engine run in-process.
 
     python benchmarks/bench_server.py [--teacher PATH] [--clients 1,4,16] [--requests 48]
 
-Starts the real server (a subprocess, loopback port) with two copies of one teacher, the
-output cache off: ``batched`` (the dynamic batcher) and ``unbatched`` (every request runs
-alone). ``C`` concurrent clients each send requests of 8 pre-tokenized sentences (binary
-protocol, logits only) until ``--requests`` requests are answered. Then it compares:
+Starts the real server (a subprocess, loopback port, OpenMP and batching as shipped) with two
+copies of one teacher, the output cache off: ``batched`` (the dynamic batcher) and ``unbatched``
+(every request runs alone). ``C`` concurrent clients (aiohttp, the trainer's HTTP client) each
+send requests of 8 pre-tokenized sentences (binary protocol, logits only) until ``--requests``
+requests are answered. Then it compares:
 
-* in-process: ``model(**batch)`` over the same sentences, (a) in consecutive batches of 8,
-  dynamically padded (a trainer with a local teacher), and (b) in exactly the passes the
+* in-process: the service's own engine (``TeacherEngine.run``, packed passes) over the same
+  sentences, (a) in consecutive batches of 8, dynamically padded (a trainer with a local
+  teacher; at 1 client the service runs exactly these passes), and (b) in exactly the passes the
   batcher plans for rounds of the top concurrency (same length buckets: only the service's
   own overhead differs);
 * JSON vs the binary extension for ``hidden_cls`` of every hidden state (7 for MiniLM-L6).
@@ -40,15 +42,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import aiohttp
 import httpx
 import torch
 from transformers import AutoTokenizer
 
 from shared.codec import HEADER_LENGTH, build_request_body, parse_response_body
-from shared.modeling import load_sequence_classifier
 from shared.teacher_api import TeacherQuery
+from teacher_engine.engine import TeacherEngine
 from teacher_server.batcher import Row, plan_batches
-from teacher_server.config import ACCELERATOR_PASS_OVERHEAD_TOKENS, CPU_PASS_OVERHEAD_TOKENS
+from teacher_server.config import ACCELERATOR_PASS_OVERHEAD_TOKENS, CPU_PASS_OVERHEAD_TOKENS, TeacherConfig
 from teacher_server.launch import serve_in_subprocess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,7 +107,6 @@ def served(
                 **common,
                 "max_batch_size": max_batch_size,
                 "max_batch_tokens": max_batch_tokens,
-                "max_queue_delay_ms": 5,
             },
             {"name": "unbatched", **common, "dynamic_batching": False},
         ],
@@ -171,18 +173,20 @@ async def drive(url: str, model: str, bodies: list[tuple[bytes, dict]], clients:
     latencies: list[float] = []
     response_bytes: list[int] = []
 
-    async def worker(client: httpx.AsyncClient, pending: Iterator[int]) -> None:
+    async def worker(client: aiohttp.ClientSession, pending: Iterator[int]) -> None:
         for index in pending:
             body, headers = bodies[index]
             started = time.perf_counter()
-            response = await client.post(f"{url}/v2/models/{model}/infer", content=body, headers=headers)
-            response.raise_for_status()
-            parse_response_body(response.content, response.headers.get(HEADER_LENGTH))
+            async with client.post(f"{url}/v2/models/{model}/infer", data=body, headers=headers) as response:
+                response.raise_for_status()
+                content = await response.read()
+                parse_response_body(content, response.headers.get(HEADER_LENGTH))
             latencies.append(time.perf_counter() - started)
-            response_bytes.append(len(response.content))
+            response_bytes.append(len(content))
 
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(trust_env=False, timeout=300, limits=limits) as client:
+    connector = aiohttp.TCPConnector(limit=clients)
+    timeout = aiohttp.ClientTimeout(total=300)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False) as client:
         warm_up = iter(range(clients))  # opens the connections; not timed
         await asyncio.gather(*(worker(client, warm_up) for _ in range(clients)))
         latencies.clear()
@@ -226,17 +230,24 @@ def batcher_passes(encoded: list[list[int]], clients: int, args: argparse.Namesp
     return passes
 
 
-def in_process(model: torch.nn.Module, encoded: list[list[int]], passes: list[list[int]]) -> float:
-    """Sequences per second of ``model(**batch)`` over the given passes, after one untimed run
-    (lazy initialisation is not counted, as for the server)."""
-    device = next(model.parameters()).device
+def in_process(
+    model: torch.nn.Module | TeacherEngine, encoded: list[list[int]], passes: list[list[int]]
+) -> float:
+    """Sequences per second of the service's engine (``engine.run``) or of a plain
+    ``model(**batch)`` over the given passes, after one untimed run (lazy initialisation is not
+    counted, as for the server)."""
+    engine = model if isinstance(model, TeacherEngine) else None
+    device = engine.device if engine else next(model.parameters()).device
     batches = [pad([encoded[i] for i in indices]) for indices in passes]
 
     def run_all() -> float:
         started = time.perf_counter()
         with torch.inference_mode():
             for ids, mask in batches:  # the copy to the device is part of a pass, as in the server
-                model(input_ids=ids.to(device), attention_mask=mask.to(device))
+                if engine:
+                    engine.run(TeacherQuery(ids, mask))
+                else:
+                    model(input_ids=ids.to(device), attention_mask=mask.to(device))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter() - started
@@ -360,7 +371,11 @@ def measure(args: argparse.Namespace, encoded: list[list[int]], levels: list[int
         ("in-process", fixed_size_passes(len(encoded), ROWS_PER_REQUEST)),
         ("in-process, batcher's passes", batcher_passes(encoded, max(levels), args)),
     ]
-    model = load_sequence_classifier(args.teacher, num_labels=2).eval().to(args.device)
+    engine = TeacherEngine.from_config(
+        TeacherConfig(
+            name="in-process", path=args.teacher, max_seq_length=args.max_seq_length, device=args.device
+        )
+    )
     best: dict[tuple, dict] = {}
 
     def keep(key: tuple, row: dict) -> None:
@@ -392,7 +407,7 @@ def measure(args: argparse.Namespace, encoded: list[list[int]], levels: list[int
                     "output": "logits",
                     "wire": None,
                     "mean_pass_rows": len(encoded) / len(passes),
-                    "sequences_per_s": in_process(model, encoded, passes),
+                    "sequences_per_s": in_process(engine, encoded, passes),
                     "requests": None,
                     "p50_ms": None,
                     "p99_ms": None,

@@ -23,6 +23,7 @@ prepare() {  # with this project's environment (its python: $PYTHON, else .venv/
     local python=${PYTHON:-.venv/bin/python} versions
     versions=$("$python" -c "import importlib.metadata as m
 names = 'fastapi starlette uvicorn httptools pydantic pydantic_core annotated-types typing-inspection orjson sniffio'
+names += ' aiohttp aiohappyeyeballs aiosignal attrs frozenlist multidict propcache yarl'  # bench_server's client
 print(' '.join(f'{n}=={m.version(n)}' for n in names.split()))") || return 1
     rm -rf "$GPU" && mkdir -p "$GPU/wheels" "$GPU/site"
     "$python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
