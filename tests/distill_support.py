@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import torch
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import BertForSequenceClassification
 
@@ -32,6 +33,23 @@ METHODS = [
     (teacher, supervision, SELECTION_STRATEGIES[i % 5], ("kl", "mse")[i % 2], ("cls", "all-tokens")[i % 2])
     for i, (teacher, supervision) in enumerate(itertools.product(TEACHER_SELECTIONS, SUPERVISIONS))
 ]
+
+
+def tiny_demo_config(
+    path: Path, base: Path, *, data_dir: str | Path, num_train: int = 96, num_dev: int = 32, epochs: float = 1
+) -> Path:
+    """``experiments/demo.yaml`` shrunk to seconds: ``base`` (a tiny BERT) for every model, a tiny
+    synthetic task in ``data_dir``, half the teachers' epochs, a 1-layer student."""
+    config = yaml.safe_load((REPO / "experiments" / "demo.yaml").read_text())
+    task = config["tasks"]["synthetic"]
+    task["data_dir"] = str(data_dir)
+    task["generate"].update(num_train=num_train, num_dev=num_dev)
+    for teacher in config["teachers"].values():
+        teacher.update(model=str(base), num_train_epochs=teacher["num_train_epochs"] / 2)
+    config["student"] = {"model": str(base), "num_layers": 1}
+    config["distill"].update(num_train_epochs=epochs, max_seq_length=32)
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
 def write_sentences(path: Path, num_rows: int, seed: int, *, min_words: int = 2, max_words: int = 12) -> Path:

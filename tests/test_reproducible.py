@@ -18,7 +18,15 @@ import pytest
 import yaml
 
 from teacher_server.launch import serve_in_subprocess
-from tests.distill_support import REPO, distill_argv, run_in_process, save_student, train_log, write_sentences
+from tests.distill_support import (
+    REPO,
+    distill_argv,
+    run_in_process,
+    save_student,
+    tiny_demo_config,
+    train_log,
+    write_sentences,
+)
 from tests.tiny_models import save_tiny_bert
 
 pytestmark = pytest.mark.slow
@@ -38,17 +46,23 @@ def comparable(results: dict) -> dict:
 @pytest.mark.timeout(900)
 def test_demo_pipeline_gives_the_same_results_in_two_clone_paths(tmp_path: Path) -> None:
     """The demo (tiny models; 2 epochs, so the service cache answers rows too) in two copies of
-    the code at different paths, each with its own work dir, fresh teachers and fresh service."""
+    the code at different paths, each with its own data, work dir, fresh teachers and fresh service."""
     base = save_tiny_bert(tmp_path / "base", num_layers=6, hidden_size=32, seed=3)
-    settings = ["--num_train", "64", "--num_dev", "16", "--teacher_epochs_scale", "0.5"]
-    settings += ["--student_epochs", "2", "--student_layers", "1", "--max_seq_length", "32"]
+    config = tiny_demo_config(
+        tmp_path / "demo.yaml",
+        base,
+        data_dir=".cache/demo/data/synthetic",
+        num_train=64,
+        num_dev=16,
+        epochs=2,
+    )
     results = []
     for clone in (tmp_path / "a", tmp_path / "clones" / "a-much-longer-clone-path"):
         for package in PACKAGES:
             shutil.copytree(REPO / package, clone / package, ignore=shutil.ignore_patterns("__pycache__"))
         env = {**os.environ, "PYTHONPATH": str(clone), "PYTHONHASHSEED": "random"}
         done = subprocess.run(
-            [sys.executable, "-m", "student_trainer.cli", "demo", "--base_model", str(base), *settings],
+            [sys.executable, "-m", "student_trainer.cli", "demo", "--config", str(config)],
             cwd=clone,
             env=env,
             capture_output=True,
@@ -56,8 +70,8 @@ def test_demo_pipeline_gives_the_same_results_in_two_clone_paths(tmp_path: Path)
             timeout=600,
         )
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-        (run_dir,) = (clone / ".cache" / "demo" / "runs").iterdir()
-        results.append(json.loads((run_dir / "student" / "results.json").read_text()))
+        (path,) = (clone / ".cache" / "demo" / "runs").glob("*/results/runs/synthetic/*/seed42/results.json")
+        results.append(json.loads(path.read_text()))
     assert results[0]["flops"]["teacher_cache_hits"] > 0  # the second epoch was answered from the cache
     assert comparable(results[0]) == comparable(results[1])
 

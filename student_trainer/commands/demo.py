@@ -1,11 +1,11 @@
-"""`student-trainer demo`: the whole system end to end on one machine (see student_trainer/demo.py)."""
+"""`student-trainer demo`: the whole system end to end on one machine, through the experiment runner
+(see student_trainer/demo.py)."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
-from student_trainer.demo import DemoSettings, run_demo
+from student_trainer.commands.experiment import add_data_flag
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -14,14 +14,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="fine-tune two teachers, serve them, distil a student over REST, print a report",
         description=__doc__,
     )
-    for field in dataclasses.fields(DemoSettings):
-        kind = type(field.default) if field.default is not None else str
-        kind = int if field.name in ("max_train_samples", "max_eval_samples") else kind
-        parser.add_argument(f"--{field.name}", type=kind, default=field.default)
+    parser.add_argument(
+        "--config", default="experiments/demo.yaml", help="the demo's runs (an experiment file)"
+    )
+    add_data_flag(parser)
+    parser.add_argument(
+        "--work_dir", default=".cache/demo", help="the fine-tuned teachers (reused) and a folder per demo run"
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = DemoSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DemoSettings)})
-    run_demo(settings)
+    from student_trainer.demo import run_demo
+
+    run_demo(args.config, data=args.data, work_dir=args.work_dir)
     return 0

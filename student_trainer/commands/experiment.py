@@ -3,7 +3,8 @@
 ``--config experiments/X.yaml`` runs what is not done yet (teachers fine-tuned once per task
 and cached, one teacher-server per task, each run an ordinary ``distill``) and writes the report;
 ``--dry_run`` prints the plan with estimated FLOPs and runs nothing; ``--report_only`` rebuilds
-the tables and plots from the results on disk.
+the tables and plots from the results on disk; ``--data [TASK=]DIR`` runs it on that data instead
+of the file's tasks.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--config", required=True, help="experiment YAML (see experiments/)")
     parser.add_argument("--profile", help="profile of the file to apply (default: its first, e.g. cpu)")
+    add_data_flag(parser)
     parser.add_argument("--results_dir", default="results", help="root of the committed results")
     parser.add_argument("--work_dir", default="runs/experiments", help="root of checkpoints and logs")
     parser.add_argument("--teachers_dir", default=".cache/experiments/teachers", help="fine-tuned teachers")
@@ -33,6 +35,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def add_data_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data", action="append", default=[], metavar="[TASK=]DIR",
+        help="run on this data folder instead of the file's tasks (repeat for several; TASK: from the "
+        "folder's name when left out, glue/SST-2 -> sst2)",
+    )  # fmt: skip
+
+
 def parse_shard(text: str) -> tuple[int, int]:
     """``"2/8"`` -> ``(2, 8)``; a bad one is argparse's one-line usage error."""
     index, _, count = text.partition("/")
@@ -44,14 +54,16 @@ def parse_shard(text: str) -> tuple[int, int]:
 def run(namespace: argparse.Namespace) -> int:
     from student_trainer.experiments.config import load_experiment
     from student_trainer.experiments.layout import Layout
+    from student_trainer.experiments.tasks import generate_data
 
-    config = load_experiment(namespace.config, profile=namespace.profile)
+    config = load_experiment(namespace.config, profile=namespace.profile, data=namespace.data)
     profile = config.profile or "default"
     layout = Layout(
         results=Path(namespace.results_dir) / profile / config.name,
         work=Path(namespace.work_dir) / profile / config.name,
         teachers=Path(namespace.teachers_dir),
     )
+    generate_data(config.tasks)  # before anything reads the rows, the dry run's estimate too
     if namespace.dry_run:
         from student_trainer.experiments.plan import print_plan
 

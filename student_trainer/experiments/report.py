@@ -235,7 +235,7 @@ def service_savings(config: ExperimentConfig, layout: Layout) -> dict[str, Any]:
     """Teacher FLOPs the runs requested vs what the service computed: the cache's share."""
     out = {}
     for task in config.tasks:
-        history = _read(layout.results / "service" / f"{task}.json") or []
+        history = layout.service_records(task)
         computed = sum(t.get("flops_computed", 0) for s in history for t in s["teachers"].values())
         requested = sum(flops["teacher_flops_requested"] for flops in _run_flops(config, layout, task))
         if history:

@@ -278,7 +278,7 @@ def distill_flags(
         "student_num_layers": config.student.num_layers,
         "task": task,
         **config.distill,
-        **config.tasks[task],
+        **config.task_flags(task),
         **method.args,
         "seed": seed,
         "output_dir": str(output_dir),
