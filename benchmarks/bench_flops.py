@@ -11,8 +11,12 @@ batcher's largest pass when 16 clients' requests queue together. Teachers: the p
 MiniLM-L6 (``minilm``) and randomly initialised BERTs of the design card's shapes
 (``bert-base``, ``bert-large``; random weights cost what trained ones do). The FLOPs counted are
 the useful ones (:func:`shared.flops.encoder_forward_flops` on the real tokens, head included),
-so the ratio says what share of the peak reaches the answer. Medians over interleaved rounds;
-writes JSON.
+so the ratio says what share of the peak reaches the answer. Beside it, the same pass's matrix
+products alone (one layer's Q, K, V, output and feed-forward weights on as many tokens as the
+pass packs, times its layers): what the BLAS gives at the pass's own shapes. The pass against
+them says what the rest of a layer (attention over padded rows, normalisation, activation,
+packing, Python) costs; them against the peak, what small matrices cost. Medians over interleaved
+rounds; writes JSON.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import torch
 from bench_packing import batches, ms_per_pass
 from bench_server import ROOT, SHAPES, default_teacher, random_teacher, write_report
 
-from shared.flops import encoder_forward_flops
+from shared.flops import FlopsShape, encoder_forward_flops
 from teacher_engine.engine import TeacherEngine
 from teacher_server.config import TeacherConfig
 
@@ -44,6 +48,29 @@ def gemm_flops_per_s(size: int, repeats: int) -> float:
         torch.mm(a, b)
         best = min(best, time.perf_counter() - started)
     return 2 * size**3 / best
+
+
+def layer_gemms_flops_per_s(shape: FlopsShape, tokens: int, repeats: int) -> float:
+    """The best FLOP/s of one layer's matrix products (Q, K, V, output; the feed-forward's in and
+    out) on ``tokens`` packed rows, over ``repeats`` runs of ten."""
+    hidden, inner = shape.hidden_size, shape.intermediate_size
+    narrow, wide = torch.randn(tokens, hidden), torch.randn(tokens, inner)
+    products = [(narrow, torch.randn(hidden, hidden)) for _ in range(4)]
+    products += [(narrow, torch.randn(inner, hidden)), (wide, torch.randn(hidden, inner))]
+    flops = sum(2 * tokens * weight.numel() for _, weight in products)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first warms the BLAS up at these shapes
+        started = time.perf_counter()
+        for _ in range(10):
+            for x, weight in products:
+                torch.nn.functional.linear(x, weight)
+        best = min(best, (time.perf_counter() - started) / 10)
+    return flops / best
+
+
+def packed_tokens(queries: list) -> int:
+    """The real tokens of a pass, on average: how many rows a packed pass's matrices run on."""
+    return round(sum(int(query.attention_mask.sum()) for query in queries) / len(queries))
 
 
 def pass_flops(engine: TeacherEngine, queries: list) -> float:
@@ -91,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     queries = {cell: batches(engines[cell[0]], cell[1], args.batches, args.max_seq_length) for cell in cells}
     peaks: dict[int, list[float]] = {t: [] for t in threads_list}
     passes: dict[tuple, list[float]] = {(t, *cell): [] for t in threads_list for cell in cells}
+    gemms: dict[tuple, list[float]] = {key: [] for key in passes}
     for number in range(args.rounds):
         for threads in threads_list:
             torch.set_num_threads(threads)
@@ -99,23 +127,30 @@ def main(argv: list[str] | None = None) -> int:
                 engine, batch = engines[shape], queries[(shape, rows)]
                 ms_per_pass(engine, batch[:2], True)  # warm-up at this shape and thread count
                 passes[(threads, shape, rows)].append(ms_per_pass(engine, batch, True))
+                tokens = packed_tokens(batch)
+                gemms[(threads, shape, rows)].append(layer_gemms_flops_per_s(engine.flops_shape, tokens, 3))
 
     results = []
     print(
-        f"{'threads':>7} {'teacher':>10} {'rows':>5} {'ms/pass':>8} {'GFLOP/s':>8} "
-        f"{'peak GFLOP/s':>12} {'of peak':>8}"
+        f"{'threads':>7} {'teacher':>10} {'rows':>5} {'tokens':>6} {'ms/pass':>8} {'GFLOP/s':>8} "
+        f"{'its GEMMs GFLOP/s':>17} {'of GEMMs':>8} {'peak GFLOP/s':>12} {'of peak':>8}"
     )
     for (threads, shape, rows), samples in passes.items():
         ms, peak = statistics.median(samples), statistics.median(peaks[threads])
+        gemm_samples = gemms[(threads, shape, rows)]
+        alone = statistics.median(gemm_samples)
         achieved = pass_flops(engines[shape], queries[(shape, rows)]) / (ms / 1000)
+        tokens = packed_tokens(queries[(shape, rows)])
         results.append({
-            "threads": threads, "teacher": shape, "rows": rows, "median_ms_per_pass": ms,
-            "samples_ms": samples, "achieved_flops_per_s": achieved, "gemm_peak_flops_per_s": peak,
+            "threads": threads, "teacher": shape, "rows": rows, "packed_tokens": tokens,
+            "median_ms_per_pass": ms, "samples_ms": samples, "achieved_flops_per_s": achieved,
+            "layer_gemms_flops_per_s": alone, "layer_gemms_samples_flops_per_s": gemm_samples,
+            "share_of_layer_gemms": achieved / alone, "gemm_peak_flops_per_s": peak,
             "share_of_peak": achieved / peak,
         })  # fmt: skip
         print(
-            f"{threads:>7} {shape:>10} {rows:>5} {ms:>8.1f} {achieved / 1e9:>8.1f} "
-            f"{peak / 1e9:>12.1f} {achieved / peak:>8.0%}"
+            f"{threads:>7} {shape:>10} {rows:>5} {tokens:>6} {ms:>8.1f} {achieved / 1e9:>8.1f} "
+            f"{alone / 1e9:>17.1f} {achieved / alone:>8.0%} {peak / 1e9:>12.1f} {achieved / peak:>8.0%}"
         )
     load = (load_before, os.getloadavg()[0])
     print(f"1-minute load average before/after: {load[0]:.1f}/{load[1]:.1f} on {os.cpu_count()} CPUs")
