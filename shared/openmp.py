@@ -14,7 +14,8 @@ whoever co-locates can. So ``teacher-server`` keeps OpenMP's default (a server i
 on its cores), and what puts work beside it asks for ``PASSIVE``: ``student-trainer`` for itself
 and its in-process teacher, :func:`teacher_server.launch.serve_in_subprocess` (the demo, the
 experiment runner) for the server it starts beside itself, the CPU compose file for a server beside
-its trainer. A policy the user set is always kept.
+its trainer. A policy the user set is always kept, and a server that finds its cores already busy
+at start says so (:func:`busy_cores_warning`).
 """
 
 from __future__ import annotations
@@ -35,3 +36,14 @@ def prefer_passive_wait() -> None:
 def colocated_env(env: Mapping[str, str]) -> dict[str, str]:
     """``env`` for a child that shares its cores with busy work: ``PASSIVE`` unless a policy is set."""
     return {POLICY: PASSIVE, **env}
+
+
+def busy_cores_warning(environ: Mapping[str, str], load: float, cores: int) -> str | None:
+    """One line for a process about to spin on cores that are busy already (a 1-minute load average
+    of at least one per core); None where a policy is set or the cores have room."""
+    if POLICY in environ or load < cores:
+        return None
+    return (
+        f"the load average is {load:.1f} on {cores} cores and OpenMP's idle workers spin: beside busy "
+        f"work a pass can take many times longer; set {POLICY}={PASSIVE} to make them sleep"
+    )

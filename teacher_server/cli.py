@@ -19,6 +19,7 @@ from transformers.utils import logging as hf_logging
 from shared.api_key import clean_api_key
 from shared.errors import UserError
 from shared.flags import add_flag
+from shared.openmp import busy_cores_warning
 from teacher_server.app import create_app
 from teacher_server.config import load_config
 from teacher_server.drain import DrainingServer
@@ -121,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"teacher-server: error: {err}", file=sys.stderr)
         return 2
 
+    warning = busy_cores_warning(os.environ, os.getloadavg()[0], len(os.sched_getaffinity(0)))
+    if warning:
+        logging.getLogger("teacher_server").warning(warning, extra={"event": "busy_cores"})
     failures: list[str] = []
 
     def stop_serving(message: str) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from shared.errors import UserError
-from shared.openmp import colocated_env
+from shared.openmp import busy_cores_warning, colocated_env
 from teacher_server import launch
 
 PROBE = "import {package}, os, sys; print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)"
@@ -80,3 +80,10 @@ def test_a_server_started_beside_its_caller_is_asked_for_passive_waits(
     ):
         pass
     assert [e.get("OMP_WAIT_POLICY") for e in ExitedAtOnce.envs] == [expected]
+
+
+def test_a_server_that_would_spin_on_busy_cores_says_how_to_stop_it() -> None:
+    warning = busy_cores_warning({}, load=3.5, cores=2)
+    assert warning is not None and "3.5 on 2 cores" in warning and "OMP_WAIT_POLICY=PASSIVE" in warning
+    assert busy_cores_warning({}, load=0.4, cores=2) is None  # room on the cores
+    assert busy_cores_warning({"OMP_WAIT_POLICY": "ACTIVE"}, load=3.5, cores=2) is None  # chosen
