@@ -4,9 +4,11 @@ Each command module exposes ``register(subparsers)`` which adds its parser and s
 ``func`` to a callable ``run(args) -> int``. Errors the user can fix surface as one line
 on stderr and a non-zero exit code (see :class:`shared.errors.UserError`).
 
-Exit codes: 0 done; 2 usage or set-up error (bad flags, files, config; argparse's own
-code); 3 a teacher became unavailable mid-run (a resumable checkpoint was written);
-130 interrupted by SIGINT/SIGTERM (after a checkpoint of the last completed step, in ``distill``).
+Exit codes: 0 done; 2 usage or set-up error (bad flags, files, config, a damaged checkpoint to
+resume from; argparse's own code); 3 a teacher became unavailable mid-run (a resumable checkpoint
+was written); 4 the training loss was NaN or infinite (stopped before the optimizer step); 5 a
+checkpoint could not be written (a full disk: the partial one removed); 130 interrupted by
+SIGINT/SIGTERM (after a checkpoint of the last completed step, in ``distill``).
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ import sys
 
 from shared.errors import UserError
 from student_trainer.args.parser import CommandParser
-from student_trainer.train.errors import Interrupted, TeacherUnavailable
+from student_trainer.train.errors import CheckpointWriteError, Interrupted, NonFiniteLoss, TeacherUnavailable
 
-EXIT_USAGE, EXIT_TEACHER_UNAVAILABLE, EXIT_INTERRUPTED = 2, 3, 130
+EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
+EXIT_CODES = {TeacherUnavailable: 3, NonFiniteLoss: 4, CheckpointWriteError: 5}  # else EXIT_USAGE
 
 COMMANDS = ("distill", "finetune", "augment", "demo", "experiment")
 
@@ -50,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except UserError as err:
         print(f"student-trainer {args.command}: error: {err}", file=sys.stderr)
-        return EXIT_TEACHER_UNAVAILABLE if isinstance(err, TeacherUnavailable) else EXIT_USAGE
+        return next((code for kind, code in EXIT_CODES.items() if isinstance(err, kind)), EXIT_USAGE)
     except KeyboardInterrupt:
         print(f"student-trainer {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

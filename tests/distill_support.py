@@ -22,6 +22,7 @@ from transformers import BertForSequenceClassification
 from student_trainer.args.distill import parse_distill_args
 from student_trainer.kd.config import SUPERVISIONS, TEACHER_SELECTIONS
 from student_trainer.kd.selection import SELECTION_STRATEGIES
+from student_trainer.train.checkpoint import list_checkpoints
 from student_trainer.train.distill import distill
 from tests.tiny_models import WORDS, save_tiny_tokenizer, tiny_config
 
@@ -145,8 +146,8 @@ def run_torchrun(argv: list[str], processes: int = 2) -> subprocess.CompletedPro
 
 
 def kill_after_checkpoint(argv: list[str], output_dir: Path, step: int) -> None:
-    """Start ``distill argv`` in a fresh interpreter and SIGKILL it once ``checkpoint-<step>`` is complete
-    (its ``trainer_state.json``, written last, exists)."""
+    """Start ``distill argv`` in a fresh interpreter and SIGKILL it once ``checkpoint-<step>`` is whole
+    (renamed from ``.tmp-checkpoint-<step>`` once its checksums were written)."""
     process = subprocess.Popen(
         [sys.executable, "-m", "student_trainer.cli", "distill", *argv],
         cwd=REPO,
@@ -154,7 +155,7 @@ def kill_after_checkpoint(argv: list[str], output_dir: Path, step: int) -> None:
         stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 120
-    while not (output_dir / f"checkpoint-{step}" / "trainer_state.json").exists():
+    while output_dir / f"checkpoint-{step}" not in list_checkpoints(output_dir):
         assert process.poll() is None, f"the run ended before checkpoint-{step}"
         assert time.monotonic() < deadline
         time.sleep(0.002)

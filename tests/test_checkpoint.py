@@ -1,9 +1,12 @@
-"""Checkpoints as the ``Trainer`` writes them: `latest`/`auto` pass over incomplete folders, missing or
-damaged files are one line naming them, RNG round trips, another model's weights refused."""
+"""Checkpoints as the ``Trainer`` writes them: `latest`/`auto` pass over incomplete folders and fall back
+past damaged ones, missing or damaged files are one line naming them, what a killed write left is
+removed, RNG round trips, another model's weights refused."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import random
 from pathlib import Path
 
@@ -17,10 +20,14 @@ from transformers import BertForSequenceClassification
 from shared.errors import UserError
 from student_trainer.train.checkpoint import (
     capture_rng_state,
+    checkpoint_problem,
     list_checkpoints,
+    remove_stale_writes,
     resolve_checkpoint,
     restore_rng_state,
 )
+from student_trainer.train.checksums import CHECKSUMS, write_checksums
+from student_trainer.train.guarded import write_failure
 from student_trainer.train.student import DistillStudent
 from student_trainer.train.trainer import PROJECTIONS_FILE, load_student_weights
 from tests.tiny_models import tiny_config
@@ -32,8 +39,8 @@ def make_student(seed: int, *, projection: bool = True) -> DistillStudent:
     return DistillStudent(model, {"large": nn.Linear(32, 48)} if projection else {})
 
 
-def save(output_dir: Path, step: int, student: DistillStudent) -> Path:
-    """What a ``DynamicKDTrainer`` checkpoint holds (trainer_state.json written last)."""
+def save(output_dir: Path, step: int, student: DistillStudent, *, checksums: bool = True) -> Path:
+    """What a ``DynamicKDTrainer`` checkpoint holds (checksums.sha256 written last)."""
     path = output_dir / f"checkpoint-{step}"
     student.model.save_pretrained(path)
     if len(student.projections.state_dict()):
@@ -46,7 +53,17 @@ def save(output_dir: Path, step: int, student: DistillStudent) -> Path:
     torch.save({"last_epoch": step}, path / "scheduler.pt")
     torch.save({"python": random.getstate()}, path / "rng_state.pth")
     (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    if checksums:
+        write_checksums(path)
     return path
+
+
+def flip(path: Path, count: int = 64) -> None:
+    """Corrupt ``count`` bytes in the middle of a file in place (same size): what a bad disk does."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + count] = bytes(b ^ 0xFF for b in data[middle : middle + count])
+    path.write_bytes(bytes(data))
 
 
 def test_weights_round_trip_and_another_configuration_is_a_clear_error(tmp_path: Path) -> None:
@@ -94,13 +111,87 @@ def test_rng_state_round_trip_replays_every_generator(tmp_path: Path) -> None:
 def test_a_checkpoint_missing_a_file_names_it(tmp_path: Path, missing: str) -> None:
     path = save(tmp_path, 2, make_student(1))
     (path / missing).unlink()
-    with pytest.raises(UserError, match=rf"checkpoint-2 has no {missing.split('.')[0]}"):
+    with pytest.raises(UserError, match=rf"\(newest, checkpoint-2: it has no {missing.split('.')[0]}"):
         resolve_checkpoint("latest", tmp_path)
 
 
 @pytest.mark.parametrize("damaged", ["scheduler.pt", "model.safetensors"])
-def test_a_damaged_checkpoint_file_is_a_user_error(tmp_path: Path, damaged: str) -> None:
+def test_a_file_cut_short_is_a_user_error_naming_it(tmp_path: Path, damaged: str) -> None:
     path = save(tmp_path, 2, make_student(1))
-    (path / damaged).write_bytes((path / damaged).read_bytes()[:40])  # cut short by a full disk
-    with pytest.raises(UserError, match=rf"checkpoint-2/{damaged.replace('.', '[.]')} is damaged"):
+    (path / damaged).write_bytes((path / damaged).read_bytes()[:40])
+    with pytest.raises(UserError, match=rf"{damaged.replace('.', '[.]')} does not match its checksum"):
         resolve_checkpoint("latest", tmp_path)
+
+
+@pytest.mark.parametrize(
+    "damaged", ["model.safetensors", "optimizer.pt", "kd_state.pt", "trainer_state.json"]
+)
+def test_a_file_damaged_in_place_is_named_and_auto_falls_back_to_the_checkpoint_before(
+    tmp_path: Path, damaged: str
+) -> None:
+    """64 bytes flipped, same size: a path given is refused naming the file; `auto` and `latest` say
+    which checkpoint they skip and why, and resume from the newest one that is whole."""
+    for step in (5, 10):
+        path = save(tmp_path, step, make_student(1))
+        (path / "kd_state.pt").write_bytes(os.urandom(4096))
+        write_checksums(path)
+    flip(tmp_path / "checkpoint-10" / damaged)
+    said: list[str] = []
+    for spec in ("auto", "latest"):
+        assert resolve_checkpoint(spec, tmp_path, said.append) == tmp_path / "checkpoint-5"
+    assert said == [f"skipping {tmp_path / 'checkpoint-10'}: {damaged} does not match its checksum "
+                    "(damaged since it was written)"] * 2  # fmt: skip
+    with pytest.raises(UserError, match=rf"checkpoint-10: {damaged.replace('.', '[.]')} does not match"):
+        resolve_checkpoint(str(tmp_path / "checkpoint-10"), tmp_path)
+    flip(tmp_path / "checkpoint-5" / damaged)  # no whole checkpoint left: refused, never a fresh start
+    with pytest.raises(
+        UserError,
+        match=r"no checkpoint in .* can be resumed from \(newest, checkpoint-10: .*--overwrite_output_dir",
+    ):
+        resolve_checkpoint("auto", tmp_path)
+
+
+def test_a_checkpoint_without_checksums_is_passed_over_until_vouched_for(tmp_path: Path) -> None:
+    save(tmp_path, 5, make_student(1))
+    unlisted = save(tmp_path, 10, make_student(1), checksums=False)  # a version before checksums
+    said: list[str] = []
+    assert resolve_checkpoint("auto", tmp_path, said.append) == tmp_path / "checkpoint-5"
+    assert f"it has no {CHECKSUMS}" in said[0] and "sha256sum * > checksums.sha256" in said[0]
+    with pytest.raises(UserError, match=rf"checkpoint-10: it has no {CHECKSUMS}"):
+        resolve_checkpoint(str(unlisted), tmp_path)
+    write_checksums(unlisted)  # what `sha256sum * > checksums.sha256` writes
+    assert resolve_checkpoint(str(unlisted), tmp_path) == unlisted
+    assert checkpoint_problem(unlisted) is None
+
+
+def test_what_a_killed_write_left_is_removed_and_nothing_else(tmp_path: Path) -> None:
+    whole = save(tmp_path, 5, make_student(1))
+    staging = tmp_path / ".tmp-checkpoint-10"
+    staging.mkdir()
+    (staging / "model.safetensors").write_bytes(b"partial")
+    (tmp_path / "checkpoint-10").symlink_to(staging.name, target_is_directory=True)
+    (tmp_path / ".tmp-notes").mkdir()  # not ours
+    assert list_checkpoints(tmp_path) == [whole]  # the link to a folder being written is not a checkpoint
+    assert remove_stale_writes(tmp_path) == [".tmp-checkpoint-10"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-notes", "checkpoint-5"]
+    assert checkpoint_problem(whole) is None
+
+
+@pytest.mark.parametrize(
+    ("error", "free", "said"),
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), 10**9, "no space left on device"),
+        (OSError(errno.EACCES, "Permission denied"), 10**9, "permission denied"),
+        (RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"), 0,
+         "no space left on device"),  # safetensors
+        (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"), 4096,
+         "no space left on device"),  # torch.save, which drops the errno
+        (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"), 10**9,
+         "a write failed"),
+        (RuntimeError("CUDA error: an illegal memory access"), 0, None),  # not the file system's
+    ],
+)  # fmt: skip
+def test_a_write_failure_is_said_in_the_file_systems_words(
+    error: Exception, free: int, said: str | None
+) -> None:
+    assert write_failure(error, free) == said

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from shared.teacher_api import TeacherQuery
+from student_trainer.train.checkpoint import list_checkpoints
 from teacher_engine.engine import TeacherEngine
 from teacher_server.launch import serve_in_subprocess
 from tests.distill_support import (
@@ -93,7 +94,7 @@ def test_a_gpu_run_killed_mid_run_resumes_to_the_same_weights(workspace, tmp_pat
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     deadline = time.monotonic() + 120
-    while not (killed / "checkpoint-5" / "trainer_state.json").exists():
+    while killed / "checkpoint-5" not in list_checkpoints(killed):  # whole: renamed from .tmp-checkpoint-5
         assert process.poll() is None and time.monotonic() < deadline
         time.sleep(0.002)
     os.kill(process.pid, signal.SIGKILL)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import signal
 import socket
 import subprocess
@@ -137,3 +139,43 @@ def test_bad_data_file_is_one_line(workspace, tmp_path: Path, capsys: pytest.Cap
     code, lines = run_main(distill_argv(workspace["student"], bad, tmp_path / "out", {}, "--no_kd"), capsys)
     assert code == 2
     assert len(lines) == 1 and "bad.tsv, line 3" in lines[0]
+
+
+def test_a_non_finite_loss_is_one_line_and_exit_4(workspace, tmp_path, capsys) -> None:
+    argv = distill_argv(
+        workspace["student"], workspace["train"], tmp_path, {"large": f"local:{workspace['large']}"}
+    )
+    code, lines = run_main([*argv, "--learning_rate", "1e12"], capsys)  # the weights blow up at once
+    assert code == 4
+    assert lines[-1].startswith(
+        "student-trainer distill: error: the training loss is nan at step 2: stopped "
+    )
+    assert not list(tmp_path.glob("*checkpoint-*"))
+
+
+def test_a_full_disk_while_writing_a_checkpoint_is_one_line_and_exit_5(
+    workspace, tmp_path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    save = torch.save
+
+    def fills_the_disk(obj, file, *args, **kwargs):
+        if str(file).endswith("checkpoint-4/scheduler.pt"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
+        return save(obj, file, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", fills_the_disk)
+    argv = distill_argv(
+        workspace["student"], workspace["train"], tmp_path, {"large": f"local:{workspace['large']}"}
+    )
+    code, lines = run_main(
+        [*argv, "--save_strategy", "steps", "--save_steps", "2", "--max_steps", "4"], capsys
+    )
+    assert code == 5
+    assert lines[-1].startswith(
+        "student-trainer distill: error: no space left on device while writing checkpoint-4: [Errno 28] "
+    )  # the files being written name the link to .tmp-checkpoint-4/
+    assert lines[-1].endswith(
+        f"; checkpoint-4 was removed, {tmp_path / 'checkpoint-2'} is the last good checkpoint "
+        "(continue with --resume_from_checkpoint latest)"
+    )
+    assert sorted(p.name for p in tmp_path.glob("*checkpoint-*")) == ["checkpoint-2"]

@@ -21,6 +21,7 @@ from shared.errors import UserError
 from student_trainer.experiments.config import ExperimentConfig, expand_methods, load_experiment, parse_config
 from student_trainer.experiments.layout import Layout
 from student_trainer.experiments.report import collect, paired_p_value, write_report
+from student_trainer.train.checkpoint import list_checkpoints
 from tests.distill_support import REPO, save_student, write_sentences
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # whole grids: minutes on a busy machine
@@ -197,7 +198,7 @@ def test_sigkill_mid_grid_resumes_to_the_same_numbers(finished_grid, workspace):
     )  # fmt: skip
     killed_run = root / "work" / "default" / "tiny" / "runs" / "sst2" / "entropy-r0.5" / "seed1"
     deadline = time.monotonic() + 300
-    while not list(killed_run.glob("checkpoint-*")):
+    while not list_checkpoints(killed_run):  # a whole one, not the .tmp- folder of one being written
         assert runner.poll() is None, "the runner ended before it could be killed"
         assert time.monotonic() < deadline
         time.sleep(0.05)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ from transformers import AutoModelForSequenceClassification, TrainerCallback
 from shared.errors import UserError
 from student_trainer import DynamicKDTrainer, KDConfig
 from student_trainer.teachers.client import make_teacher_client
+from student_trainer.train.checkpoint import checkpoint_problem
 from student_trainer.train.errors import Interrupted, TeacherUnavailable
 from tests.distill_support import REPO, FlakyTeacher, WrappedTeacher, save_student, write_sentences
 from tests.kd_trainer_run import make_trainer
@@ -262,3 +264,110 @@ def test_two_processes_under_torchrun_train_like_one_with_the_union_batch(worksp
         assert torch.allclose(got[name], tensor, atol=2e-5), name
     moved = [n for n in initial if n in expected and not torch.allclose(initial[n], expected[n], atol=1e-4)]
     assert len(moved) > 10  # training did change the weights, so the comparison means something
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+def test_a_full_disk_while_writing_a_checkpoint_is_one_line_and_leaves_nothing_half_written(
+    workspace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk fills while checkpoint-8's optimizer.pt is written (part of it is): the error says so
+    in one line, checkpoint-8 is gone, checkpoint-4 is byte for byte what it was."""
+    trainer = make_trainer(workspace, tmp_path)
+    save = torch.save
+
+    def fills_the_disk(obj, file, *args, **kwargs):
+        if str(file).endswith("optimizer.pt") and trainer.state.global_step == 8:
+            Path(file).write_bytes(b"\0" * 1000)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
+        return save(obj, file, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", fills_the_disk)
+    before: dict[str, bytes] = {}
+    trainer.add_callback(OnStep(4, lambda: before.update(folder_bytes(tmp_path / "checkpoint-4")), "on_save"))
+    with pytest.raises(UserError, match=r"^no space left on device while writing checkpoint-8: ") as raised:
+        trainer.train()
+    assert "\n" not in str(raised.value) and "checkpoint-4 is the last good checkpoint" in str(raised.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4"]
+    assert folder_bytes(tmp_path / "checkpoint-4") == before
+
+
+class OnStep(TrainerCallback):
+    """Calls ``act`` at the ``event`` of step ``step``."""
+
+    def __init__(self, step: int, act, event: str = "on_step_end"):
+        self.step, self.act = step, act
+        setattr(self, event, self._maybe)
+
+    def _maybe(self, args, state, control, **kwargs) -> None:
+        if state.global_step == self.step:
+            self.act()
+
+
+def test_a_non_finite_loss_stops_before_the_optimizer_step_and_writes_nothing(
+    workspace, tmp_path: Path
+) -> None:
+    """A weight turned NaN after step 5 (as a damaged checkpoint would make it): step 6's loss is NaN
+    and the run stops there, its optimizer step not taken, checkpoint-4 the last one."""
+    trainer = make_trainer(workspace, tmp_path)
+    after_step_5: dict[str, torch.Tensor] = {}
+
+    def poison() -> None:
+        trainer.student.classifier.weight.data[0, 0] = float("nan")
+        after_step_5.update(trained_tensors(trainer))
+
+    trainer.add_callback(OnStep(5, poison))
+    with pytest.raises(
+        UserError, match=r"^the training loss is nan at step 6: stopped before the optimizer step"
+    ):
+        trainer.train()
+    assert trainer.state.global_step == 5
+    for name, tensor in trained_tensors(trainer).items():
+        assert torch.equal(tensor.nan_to_num(7.0), after_step_5[name].nan_to_num(7.0)), name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4"]
+
+
+def test_what_a_run_killed_while_writing_a_checkpoint_left_is_removed_when_the_next_starts(
+    workspace, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    staging = tmp_path / ".tmp-checkpoint-8"
+    staging.mkdir(parents=True)
+    (staging / "model.safetensors").write_bytes(b"\0" * 4096)
+    (tmp_path / "checkpoint-8").symlink_to(staging.name, target_is_directory=True)
+    trainer = make_trainer(workspace, tmp_path, max_steps=2, save_steps=100)
+    trainer.train()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
+    assert "removed .tmp-checkpoint-8: a checkpoint that a stopped run did not finish writing" in (
+        capsys.readouterr().err
+    )
+
+
+def test_checkpoints_are_whole_rotated_and_the_best_one_recorded_under_its_final_name(
+    workspace, tmp_path: Path
+) -> None:
+    """Every file of a checkpoint is in its checksums; save_total_limit and load_best_model_at_end
+    work as the Trainer's own (the folder being written is a link to its .tmp- folder meanwhile)."""
+    trainer = make_trainer(
+        workspace,
+        tmp_path,
+        eval_strategy="steps",
+        eval_steps=4,
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+    )
+    trainer.train()
+    best = Path(trainer.state.best_model_checkpoint)
+    assert best.parent == tmp_path and not best.is_symlink() and best.is_dir()
+    kept = sorted(p.name for p in tmp_path.iterdir())
+    assert len(kept) == 2 and {best.name, "checkpoint-12"} <= set(kept)  # rotated, the best one kept
+    for name in kept:
+        listed = (tmp_path / name / "checksums.sha256").read_text().splitlines()
+        assert sorted(line.split("  ")[1] for line in listed) == sorted(
+            p.name for p in (tmp_path / name).iterdir() if p.name != "checksums.sha256"
+        )
+        assert checkpoint_problem(tmp_path / name) is None
+    saved = json.loads((tmp_path / "checkpoint-12" / "trainer_state.json").read_text())
+    assert saved["best_model_checkpoint"] == str(best)

@@ -11,3 +11,11 @@ class TeacherUnavailable(UserError):
 
 class Interrupted(UserError):
     """SIGINT/SIGTERM stopped the run after a checkpoint of its last step."""
+
+
+class NonFiniteLoss(UserError):
+    """The loss was NaN or infinite: the run stopped before the optimizer step, no checkpoint written."""
+
+
+class CheckpointWriteError(UserError):
+    """The file system refused a checkpoint (a full disk): its partial folder removed, the run stopped."""

@@ -1,5 +1,6 @@
-"""`student-trainer finetune`: fine-tune a teacher with the plain Hugging Face ``Trainer`` (no KD) on the
-options of `distill` (:mod:`student_trainer.args.finetune`).
+"""`student-trainer finetune`: fine-tune a teacher with the Hugging Face ``Trainer`` (no KD; its
+checkpoints and loss guarded as ``distill``'s, :mod:`student_trainer.train.guarded`) on the options of
+`distill` (:mod:`student_trainer.args.finetune`).
 
 Any BERT-family checkpoint, optionally only its first ``m`` layers. The output folder is a
 ``save_pretrained`` checkpoint with its tokenizer and label names (``id2label``), which
@@ -18,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoTokenizer, Trainer, set_seed
+from transformers import AutoTokenizer, set_seed
 from transformers.utils import logging as hf_logging
 
 from shared.errors import UserError
@@ -28,6 +29,7 @@ from student_trainer.data.loading import load_train_and_eval_from
 from student_trainer.data.tokenized import TokenizedDataset, collate_batch
 from student_trainer.train.checkpoint import list_checkpoints, prepare_output_dir
 from student_trainer.train.evaluate import metric_function
+from student_trainer.train.guarded import GuardedTrainer
 
 
 def finetune(args: FinetuneArguments) -> dict[str, Any]:
@@ -50,7 +52,7 @@ def finetune(args: FinetuneArguments) -> dict[str, Any]:
     eval_set = (
         TokenizedDataset(eval_data, tokenizer, max_len) if eval_data and eval_data.is_labelled else None
     )
-    trainer = Trainer(
+    trainer = GuardedTrainer(
         model=model,
         args=training,
         data_collator=functools.partial(collate_batch, pad_token_id=tokenizer.pad_token_id or 0),
@@ -59,6 +61,7 @@ def finetune(args: FinetuneArguments) -> dict[str, Any]:
         processing_class=tokenizer,
         compute_metrics=metric_function(eval_data.metric) if eval_set else None,
     )
+    trainer.resume_hint = "continue with --resume_from_checkpoint latest"
     if checkpoint is not None and training.process_index == 0:
         print(f"Resuming from {checkpoint} (step {checkpoint.name.split('-')[-1]})", file=sys.stderr)
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -79,7 +82,7 @@ def finetune(args: FinetuneArguments) -> dict[str, Any]:
     return results
 
 
-def save_teacher(trainer: Trainer, args: FinetuneArguments, results: dict, task: str) -> Path:
+def save_teacher(trainer: GuardedTrainer, args: FinetuneArguments, results: dict, task: str) -> Path:
     """A folder ``teacher-server`` loads unchanged: weights, config with id2label, tokenizer; the
     checkpoints that resuming needed are deleted."""
     output_dir = Path(args.training.output_dir)

@@ -8,8 +8,8 @@ forward, the rows and teachers its uncertainty picks, the teachers' answers, the
 (:mod:`student_trainer.kd.objective`) and the FLOPs ledger (:mod:`student_trainer.kd.ledger`).
 
 State that a resume needs besides the ``Trainer``'s own is written into every ``checkpoint-N/``
-as ``kd_state.pt`` (``kd_state_<rank>.pt`` per process under ``torchrun``), before the
-``Trainer`` writes ``trainer_state.json``: the FLOPs ledger (summed over the processes, the same
+as ``kd_state.pt`` (``kd_state_<rank>.pt`` per process under ``torchrun``) beside the ``Trainer``'s
+RNG state: the FLOPs ledger (summed over the processes, the same
 on each), and the row selector's RNG, exact-budget carry and teacher-budget counters. The
 :class:`KDState` callback keeps it in step with the loop (budget restarts at an epoch, the state
 before each step, so that a teacher that stays down leaves a checkpoint of the last whole step).
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import PreTrainedModel, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
@@ -42,9 +42,15 @@ from student_trainer.kd.config import LADDER_METHODS, TEACHER_ROLES, KDConfig
 from student_trainer.kd.ledger import FlopsLedger
 from student_trainer.kd.objective import distillation_loss
 from student_trainer.teachers.client import TeacherCallError, TeacherClient, make_teacher_client
-from student_trainer.train.checkpoint import capture_rng_state, resolve_checkpoint, restore_rng_state
+from student_trainer.train.checkpoint import (
+    capture_rng_state,
+    main_says,
+    resolve_checkpoint,
+    restore_rng_state,
+)
 from student_trainer.train.distributed import Processes, any_rank
 from student_trainer.train.errors import Interrupted, TeacherUnavailable
+from student_trainer.train.guarded import GuardedTrainer
 from student_trainer.train.setup import (
     RowSelector,
     Teachers,
@@ -64,11 +70,10 @@ from student_trainer.train.student import (
 )
 
 PROJECTIONS_FILE = "projections.safetensors"
-RESUME_HINT = "continue with --resume_from_checkpoint latest, or train(resume_from_checkpoint=True)"
 BATCH_COLUMNS = ["input_ids", "attention_mask", "token_type_ids", "labels", "label", "label_ids", "index"]
 
 
-class DynamicKDTrainer(Trainer):
+class DynamicKDTrainer(GuardedTrainer):
     """A ``Trainer`` whose loss is dynamic KD from teachers behind a service (or loaded in-process).
 
     ``teachers`` maps a name to a spec (``local:PATH``, ``URL[,URL...][#MODEL]``) or to a
@@ -78,7 +83,6 @@ class DynamicKDTrainer(Trainer):
     teacher is sent token ids or text). Every other argument is the ``Trainer``'s.
     """
 
-    resume_hint = RESUME_HINT  # what a stopped run's message says to do next
     loss_is_scaled_for_ga = False  # the objective is a batch mean: the Trainer divides it by accumulation
 
     def __init__(
@@ -261,11 +265,12 @@ class DynamicKDTrainer(Trainer):
         checkpoint of the last whole step; SIGINT/SIGTERM with :class:`Interrupted` after a checkpoint of
         the step in progress (a second signal at once).
 
-        ``resume_from_checkpoint``: a ``checkpoint-N`` folder; ``True`` or ``"latest"`` for the newest
-        complete one in ``output_dir`` (one a kill left without its ``trainer_state.json``, which is
-        written last, is passed over); ``"auto"`` the same, or a fresh start when there is none."""
+        ``resume_from_checkpoint``: a ``checkpoint-N`` folder, whose files must match their checksums;
+        ``True`` or ``"latest"`` for the newest in ``output_dir`` whose files do (each newer one skipped
+        is said on stderr, with the file that does not match); ``"auto"`` the same, or a fresh start when
+        there is no checkpoint."""
         spec = "latest" if resume_from_checkpoint is True else resume_from_checkpoint
-        checkpoint = resolve_checkpoint(spec, self.args.output_dir) if spec else None
+        checkpoint = resolve_checkpoint(spec, self.args.output_dir, main_says(self.args)) if spec else None
         if checkpoint is not None:
             self.kd_state.load(checkpoint)
             finished = self._finished_run(checkpoint)
@@ -301,10 +306,9 @@ class DynamicKDTrainer(Trainer):
         self._load_from_checkpoint(str(checkpoint), self.model)
         return TrainOutput(saved.global_step, 0.0, {"train_runtime": 0.0})
 
-    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
-        folder = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        self.kd_state.save(folder)  # before trainer_state.json, which the Trainer writes last
-        super()._save_checkpoint(model, trial)
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        self.kd_state.save(Path(output_dir))  # every process's, as the RNG's
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """The student as ``save_pretrained`` writes it (a model ``teacher-server`` or ``from_pretrained``
