@@ -218,14 +218,19 @@ def fixed_size_passes(count: int, batch_size: int) -> list[list[int]]:
     return [list(range(i, min(i + batch_size, count))) for i in range(0, count, batch_size)]
 
 
-def batcher_passes(encoded: list[list[int]], clients: int, args: argparse.Namespace) -> list[list[int]]:
-    """The passes the batcher plans when ``clients`` requests of 8 arrive together (one round)."""
+def batcher_passes(
+    encoded: list[list[int]], clients: int, args: argparse.Namespace, engine: TeacherEngine
+) -> list[list[int]]:
+    """The passes the batcher plans for ``engine`` when ``clients`` requests of 8 arrive together
+    (one round): a packed engine's padding costs only attention, so its buckets are wider."""
     per_round = clients * ROWS_PER_REQUEST
     passes = []
     for start in range(0, len(encoded), per_round):
         rows = [Row(None, i, len(encoded[i])) for i in range(start, min(start + per_round, len(encoded)))]
         overhead = CPU_PASS_OVERHEAD_TOKENS if args.device == "cpu" else ACCELERATOR_PASS_OVERHEAD_TOKENS
-        planned = plan_batches(rows, args.max_batch_size, args.max_batch_tokens, overhead)
+        planned = plan_batches(
+            rows, args.max_batch_size, args.max_batch_tokens, overhead, engine.padding_cost
+        )
         passes += [[row.index for row in batch] for batch in planned]
     return passes
 
@@ -367,15 +372,15 @@ def measure(args: argparse.Namespace, encoded: list[list[int]], levels: list[int
         )
         for wire in ("binary", "json")
     ]
-    local_runs = [
-        ("in-process", fixed_size_passes(len(encoded), ROWS_PER_REQUEST)),
-        ("in-process, batcher's passes", batcher_passes(encoded, max(levels), args)),
-    ]
     engine = TeacherEngine.from_config(
         TeacherConfig(
             name="in-process", path=args.teacher, max_seq_length=args.max_seq_length, device=args.device
         )
     )
+    local_runs = [
+        ("in-process", fixed_size_passes(len(encoded), ROWS_PER_REQUEST)),
+        ("in-process, batcher's passes", batcher_passes(encoded, max(levels), args, engine)),
+    ]
     best: dict[tuple, dict] = {}
 
     def keep(key: tuple, row: dict) -> None:
