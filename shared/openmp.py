@@ -9,9 +9,10 @@ core while the master of its team waits for one, and a pass takes up to 22x long
 ``PASSIVE``; a bounded spin (``GOMP_SPINCOUNT=10000``) still loses 2x there, and one of 1,000 shows
 no consistent gain alone (``python benchmarks/bench_wait_policy.py --policies unset,PASSIVE,spin:10000``).
 
-No spin count is right in both places, and a process cannot tell at start which place it is in;
-whoever co-locates can. So ``teacher-server`` keeps OpenMP's default (a server is usually alone
-on its cores), and what puts work beside it asks for ``PASSIVE``: ``student-trainer`` for itself
+No spin count is right in both places, and a process cannot know at start what will run beside
+it (a trainer may start later); whoever co-locates does. So ``teacher-server`` keeps OpenMP's
+default (a server is usually alone on its cores), and what puts work beside it asks for
+``PASSIVE``: ``student-trainer`` for itself
 and its in-process teacher, :func:`teacher_server.launch.serve_in_subprocess` (the demo, the
 experiment runner) for the server it starts beside itself, the CPU compose file for a server beside
 its trainer. A policy the user set is always kept, and a server that finds its cores already busy
