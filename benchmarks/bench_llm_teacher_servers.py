@@ -18,53 +18,28 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from shared.errors import UserError  # noqa: E402
 from shared.prompting import LabelPrompt  # noqa: E402
 from shared.teacher_api import TextQuery  # noqa: E402
 from student_trainer.experiments.config import load_experiment  # noqa: E402
 from student_trainer.experiments.models import resolve_model  # noqa: E402
 from student_trainer.teachers.client import make_teacher_client  # noqa: E402
+from student_trainer.teachers.vllm_server import VLLM_PYTHON_ENV, VllmServer, vllm_python  # noqa: E402
 from teacher_server.launch import serve_in_subprocess  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_prompted_teacher import load_rows  # noqa: E402  (the same SST-2 dev rows)
-
-
-def start_vllm(python: str, model: str, port: int, log: Path) -> subprocess.Popen:
-    """vLLM's OpenAI-compatible server as its CPU guide starts it; ready once /v1/models answers."""
-    command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-               "--served-model-name", "large", "--dtype", "float32", "--max-model-len", "512",
-               "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    with log.open("w") as out:
-        server = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"vLLM exited: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    server.terminate()
-    raise SystemExit("vLLM not ready after 600 s")
 
 
 async def ask(spec: str, texts: list[str], batch: int, **options: object) -> tuple[torch.Tensor, float]:
@@ -82,13 +57,15 @@ async def ask(spec: str, texts: list[str], batch: int, **options: object) -> tup
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vllm_python", default=os.environ.get("DKD_VLLM_PYTHON"), required=False)
+    parser.add_argument("--vllm_python", help=f"a venv's python with vllm-cpu (default: ${VLLM_PYTHON_ENV})")
     parser.add_argument("--sentences", type=int, default=200)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--output", type=Path, default=ROOT / "runs" / "bench_llm_teacher_servers.json")
     args = parser.parse_args()
-    if not args.vllm_python:
-        raise SystemExit("give --vllm_python (or DKD_VLLM_PYTHON): the python of a venv with vllm-cpu")
+    try:
+        args.vllm_python = vllm_python(args.vllm_python)
+    except UserError as err:
+        raise SystemExit(str(err)) from None
     spec = load_experiment(ROOT / "experiments" / "llm_teacher.yaml").teachers["large"]
     model, prompted = resolve_model(spec.model), dict(spec.prompted or {})
     texts, gold = load_rows(args.sentences)
@@ -97,16 +74,9 @@ def main() -> None:
     (work / "teachers.yaml").write_text(yaml.safe_dump({"teachers": [entry]}))
     with serve_in_subprocess(work / "teachers.yaml", log_path=work / "server.log") as url:
         ours, ours_s = asyncio.run(ask(f"{url}#large", texts, args.batch))
-    port = 18000 + os.getpid() % 1000
-    vllm = start_vllm(args.vllm_python, model, port, work / "vllm.log")
-    try:
+    with VllmServer(args.vllm_python, model, "large").serve(work / "vllm.log") as vllm:
         prompt = LabelPrompt.from_mapping(prompted, "llm_teacher.yaml")
-        theirs, theirs_s = asyncio.run(
-            ask(f"openai+http://127.0.0.1:{port}/v1#large", texts, args.batch, prompt=prompt)
-        )
-    finally:
-        vllm.terminate()
-        vllm.wait(timeout=60)
+        theirs, theirs_s = asyncio.run(ask(f"openai+{vllm}/v1#large", texts, args.batch, prompt=prompt))
     labels = torch.tensor(gold)
     result = {
         "sentences": len(texts),

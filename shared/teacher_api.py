@@ -109,3 +109,4 @@ class TeacherAnswer:
     timings: Timings = field(default_factory=Timings)
     store_hits: int = 0  # rows answered from the trainer's on-disk store of teacher answers
     store_lookups: int = 0  # rows looked up there
+    store_tokens: int = 0  # the store's rows' tokens, as their teacher counted them when it answered

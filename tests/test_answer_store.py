@@ -61,6 +61,7 @@ def test_a_second_identical_run_is_answered_wholly_from_the_store(tmp_path) -> N
     assert (second[0].store_hits, second[0].store_lookups, second[0].tokens, second[0].teacher_flops) == (
         10, 10, 0, 0,
     )  # fmt: skip
+    assert (first[1].store_tokens, second[0].store_tokens) == (10, 50)  # their tokens when first answered
     torch.testing.assert_close(second[0].logits, torch.cat([first[0].logits, first[1].logits[2:]]))
 
 

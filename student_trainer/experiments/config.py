@@ -7,6 +7,12 @@ of values). ``profiles`` holds named overrides merged over the file (``cpu`` for
 machine, ``paper`` for the paper's settings), and ``tables`` and ``plots`` say how the report groups
 the runs. ``--data [TASK=]DIR`` runs the grid on other data than the file's. Mistakes are one line
 naming the key.
+
+``server`` says what serves the teachers: ``teacher-server`` (the default; the other keys are its
+teachers' settings, such as ``batch_invariant``) or, with ``engine: vllm``, vLLM's
+OpenAI-compatible server, one per prompted teacher, which the runs ask the teacher's prompt
+(``max_model_len``: the tokens it reads, default the teacher's ``max_seq_length``; ``options``:
+more of vLLM's flags).
 """
 
 from __future__ import annotations
@@ -26,10 +32,14 @@ from student_trainer.kd.config import LADDER_METHODS, TEACHER_NAME
 PROMPT_KEYS = ("prompt", "label_words", "chat")
 PLOT_KINDS = ("ratio_curve", "kl_weight", "accuracy_vs_flops", "budget_vs_ratio")
 # Flags the runner sets itself for every run: a method may not set them.
-RUNNER_FLAGS = frozenset({"output_dir", "teacher", "task", "data_dir", "seed", "resume_from_checkpoint"})
+RUNNER_FLAGS = frozenset(
+    {"output_dir", "teacher", "teacher_prompt", "task", "data_dir", "seed", "resume_from_checkpoint"}
+)
 # A task's ``generate``: the tasks whose data code writes, and the numbers it takes.
 GENERATED_TASKS = ("synthetic",)  # student_trainer/data/synthetic.py
 GENERATE_KEYS = ("num_train", "num_dev", "seed")
+ENGINES = ("teacher-server", "vllm")
+VLLM_KEYS = frozenset({"engine", "max_model_len", "options"})
 
 
 @dataclass(frozen=True)
@@ -94,12 +104,13 @@ class ExperimentConfig:
     teachers: dict[str, TeacherSpec]
     student: ModelSpec
     distill: dict[str, Any]
-    server: dict[str, Any]
+    server: dict[str, Any]  # the engine's settings, ``engine`` left out
     methods: tuple[Method, ...]
     tables: tuple[TableSpec, ...] = ()
     plots: tuple[PlotSpec, ...] = ()
     description: str = ""
     profile: str | None = None
+    engine: str = ENGINES[0]
 
     def method(self, name: str) -> Method:
         for method in self.methods:
@@ -239,6 +250,7 @@ def parse_config(
     missing = sorted({r for m in methods for r in m.teacher_roles(tuple(teachers))} - set(teachers))
     if missing:
         raise UserError(f"teachers: methods use {missing} but the config defines only {sorted(teachers)}")
+    engine, server = _server(raw.get("server") or {}, teachers)
     config = ExperimentConfig(
         name=str(raw["name"]),
         description=str(raw.get("description", "")),
@@ -247,7 +259,8 @@ def parse_config(
         teachers=teachers,
         student=ModelSpec(student["model"], student.get("num_layers")),
         distill=dict(raw.get("distill") or {}),
-        server=dict(raw.get("server") or {}),
+        server=server,
+        engine=engine,
         methods=methods,
         tables=tuple(_table(t) for t in raw.get("tables") or ()),
         plots=tuple(_plot(p) for p in raw.get("plots") or ()),
@@ -271,6 +284,30 @@ def _teacher_spec(raw: dict[str, Any], where: str) -> TeacherSpec:
     if spec:
         raise UserError(f"{where}: a prompted teacher is not fine-tuned; unknown keys {sorted(spec)}")
     return TeacherSpec(model, num_layers, prompted=prompted, max_seq_length=max_len)
+
+
+def _server(raw: Any, teachers: dict[str, TeacherSpec]) -> tuple[str, dict[str, Any]]:
+    """The engine that serves the teachers and its settings (see the module docstring)."""
+    if not isinstance(raw, dict):
+        raise UserError(f"server: a mapping of settings, got {raw!r}")
+    settings = dict(raw)
+    engine = settings.pop("engine", ENGINES[0])
+    if engine not in ENGINES:
+        raise UserError(f"server.engine: {engine!r} is not one of {', '.join(ENGINES)}")
+    if engine == "vllm":
+        unknown = sorted(set(raw) - VLLM_KEYS)
+        if unknown:
+            raise UserError(f"server: engine vllm takes {sorted(VLLM_KEYS - {'engine'})}, not {unknown}")
+        options = settings.get("options", [])
+        if not isinstance(options, list) or not all(isinstance(option, str) for option in options):
+            raise UserError(f"server.options: a list of vLLM's flags as strings, got {options!r}")
+        fine_tuned = sorted(role for role, spec in teachers.items() if spec.prompted is None)
+        if fine_tuned:
+            raise UserError(
+                f"server: engine vllm serves prompted teachers (a causal LM, a prompt, label words); "
+                f"{fine_tuned} are fine-tuned: serve them with teacher-server"
+            )
+    return engine, settings
 
 
 def _table(raw: dict[str, Any]) -> TableSpec:

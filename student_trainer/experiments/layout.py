@@ -26,15 +26,18 @@ def write_json(path: Path, data: Any) -> None:
 
 def portable(data: Any, names: dict[str, str]) -> Any:
     """``data`` with each string that is one of ``names``' paths, or lies under one, named by its
-    stand-in (``/home/me/work/runs/x`` -> ``{work}/runs/x``): results to commit hold no machine path."""
+    stand-in (``/home/me/work/runs/x`` -> ``{work}/runs/x``, ``large=/home/me/work/p.yaml`` ->
+    ``large={work}/p.yaml`` as a ``NAME=PATH`` flag gives it): results to commit hold no machine path."""
     if isinstance(data, dict):
         return {key: portable(value, names) for key, value in data.items()}
     if isinstance(data, list):
         return [portable(value, names) for value in data]
     if isinstance(data, str):
+        role, sep, value = data.partition("=")
+        prefix, text = (role + sep, value) if sep and "/" not in role else ("", data)
         for path, name in names.items():
-            if data == path or data.startswith(path + "/"):
-                return name + data[len(path) :]
+            if text == path or text.startswith(path + "/"):
+                return prefix + name + text[len(path) :]
     return data
 
 

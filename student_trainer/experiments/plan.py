@@ -6,7 +6,8 @@ every teacher the method uses; data selection sends a fraction ``r`` of the rows
 are the most uncertain ones, whose lengths differ, so the ledger of a real run is the truth);
 ``hard`` sends each selected row to one teacher (an equal share to each); a ``teacher_budget``
 spends at most the budget (a percentage: of vanilla KD's bill); training costs 3 × forward. A
-prompted teacher reads each row inside its template: the row's length plus the template's tokens.
+prompted teacher reads each row inside its template: the row's length plus the template's tokens;
+teacher-server computes only its label words' rows of the LM head, vLLM the whole vocabulary's.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def token_lengths(
 
 def estimate(config: ExperimentConfig, task: str, method: Method) -> dict[str, float]:
     """Teacher and student FLOPs of one run (see the module docstring for the assumptions)."""
-    from shared.flops import encoder_forward_flops
+    from shared.flops import encoder_forward_flops, next_token_shape
 
     options: dict[str, Any] = {**config.distill, **config.tasks[task], **method.args}
     max_len = int(options.get("max_seq_length", 128))
@@ -101,6 +102,8 @@ def estimate(config: ExperimentConfig, task: str, method: Method) -> dict[str, f
     for role in roles:
         spec = config.teachers[role]
         teacher_config = model_config(spec.model, spec.num_layers, num_labels)
+        if config.engine == "vllm":  # asked for its next token: the LM head over the whole vocabulary
+            teacher_config = next_token_shape(teacher_config)
         extra = prompt_tokens(spec.model, spec.prompted["prompt"]) if spec.prompted else 0
         vanilla += epochs * encoder_forward_flops(teacher_config, [n + extra for n in lengths])
     teacher = share * ratio * vanilla

@@ -261,6 +261,27 @@ def store_hits(config: ExperimentConfig, layout: Layout) -> dict[str, dict[str, 
     return out
 
 
+def teacher_bill(config: ExperimentConfig, layout: Layout) -> dict[str, dict[str, Any]]:
+    """Per task, what the runs' ledgers say the teachers were asked and charged, whatever served
+    them: the rows asked (calls), the tokens their servers counted, the FLOPs they computed."""
+    out = {}
+    for task in config.tasks:
+        total: Counter[str] = Counter()
+        for flops in _run_flops(config, layout, task):
+            total["runs"] += 1
+            total["spent"] += flops.get("teacher_flops_spent", 0)
+            for key, value in flops.items():
+                if key.startswith(("teacher_rows_", "teacher_tokens_")):
+                    total[key.rsplit("_", 1)[0]] += int(value)
+        if total["runs"]:
+            out[task] = {
+                "rows": total["teacher_rows"],
+                "tokens": total["teacher_tokens"],
+                "spent_tflops": total["spent"] / 1e12,
+            }
+    return out
+
+
 def versions_of_runs(config: ExperimentConfig, layout: Layout) -> list[dict[str, Any]]:
     """Each distinct ``made_with`` of the finished runs and how many runs it made (None for runs
     made before ``results.json`` recorded it)."""
@@ -318,6 +339,12 @@ def write_report(config: ExperimentConfig, layout: Layout) -> Path:
         f"({100 * h['hit_rate']:.1f}%), paid for by an earlier run."
         for task, h in stored.items()
     ]
+    bill = teacher_bill(config, layout)
+    parts += [
+        f"- {task}: the runs asked the teachers about {b['rows']:,} rows; their servers counted "
+        f"{b['tokens']:,} tokens and computed {b['spent_tflops']:.2f} TFLOPs for them."
+        for task, b in bill.items()
+    ]
     wall = sum(sum(c.wall_time_s) for c in cells.values())
     done = sum(c.n for c in cells.values())
     parts += [f"- {done} of {len(config.runs())} runs done; their wall time: {wall / 3600:.2f} h."]
@@ -330,7 +357,7 @@ def write_report(config: ExperimentConfig, layout: Layout) -> Path:
     write_json(
         layout.results / "report.json",
         {"tables": tables_json, "budget_vs_ratio": comparison, "tasks": task_info, "teachers": teachers,
-         "service": savings, "answer_store": stored,
+         "service": savings, "answer_store": stored, "teacher_bill": bill,
          "runs_done": done, "runs_total": len(config.runs()), "wall_time_s": wall,
          "made_with": now, "runs_made_with": runs},
     )  # fmt: skip

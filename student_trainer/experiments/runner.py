@@ -1,6 +1,10 @@
 """Run an experiment grid: teachers once per task, one long-lived service per task, then every
 (method, seed) as an ordinary ``student-trainer distill`` process.
 
+The service is ``teacher-server`` with every teacher of the task, or (``server: {engine: vllm}``)
+one vLLM OpenAI-compatible server per prompted teacher, whose runs ask it the teacher's prompt and
+share an answer store in the task's work folder (the counterpart of the service's cache).
+
 Resumable from what is on disk: a run whose ``results.json`` is under the results folder is
 skipped; an interrupted one resumes from its newest checkpoint (``--resume_from_checkpoint
 auto``) in the work folder. Results are small files meant to be committed; checkpoints, models
@@ -17,7 +21,8 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -225,13 +230,42 @@ def _served_teacher(layout: Layout, record: Mapping[str, Any], config: Experimen
     return {"path": str((layout.teachers / record["folder"]).resolve()), "max_seq_length": max_len}
 
 
+@dataclass(frozen=True)
+class ServedTeachers:
+    """How the runs of a task reach its teachers: each role's ``--teacher`` spec, the prompt file
+    of each teacher the trainer asks a prompt itself (``openai+``), and the answer store they share."""
+
+    specs: dict[str, str] = field(default_factory=dict)
+    prompts: dict[str, Path] = field(default_factory=dict)
+    store: Path | None = None
+
+    def flags(self, roles: tuple[str, ...]) -> dict[str, Any]:
+        """``distill``'s flags for the teachers ``roles``."""
+        flags: dict[str, Any] = {
+            "teacher": [f"{role}={self.specs[role]}" for role in roles],
+            "teacher_prompt": [f"{role}={self.prompts[role]}" for role in roles if role in self.prompts],
+        }
+        return {**flags, "teacher_store": str(self.store)} if self.store and roles else flags
+
+
 @contextmanager
 def task_service(
-    config: ExperimentConfig, layout: Layout, task: str, teachers: Mapping[str, dict[str, Any]]
-) -> Iterator[str | None]:
-    """One teacher-server for all runs of a task (its cache answers what earlier runs asked)."""
+    config: ExperimentConfig,
+    layout: Layout,
+    task: str,
+    teachers: Mapping[str, dict[str, Any]],
+    vllm_python: str | None = None,
+) -> Iterator[ServedTeachers]:
+    """The teachers' server(s) for all runs of a task: teacher-server (its cache answers what earlier
+    runs asked), or vLLM's (``vllm_python``: the python of its environment)."""
     if not teachers:
-        yield None
+        yield ServedTeachers()
+        return
+    work = layout.task_work_dir(task)
+    work.mkdir(parents=True, exist_ok=True)
+    if config.engine == "vllm":
+        with vllm_service(config, work, teachers, vllm_python) as served:
+            yield served
         return
     from teacher_server.launch import serve_in_subprocess
 
@@ -239,13 +273,35 @@ def task_service(
         {"name": role, **_served_teacher(layout, record, config), **config.server}
         for role, record in teachers.items()
     ]
-    work = layout.task_work_dir(task)
-    work.mkdir(parents=True, exist_ok=True)
     config_path, log = work / "teachers.yaml", work / "server.log"
     config_path.write_text(yaml.safe_dump({"teachers": entries}))
     with serve_in_subprocess(config_path, log_path=log, env=SUBPROCESS_ENV, tie_to_parent=True) as url:
-        yield url
+        yield ServedTeachers({role: f"{url}#{role}" for role in teachers})
         layout.append_service_record(task, _service_counters(url))
+
+
+@contextmanager
+def vllm_service(
+    config: ExperimentConfig, work: Path, teachers: Mapping[str, dict[str, Any]], python: str | None
+) -> Iterator[ServedTeachers]:
+    """One vLLM OpenAI-compatible server per prompted teacher (its checkpoint, served under its role),
+    stopped when the block ends, however it ends."""
+    from student_trainer.teachers.vllm_server import VllmServer, vllm_python
+
+    python = vllm_python(python)
+    served = ServedTeachers(store=work / "teacher_answers.sqlite")
+    with ExitStack() as servers:
+        for role, record in teachers.items():
+            served.prompts[role] = work / f"prompt-{role}.yaml"
+            served.prompts[role].write_text(yaml.safe_dump(record["prompted"]))
+            model = str(Path(resolve_model(record["model"])).resolve())
+            max_len = int(config.server.get("max_model_len", record["max_seq_length"]))
+            options = tuple(config.server.get("options", ()))
+            server = VllmServer(python, model, role, max_model_len=max_len, options=options)
+            print(f"[experiment] starting vLLM for the {role} teacher ({record['model']}) ...", flush=True)
+            url = servers.enter_context(server.serve(work / f"vllm-{role}.log"))
+            served.specs[role] = f"openai+{url}/v1#{role}"
+        yield served
 
 
 def _service_counters(url: str) -> dict[str, Any]:
@@ -270,7 +326,7 @@ def _service_counters(url: str) -> dict[str, Any]:
 
 
 def distill_flags(
-    config: ExperimentConfig, task: str, method: Method, seed: int, url: str | None, output_dir: Path
+    config: ExperimentConfig, task: str, method: Method, seed: int, served: ServedTeachers, output_dir: Path
 ) -> list[str]:
     """The ``distill`` command line of one run: shared flags < the task's < the method's."""
     args: dict[str, Any] = {
@@ -285,8 +341,8 @@ def distill_flags(
         "resume_from_checkpoint": "auto",
         "disable_tqdm": True,
     }
-    if url is not None:
-        args["teacher"] = [f"{role}={url}#{role}" for role in method.teacher_roles(tuple(config.teachers))]
+    if served.specs:
+        args.update(served.flags(method.teacher_roles(tuple(config.teachers))))
     return cli_flags(args)
 
 
@@ -312,16 +368,29 @@ def write_task_records(config: ExperimentConfig, layout: Layout) -> None:
 
 
 def run_grid(
-    config: ExperimentConfig, layout: Layout, *, keep_models: bool = False, shard: tuple[int, int] = (0, 1)
+    config: ExperimentConfig,
+    layout: Layout,
+    *,
+    keep_models: bool = False,
+    shard: tuple[int, int] = (0, 1),
+    vllm_python: str | None = None,
 ) -> None:
     """Every pending run of the grid (of shard ``i`` of ``n``: every n-th run from the i-th, so
     n processes side by side split it evenly), task by task; progress and ETA after each run.
-    SIGINT/SIGTERM stop it after the run in flight has saved its state (:mod:`.signals`)."""
+    SIGINT/SIGTERM stop it after the run in flight has saved its state (:mod:`.signals`), and the
+    servers with it. ``vllm_python``: vLLM's python, for ``engine: vllm``."""
     with signals.forwarding_signals():
-        _run_grid(config, layout, keep_models=keep_models, shard=shard)
+        _run_grid(config, layout, keep_models=keep_models, shard=shard, vllm_python=vllm_python)
 
 
-def _run_grid(config: ExperimentConfig, layout: Layout, *, keep_models: bool, shard: tuple[int, int]) -> None:
+def _run_grid(
+    config: ExperimentConfig,
+    layout: Layout,
+    *,
+    keep_models: bool,
+    shard: tuple[int, int],
+    vllm_python: str | None,
+) -> None:
     index, count = shard
     runs = config.runs()[index::count]
     pending = [r for r in runs if not layout.is_done(*r)]
@@ -337,14 +406,14 @@ def _run_grid(config: ExperimentConfig, layout: Layout, *, keep_models: bool, sh
             {role for _, method, _ in todo for role in method.teacher_roles(tuple(config.teachers))}
         )
         teachers = {role: ensure_teacher(config, layout, task, role) for role in roles}
-        with task_service(config, layout, task, teachers) as url:
+        with task_service(config, layout, task, teachers, vllm_python) as served:
             for _, method, seed in todo:
                 done = len(runs) - len(pending) + len(walls)
                 print(
                     f"[experiment] run {done + 1}/{len(runs)}: {run_id(task, method.name, seed)} ...",
                     flush=True,
                 )
-                walls.append(run_one(config, layout, task, method, seed, url, keep_models=keep_models))
+                walls.append(run_one(config, layout, task, method, seed, served, keep_models=keep_models))
                 left = len(pending) - len(walls)
                 eta = left * sum(walls) / len(walls)
                 print(
@@ -359,14 +428,14 @@ def run_one(
     task: str,
     method: Method,
     seed: int,
-    url: str | None,
+    served: ServedTeachers,
     *,
     keep_models: bool = False,
 ) -> float:
     """One ``distill`` run; its small results are copied into the results folder."""
     work = layout.run_work_dir(task, method.name, seed)
     work.mkdir(parents=True, exist_ok=True)
-    flags = distill_flags(config, task, method, seed, url, work)
+    flags = distill_flags(config, task, method, seed, served, work)
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     wall = _trainer("distill", flags, work / "run.log")
     results = json.loads((work / "results.json").read_text())

@@ -1,7 +1,8 @@
 """SIGINT/SIGTERM to the experiment runner: the run in flight gets the signal (``distill``
-checkpoints and exits 130), the runner then stops its teacher-server and exits 130 itself, and the
-same command resumes. Children run in process groups of their own (:mod:`shared.children`), so the
-signal reaches them once, through the runner, even when a terminal sends it to the whole group.
+checkpoints and exits 130), the runner then stops its teachers' servers (teacher-server, or vLLM
+with its engine core) and exits 130 itself, and the same command resumes. Children run in process
+groups of their own (:mod:`shared.children`), so the signal reaches them once, through the runner,
+even when a terminal sends it to the whole group.
 """
 
 from __future__ import annotations

@@ -38,7 +38,10 @@ is sent (its output cache, packed passes, early exit; negative where its padding
 trainer collates it: both of those and the padding removal together.
 
 **The store of teacher answers** (``student_trainer.teachers.store``): rows it answers reach no
-teacher and cost nothing; ``teacher_store_hits`` of ``teacher_store_lookups`` rows looked up.
+teacher and cost nothing (no FLOPs spent, no tokens counted); ``teacher_store_hits`` of
+``teacher_store_lookups`` rows looked up. They are still requested: at the tokens their teacher
+counted when it answered them (kept with the answer, ``stored_tokens_<role>``), as rows the
+service's cache answers count at theirs.
 
 Counts are integers so that summing them across DDP ranks and across resumed runs is exact.
 Per-teacher counts are keyed by the teacher's name: ``small`` and ``large`` always (so results
@@ -67,6 +70,7 @@ PER_TEACHER = (
     "teacher_rows",
     "vanilla_rows",
     "teacher_tokens",
+    "stored_tokens",
     "sent_student_tokens",
 )
 RUN_KEYS = (
@@ -139,6 +143,7 @@ def teacher_counts(
     counts = {f"teacher_flops_{role}": int(answer.teacher_flops) for role, answer in answers.items()}
     counts.update({f"teacher_rows_{role}": int(n) for role, n in rows.items()})
     counts.update({f"teacher_tokens_{role}": int(answer.tokens) for role, answer in answers.items()})
+    counts.update({f"stored_tokens_{role}": int(answer.store_tokens) for role, answer in answers.items()})
     counts.update({f"sent_student_tokens_{role}": int(student_tokens[role]) for role in answers})
     counts["teacher_requests"] = len(answers)
     counts["teacher_cache_hits"] = sum(int(a.cache_hits) for a in answers.values())
@@ -151,10 +156,12 @@ def sent_lengths(
     query: TeacherQuery | TextQuery, answer: TeacherAnswer, student_lengths: list[int]
 ) -> list[int]:
     """Each sent row's length in the teacher's tokens: the query's own for ids; for text, the
-    answer's total spread in proportion to the rows' student lengths (see the module docstring)."""
+    answer's total (the store's rows included) spread in proportion to the rows' student lengths
+    (see the module docstring)."""
     if isinstance(query, TeacherQuery):
         return query.attention_mask.sum(dim=1).tolist()
-    return scaled_lengths(student_lengths, answer.tokens / max(1, sum(student_lengths)))
+    tokens = answer.tokens + answer.store_tokens
+    return scaled_lengths(student_lengths, tokens / max(1, sum(student_lengths)))
 
 
 def text_batch_lengths(
@@ -293,7 +300,8 @@ class FlopsLedger:
     def token_ratio(self, role: str, step: Mapping[str, int]) -> float:
         """Teacher tokens per student token over the rows sent to ``role`` so far, this step's
         ``counts`` included; 1 before any was sent."""
-        teacher = self.totals[f"teacher_tokens_{role}"] + step.get(f"teacher_tokens_{role}", 0)
+        teacher = sum(self.totals[f"{kind}_{role}"] + step.get(f"{kind}_{role}", 0)
+                      for kind in ("teacher_tokens", "stored_tokens"))  # fmt: skip
         student = self.totals[f"sent_student_tokens_{role}"] + step.get(f"sent_student_tokens_{role}", 0)
         return teacher / student if student else 1.0
 

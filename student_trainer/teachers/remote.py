@@ -14,13 +14,12 @@ import json
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from transformers import AutoConfig
 
-from shared.flops import FlopsShape, encoder_forward_flops
+from shared.flops import FlopsShape, encoder_forward_flops, next_token_shape
 from student_trainer.kd.ledger import scaled_lengths
 from student_trainer.teachers.client import TeacherRequestError
 from student_trainer.teachers.http import TRANSPORT_ERRORS, HttpTeacherClient, _describe, _Replica, _send
@@ -40,8 +39,7 @@ def known_shape(entry: dict[str, Any], *, lm_head: bool = False) -> FlopsShape |
         return None
     try:
         config = AutoConfig.from_pretrained(root, local_files_only=True)
-        shape = FlopsShape.of(config)
-        return replace(shape, num_labels=int(config.vocab_size), pooler=False) if lm_head else shape
+        return next_token_shape(config) if lm_head else FlopsShape.of(config)
     except (OSError, ValueError, KeyError, AttributeError, TypeError) as err:
         log.info("the FLOPs of the model at %s are not counted (%s): tokens and calls are", root, err)
         return None

@@ -2,7 +2,9 @@
 
 Only logits-only queries are stored (hidden-state features are large and tied to one run's
 layer choice); any other query goes to the teacher as it is. Rows found in the store cost
-nothing (no tokens, no FLOPs); the rest go to the teacher in one query and are stored.
+nothing (no tokens, no FLOPs; their tokens as counted when they were answered come as
+``store_tokens``, so the ledger still knows their length); the rest go to the teacher in one query
+and are stored.
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ class StoredTeacherClient:
             stored = {keys[i]: StoredAnswer(tuple(fresh[i].tolist()), share) for i in missing}
             await asyncio.to_thread(self.store.put_many, stored)
         logits = torch.stack([rows[i] for i in range(len(keys))])
-        return replace(answer, logits=logits, store_hits=len(keys) - len(missing), store_lookups=len(keys))
+        hits, stored = len(keys) - len(missing), sum(found[key].tokens for key in keys if key in found)
+        return replace(answer, logits=logits, store_hits=hits, store_lookups=len(keys), store_tokens=stored)
 
 
 def teacher_fingerprint(info: TeacherInfo, prompt: object | None) -> str:
