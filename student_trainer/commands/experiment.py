@@ -61,6 +61,7 @@ def run(namespace: argparse.Namespace) -> int:
     from student_trainer.experiments.config import load_experiment
     from student_trainer.experiments.layout import Layout
     from student_trainer.experiments.tasks import generate_data
+    from student_trainer.teachers.vllm_server import vllm_python
 
     config = load_experiment(namespace.config, profile=namespace.profile, data=namespace.data)
     profile = config.profile or "default"
@@ -69,6 +70,8 @@ def run(namespace: argparse.Namespace) -> int:
         work=Path(namespace.work_dir) / profile / config.name,
         teachers=Path(namespace.teachers_dir),
     )
+    serving = config.engine == "vllm" and not (namespace.dry_run or namespace.report_only)
+    python = vllm_python(namespace.vllm_python) if serving else None  # before anything is written
     generate_data(config.tasks)  # before anything reads the rows, the dry run's estimate too
     if namespace.dry_run:
         from student_trainer.experiments.plan import print_plan
@@ -76,10 +79,7 @@ def run(namespace: argparse.Namespace) -> int:
         print_plan(config, layout)
         return 0
     from student_trainer.experiments.runner import run_grid, write_task_records
-    from student_trainer.teachers.vllm_server import vllm_python
 
-    serving = config.engine == "vllm" and not namespace.report_only
-    python = vllm_python(namespace.vllm_python) if serving else None  # before anything is written
     write_task_records(config, layout)
     if not namespace.report_only:
         run_grid(config, layout, keep_models=namespace.keep_models, shard=namespace.shard, vllm_python=python)
