@@ -286,6 +286,8 @@ def test_a_signal_stops_the_grid_with_nothing_left_and_it_resumes_to_the_same_nu
     assert not [pid for pid in grid if (Path("/proc") / str(pid)).exists()]
     assert list(in_flight.glob("checkpoint-*")), "the run in flight stopped without its checkpoint"
     assert not (root / "results/default/tiny/runs/sst2/vanilla-kd/seed2/results.json").exists()
+    stopped_service = json.loads((root / "results/default/tiny/service/sst2.json").read_text())
+    assert len(stopped_service) == 1 and stopped_service[0]["teachers"]  # what it computed is kept
     resumed = run_experiment(config, root)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "1 done, 3 to go" in resumed.stdout

@@ -276,8 +276,21 @@ def task_service(
     config_path, log = work / "teachers.yaml", work / "server.log"
     config_path.write_text(yaml.safe_dump({"teachers": entries}))
     with serve_in_subprocess(config_path, log_path=log, env=SUBPROCESS_ENV, tie_to_parent=True) as url:
-        yield ServedTeachers({role: f"{url}#{role}" for role in teachers})
-        layout.append_service_record(task, _service_counters(url))
+        try:
+            yield ServedTeachers({role: f"{url}#{role}" for role in teachers})
+        finally:  # a grid stopped by a signal keeps what its service computed, for the report's sums
+            _record_service(layout, task, url)
+
+
+def _record_service(layout: Layout, task: str, url: str) -> None:
+    """Append the service's counters to the task's record; a service already gone has none to give."""
+    import httpx
+
+    try:
+        counters = _service_counters(url)
+    except httpx.HTTPError:
+        return
+    layout.append_service_record(task, counters)
 
 
 @contextmanager
