@@ -69,7 +69,9 @@ def ratio_curve(spec: PlotSpec, config: ExperimentConfig, cells, layout: Layout,
         points = sorted(
             (float(m.args["selection_ratio"]), cells[(task, m.name)])
             for m in config.methods
-            if m.args.get("data_selection") == strategy and (task, m.name) in cells
+            if m.args.get("data_selection") == strategy
+            and "selection_ratio" in m.args  # not budget runs
+            and (task, m.name) in cells
         )
         if not points:
             continue
