@@ -349,6 +349,23 @@ def test_report_statistics_match_hand_computation(tmp_path):
     assert f"{ours.mean:.4f} ± {ours.std:.4f}* (n=3)" in (layout.results / "report.md").read_text()
 
 
+def test_the_ratio_curve_leaves_out_budget_runs_of_the_same_strategy(tmp_path):
+    methods = [
+        {"name": "entropy-r0.5", "args": {"data_selection": "entropy", "selection_ratio": 0.5}},
+        {"name": "entropy-b10", "args": {"data_selection": "entropy", "teacher_budget": "10%"}},
+    ]
+    plots = [{"kind": "ratio_curve", "title": "r", "task": "sst2", "methods": ["entropy"]}]
+    config, layout = hand_grid(tmp_path, methods, tables=[], plots=plots)
+    layout.write_json(layout.task_record("sst2"), {"metric": "accuracy", "train_size": 100})
+    for method in ("entropy-r0.5", "entropy-b10"):
+        for seed in (1, 2, 3):
+            results = {"eval": {"eval_accuracy": 0.8}, "epoch": 2.0, "train_runtime_s": 1.0,
+                       "flops": {"teacher_flops_requested": 1e11}}  # fmt: skip
+            layout.save_run("sst2", method, seed, results=results, run={"wall_time_s": 3.0})
+    write_report(config, layout)  # a budget run has no selection_ratio: it raised KeyError
+    assert (layout.results / "fig1_ratio_curve.png").stat().st_size > 0
+
+
 def test_report_counts_what_the_answer_store_answered(tmp_path):
     config, layout = hand_grid(tmp_path, [{"name": "kd", "args": {}}], tables=[])
     layout.write_json(layout.task_record("sst2"), {"metric": "accuracy", "train_size": 100})
