@@ -270,9 +270,9 @@ def teacher_bill(config: ExperimentConfig, layout: Layout) -> dict[str, dict[str
         for flops in _run_flops(config, layout, task):
             total["runs"] += 1
             total["spent"] += flops.get("teacher_flops_spent", 0)
-            for key, value in flops.items():
-                if key.startswith(("teacher_rows_", "teacher_tokens_")):
-                    total[key.rsplit("_", 1)[0]] += int(value)
+            for role in config.teachers:  # a role may hold "_": read the ledger's keys by name
+                total["teacher_rows"] += int(flops.get(f"teacher_rows_{role}", 0))
+                total["teacher_tokens"] += int(flops.get(f"teacher_tokens_{role}", 0))
         if total["runs"]:
             out[task] = {
                 "rows": total["teacher_rows"],
