@@ -36,8 +36,9 @@ def tied_to_this_process() -> Callable[[], None]:
 
 
 def stop_group(child: subprocess.Popen, timeout_s: float = 30.0) -> None:
-    """SIGTERM to the process group ``child`` leads, SIGKILL to what is left of it after
-    ``timeout_s``: the servers' helpers (vLLM's engine core, Ray's raylet) go with it."""
+    """SIGTERM to the process group ``child`` leads, then SIGKILL to what is left of it once the leader
+    has exited (or after ``timeout_s``): the servers' helpers (vLLM's engine core, Ray's raylet) go
+    with it, and a leader that shut down cleanly has already stopped them."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(child.pid, signal.SIGTERM)
     with contextlib.suppress(subprocess.TimeoutExpired):

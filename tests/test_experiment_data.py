@@ -75,3 +75,23 @@ def test_generate_writes_once_again_when_its_numbers_change_and_never_over_other
     with pytest.raises(UserError, match="holds other data"):
         generate_data({"synthetic": {"data_dir": str(theirs), "generate": {"num_train": 8, "num_dev": 4}}})
     assert (theirs / "train.tsv").read_text() == "sentence\tlabel\nmine\t1\n"
+
+
+def test_a_generation_cut_short_is_redone_not_taken_for_other_data(tmp_path: Path, monkeypatch) -> None:
+    import student_trainer.data.synthetic as synthetic
+
+    folder = tmp_path / "synthetic"
+    tasks = {"synthetic": {"data_dir": str(folder), "generate": {"num_train": 8, "num_dev": 4}}}
+    whole = synthetic.write_synthetic_task
+
+    def killed_after_train_tsv(output_dir, **spec):
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(output_dir) / "train.tsv").write_text("sentence\tlabel\nhalf\t1\n")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(synthetic, "write_synthetic_task", killed_after_train_tsv)
+    with pytest.raises(KeyboardInterrupt):
+        generate_data(tasks)
+    monkeypatch.setattr(synthetic, "write_synthetic_task", whole)
+    generate_data(tasks)  # "holds other data" before: the tsv it wrote had no marker yet
+    assert len(load_task("synthetic", folder, "train").examples) == 8
