@@ -86,6 +86,13 @@ def test_a_teacher_that_stays_down_leaves_a_checkpoint_of_the_last_step_that_res
     with pytest.raises(TeacherUnavailable, match=r"teacher 'large' failed.*stopped at step 6.*resumable"):
         interrupted.train()
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-6"]
+    weights = tmp_path / "checkpoint-6" / "model.safetensors"
+    written = weights.stat().st_mtime_ns
+    down = FlakyTeacher(make_teacher_client(f"local:{workspace['large']}", name="large"), answers=0)
+    restarted = make_trainer(workspace, tmp_path, teachers={**teachers, "large": down}, save_steps=100)
+    with pytest.raises(TeacherUnavailable, match=r"stopped at step 6 with a resumable checkpoint at .*-6 "):
+        restarted.train(resume_from_checkpoint="auto")
+    assert weights.stat().st_mtime_ns == written  # kept, not deleted and written again
     resumed = make_trainer(workspace, tmp_path, save_steps=100)
     resumed.train(resume_from_checkpoint=True)
     assert_same_run(resumed, reference)

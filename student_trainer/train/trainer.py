@@ -44,6 +44,8 @@ from student_trainer.kd.objective import distillation_loss
 from student_trainer.teachers.client import TeacherCallError, TeacherClient, make_teacher_client
 from student_trainer.train.checkpoint import (
     capture_rng_state,
+    checkpoint_problem,
+    list_checkpoints,
     main_says,
     resolve_checkpoint,
     restore_rng_state,
@@ -412,12 +414,16 @@ class KDState(TrainerCallback):
         self.before_step = {"rng": capture_rng_state(), **self.state_dict()}
 
     def checkpoint_last_step(self) -> Path:
-        """Put back the state before the step that failed and checkpoint it (every process together)."""
+        """Put back the state before the step that failed and checkpoint it (every process together);
+        a whole checkpoint of that step (saved or resumed from just before) is kept, not rewritten."""
         trainer = self.trainer
+        path = Path(trainer.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}"
+        if path in list_checkpoints(path.parent) and checkpoint_problem(path) is None:
+            return path
         if self.before_step is not None:
             restore_rng_state(self.before_step["rng"])
             trainer.ledger.load_state_dict(self.before_step["ledger"])
             trainer.selector.load_state_dict(self.before_step["selector"])
         trainer.optimizer.zero_grad(set_to_none=True)
         trainer._save_checkpoint(trainer.model_wrapped, trial=None)
-        return Path(trainer.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}"
+        return path
