@@ -8,11 +8,16 @@ import errno
 import json
 import os
 import random
+import socket
+from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from safetensors.torch import save_file
 from torch import nn
 from transformers import BertForSequenceClassification
@@ -27,7 +32,8 @@ from student_trainer.train.checkpoint import (
     restore_rng_state,
 )
 from student_trainer.train.checksums import CHECKSUMS, write_checksums
-from student_trainer.train.guarded import write_failure
+from student_trainer.train.distributed import Processes
+from student_trainer.train.guarded import GuardedTrainer, StagedCheckpoint, write_failure
 from student_trainer.train.student import DistillStudent
 from student_trainer.train.trainer import PROJECTIONS_FILE, load_student_weights
 from tests.tiny_models import tiny_config
@@ -195,3 +201,34 @@ def test_a_write_failure_is_said_in_the_file_systems_words(
     error: Exception, free: int, said: str | None
 ) -> None:
     assert write_failure(error, free) == said
+
+
+def write_a_part_on_two_processes(rank: int, folder: str, port: int) -> None:
+    """Rank 1's part fails with an error that is not the file system's; each rank notes what it raised."""
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=timedelta(seconds=30)
+    )
+    trainer = SimpleNamespace(resume_hint="resume", processes=lambda: Processes(rank, 2, torch.device("cpu")))
+
+    def part() -> None:
+        if rank == 1:
+            raise KeyError("not the file system's")
+
+    try:
+        GuardedTrainer._write_part(trainer, StagedCheckpoint(Path(folder), "checkpoint-1"), part)  # type: ignore[arg-type]
+    except Exception as err:
+        Path(folder, f"rank{rank}.txt").write_text(f"{type(err).__name__}: {err}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_an_error_on_one_process_while_checkpointing_stops_the_others_too(tmp_path: Path) -> None:
+    """The failing process raises its own error only after the others heard of it (not left waiting
+    in the all-reduce until its timeout)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(write_a_part_on_two_processes, args=(str(tmp_path), port), nprocs=2, join=True)
+    assert (tmp_path / "rank1.txt").read_text() == 'KeyError: "not the file system\'s"'
+    said = (tmp_path / "rank0.txt").read_text()
+    assert said.startswith("CheckpointWriteError: writing checkpoint-1 failed on another process;"), said

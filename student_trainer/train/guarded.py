@@ -85,8 +85,10 @@ class GuardedTrainer(Trainer):
             rotate_checkpoints(str(staged.run_dir), limit, self.state.best_model_checkpoint, use_mtime=True)
 
     def _write_part(self, staged: StagedCheckpoint, part: Callable[[], None] | None) -> None:
-        """This process's part of writing a checkpoint; a file-system error on any process stops all."""
+        """This process's part of writing a checkpoint; an error on any process stops all (each hears of
+        it before raising: one that raised alone would leave the others waiting in the next collective)."""
         failure: str | None = None
+        error: Exception | None = None  # not the file system's: raised as it is once every process knows
         try:
             if part is not None:
                 part()
@@ -94,9 +96,14 @@ class GuardedTrainer(Trainer):
             existing = next(p for p in (staged.run_dir, *staged.run_dir.parents) if p.exists())
             reason = write_failure(err, shutil.disk_usage(existing).free)
             if reason is None:
-                raise
-            failure = f"{reason} while writing {staged.name}: {first_line(err)}"
-        if any_rank(failure is not None, self.processes()):
+                error = err
+            else:
+                failure = f"{reason} while writing {staged.name}: {first_line(err)}"
+        except Exception as err:
+            error = err
+        if any_rank(failure is not None or error is not None, self.processes()):
+            if error is not None:
+                raise error
             failure = failure or f"writing {staged.name} failed on another process"
             left = last_checkpoint(staged.run_dir)
             raise CheckpointWriteError(f"{failure}; {staged.name} was removed, {left} ({self.resume_hint})")
