@@ -76,8 +76,3 @@ def collate_batch(items: Sequence[dict], pad_token_id: int) -> dict[str, torch.T
     if "index" in items[0]:
         batch["index"] = torch.tensor([item["index"] for item in items], dtype=torch.long)
     return batch
-
-
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The tensors a Hugging Face sequence classifier takes from a collated batch."""
-    return {key: batch[key] for key in ("input_ids", "attention_mask", "token_type_ids")}

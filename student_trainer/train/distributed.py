@@ -35,10 +35,6 @@ class Processes:
     world_size: int
     device: torch.device
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
 
 def any_rank(flag: bool, procs: Processes) -> bool:
     """True on every rank if ``flag`` is true on any rank (so all ranks take the same branch)."""

@@ -243,7 +243,7 @@ class DynamicKDTrainer(GuardedTrainer):
         sums = torch.tensor([sum(w[k] for w in window) for k in names], device=self.args.device)
         means = self.accelerator.reduce(sums / len(window), reduction="mean")
         metrics: dict[str, float] = dict(zip(names, means.tolist(), strict=True))
-        counts = {k: sum(int(w[k]) for w in window) for k in self.ledger.keys if k in window[0]}
+        counts = {k: sum(int(w[k]) for w in window) for k in self.ledger.keys}
         metrics.update(counts)
         metrics["selection_share"] = counts["selected_instances"] / max(1, counts["instances"])
         ledger = self.ledger
