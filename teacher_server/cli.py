@@ -110,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (``sched_getaffinity`` is Linux only; macOS counts all)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
@@ -122,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"teacher-server: error: {err}", file=sys.stderr)
         return 2
 
-    warning = busy_cores_warning(os.environ, os.getloadavg()[0], len(os.sched_getaffinity(0)))
+    on_cpu = any(teacher.device == "cpu" for teacher in config.teachers)
+    warning = busy_cores_warning(os.environ, os.getloadavg()[0], usable_cores()) if on_cpu else None
     if warning:
         logging.getLogger("teacher_server").warning(warning, extra={"event": "busy_cores"})
     failures: list[str] = []
