@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from shared.openmp import POLICY
 from shared.teacher_api import TeacherQuery
 from teacher_engine.engine import TeacherEngine
 from teacher_server.batcher import DynamicBatcher, teacher_thread
@@ -75,7 +76,7 @@ class TeacherService:
                 },
             )
         self.loaded = True
-        policy = os.environ.get("OMP_WAIT_POLICY", "OpenMP's default")  # see shared/openmp.py
+        policy = os.environ.get(POLICY, "OpenMP's default")
         logger.info(
             "all teachers ready",
             extra={"event": "ready", "models": list(self.batchers), "omp_wait_policy": policy},
