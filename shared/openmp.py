@@ -15,8 +15,9 @@ default (a server is usually alone on its cores), and what puts work beside it a
 ``PASSIVE``: ``student-trainer`` for itself
 and its in-process teacher, :func:`teacher_server.launch.serve_in_subprocess` (the demo, the
 experiment runner) for the server it starts beside itself, the CPU compose file for a server beside
-its trainer. A policy the user set is always kept, and a server that finds its cores already busy
-at start says so (:func:`busy_cores_warning`).
+its trainer. A policy the user set is always kept, one this process chose for itself is not passed
+on to a server it starts (that server's launcher decides), and a server that finds its cores already
+busy at start says so (:func:`busy_cores_warning`).
 """
 
 from __future__ import annotations
@@ -26,12 +27,25 @@ from collections.abc import Mapping
 
 POLICY = "OMP_WAIT_POLICY"
 PASSIVE = "PASSIVE"
+_injected = False  # whether os.environ's policy is prefer_passive_wait's, not the user's
 
 
 def prefer_passive_wait() -> None:
     """Make this process's OpenMP workers sleep when idle, unless the environment says otherwise
     (call it before anything imports torch)."""
-    os.environ.setdefault(POLICY, PASSIVE)
+    global _injected
+    if POLICY not in os.environ:
+        os.environ[POLICY] = PASSIVE
+        _injected = True
+
+
+def inherited_env() -> dict[str, str]:
+    """This process's environment for a child server, less a policy :func:`prefer_passive_wait` chose
+    for this process alone (the child's launcher decides its own); a policy the user set stays."""
+    env = dict(os.environ)
+    if _injected and env.get(POLICY) == PASSIVE:
+        del env[POLICY]
+    return env
 
 
 def colocated_env(env: Mapping[str, str]) -> dict[str, str]:

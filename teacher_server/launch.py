@@ -7,7 +7,6 @@ then pays the real HTTP, serialisation and scheduling costs a remote deployment 
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import httpx
 
 from shared.children import tied_to_this_process
 from shared.errors import UserError
-from shared.openmp import colocated_env
+from shared.openmp import colocated_env, inherited_env
 
 
 def free_port() -> int:
@@ -80,7 +79,8 @@ def serve_in_subprocess(
     its own and gets SIGTERM if this process dies (:mod:`shared.children`). ``colocated``: the
     caller works beside the server (the demo, the experiment runner), so the server's OpenMP
     workers sleep when idle unless the environment sets a policy (:mod:`shared.openmp`); False
-    leaves the server its own default (a benchmark of the service as shipped).
+    leaves the server its own default (a benchmark of the service as shipped), even where this
+    process chose ``PASSIVE`` for itself (``import student_trainer``).
     """
     if port and not port_is_free(port):
         raise UserError(f"port {port} on 127.0.0.1 is in use: choose another, or 0 for a free one")
@@ -88,7 +88,7 @@ def serve_in_subprocess(
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "teacher_server.cli", "--config", str(config_path)]
     command += ["--port", str(port), "--log_level", log_level]
-    child_env = {**os.environ, **(env or {})}
+    child_env = {**inherited_env(), **(env or {})}
     log = open(log_path, "w") if log_path else subprocess.DEVNULL  # noqa: SIM115 - lives as long as the server
     server = subprocess.Popen(
         command,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from shared import openmp
 from shared.errors import UserError
 from shared.openmp import busy_cores_warning, colocated_env
 from teacher_server import launch
@@ -71,15 +72,36 @@ def test_a_server_started_beside_its_caller_is_asked_for_passive_waits(
     colocated: bool, given: str | None, expected: str | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    env = {"OMP_WAIT_POLICY": given} if given else None
+    assert policies_given_to_server(env, colocated, monkeypatch) == [expected]
+
+
+@pytest.mark.parametrize(("shell", "expected"), [(None, None), ("ACTIVE", "ACTIVE")])
+def test_a_server_alone_keeps_its_default_where_its_caller_chose_passive_for_itself(
+    shell: str | None, expected: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OMP_WAIT_POLICY", "restored after the test")  # so the undo removes what is set below
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    if shell:
+        monkeypatch.setenv("OMP_WAIT_POLICY", shell)
+    monkeypatch.setattr(openmp, "_injected", False)
+    openmp.prefer_passive_wait()  # what `import student_trainer` does
+    assert os.environ["OMP_WAIT_POLICY"] == (shell or "PASSIVE")
+    assert policies_given_to_server(None, False, monkeypatch) == [expected]
+    assert policies_given_to_server(None, True, monkeypatch) == [shell or "PASSIVE"]
+
+
+def policies_given_to_server(
+    env: dict[str, str] | None, colocated: bool, monkeypatch: pytest.MonkeyPatch
+) -> list[str | None]:
     monkeypatch.setattr(launch.subprocess, "Popen", ExitedAtOnce)
     ExitedAtOnce.envs.clear()
-    env = {"OMP_WAIT_POLICY": given} if given else None
     with (
         pytest.raises(UserError, match="exited with code 3"),
         launch.serve_in_subprocess(Path("teachers.yaml"), env=env, colocated=colocated),
     ):
         pass
-    assert [e.get("OMP_WAIT_POLICY") for e in ExitedAtOnce.envs] == [expected]
+    return [e.get("OMP_WAIT_POLICY") for e in ExitedAtOnce.envs]
 
 
 def test_a_server_that_would_spin_on_busy_cores_says_how_to_stop_it() -> None:
