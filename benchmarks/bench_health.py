@@ -106,7 +106,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         config_path = Path(tmp) / "bench.yaml"
         config_path.write_text(json.dumps(config))  # JSON is YAML
-        with serve_in_subprocess(config_path, log_level="warning") as url:
+        with serve_in_subprocess(config_path, log_level="warning", colocated=False) as url:
             for _ in range(args.repeats):
                 rounds.append(one_round(url, body, args.interval_ms / 1e3))
 

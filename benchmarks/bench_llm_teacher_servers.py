@@ -72,7 +72,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="llm-servers-"))
     entry = {"name": "large", "path": model, "max_seq_length": spec.max_seq_length, **prompted}
     (work / "teachers.yaml").write_text(yaml.safe_dump({"teachers": [entry]}))
-    with serve_in_subprocess(work / "teachers.yaml", log_path=work / "server.log") as url:
+    with serve_in_subprocess(work / "teachers.yaml", log_path=work / "server.log", colocated=False) as url:
         ours, ours_s = asyncio.run(ask(f"{url}#large", texts, args.batch))
     with VllmServer(args.vllm_python, model, "large").serve(work / "vllm.log") as vllm:
         prompt = LabelPrompt.from_mapping(prompted, "llm_teacher.yaml")

@@ -88,7 +88,7 @@ def served(teacher: str, texts: list[str], batch: int, threads: int, reference_c
     with tempfile.TemporaryDirectory() as tmp:
         config_path = Path(tmp) / "teacher.yaml"
         config_path.write_text(json.dumps(config))  # JSON is YAML
-        with serve_in_subprocess(config_path, env=env, log_level="warning") as url:
+        with serve_in_subprocess(config_path, env=env, log_level="warning", colocated=False) as url:
             meta = httpx.get(f"{url}/v2/models/teacher", trust_env=False).json()["parameters"]
             layers = ",".join(str(j) for j in range(meta["num_layers"] + 1))
             tokens = flops = 0
