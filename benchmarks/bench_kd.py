@@ -40,6 +40,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+# first: importing student_trainer makes OpenMP's idle workers sleep (shared/openmp.py), and libgomp
+# reads that once, when torch loads; imported after torch, this process would spin as the default does
+import student_trainer  # noqa: F401
+
+# isort: split
 import torch
 import yaml
 from transformers import AutoTokenizer

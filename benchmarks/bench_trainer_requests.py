@@ -26,6 +26,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+# first: importing student_trainer makes OpenMP's idle workers sleep (shared/openmp.py), and libgomp
+# reads that once, when torch loads; imported after torch, this process would spin as the default does
+import student_trainer  # noqa: F401
+
+# isort: split
 import torch
 import yaml
 from bench_kd import save_teacher
