@@ -50,9 +50,9 @@ from student_trainer.train.checkpoint import (
     resolve_checkpoint,
     restore_rng_state,
 )
-from student_trainer.train.distributed import Processes, any_rank
+from student_trainer.train.distributed import any_rank
 from student_trainer.train.errors import Interrupted, TeacherUnavailable
-from student_trainer.train.guarded import GuardedTrainer
+from student_trainer.train.guarded import GuardedTrainer, first_line
 from student_trainer.train.setup import (
     RowSelector,
     Teachers,
@@ -217,8 +217,7 @@ class DynamicKDTrainer(GuardedTrainer):
 
         def then(student: DistillStudent, logits: torch.Tensor, hidden_states: Any) -> tuple:
             asked = ask_teachers_after(self, self.teachers, inputs, logits, hidden_states)
-            procs = Processes(self.args.process_index, self.args.world_size, self.args.device)
-            if any_rank(asked.failure is not None, procs):
+            if any_rank(asked.failure is not None, self.processes()):
                 raise asked.failure or TeacherCallError("a teacher", RuntimeError("down on another process"))
             loss, parts = distillation_loss(
                 self.kd, student, logits, hidden_states, inputs, asked.plan, asked.answers, self.alignments
@@ -361,8 +360,8 @@ def load_student_weights(student: DistillStudent, folder: Path) -> None:
         if (folder / PROJECTIONS_FILE).exists() or len(student.projections.state_dict()):
             student.projections.load_state_dict(load_file(str(folder / PROJECTIONS_FILE)))
     except (OSError, RuntimeError) as err:  # missing file, shape or key mismatch
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UserError(f"{folder} does not fit this student (other model or KD options?): {first}") from err
+        reason = first_line(err)
+        raise UserError(f"{folder} does not fit this student (other model or KD options?): {reason}") from err
 
 
 class KDState(TrainerCallback):
