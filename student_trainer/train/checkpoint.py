@@ -21,13 +21,13 @@ from typing import Any
 import numpy as np
 import torch
 from transformers import TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME
 
 from shared.errors import UserError
 from student_trainer.train.checksums import CHECKSUMS, checksum_mismatch
 
 PREFIX = "checkpoint-"
 _NAME = re.compile(rf"^{PREFIX}(\d+)$")
-TRAINER_STATE = "trainer_state.json"
 STAGING = ".tmp-"  # .tmp-checkpoint-<step>: a checkpoint being written
 _STAGED = re.compile(rf"^{re.escape(STAGING)}{PREFIX}\d+$")
 
@@ -87,7 +87,7 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     found = [
         p
         for p in root.iterdir()
-        if checkpoint_step(p) is not None and not p.is_symlink() and (p / TRAINER_STATE).is_file()
+        if checkpoint_step(p) is not None and not p.is_symlink() and (p / TRAINER_STATE_NAME).is_file()
     ]
     return sorted(found, key=lambda p: checkpoint_step(p) or 0)
 
@@ -117,8 +117,10 @@ def resolve_checkpoint(
     which must pass."""
     if spec not in ("latest", "auto"):
         path = Path(spec)
-        if not (path / TRAINER_STATE).is_file():
-            raise UserError(f"--resume_from_checkpoint {spec}: not a checkpoint folder (no {TRAINER_STATE})")
+        if not (path / TRAINER_STATE_NAME).is_file():
+            raise UserError(
+                f"--resume_from_checkpoint {spec}: not a checkpoint folder (no {TRAINER_STATE_NAME})"
+            )
         problem = checkpoint_problem(path)
         if problem is not None:
             raise UserError(f"--resume_from_checkpoint {spec}: {problem}; resume from another checkpoint")
