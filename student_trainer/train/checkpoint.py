@@ -168,10 +168,12 @@ def main_says(args: TrainingArguments) -> Callable[[str], None] | None:
 
 
 def prepare_output_dir(args: TrainingArguments) -> Path | None:
-    """The checkpoint to resume from (``--resume_from_checkpoint``), if any; a new run is refused an
-    ``--output_dir`` holding another run's checkpoints unless told to delete them."""
-    output_dir, spec = Path(args.output_dir), args.resume_from_checkpoint
-    checkpoint = resolve_checkpoint(spec, output_dir, main_says(args)) if spec else None
+    """The checkpoint to resume from (``--resume_from_checkpoint``), if any, said on stderr; a new run
+    is refused an ``--output_dir`` holding another run's checkpoints unless told to delete them."""
+    output_dir, spec, say = Path(args.output_dir), args.resume_from_checkpoint, main_says(args)
+    checkpoint = resolve_checkpoint(spec, output_dir, say) if spec else None
+    if checkpoint is not None and say is not None:
+        say(f"Resuming from {checkpoint} (step {checkpoint.name.split('-')[-1]})")
     stale = [] if checkpoint is not None or spec == "auto" else list_checkpoints(output_dir)
     if stale and not getattr(args, "overwrite_output_dir", False):
         raise UserError(

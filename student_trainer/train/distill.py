@@ -72,8 +72,6 @@ def distill(args: DistillArguments) -> dict[str, Any]:
         shorter = [i.max_seq_length for r, i in trainer.teachers.infos.items() if r not in trainer.text_roles]
         if min([max_len, *shorter]) < max_len:  # a teacher sent ids reads no more than its own limit
             trainer.train_dataset = TokenizedDataset(train_data, tokenizer, min(shorter))
-        if checkpoint is not None and training.process_index == 0:
-            print(f"Resuming from {checkpoint} (step {checkpoint.name.split('-')[-1]})", file=sys.stderr)
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         last_eval = final_evaluation(trainer, eval_data.metric if eval_set else None)
         results = {**run_results(args, trainer, train_data.name, last_eval)}

@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import json
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +61,6 @@ def finetune(args: FinetuneArguments) -> dict[str, Any]:
         compute_metrics=metric_function(eval_data.metric) if eval_set else None,
     )
     trainer.resume_hint = "continue with --resume_from_checkpoint latest"
-    if checkpoint is not None and training.process_index == 0:
-        print(f"Resuming from {checkpoint} (step {checkpoint.name.split('-')[-1]})", file=sys.stderr)
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     results: dict[str, Any] = {
         "train_loss": output.training_loss,
