@@ -24,7 +24,6 @@ from shared.provenance import made_with
 from student_trainer.args.distill import DistillArguments
 from student_trainer.data.loading import load_train_and_eval_from
 from student_trainer.data.tokenized import TokenizedDataset
-from student_trainer.kd.budget import budget_counts
 from student_trainer.train.checkpoint import prepare_output_dir
 from student_trainer.train.evaluate import majority_baseline, metric_function
 from student_trainer.train.logs import MetricsWriter, summary_paragraph
@@ -100,10 +99,6 @@ def run_results(
 ) -> dict[str, Any]:
     """What ``results.json`` holds."""
     state, ledger, kd = trainer.state, trainer.ledger, trainer.kd
-    budget = {}
-    if kd.budget is not None:
-        spent, vanilla = ledger.budget_spend(kd.budget.unit)
-        budget = budget_counts(kd.budget, state.global_step, state.max_steps, vanilla=vanilla, spent=spent)
     return {
         "task": task,
         "student_layers": int(trainer.student.config.num_hidden_layers),
@@ -113,7 +108,7 @@ def run_results(
         "train_runtime_s": trainer.train_runtime_s,
         "teacher_time_s": trainer.teacher_time_s,
         "eval": last_eval,
-        "flops": {**ledger.summary(), **budget},
+        "flops": {**ledger.summary(), **trainer.budget_so_far()},
         "teacher_ladder": list(kd.teacher_roles),
         "teachers": {
             role: {"spec": args.teachers[role], **asdict(info)}

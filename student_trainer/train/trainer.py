@@ -251,13 +251,16 @@ class DynamicKDTrainer(GuardedTrainer):
             teacher_flops_requested=ledger.requested_flops,
             teacher_flops_vanilla=ledger.vanilla_flops,
         )
-        if self.kd.budget is not None:
-            spent, vanilla = ledger.budget_spend(self.kd.budget.unit)
-            bound = budget_counts(
-                self.kd.budget, self.state.global_step, self.state.max_steps, vanilla=vanilla, spent=spent
-            )
-            metrics.update({key: value for key, value in bound.items() if value is not None})
+        metrics.update({key: value for key, value in self.budget_so_far().items() if value is not None})
         return metrics
+
+    def budget_so_far(self) -> dict[str, Any]:
+        """The teacher budget's bound at this step beside its spend (nothing without a budget)."""
+        if self.kd.budget is None:
+            return {}
+        spent, vanilla = self.ledger.budget_spend(self.kd.budget.unit)
+        state = self.state
+        return budget_counts(self.kd.budget, state.global_step, state.max_steps, vanilla=vanilla, spent=spent)
 
     # -- training, checkpoints and resume ---------------------------------------------------------
 
