@@ -25,21 +25,19 @@ from pathlib import Path
 
 import torch
 import yaml
+from bench_prompted_teacher import load_rows  # the same SST-2 dev rows
+from bench_server import write_report
+
+from shared.errors import UserError
+from shared.prompting import LabelPrompt
+from shared.teacher_api import TextQuery
+from student_trainer.experiments.config import load_experiment
+from student_trainer.experiments.models import resolve_model
+from student_trainer.teachers.client import make_teacher_client
+from student_trainer.teachers.vllm_server import VLLM_PYTHON_ENV, VllmServer, vllm_python
+from teacher_server.launch import serve_in_subprocess
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from shared.errors import UserError  # noqa: E402
-from shared.prompting import LabelPrompt  # noqa: E402
-from shared.teacher_api import TextQuery  # noqa: E402
-from student_trainer.experiments.config import load_experiment  # noqa: E402
-from student_trainer.experiments.models import resolve_model  # noqa: E402
-from student_trainer.teachers.client import make_teacher_client  # noqa: E402
-from student_trainer.teachers.vllm_server import VLLM_PYTHON_ENV, VllmServer, vllm_python  # noqa: E402
-from teacher_server.launch import serve_in_subprocess  # noqa: E402
-
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_prompted_teacher import load_rows  # noqa: E402  (the same SST-2 dev rows)
 
 
 async def ask(spec: str, texts: list[str], batch: int, **options: object) -> tuple[torch.Tensor, float]:
@@ -70,7 +68,8 @@ def main() -> None:
     model, prompted = resolve_model(spec.model), dict(spec.prompted or {})
     texts, gold = load_rows(args.sentences)
     work = Path(tempfile.mkdtemp(prefix="llm-servers-"))
-    entry = {"name": "large", "path": model, "max_seq_length": spec.max_seq_length, **prompted}
+    path = str(Path(model).resolve())  # teacher-server reads a relative path against its YAML's folder
+    entry = {"name": "large", "path": path, "max_seq_length": spec.max_seq_length, **prompted}
     (work / "teachers.yaml").write_text(yaml.safe_dump({"teachers": [entry]}))
     with serve_in_subprocess(work / "teachers.yaml", log_path=work / "server.log", colocated=False) as url:
         ours, ours_s = asyncio.run(ask(f"{url}#large", texts, args.batch))
@@ -95,8 +94,7 @@ def main() -> None:
         "command": " ".join(["python", "benchmarks/bench_llm_teacher_servers.py", *sys.argv[1:]]),
     }
     print(json.dumps(result, indent=1))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=1) + "\n")
+    write_report(result, str(args.output))
 
 
 if __name__ == "__main__":
