@@ -33,7 +33,7 @@ import torch
 from bench_packing import batches, ms_per_pass
 from bench_server import ROOT, SHAPES, default_teacher, random_teacher, write_report
 
-from shared.flops import FlopsShape, encoder_forward_flops
+from shared.flops import FlopsShape, encoder_forward_flops, layer_forward_flops
 from teacher_engine.engine import TeacherEngine
 from teacher_server.config import TeacherConfig
 
@@ -57,9 +57,11 @@ def layer_gemms_flops_per_s(shape: FlopsShape, tokens: int, repeats: int) -> flo
     narrow, wide = torch.randn(tokens, hidden), torch.randn(tokens, inner)
     products = [(narrow, torch.randn(hidden, hidden)) for _ in range(4)]
     products += [(narrow, torch.randn(inner, hidden)), (wide, torch.randn(hidden, inner))]
-    flops = sum(2 * tokens * weight.numel() for _, weight in products)
+    flops = layer_forward_flops(hidden, inner, tokens, attention_len=0)  # 0: the products alone
+    for x, weight in products:  # warm-up, untimed: the BLAS at these shapes
+        torch.nn.functional.linear(x, weight)
     best = float("inf")
-    for _ in range(repeats + 1):  # the first warms the BLAS up at these shapes
+    for _ in range(repeats):
         started = time.perf_counter()
         for _ in range(10):
             for x, weight in products:
@@ -116,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             engines[shape] = TeacherEngine.from_config(config)
     cells = [(shape, rows) for shape in shapes for rows in rows_list]
     queries = {cell: batches(engines[cell[0]], cell[1], args.batches, args.max_seq_length) for cell in cells}
+    tokens = {cell: packed_tokens(queries[cell]) for cell in cells}
     peaks: dict[int, list[float]] = {t: [] for t in threads_list}
     passes: dict[tuple, list[float]] = {(t, *cell): [] for t in threads_list for cell in cells}
     gemms: dict[tuple, list[float]] = {key: [] for key in passes}
@@ -127,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
                 engine, batch = engines[shape], queries[(shape, rows)]
                 ms_per_pass(engine, batch[:2], True)  # warm-up at this shape and thread count
                 passes[(threads, shape, rows)].append(ms_per_pass(engine, batch, True))
-                tokens = packed_tokens(batch)
-                gemms[(threads, shape, rows)].append(layer_gemms_flops_per_s(engine.flops_shape, tokens, 3))
+                measured = layer_gemms_flops_per_s(engine.flops_shape, tokens[(shape, rows)], repeats=3)
+                gemms[(threads, shape, rows)].append(measured)
 
     results = []
     print(
@@ -140,16 +143,16 @@ def main(argv: list[str] | None = None) -> int:
         gemm_samples = gemms[(threads, shape, rows)]
         alone = statistics.median(gemm_samples)
         achieved = pass_flops(engines[shape], queries[(shape, rows)]) / (ms / 1000)
-        tokens = packed_tokens(queries[(shape, rows)])
+        cell_tokens = tokens[(shape, rows)]
         results.append({
-            "threads": threads, "teacher": shape, "rows": rows, "packed_tokens": tokens,
+            "threads": threads, "teacher": shape, "rows": rows, "packed_tokens": cell_tokens,
             "median_ms_per_pass": ms, "samples_ms": samples, "achieved_flops_per_s": achieved,
             "layer_gemms_flops_per_s": alone, "layer_gemms_samples_flops_per_s": gemm_samples,
             "share_of_layer_gemms": achieved / alone, "gemm_peak_flops_per_s": peak,
             "share_of_peak": achieved / peak,
         })  # fmt: skip
         print(
-            f"{threads:>7} {shape:>10} {rows:>5} {tokens:>6} {ms:>8.1f} {achieved / 1e9:>8.1f} "
+            f"{threads:>7} {shape:>10} {rows:>5} {cell_tokens:>6} {ms:>8.1f} {achieved / 1e9:>8.1f} "
             f"{alone / 1e9:>17.1f} {achieved / alone:>8.0%} {peak / 1e9:>12.1f} {achieved / peak:>8.0%}"
         )
     load = (load_before, os.getloadavg()[0])
