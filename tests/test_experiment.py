@@ -384,6 +384,34 @@ def test_report_counts_what_the_answer_store_answered(tmp_path):
     assert "answered 50 of the 100 rows looked up (50.0%)" in (layout.results / "report.md").read_text()
 
 
+def _write_the_record_repeatedly(path: str, start) -> None:
+    from student_trainer.experiments.layout import write_json
+
+    start.wait()
+    for i in range(2000):
+        write_json(Path(path), {"writer": os.getpid(), "i": i})
+
+
+def test_shards_writing_the_same_record_side_by_side_all_succeed(tmp_path):
+    """Grid shards each write their task's record; with one shared partial file a writer's rename
+    found its file already renamed by another (FileNotFoundError)."""
+    import multiprocessing
+
+    path = tmp_path / "tasks" / "sst2.json"
+    context = multiprocessing.get_context("spawn")
+    start = context.Barrier(4)
+    writers = [
+        context.Process(target=_write_the_record_repeatedly, args=(str(path), start)) for _ in range(4)
+    ]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(timeout=120)
+    assert [writer.exitcode for writer in writers] == [0, 0, 0, 0]
+    assert json.loads(path.read_text())["i"] == 1999
+    assert [p.name for p in path.parent.iterdir()] == ["sst2.json"]
+
+
 def test_sweep_expands_and_names_must_be_unique():
     methods = expand_methods(
         [

@@ -17,11 +17,15 @@ def run_id(task: str, method: str, seed: int) -> str:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write atomically (a kill mid-write leaves the old file or none, never half of one)."""
+    """Write atomically (a kill mid-write leaves the old file or none, never half of one). The
+    partial file's name is the writer's own: grid shards side by side may write the same record."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(data, indent=1, default=str) + "\n", encoding="utf-8")
-    os.replace(partial, path)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    try:
+        partial.write_text(json.dumps(data, indent=1, default=str) + "\n", encoding="utf-8")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def portable(data: Any, names: dict[str, str]) -> Any:
