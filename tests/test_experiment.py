@@ -534,7 +534,7 @@ def test_a_stopped_teacher_fine_tuning_resumes_to_the_weights_of_one_never_stopp
         and "checkpoint-2 (step 2)" in log.read_text()
     )
     whole = runner.ensure_teacher(config, layout("whole"), "sst2", "large")
-    assert resumed["weights_sha256"] == whole["weights_sha256"] and resumed["eval"]["train_steps"] == 6
+    assert resumed["weights_sha256"] == whole["weights_sha256"] and resumed["eval"]["global_step"] == 6
 
 
 def test_two_shards_side_by_side_give_the_grid_unsharded(finished_grid, workspace):

@@ -55,7 +55,7 @@ def test_finetuned_teacher_loads_in_the_service_and_beats_chance(
 
     results = json.loads((out / "eval_results.json").read_text())
     assert results["eval_samples"] == 64 and 0.0 <= results["eval_accuracy"] <= 1.0
-    assert results["train_steps"] == 15 * 8  # 128 / 16 = 8 steps per epoch
+    assert results["global_step"] == 15 * 8  # 128 / 16 = 8 steps per epoch
 
     engine = TeacherEngine.load("small", out)  # exactly what teacher-server does at start-up
     assert engine.info.label_names == ("negative", "positive")
@@ -88,6 +88,9 @@ def test_finetuned_teacher_loads_in_the_service_and_beats_chance(
             )
         )
     assert results["global_step"] == 3 and results["flops"]["teacher_flops_vanilla"] > 0
+    training = {"global_step", "epoch", "train_loss", "train_runtime_s", "train_samples_per_second"}
+    finetuned = json.loads((out / "eval_results.json").read_text())
+    assert training <= results.keys() and training <= finetuned.keys()
     # every row the student asked for was just computed for the text query above: the service's
     # cache (keyed by token ids, so text and token-id inputs share it) answered all of them
     assert results["flops"]["teacher_flops_spent"] == 0
@@ -120,7 +123,7 @@ def test_seeded_runs_are_identical_and_files_with_string_labels_work(
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
     config = json.loads((tmp_path / "a" / "config.json").read_text())
     assert config["id2label"] == {"0": "no", "1": "yes"} and config["num_hidden_layers"] == 4
-    assert first["train_steps"] == 3 and first["eval_samples"] == 4
+    assert first["global_step"] == 3 and first["eval_samples"] == 4
 
 
 def resumable_options(synthetic_dir: Path, base_model: Path, **extra: object) -> dict:
@@ -180,7 +183,7 @@ def test_a_stopped_finetuning_resumes_to_the_weights_of_one_never_stopped(
     )
     assert weights.keys() == expected.keys()
     assert all(torch.equal(weights[k], expected[k]) for k in expected)
-    assert resumed["train_steps"] == whole["train_steps"] == 20
+    assert resumed["global_step"] == whole["global_step"] == 20
     assert resumed["eval_accuracy"] == whole["eval_accuracy"] and resumed["eval_loss"] == whole["eval_loss"]
     assert not list_checkpoints(out)  # removed once the teacher is saved
 
@@ -245,7 +248,7 @@ def test_max_seq_length_beyond_the_model_is_capped_to_its_positions(base_model: 
             disable_tqdm=True,
         )
     )
-    assert results["train_steps"] == 1 and results["eval_samples"] == 2
+    assert results["global_step"] == 1 and results["eval_samples"] == 2
 
 
 def test_one_label_training_data_is_refused(base_model: Path, tmp_path: Path) -> None:
@@ -256,3 +259,36 @@ def test_one_label_training_data_is_refused(base_model: Path, tmp_path: Path) ->
     with pytest.raises(UserError, match=r"onelabel\.tsv: the training data has 1 distinct label"):
         args.func(args)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_resume_from_the_last_step_trains_no_step_more(
+    synthetic_dir: Path, base_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job stopped after its last checkpoint but before the teacher was saved, then started again: the
+    ``Trainer`` alone would train one batch past ``max_steps`` (20 of 2.5 epochs ends mid-epoch)."""
+    whole = finetune(
+        FinetuneArguments(output_dir=str(tmp_path / "whole"), **resumable_options(synthetic_dir, base_model))
+    )
+    out = tmp_path / "stopped"
+    options = resumable_options(
+        synthetic_dir, base_model, output_dir=str(out), save_strategy="steps", save_steps=10,
+        resume_from_checkpoint="auto",
+    )  # fmt: skip
+    with monkeypatch.context() as patch:
+        patch.setattr("student_trainer.train.finetune.save_teacher", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            finetune(FinetuneArguments(**options))
+    assert list_checkpoints(out)[-1].name == "checkpoint-20"
+    resumed = finetune(FinetuneArguments(**options))
+
+    assert resumed["global_step"] == whole["global_step"] == 20
+    weights, expected = (
+        load_safetensors(out / "model.safetensors"),
+        load_safetensors(tmp_path / "whole" / "model.safetensors"),
+    )
+    assert all(torch.equal(weights[k], expected[k]) for k in expected)
+    assert resumed.keys() == whole.keys()
+
+
+def interrupted(*args: object) -> None:
+    raise KeyboardInterrupt

@@ -26,6 +26,7 @@ from student_trainer.data.loading import load_train_and_eval_from
 from student_trainer.data.tokenized import TokenizedDataset
 from student_trainer.train.checkpoint import prepare_output_dir
 from student_trainer.train.evaluate import majority_baseline, metric_function
+from student_trainer.train.guarded import train_results
 from student_trainer.train.logs import MetricsWriter, summary_paragraph
 from student_trainer.train.metrics import BASELINE_MARGIN, above_majority_baseline
 from student_trainer.train.setup import make_clients
@@ -71,9 +72,9 @@ def distill(args: DistillArguments) -> dict[str, Any]:
         shorter = [i.max_seq_length for r, i in trainer.teachers.infos.items() if r not in trainer.text_roles]
         if min([max_len, *shorter]) < max_len:  # a teacher sent ids reads no more than its own limit
             trainer.train_dataset = TokenizedDataset(train_data, tokenizer, min(shorter))
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         last_eval = final_evaluation(trainer, eval_data.metric if eval_set else None)
-        results = {**run_results(args, trainer, train_data.name, last_eval)}
+        results = {**train_results(trainer, output), **run_results(args, trainer, train_data.name, last_eval)}
         results.update(baseline_check(train_data, eval_data, last_eval))
         if trainer.is_world_process_zero():
             write_results(args, trainer, results)
@@ -97,15 +98,12 @@ def final_evaluation(trainer: DynamicKDTrainer, metric: str | None) -> dict[str,
 def run_results(
     args: DistillArguments, trainer: DynamicKDTrainer, task: str, last_eval: dict
 ) -> dict[str, Any]:
-    """What ``results.json`` holds."""
-    state, ledger, kd = trainer.state, trainer.ledger, trainer.kd
+    """What ``results.json`` holds besides :func:`~student_trainer.train.guarded.train_results`."""
+    ledger, kd = trainer.ledger, trainer.kd
     return {
         "task": task,
         "student_layers": int(trainer.student.config.num_hidden_layers),
-        "global_step": state.global_step,
-        "epoch": state.epoch,
         "world_size": trainer.args.world_size,
-        "train_runtime_s": trainer.train_runtime_s,
         "teacher_time_s": trainer.teacher_time_s,
         "eval": last_eval,
         "flops": {**ledger.summary(), **trainer.budget_so_far()},

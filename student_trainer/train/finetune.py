@@ -28,7 +28,7 @@ from student_trainer.data.loading import load_train_and_eval_from
 from student_trainer.data.tokenized import TokenizedDataset, collate_batch
 from student_trainer.train.checkpoint import list_checkpoints, prepare_output_dir
 from student_trainer.train.evaluate import metric_function
-from student_trainer.train.guarded import GuardedTrainer
+from student_trainer.train.guarded import GuardedTrainer, train_results
 
 
 def finetune(args: FinetuneArguments) -> dict[str, Any]:
@@ -62,13 +62,7 @@ def finetune(args: FinetuneArguments) -> dict[str, Any]:
     )
     trainer.resume_hint = "continue with --resume_from_checkpoint latest"
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    results: dict[str, Any] = {
-        "train_loss": output.training_loss,
-        "train_steps": output.global_step,
-        "epoch": trainer.state.epoch,
-        "train_runtime": output.metrics["train_runtime"],
-        "train_samples_per_second": output.metrics["train_samples_per_second"],
-    }
+    results = train_results(trainer, output)
     if eval_set is not None:
         scores = trainer.evaluate()
         results.update({k: v for k, v in scores.items() if k == "eval_loss" or k.removeprefix("eval_") in

@@ -7,6 +7,7 @@ checkpoints rotated out (``save_total_limit``). A file-system error while writin
 any process removes the partial folder and stops every process with :class:`CheckpointWriteError`;
 what a killed run left is removed when the next one starts. A NaN or infinite loss stops the run with
 :class:`NonFiniteLoss` before the optimizer step, so that the newest checkpoint stays the last good one.
+A resume from a checkpoint of the run's last step trains no step more.
 """
 
 from __future__ import annotations
@@ -24,9 +25,17 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from transformers import Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import TrainerState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, rotate_checkpoints
 
-from student_trainer.train.checkpoint import STAGING, list_checkpoints, remove_stale_writes
+from student_trainer.train.checkpoint import (
+    STAGING,
+    list_checkpoints,
+    main_says,
+    remove_stale_writes,
+    resolve_checkpoint,
+)
 from student_trainer.train.checksums import write_checksums
 from student_trainer.train.distributed import Processes, any_rank
 from student_trainer.train.errors import CheckpointWriteError, NonFiniteLoss
@@ -39,17 +48,49 @@ class GuardedTrainer(Trainer):
     """``Trainer`` with whole checkpoints (checksums written last) and a stop on a non-finite loss."""
 
     resume_hint = RESUME_HINT  # what a stopped run's message says to do next
+    train_runtime_s = 0.0  # seconds in Trainer.train, summed over this object's calls
 
     def processes(self) -> Processes:
         return Processes(self.args.process_index, self.args.world_size, self.args.device)
 
-    def train(self, *args: Any, **kwargs: Any) -> Any:
+    def train(
+        self,
+        resume_from_checkpoint: str | bool | None = None,
+        trial: Any = None,
+        ignore_keys_for_eval: list[str] | None = None,
+    ) -> TrainOutput:
+        """``Trainer.train``. ``resume_from_checkpoint``: a ``checkpoint-N`` folder, whose files must
+        match their checksums; ``True`` or ``"latest"`` for the newest in ``output_dir`` whose files do
+        (each newer one skipped is said on stderr); ``"auto"`` the same, or a fresh start when there is
+        no checkpoint. A checkpoint of the run's last step (a job restarted after it ended) gives its
+        weights and state, no step more: the ``Trainer`` would train one more batch."""
         if self.args.should_save:  # no process of this run writes a checkpoint before its first step
             for name in remove_stale_writes(self.args.output_dir):
                 print(
                     f"removed {name}: a checkpoint that a stopped run did not finish writing", file=sys.stderr
                 )
-        return super().train(*args, **kwargs)
+        spec = "latest" if resume_from_checkpoint is True else resume_from_checkpoint
+        checkpoint = resolve_checkpoint(spec, self.args.output_dir, main_says(self.args)) if spec else None
+        if checkpoint is not None:
+            self._load_resume_state(checkpoint)
+            finished = self._finished_run(checkpoint)
+            if finished is not None:
+                return finished
+        output = super().train(str(checkpoint) if checkpoint else None, trial, ignore_keys_for_eval)
+        self.train_runtime_s += output.metrics["train_runtime"]
+        return output
+
+    def _load_resume_state(self, checkpoint: Path) -> None:
+        """What a subclass keeps in a checkpoint besides the ``Trainer``'s state (nothing here)."""
+
+    def _finished_run(self, checkpoint: Path) -> TrainOutput | None:
+        saved = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE_NAME))
+        wanted = self.args.max_steps if self.args.max_steps > 0 else saved.max_steps  # epochs: as it was
+        if saved.global_step < wanted:
+            return None
+        self.state = saved
+        self._load_from_checkpoint(str(checkpoint), self.model)
+        return TrainOutput(saved.global_step, 0.0, {"train_runtime": 0.0})  # no step trained: no loss, rate
 
     def training_step(
         self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
@@ -143,6 +184,18 @@ class StagedCheckpoint:
         if self.final.is_symlink():
             self.final.unlink()
         shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def train_results(trainer: GuardedTrainer, output: TrainOutput) -> dict[str, Any]:
+    """The training fields that ``distill``'s ``results.json`` and ``finetune``'s ``eval_results.json``
+    both hold (loss and rate of this call; ``None`` when it resumed a finished run)."""
+    return {
+        "global_step": trainer.state.global_step,
+        "epoch": trainer.state.epoch,
+        "train_loss": output.metrics.get("train_loss"),
+        "train_runtime_s": trainer.train_runtime_s,
+        "train_samples_per_second": output.metrics.get("train_samples_per_second"),
+    }
 
 
 def write_failure(err: BaseException, free_bytes: int) -> str | None:

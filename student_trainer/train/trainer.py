@@ -29,8 +29,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, TrainerCallback, TrainingArguments, set_seed
-from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 
 from shared.errors import UserError
@@ -46,8 +44,6 @@ from student_trainer.train.checkpoint import (
     capture_rng_state,
     checkpoint_problem,
     list_checkpoints,
-    main_says,
-    resolve_checkpoint,
     restore_rng_state,
 )
 from student_trainer.train.distributed import any_rank
@@ -149,7 +145,7 @@ class DynamicKDTrainer(GuardedTrainer):
         self.stop = StopOnSignal()
         self._window: list[dict[str, float]] = []  # what each batch since the last log said
         self.teacher_time_s = 0.0  # waiting for the teachers, over resumed runs too (in kd_state)
-        self.train_runtime_s = 0.0  # Trainer.train's wall time, likewise
+        self.train_runtime_s = 0.0  # Trainer.train's wall time, likewise (restored from kd_state)
         set_seed(args.seed)  # the projections are drawn the same whatever ran before
         projections = teacher_projections(model, infos) if self.kd.uses_hidden_states else {}
         if data_collator is None and processing_class is not None:
@@ -264,25 +260,17 @@ class DynamicKDTrainer(GuardedTrainer):
 
     # -- training, checkpoints and resume ---------------------------------------------------------
 
-    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
-        """``Trainer.train``; a teacher that stays down stops it with :class:`TeacherUnavailable` after a
-        checkpoint of the last whole step; SIGINT/SIGTERM with :class:`Interrupted` after a checkpoint of
-        the step in progress (a second signal at once).
-
-        ``resume_from_checkpoint``: a ``checkpoint-N`` folder, whose files must match their checksums;
-        ``True`` or ``"latest"`` for the newest in ``output_dir`` whose files do (each newer one skipped
-        is said on stderr, with the file that does not match); ``"auto"`` the same, or a fresh start when
-        there is no checkpoint."""
-        spec = "latest" if resume_from_checkpoint is True else resume_from_checkpoint
-        checkpoint = resolve_checkpoint(spec, self.args.output_dir, main_says(self.args)) if spec else None
-        if checkpoint is not None:
-            self.kd_state.load(checkpoint)
-            finished = self._finished_run(checkpoint)
-            if finished is not None:
-                return finished
+    def train(
+        self,
+        resume_from_checkpoint: str | bool | None = None,
+        trial: Any = None,
+        ignore_keys_for_eval: list[str] | None = None,
+    ) -> TrainOutput:
+        """:meth:`GuardedTrainer.train`; a teacher that stays down stops it with
+        :class:`TeacherUnavailable` after a checkpoint of the last whole step; SIGINT/SIGTERM with
+        :class:`Interrupted` after a checkpoint of the step in progress (a second signal at once)."""
         try:
-            output = super().train(resume_from_checkpoint=str(checkpoint) if checkpoint else None, **kwargs)
-            self.train_runtime_s += output.metrics["train_runtime"]
+            output = super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
             self.kd_state.started = None
         except TeacherCallError as failure:
             path = self.kd_state.checkpoint_last_step()
@@ -299,16 +287,8 @@ class DynamicKDTrainer(GuardedTrainer):
             )
         return output
 
-    def _finished_run(self, checkpoint: Path) -> TrainOutput | None:
-        """A checkpoint of a run's last step (a job restarted after it ended): its weights and state,
-        no step more (the ``Trainer`` would train one more batch)."""
-        saved = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE_NAME))
-        wanted = self.args.max_steps if self.args.max_steps > 0 else saved.max_steps  # epochs: as it was
-        if saved.global_step < wanted:
-            return None
-        self.state = saved
-        self._load_from_checkpoint(str(checkpoint), self.model)
-        return TrainOutput(saved.global_step, 0.0, {"train_runtime": 0.0})
+    def _load_resume_state(self, checkpoint: Path) -> None:
+        self.kd_state.load(checkpoint)
 
     def _save_rng_state(self, output_dir: str) -> None:
         super()._save_rng_state(output_dir)
