@@ -3,8 +3,9 @@
     python benchmarks/bench_flops.py [--threads 1,2] [--rows 8,64] [--shapes minilm,bert-base]
                                      [--batches 20] [--rounds 3] [--gemm_size 2048]
 
-The peak is what ``torch.mm`` of two large fp32 matrices (``--gemm_size``, square) achieves at
-each thread count: the best this machine's BLAS does on the layers' kind of work. The pass is the
+The peak is what a product of two large fp32 matrices (``--gemm_size``, square) achieves at
+each thread count, by ``torch.mm`` (MKL) or oneDNN, whichever is faster: the best this machine's
+libraries do on the layers' kind of work. The pass is the
 teacher engine's packed pass (``teacher_engine/packing.py``), as the service runs it, over
 batches of ``--rows`` SST-2 training sentences: 8 is one client's request run alone, 64 the
 batcher's largest pass when 16 clients' requests queue together. Teachers: the pretrained
@@ -13,7 +14,7 @@ MiniLM-L6 (``minilm``) and randomly initialised BERTs of the design card's shape
 the useful ones (:func:`shared.flops.encoder_forward_flops` on the real tokens, head included),
 so the ratio says what share of the peak reaches the answer. Beside it, the same pass's matrix
 products alone (one layer's Q, K, V, output and feed-forward weights on as many tokens as the
-pass packs, times its layers): what the BLAS gives at the pass's own shapes. The pass against
+pass packs, times its layers): what the pass's own matrix kernel gives at its shapes. The pass against
 them says what the rest of a layer (attention over padded rows, normalisation, activation,
 packing, Python) costs; them against the peak, what small matrices cost. Medians over interleaved
 rounds; writes JSON.
@@ -35,38 +36,45 @@ from bench_server import ROOT, SHAPES, default_teacher, random_teacher, write_re
 
 from shared.flops import FlopsShape, encoder_forward_flops, layer_forward_flops
 from teacher_engine.engine import TeacherEngine
+from teacher_engine.packing import linear
 from teacher_server.config import TeacherConfig
 
 
 def gemm_flops_per_s(size: int, repeats: int) -> float:
-    """The best FLOP/s of ``torch.mm`` on two ``size``-square fp32 matrices over ``repeats`` runs."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.mm(a, b)  # warm-up: the BLAS's threads and buffers
+    """The best FLOP/s of a product of two ``size``-square fp32 matrices over ``repeats`` runs, by
+    ``torch.mm`` (MKL) or by the packed pass's own kernel (:func:`teacher_engine.packing.linear`,
+    oneDNN), whichever is faster here."""
+    a, layer = torch.randn(size, size), torch.nn.Linear(size, size, bias=False)
     best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - started)
+    with torch.inference_mode():
+        for product in (lambda: torch.mm(a, layer.weight), lambda: linear(layer, a)):
+            product()  # warm-up: the library's threads and buffers
+            for _ in range(repeats):
+                started = time.perf_counter()
+                product()
+                best = min(best, time.perf_counter() - started)
     return 2 * size**3 / best
 
 
 def layer_gemms_flops_per_s(shape: FlopsShape, tokens: int, repeats: int) -> float:
     """The best FLOP/s of one layer's matrix products (Q, K, V, output; the feed-forward's in and
-    out) on ``tokens`` packed rows, over ``repeats`` runs of ten."""
+    out) on ``tokens`` packed rows, over ``repeats`` runs of ten, by the pass's own kernel."""
     hidden, inner = shape.hidden_size, shape.intermediate_size
     narrow, wide = torch.randn(tokens, hidden), torch.randn(tokens, inner)
-    products = [(narrow, torch.randn(hidden, hidden)) for _ in range(4)]
-    products += [(narrow, torch.randn(inner, hidden)), (wide, torch.randn(hidden, inner))]
+    products = [(narrow, torch.nn.Linear(hidden, hidden, bias=False)) for _ in range(4)]
+    products += [(narrow, torch.nn.Linear(hidden, inner, bias=False))]
+    products += [(wide, torch.nn.Linear(inner, hidden, bias=False))]
     flops = layer_forward_flops(hidden, inner, tokens, attention_len=0)  # 0: the products alone
-    for x, weight in products:  # warm-up, untimed: the BLAS at these shapes
-        torch.nn.functional.linear(x, weight)
     best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        for _ in range(10):
-            for x, weight in products:
-                torch.nn.functional.linear(x, weight)
-        best = min(best, (time.perf_counter() - started) / 10)
+    with torch.inference_mode():
+        for x, layer in products:  # warm-up, untimed: the kernels at these shapes
+            linear(layer, x)
+        for _ in range(repeats):
+            started = time.perf_counter()
+            for _ in range(10):
+                for x, layer in products:
+                    linear(layer, x)
+            best = min(best, (time.perf_counter() - started) / 10)
     return flops / best
 
 

@@ -15,12 +15,23 @@ model's own forward (fp32, atol 1e-5, ``tests/test_families.py``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.flop_counter import register_flop_formula
+
+# torch's oneDNN linear (the kernel its compiler emits for CPU linears), where this build has it
+ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+if ONEDNN_LINEAR:
+
+    @register_flop_formula(torch.ops.mkldnn._linear_pointwise)
+    def _linear_flops(x_shape: list[int], w_shape: list[int], *_: object, **__: object) -> int:
+        """What torch's FLOP counter counts for the call below: its matrix product, as for ``F.linear``."""
+        return 2 * math.prod(x_shape[:-1]) * w_shape[0] * w_shape[1]
 
 
 @dataclass(frozen=True)
@@ -79,6 +90,15 @@ def attention_bias(mask: Tensor, dtype: torch.dtype, position_bias: Tensor | Non
     return bias if position_bias is None else bias + position_bias
 
 
+def linear(layer: nn.Linear, x: Tensor) -> Tensor:
+    """``layer(x)``, through oneDNN for float32 on the CPU: torch sends a float32 matrix product
+    to MKL, which runs its AVX2 code on CPUs that are not Intel's, at half the FLOP/s oneDNN
+    gets from the same AVX-512 cores (``benchmarks/bench_flops.py``); equal within rounding."""
+    if x.dtype == torch.float32 and x.device.type == "cpu" and ONEDNN_LINEAR:
+        return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "none", [], "")
+    return layer(x)
+
+
 def packed_layer(
     parts: LayerParts, hidden: Tensor, packing: Packing, bias: Tensor, *, first_tokens_only: bool = False
 ) -> Tensor:
@@ -95,15 +115,16 @@ def packed_layer(
     def per_row(projected: Tensor) -> Tensor:  # [batch, heads, length, head size]
         return projected.view(packing.batch, -1, heads, width // heads).transpose(1, 2)
 
-    keys = per_row(packing.unpack(parts.key(hidden)))
-    values = per_row(packing.unpack(parts.value(hidden)))
+    keys = per_row(packing.unpack(linear(parts.key, hidden)))
+    values = per_row(packing.unpack(linear(parts.value, hidden)))
     if first_tokens_only:
         hidden = hidden.index_select(0, packing.starts)
-        queries, bias = per_row(parts.query(hidden)), bias[:, :, :1]
+        queries, bias = per_row(linear(parts.query, hidden)), bias[:, :, :1]
     else:
-        queries = per_row(packing.unpack(parts.query(hidden)))
+        queries = per_row(packing.unpack(linear(parts.query, hidden)))
     context = F.scaled_dot_product_attention(queries, keys, values, attn_mask=bias)
     context = context.transpose(1, 2).reshape(packing.batch, -1, width)
     context = context.squeeze(1) if first_tokens_only else packing.pack(context)
-    attended = parts.attention_norm(parts.out(context) + hidden)
-    return parts.output_norm(parts.ffn_out(parts.activation(parts.ffn_in(attended))) + attended)
+    attended = parts.attention_norm(linear(parts.out, context) + hidden)
+    inner = parts.activation(linear(parts.ffn_in, attended))
+    return parts.output_norm(linear(parts.ffn_out, inner) + attended)
