@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -97,3 +99,19 @@ def test_the_report_has_the_comparison_and_its_plot(tmp_path) -> None:
     )
     assert (layout.results / "fig1_budget_vs_ratio.png").stat().st_size > 0
     assert len(json.loads((layout.results / "report.json").read_text())["budget_vs_ratio"]) == 2
+
+
+def test_the_report_reads_each_run_once(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tables, cache savings, answer store, teacher bill and versions all use one read of the runs."""
+    config, layout = hand_made_grid(tmp_path)
+    reads: Counter[Path] = Counter()
+    read_text = Path.read_text
+
+    def counted(self: Path, *args: object, **kwargs: object) -> str:
+        reads[self] += 1
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", counted)
+    write_report(config, layout)
+    runs = {path: n for path, n in reads.items() if path.name in ("results.json", "run.json")}
+    assert len(runs) == 2 * 5 * 3 and set(runs.values()) == {1}

@@ -57,22 +57,49 @@ def paired_p_value(a: dict[int, float], b: dict[int, float]) -> float | None:
     return None if math.isnan(p) else p
 
 
-def collect(config: ExperimentConfig, layout: Layout) -> dict[str, Any]:
-    """Every finished run's score, teacher FLOPs per instance and wall time, by (task, method)."""
-    tasks = {t: _read(layout.task_record(t)) for t in config.tasks}
-    cells: dict[tuple[str, str], Cell] = defaultdict(Cell)
+@dataclass(frozen=True)
+class FinishedRun:
+    """A run of the grid that the runner finished: its ``results.json`` and ``run.json``."""
+
+    task: str
+    method: str
+    seed: int
+    results: dict[str, Any]
+    meta: dict[str, Any]
+
+    @property
+    def wall_time_s(self) -> float:
+        """The runner's wall time of the ``distill`` process (the trainer's own for a run without it)."""
+        return float(self.meta.get("wall_time_s", self.results["train_runtime_s"]))
+
+
+def read_runs(config: ExperimentConfig, layout: Layout) -> list[FinishedRun]:
+    """Every finished run of the grid (its ``results.json`` written last marks it), each read once:
+    what every part of the report (and the demo) reads."""
+    runs = []
     for task, method, seed in config.runs():
         folder = layout.run_results(task, method.name, seed)
-        if not (folder / "results.json").exists():
-            continue
-        results, meta = _read(folder / "results.json"), _read(folder / "run.json")
-        metric = tasks[task]["metric"] if tasks[task] else "accuracy"
-        cell = cells[(task, method.name)]
-        cell.scores[seed] = float(results["eval"][f"eval_{metric}"])
-        instances = results["epoch"] * tasks[task]["train_size"] if tasks[task] else float("nan")
+        results = _read(folder / "results.json")
+        if results is not None:
+            runs.append(FinishedRun(task, method.name, seed, results, _read(folder / "run.json") or {}))
+    return runs
+
+
+def collect(config: ExperimentConfig, layout: Layout) -> dict[str, Any]:
+    """The finished runs (:func:`read_runs`) and their score, teacher FLOPs per instance and wall
+    time by (task, method)."""
+    tasks = {t: _read(layout.task_record(t)) for t in config.tasks}
+    runs = read_runs(config, layout)
+    cells: dict[tuple[str, str], Cell] = defaultdict(Cell)
+    for run in runs:
+        results, info = run.results, tasks[run.task]
+        metric = info["metric"] if info else "accuracy"
+        cell = cells[(run.task, run.method)]
+        cell.scores[run.seed] = float(results["eval"][f"eval_{metric}"])
+        instances = results["epoch"] * info["train_size"] if info else float("nan")
         cell.flops_per_instance.append(results["flops"]["teacher_flops_requested"] / instances)
-        cell.wall_time_s.append(float(meta.get("wall_time_s", results["train_runtime_s"])))
-    return {"tasks": tasks, "cells": cells}
+        cell.wall_time_s.append(run.wall_time_s)
+    return {"tasks": tasks, "cells": cells, "runs": runs}
 
 
 def _read(path: Path) -> Any:
@@ -223,21 +250,18 @@ def format_budget_vs_ratio(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _run_flops(config: ExperimentConfig, layout: Layout, task: str) -> Iterator[dict[str, Any]]:
+def _run_flops(runs: list[FinishedRun], task: str) -> Iterator[dict[str, Any]]:
     """The ``flops`` ledger of each finished run of ``task``."""
-    for _, method, seed in (r for r in config.runs() if r[0] == task):
-        results = _read(layout.run_results(task, method.name, seed) / "results.json")
-        if results:
-            yield results["flops"]
+    return (run.results["flops"] for run in runs if run.task == task)
 
 
-def service_savings(config: ExperimentConfig, layout: Layout) -> dict[str, Any]:
+def service_savings(config: ExperimentConfig, layout: Layout, runs: list[FinishedRun]) -> dict[str, Any]:
     """Teacher FLOPs the runs requested vs what the service computed: the cache's share."""
     out = {}
     for task in config.tasks:
         history = layout.service_records(task)
         computed = sum(t.get("flops_computed", 0) for s in history for t in s["teachers"].values())
-        requested = sum(flops["teacher_flops_requested"] for flops in _run_flops(config, layout, task))
+        requested = sum(flops["teacher_flops_requested"] for flops in _run_flops(runs, task))
         if history:
             out[task] = {
                 "requested_tflops": requested / 1e12,
@@ -248,26 +272,26 @@ def service_savings(config: ExperimentConfig, layout: Layout) -> dict[str, Any]:
     return out
 
 
-def store_hits(config: ExperimentConfig, layout: Layout) -> dict[str, dict[str, Any]]:
+def store_hits(config: ExperimentConfig, runs: list[FinishedRun]) -> dict[str, dict[str, Any]]:
     """Per task, the rows the runs looked up in the answer store and how many it answered (tasks whose
     runs looked nothing up are left out)."""
     out = {}
     for task in config.tasks:
-        runs = list(_run_flops(config, layout, task))
-        hits = sum(int(flops.get("teacher_store_hits", 0)) for flops in runs)
-        lookups = sum(int(flops.get("teacher_store_lookups", 0)) for flops in runs)
+        ledgers = list(_run_flops(runs, task))
+        hits = sum(int(flops.get("teacher_store_hits", 0)) for flops in ledgers)
+        lookups = sum(int(flops.get("teacher_store_lookups", 0)) for flops in ledgers)
         if lookups:
             out[task] = {"hits": hits, "lookups": lookups, "hit_rate": hits / lookups}
     return out
 
 
-def teacher_bill(config: ExperimentConfig, layout: Layout) -> dict[str, dict[str, Any]]:
+def teacher_bill(config: ExperimentConfig, runs: list[FinishedRun]) -> dict[str, dict[str, Any]]:
     """Per task, what the runs' ledgers say the teachers were asked and charged, whatever served
     them: the rows asked (calls), the tokens their servers counted, the FLOPs they computed."""
     out = {}
     for task in config.tasks:
         total: Counter[str] = Counter()
-        for flops in _run_flops(config, layout, task):
+        for flops in _run_flops(runs, task):
             total["runs"] += 1
             total["spent"] += flops.get("teacher_flops_spent", 0)
             for role in config.teachers:  # a role may hold "_": read the ledger's keys by name
@@ -282,14 +306,10 @@ def teacher_bill(config: ExperimentConfig, layout: Layout) -> dict[str, dict[str
     return out
 
 
-def versions_of_runs(config: ExperimentConfig, layout: Layout) -> list[dict[str, Any]]:
+def versions_of_runs(runs: list[FinishedRun]) -> list[dict[str, Any]]:
     """Each distinct ``made_with`` of the finished runs and how many runs it made (None for runs
     made before ``results.json`` recorded it)."""
-    counts: Counter[str] = Counter()
-    for task, method, seed in config.runs():
-        path = layout.run_results(task, method.name, seed) / "results.json"
-        if path.exists():
-            counts[json.dumps(json.loads(path.read_text()).get("made_with"), sort_keys=True)] += 1
+    counts = Counter(json.dumps(run.results.get("made_with"), sort_keys=True) for run in runs)
     return [{"made_with": json.loads(key), "runs": n} for key, n in counts.most_common()]
 
 
@@ -304,7 +324,7 @@ def describe(versions: dict[str, str | None] | None) -> str:
 def write_report(config: ExperimentConfig, layout: Layout) -> Path:
     """``report.md`` + ``report.json`` (+ PNG plots) in the experiment's results folder."""
     data = collect(config, layout)
-    cells, task_info = data["cells"], data["tasks"]
+    cells, task_info, runs = data["cells"], data["tasks"], data["runs"]
     teachers = {
         role: {t: _read(layout.teacher_record(t, role)) for t in config.tasks} for role in config.teachers
     }
@@ -325,7 +345,7 @@ def write_report(config: ExperimentConfig, layout: Layout) -> Path:
         parts += [format_budget_vs_ratio(comparison), ""]
     plots = draw_plots(config, cells, layout)
     parts += [f"![{title}]({path.name})" for title, path in plots] + [""]
-    savings = service_savings(config, layout)
+    savings = service_savings(config, layout, runs)
     for task, s in savings.items():
         parts.append(
             f"- {task}: the runs requested {s['requested_tflops']:.2f} TFLOPs of teacher compute; "
@@ -333,13 +353,13 @@ def write_report(config: ExperimentConfig, layout: Layout) -> Path:
             f"({100 * (s['saved_by_cache'] or 0):.1f}% answered from its cache, "
             f"over {s['service_sessions']} service session(s))."
         )
-    stored = store_hits(config, layout)
+    stored = store_hits(config, runs)
     parts += [
         f"- {task}: the answer store answered {h['hits']:,} of the {h['lookups']:,} rows looked up "
         f"({100 * h['hit_rate']:.1f}%), paid for by an earlier run."
         for task, h in stored.items()
     ]
-    bill = teacher_bill(config, layout)
+    bill = teacher_bill(config, runs)
     parts += [
         f"- {task}: the runs asked the teachers about {b['rows']:,} rows; their servers counted "
         f"{b['tokens']:,} tokens and computed {b['spent_tflops']:.2f} TFLOPs for them."
@@ -348,9 +368,9 @@ def write_report(config: ExperimentConfig, layout: Layout) -> Path:
     wall = sum(sum(c.wall_time_s) for c in cells.values())
     done = sum(c.n for c in cells.values())
     parts += [f"- {done} of {len(config.runs())} runs done; their wall time: {wall / 3600:.2f} h."]
-    now, runs = made_with(), versions_of_runs(config, layout)
+    now, versions = made_with(), versions_of_runs(runs)
     parts += [f"- This report: {describe(now)}."]
-    parts += [f"- {entry['runs']} run(s): {describe(entry['made_with'])}." for entry in runs] + [""]
+    parts += [f"- {entry['runs']} run(s): {describe(entry['made_with'])}." for entry in versions] + [""]
     path = layout.results / "report.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(parts), encoding="utf-8")
@@ -359,7 +379,7 @@ def write_report(config: ExperimentConfig, layout: Layout) -> Path:
         {"tables": tables_json, "budget_vs_ratio": comparison, "tasks": task_info, "teachers": teachers,
          "service": savings, "answer_store": stored, "teacher_bill": bill,
          "runs_done": done, "runs_total": len(config.runs()), "wall_time_s": wall,
-         "made_with": now, "runs_made_with": runs},
+         "made_with": now, "runs_made_with": versions},
     )  # fmt: skip
     print(f"[experiment] report: {path}")
     return path
