@@ -3,8 +3,8 @@
 The runner does the work (:mod:`student_trainer.experiments.runner`): it fine-tunes the teachers
 once (cached under ``--work_dir``'s ``teachers/``, so a second run skips them), serves them with
 ``teacher-server`` in a process of its own, and distils the student over HTTP. This module reads
-what the runner wrote (the teacher records, each run's ``results.json`` and ``run.json``, the
-service's counters) and prints it on one screen: the scores, and the teacher FLOPs each part saved.
+what the runner wrote (the teacher records, the runs as the report reads them, the service's
+counters) and prints it on one screen: the scores, and the teacher FLOPs each part saved.
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from shared.errors import UserError
 from student_trainer.experiments.config import ExperimentConfig, load_experiment
-from student_trainer.experiments.layout import Layout
+from student_trainer.experiments.layout import Layout, run_id
+from student_trainer.experiments.report import FinishedRun, read_runs
 from student_trainer.experiments.runner import run_grid
 from student_trainer.experiments.tasks import generate_data
 
@@ -55,13 +57,21 @@ def run_layout(config: ExperimentConfig, work: Path) -> Layout:
 
 
 def collect_report(config: ExperimentConfig, layout: Layout, started_at: float) -> dict[str, Any]:
-    """Per task: its teachers (fine-tuned since ``started_at`` or reused), each finished run's scores
-    and FLOPs ledger, and the rows the service computed."""
+    """Per task: its teachers (fine-tuned since ``started_at`` or reused), each run's scores and
+    FLOPs ledger, and the rows the service computed; a run not finished is a :class:`UserError`."""
+    finished = read_runs(config, layout)
+    done = {(run.task, run.method, run.seed) for run in finished}
+    missing = [run_id(t, m.name, s) for t, m, s in config.runs() if (t, m.name, s) not in done]
+    if missing:
+        raise UserError(
+            f"run {missing[0]} is unfinished (no results.json under {layout.results}): run the demo "
+            "again to resume it"
+        )
     tasks = {}
     for task in config.tasks:
         records = [layout.teacher_record(task, role) for role in config.teachers]
         teachers = [json.loads(path.read_text()) for path in records if path.exists()]
-        runs = [_run(layout, task, method.name, seed) for t, method, seed in config.runs() if t == task]
+        runs = [_run(run) for run in finished if run.task == task]
         rows: dict[str, float] = {}
         for record in layout.service_records(task):
             for role, counters in record["teachers"].items():
@@ -76,16 +86,15 @@ def collect_report(config: ExperimentConfig, layout: Layout, started_at: float) 
     return {"name": config.name, "tasks": tasks, "results_dir": str(layout.results)}
 
 
-def _run(layout: Layout, task: str, method: str, seed: int) -> dict[str, Any]:
-    folder = layout.run_results(task, method, seed)
-    results = json.loads((folder / "results.json").read_text())
+def _run(run: FinishedRun) -> dict[str, Any]:
+    results = run.results
     return {
-        "method": method,
-        "seed": seed,
+        "method": run.method,
+        "seed": run.seed,
         "layers": results["student_layers"],
         "eval": results["eval"],
         "flops": results["flops"],
-        "wall_time_s": json.loads((folder / "run.json").read_text())["wall_time_s"],
+        "wall_time_s": run.wall_time_s,
     }
 
 

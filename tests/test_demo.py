@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from shared.errors import UserError
 from student_trainer.cli import main
-from student_trainer.demo import format_report, run_demo, run_layout
+from student_trainer.demo import collect_report, format_report, run_demo, run_layout
 from student_trainer.experiments.config import load_experiment
 from tests.distill_support import REPO, tiny_demo_config
 from tests.tiny_models import save_tiny_bert
@@ -75,3 +76,19 @@ def test_a_stopped_demo_resumes_in_its_folder_and_a_finished_one_starts_anew(tmp
     second = run_layout(config, tmp_path)
     assert second.results.parent != first.results.parent and second.teachers == first.teachers
     assert run_layout(config, tmp_path) == second
+
+
+def test_an_unfinished_run_is_a_one_line_error_not_a_trace(tmp_path):
+    config = load_experiment(REPO / "experiments" / "demo.yaml")
+    layout = run_layout(config, tmp_path)
+    ((task, method, seed),) = config.runs()
+    with pytest.raises(UserError, match=rf"^run {task}/{method.name}/seed{seed} is unfinished \(no ") as err:
+        collect_report(config, layout, started_at=0.0)
+    assert "\n" not in str(err.value) and "run the demo again to resume it" in str(err.value)
+    layout.save_run(task, method.name, seed, run={"wall_time_s": 3.0}, results=finished_results())
+    (run,) = collect_report(config, layout, started_at=0.0)["tasks"][task]["runs"]
+    assert (run["method"], run["seed"], run["layers"], run["wall_time_s"]) == (method.name, seed, 2, 3.0)
+
+
+def finished_results() -> dict:
+    return {"student_layers": 2, "eval": {"eval_accuracy": 0.5}, "flops": {}, "train_runtime_s": 1.0}
