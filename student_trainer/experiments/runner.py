@@ -108,6 +108,8 @@ def ensure_teacher(config: ExperimentConfig, layout: Layout, task: str, role: st
 def _ensure_teacher(
     config: ExperimentConfig, layout: Layout, task: str, role: str, out: Path, max_len: int
 ) -> dict[str, Any]:
+    from student_trainer.train.checkpoint import list_checkpoints  # transformers' Trainer: heavy
+
     spec = config.teachers[role]
     data = config.tasks[task]
     record_path = layout.teacher_record(task, role)
@@ -118,7 +120,7 @@ def _ensure_teacher(
     if not (out / "eval_results.json").exists():
         partial = out.with_name(out.name + ".partial")  # where a stopped fine-tuning left its state
         partial.mkdir(parents=True, exist_ok=True)
-        doing = "resuming" if any(partial.glob("checkpoint-*/trainer_state.json")) else "fine-tuning"
+        doing = "resuming" if list_checkpoints(partial) else "fine-tuning"
         print(f"[experiment] {doing} the {role} teacher for {task} ({spec.model}) ...", flush=True)
         flags = {
             "model_name_or_path": resolve_model(spec.model),
