@@ -9,7 +9,7 @@ import pytest
 
 from shared.errors import UserError
 from student_trainer.data.readers import load_task
-from student_trainer.experiments.config import parse_config
+from student_trainer.experiments.config import GENERATORS, parse_config
 from student_trainer.experiments.tasks import generate_data
 
 
@@ -78,20 +78,17 @@ def test_generate_writes_once_again_when_its_numbers_change_and_never_over_other
 
 
 def test_a_generation_cut_short_is_redone_not_taken_for_other_data(tmp_path: Path, monkeypatch) -> None:
-    import student_trainer.data.synthetic as synthetic
-
     folder = tmp_path / "synthetic"
     tasks = {"synthetic": {"data_dir": str(folder), "generate": {"num_train": 8, "num_dev": 4}}}
-    whole = synthetic.write_synthetic_task
 
     def killed_after_train_tsv(output_dir, **spec):
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         (Path(output_dir) / "train.tsv").write_text("sentence\tlabel\nhalf\t1\n")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(synthetic, "write_synthetic_task", killed_after_train_tsv)
-    with pytest.raises(KeyboardInterrupt):
-        generate_data(tasks)
-    monkeypatch.setattr(synthetic, "write_synthetic_task", whole)
+    with monkeypatch.context() as patch:
+        patch.setitem(GENERATORS, "synthetic", killed_after_train_tsv)
+        with pytest.raises(KeyboardInterrupt):
+            generate_data(tasks)
     generate_data(tasks)  # "holds other data" before: the tsv it wrote had no marker yet
     assert len(load_task("synthetic", folder, "train").examples) == 8

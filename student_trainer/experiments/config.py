@@ -18,7 +18,7 @@ more of vLLM's flags).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from typing import Any
 from shared.config_file import read_yaml_mapping
 from shared.errors import UserError
 from shared.prompting import LabelPrompt
+from student_trainer.data.synthetic import write_synthetic_task
 from student_trainer.data.tasks import get_task_spec
 from student_trainer.kd.config import LADDER_METHODS, TEACHER_NAME
 
@@ -35,8 +36,8 @@ PLOT_KINDS = ("ratio_curve", "kl_weight", "accuracy_vs_flops", "budget_vs_ratio"
 RUNNER_FLAGS = frozenset(
     {"output_dir", "teacher", "teacher_prompt", "task", "data_dir", "seed", "resume_from_checkpoint"}
 )
-# A task's ``generate``: the tasks whose data code writes, and the numbers it takes.
-GENERATED_TASKS = ("synthetic",)  # student_trainer/data/synthetic.py
+# A task's ``generate``: the tasks whose data code writes (the writer of each), and the numbers it takes.
+GENERATORS: dict[str, Callable[..., Path]] = {"synthetic": write_synthetic_task}
 GENERATE_KEYS = ("num_train", "num_dev", "seed")
 ENGINES = ("teacher-server", "vllm")
 VLLM_KEYS = frozenset({"engine", "max_model_len", "options"})
@@ -200,8 +201,8 @@ def with_data(tasks: dict[str, Any], entries: Sequence[str]) -> dict[str, Any]:
 def _check_generate(task: str, spec: Any) -> None:
     """A task's ``generate``: only a task that code writes, with positive sizes."""
     where = f"tasks.{task}.generate"
-    if task not in GENERATED_TASKS:
-        raise UserError(f"{where}: only {', '.join(GENERATED_TASKS)} is generated; {task} needs its data_dir")
+    if task not in GENERATORS:
+        raise UserError(f"{where}: only {', '.join(GENERATORS)} is generated; {task} needs its data_dir")
     if not isinstance(spec, dict) or set(spec) - set(GENERATE_KEYS):
         raise UserError(f"{where}: a mapping of {', '.join(GENERATE_KEYS)}, got {spec!r}")
     for key in ("num_train", "num_dev"):
