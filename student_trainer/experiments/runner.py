@@ -234,11 +234,12 @@ def _served_teacher(layout: Layout, record: Mapping[str, Any], config: Experimen
 
 @dataclass(frozen=True)
 class ServedTeachers:
-    """How the runs of a task reach its teachers: each role's ``--teacher`` spec, the prompt file
-    of each teacher the trainer asks a prompt itself (``openai+``), and the answer store they share."""
+    """How the runs of a task reach its teachers, made once their servers are up: each role's
+    ``--teacher`` spec, the prompt file of each teacher the trainer asks a prompt itself
+    (``openai+``), and the answer store they share."""
 
-    specs: dict[str, str] = field(default_factory=dict)
-    prompts: dict[str, Path] = field(default_factory=dict)
+    specs: Mapping[str, str] = field(default_factory=dict)
+    prompts: Mapping[str, Path] = field(default_factory=dict)
     store: Path | None = None
 
     def flags(self, roles: tuple[str, ...]) -> dict[str, Any]:
@@ -304,19 +305,19 @@ def vllm_service(
     from student_trainer.teachers.vllm_server import VllmServer, vllm_python
 
     python = vllm_python(python)
-    served = ServedTeachers(store=work / "teacher_answers.sqlite")
+    specs: dict[str, str] = {}
+    prompts = {role: work / f"prompt-{role}.yaml" for role in teachers}
     with ExitStack() as servers:
         for role, record in teachers.items():
-            served.prompts[role] = work / f"prompt-{role}.yaml"
-            served.prompts[role].write_text(yaml.safe_dump(record["prompted"]))
+            prompts[role].write_text(yaml.safe_dump(record["prompted"]))
             model = str(Path(resolve_model(record["model"])).resolve())
             max_len = int(config.server.get("max_model_len", record["max_seq_length"]))
             options = tuple(config.server.get("options", ()))
             server = VllmServer(python, model, role, max_model_len=max_len, options=options)
             print(f"[experiment] starting vLLM for the {role} teacher ({record['model']}) ...", flush=True)
             url = servers.enter_context(server.serve(work / f"vllm-{role}.log"))
-            served.specs[role] = f"openai+{url}/v1#{role}"
-        yield served
+            specs[role] = f"openai+{url}/v1#{role}"
+        yield ServedTeachers(specs, prompts, store=work / "teacher_answers.sqlite")
 
 
 def _service_counters(url: str) -> dict[str, Any]:
