@@ -22,6 +22,8 @@ import yaml
 
 from shared.errors import UserError
 from student_trainer.experiments.config import load_experiment, parse_config
+from student_trainer.experiments.layout import Layout
+from student_trainer.experiments.runner import task_service
 from tests.distill_support import REPO, save_student, write_sentences
 from tests.fake_vllm import fake_vllm_python
 from tests.test_experiment import descendants
@@ -82,6 +84,15 @@ def test_the_llm_teacher_grid_has_a_vllm_profile_beside_teacher_servers() -> Non
     assert (ours.profile, ours.engine, ours.server["batch_invariant"]) == ("cpu", "teacher-server", True)
     assert (vllm.engine, vllm.server) == ("vllm", {})
     assert (vllm.teachers, vllm.methods, vllm.distill) == (ours.teachers, ours.methods, ours.distill)
+
+
+def test_a_vllm_grid_run_without_vllms_python_is_one_line(tmp_path: Path) -> None:
+    config = parse_config(raw_config())
+    layout = Layout(tmp_path / "results", tmp_path / "work", tmp_path / "teachers")
+    teachers = {"large": {"model": "lm", "prompted": PROMPT}}
+    message = r"^vllm-grid is served by vLLM: run it with student-trainer experiment$"
+    with pytest.raises(UserError, match=message), task_service(config, layout, "sst2", teachers):
+        pass
 
 
 @pytest.fixture(scope="module")

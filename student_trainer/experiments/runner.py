@@ -260,13 +260,16 @@ def task_service(
     vllm_python: str | None = None,
 ) -> Iterator[ServedTeachers]:
     """The teachers' server(s) for all runs of a task: teacher-server (its cache answers what earlier
-    runs asked), or vLLM's (``vllm_python``: the python of its environment)."""
+    runs asked), or vLLM's (``vllm_python``: the python of its environment, as
+    :func:`~student_trainer.teachers.vllm_server.vllm_python` checked it)."""
     if not teachers:
         yield ServedTeachers()
         return
     work = layout.task_work_dir(task)
     work.mkdir(parents=True, exist_ok=True)
     if config.engine == "vllm":
+        if vllm_python is None:  # run_grid's caller (student-trainer experiment) checks the one given
+            raise UserError(f"{config.name} is served by vLLM: run it with student-trainer experiment")
         with vllm_service(config, work, teachers, vllm_python) as served:
             yield served
         return
@@ -298,13 +301,12 @@ def _record_service(layout: Layout, task: str, url: str) -> None:
 
 @contextmanager
 def vllm_service(
-    config: ExperimentConfig, work: Path, teachers: Mapping[str, dict[str, Any]], python: str | None
+    config: ExperimentConfig, work: Path, teachers: Mapping[str, dict[str, Any]], python: str
 ) -> Iterator[ServedTeachers]:
     """One vLLM OpenAI-compatible server per prompted teacher (its checkpoint, served under its role),
-    stopped when the block ends, however it ends."""
-    from student_trainer.teachers.vllm_server import VllmServer, vllm_python
+    stopped when the block ends, however it ends. ``python``: vLLM's, checked by the caller."""
+    from student_trainer.teachers.vllm_server import VllmServer
 
-    python = vllm_python(python)
     specs: dict[str, str] = {}
     prompts = {role: work / f"prompt-{role}.yaml" for role in teachers}
     with ExitStack() as servers:
@@ -394,7 +396,8 @@ def run_grid(
     """Every pending run of the grid (of shard ``i`` of ``n``: every n-th run from the i-th, so
     n processes side by side split it evenly), task by task; progress and ETA after each run.
     SIGINT/SIGTERM stop it after the run in flight has saved its state (:mod:`.signals`), and the
-    servers with it. ``vllm_python``: vLLM's python, for ``engine: vllm``."""
+    servers with it. ``vllm_python``: vLLM's python for ``engine: vllm``, checked before anything is
+    written (:func:`~student_trainer.teachers.vllm_server.vllm_python`)."""
     with signals.forwarding_signals():
         _run_grid(config, layout, keep_models=keep_models, shard=shard, vllm_python=vllm_python)
 
