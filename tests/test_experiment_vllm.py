@@ -23,7 +23,7 @@ import yaml
 from shared.errors import UserError
 from student_trainer.experiments.config import load_experiment, parse_config
 from student_trainer.experiments.layout import Layout
-from student_trainer.experiments.runner import task_service
+from student_trainer.experiments.runner import ServedTeachers, distill_flags, task_service
 from tests.distill_support import REPO, save_student, write_sentences
 from tests.fake_vllm import fake_vllm_python
 from tests.test_experiment import descendants
@@ -84,6 +84,29 @@ def test_the_llm_teacher_grid_has_a_vllm_profile_beside_teacher_servers() -> Non
     assert (ours.profile, ours.engine, ours.server["batch_invariant"]) == ("cpu", "teacher-server", True)
     assert (vllm.engine, vllm.server) == ("vllm", {})
     assert (vllm.teachers, vllm.methods, vllm.distill) == (ours.teachers, ours.methods, ours.distill)
+
+
+def test_a_methods_own_teacher_store_wins_over_the_shared_one(tmp_path: Path) -> None:
+    """The runner's shared answer store is a default: a method (or the shared flags) naming its own
+    ``teacher_store`` keeps it, given once."""
+    raw = raw_config()
+    raw["methods"] = [
+        {"name": "shared", "args": {}},
+        {"name": "fresh", "args": {"teacher_store": "none"}},
+        {"name": "alone", "args": {"no_kd": True}},
+    ]
+    config = parse_config(raw)
+    prompts, store = {"large": tmp_path / "p.yaml"}, tmp_path / "s"
+    served = ServedTeachers({"large": "openai+http://h/v1#large"}, prompts, store)
+    flags = {m.name: distill_flags(config, "sst2", m, 1, served, tmp_path / "out") for m in config.methods}
+    assert flags["shared"].count("--teacher_store") == 1 and str(store) in flags["shared"]
+    assert flags["fresh"].count("--teacher_store") == 1
+    assert flags["fresh"][flags["fresh"].index("--teacher_store") + 1] == "none"
+    assert "--teacher_store" not in flags["alone"] and "--teacher" not in flags["alone"]
+    assert flags["fresh"][flags["fresh"].index("--teacher") + 1] == "large=openai+http://h/v1#large"
+    everywhere = parse_config({**raw, "distill": {"teacher_store": "none"}})
+    (first, *_) = everywhere.methods
+    assert "none" in distill_flags(everywhere, "sst2", first, 1, served, tmp_path / "out")
 
 
 def test_a_vllm_grid_run_without_vllms_python_is_one_line(tmp_path: Path) -> None:

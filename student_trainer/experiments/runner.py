@@ -244,11 +244,14 @@ class ServedTeachers:
 
     def flags(self, roles: tuple[str, ...]) -> dict[str, Any]:
         """``distill``'s flags for the teachers ``roles``."""
-        flags: dict[str, Any] = {
+        return {
             "teacher": [f"{role}={self.specs[role]}" for role in roles],
             "teacher_prompt": [f"{role}={self.prompts[role]}" for role in roles if role in self.prompts],
         }
-        return {**flags, "teacher_store": str(self.store)} if self.store and roles else flags
+
+    def store_flag(self, roles: tuple[str, ...]) -> dict[str, Any]:
+        """The shared answer store, for a run that asks a teacher (a default: the config's own wins)."""
+        return {"teacher_store": str(self.store)} if self.store and roles else {}
 
 
 @contextmanager
@@ -346,11 +349,14 @@ def _service_counters(url: str) -> dict[str, Any]:
 def distill_flags(
     config: ExperimentConfig, task: str, method: Method, seed: int, served: ServedTeachers, output_dir: Path
 ) -> list[str]:
-    """The ``distill`` command line of one run: shared flags < the task's < the method's."""
+    """The ``distill`` command line of one run: the service's answer store < shared flags < the
+    task's < the method's; the teachers' own flags are the service's."""
+    roles = method.teacher_roles(tuple(config.teachers)) if served.specs else ()
     args: dict[str, Any] = {
         "model_name_or_path": resolve_model(config.student.model),
         "student_num_layers": config.student.num_layers,
         "task": task,
+        **served.store_flag(roles),
         **config.distill,
         **config.task_flags(task),
         **method.args,
@@ -360,7 +366,7 @@ def distill_flags(
         "disable_tqdm": True,
     }
     if served.specs:
-        args.update(served.flags(method.teacher_roles(tuple(config.teachers))))
+        args.update(served.flags(roles))
     return cli_flags(args)
 
 
