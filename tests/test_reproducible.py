@@ -36,7 +36,8 @@ PACKAGES = ("shared", "student_trainer", "teacher_engine", "teacher_server")
 
 def comparable(results: dict) -> dict:
     """``results.json`` without what legitimately changes between runs: wall times, paths, ports."""
-    kept = {k: v for k, v in results.items() if k not in ("train_runtime_s", "teacher_time_s", "args")}
+    timings = ("train_runtime_s", "train_samples_per_second", "teacher_time_s")
+    kept = {k: v for k, v in results.items() if k not in (*timings, "args")}
     kept["teachers"] = {role: {**t, "spec": None} for role, t in results["teachers"].items()}
     paths = ("output_dir", "data_dir", "teacher")
     kept["args"] = {k: v for k, v in results["args"].items() if k not in paths}
