@@ -145,7 +145,6 @@ class DynamicKDTrainer(GuardedTrainer):
         self.stop = StopOnSignal()
         self._window: list[dict[str, float]] = []  # what each batch since the last log said
         self.teacher_time_s = 0.0  # waiting for the teachers, over resumed runs too (in kd_state)
-        self.train_runtime_s = 0.0  # Trainer.train's wall time, likewise (restored from kd_state)
         set_seed(args.seed)  # the projections are drawn the same whatever ran before
         projections = teacher_projections(model, infos) if self.kd.uses_hidden_states else {}
         if data_collator is None and processing_class is not None:
