@@ -1,4 +1,4 @@
-"""One thread per teacher, or two: what a second OpenMP pool costs a forward pass.
+"""One OpenMP pool per process, or two: what a second pool costs a forward pass.
 
     python benchmarks/bench_teacher_thread.py [--rounds 3] [--threads 2] [--rows 8]
 
@@ -22,13 +22,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 from bench_server import ROOT, default_teacher, sentence_queries, write_report
 
-MODES = ("main", "one-thread", "two-threads")
+MODES = ("main", "one-thread", "two-threads", "copy-beside", "serial-copy-beside")
 
 
 def measure(mode: str, rows: int, threads: int) -> float:
     """Median ms per pass, in this process, laid out as ``mode`` says."""
     import torch  # imported here so that the parent process starts no OpenMP pool of its own
 
+    from shared.openmp import serial_thread
     from teacher_engine.engine import TeacherEngine
     from teacher_server.config import TeacherConfig
 
@@ -49,11 +50,18 @@ def measure(mode: str, rows: int, threads: int) -> float:
             times.append(time.perf_counter() - started)
         return 1000 * statistics.median(times[5:])
 
+    def copy() -> None:
+        if mode == "serial-copy-beside":
+            serial_thread()
+        torch.ones(4_000_000).mul(2)
+
     if mode == "main":
         return run(load())
     with ThreadPoolExecutor(1) as first, ThreadPoolExecutor(1) as second:
         engine = first.submit(load).result()
-        return (first if mode == "one-thread" else second).submit(run, engine).result()
+        if mode.endswith("copy-beside"):
+            second.submit(copy).result()
+        return (second if mode == "two-threads" else first).submit(run, engine).result()
 
 
 def main() -> int:
@@ -74,9 +82,9 @@ def main() -> int:
             child += ["--threads", str(args.threads)]
             out = subprocess.run(child, capture_output=True, text=True, check=True).stdout
             samples[mode].append(float(out.strip().splitlines()[-1]))
-            print(f"  round {number} {mode:<12} {samples[mode][-1]:6.1f} ms", flush=True)
+            print(f"  round {number} {mode:<18} {samples[mode][-1]:6.1f} ms", flush=True)
     for mode, values in samples.items():
-        print(f"{mode:<12} median {statistics.median(values):6.1f} ms per pass of {args.rows} rows")
+        print(f"{mode:<18} median {statistics.median(values):6.1f} ms per pass of {args.rows} rows")
     report = {
         "command": " ".join(["python benchmarks/bench_teacher_thread.py", *sys.argv[1:]]),
         "settings": vars(args),

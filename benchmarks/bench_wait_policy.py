@@ -46,12 +46,12 @@ def serve_passes(rows: list[int], threads: int) -> None:
     from bench_server import default_teacher, sentence_queries
 
     from teacher_engine.engine import TeacherEngine
-    from teacher_server.batcher import teacher_thread
+    from teacher_server.batcher import compute_thread
     from teacher_server.config import TeacherConfig
 
     teacher = default_teacher()
     queries = {r: sentence_queries(teacher, r, 12) for r in rows}
-    thread = teacher_thread("t")
+    thread = compute_thread("cpu")
     engine = thread.submit(TeacherEngine.from_config, TeacherConfig(name="t", path=teacher)).result()
     for count in rows:  # warm-up
         thread.submit(engine.run, queries[count][0]).result()

@@ -1,4 +1,5 @@
-"""OpenMP's wait policy, chosen by whoever puts busy processes on the same cores.
+"""OpenMP's wait policy, chosen by whoever puts busy processes on the same cores, and which
+threads of a process may start a team of workers.
 
 libgomp reads ``OMP_WAIT_POLICY`` once, when torch is imported. By default, while a process's
 threads fit the cores, an idle worker spins (up to 300k iterations) instead of sleeping. Alone on
@@ -18,10 +19,18 @@ experiment runner) for the server it starts beside itself, the CPU compose file 
 its trainer. A policy the user set is always kept, one this process chose for itself is not passed
 on to a server it starts (that server's launcher decides), and a server that finds its cores already
 busy at start says so (:func:`busy_cores_warning`).
+
+libgomp keeps a pool of workers per thread that starts a parallel region, and once a process holds
+more workers than cores it cuts every idle worker's spin to almost nothing: a second pool beside a
+teacher's (one large copy on the event loop is enough) made every later pass of MiniLM-L6 1.3x
+slower at 2 threads, for good. So a server runs each device's passes on one thread and calls
+:func:`serial_thread` on every other thread that touches tensors.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 from collections.abc import Mapping
 
@@ -62,3 +71,26 @@ def busy_cores_warning(environ: Mapping[str, str], load: float, cores: int) -> s
         f"the load average is {load:.1f} on {cores} cores and OpenMP's idle workers spin: beside busy "
         f"work a pass can take many times longer; set {POLICY}={PASSIVE} to make them sleep"
     )
+
+
+def serial_thread() -> None:
+    """Make torch's CPU operators run on the calling thread alone, so it never starts a pool of
+    OpenMP workers of its own; other threads keep their count. Where no OpenMP runtime is loaded
+    (another platform, a torch built without it) there is no pool to avoid and nothing is done."""
+    import torch
+
+    runtime = _openmp_runtime()
+    if runtime is not None:
+        torch.get_num_threads()  # torch sets each thread's count on its first use: before, not after
+        runtime.omp_set_num_threads(1)  # this thread's own setting (OpenMP's per-thread nthreads)
+
+
+@functools.cache
+def _openmp_runtime() -> ctypes.CDLL | None:
+    """The OpenMP runtime torch loaded (found in this process's memory map, Linux)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/libgomp" in line or "/libiomp" in line}
+    except OSError:
+        return None
+    return ctypes.CDLL(min(paths)) if paths else None

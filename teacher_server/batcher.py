@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from shared.openmp import serial_thread
 from shared.teacher_api import TeacherAnswer, TeacherQuery, Timings
 from teacher_engine.engine import OutputSpec, QueryError, TeacherEngine, padded_cost, realigned, right_aligned
 from teacher_server.cache import OutputCache, RowOutputs, row_key
@@ -99,11 +100,13 @@ class _Request:
         return [i for i, out in enumerate(self.outputs) if out is None]
 
 
-def teacher_thread(name: str) -> ThreadPoolExecutor:
-    """The one thread that loads, warms up and runs a teacher. OpenMP keeps a pool of workers per
-    calling thread: a teacher loaded on one thread and run on another leaves two pools on the same
-    cores, and its passes run slower (benchmarks/bench_teacher_thread.py)."""
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"teacher-{name}")
+def compute_thread(device: str) -> ThreadPoolExecutor:
+    """The one thread that loads, warms up and runs every teacher on ``device``. OpenMP keeps a
+    pool of workers per calling thread, and a second pool on the same cores slows every pass: a
+    teacher loaded on one thread and run on another (``benchmarks/bench_teacher_thread.py``), or two
+    teachers on two threads (1.4x slower passes at 2 threads, :mod:`shared.openmp`). Passes on
+    one device's cores run one at a time anyway."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"compute-{device}")
 
 
 @dataclass(frozen=True)
@@ -175,12 +178,15 @@ class DynamicBatcher:
         self._active: list[_Request] = []  # some rows computed or being computed
         self._wakeup = asyncio.Event()
         self._closing = False
-        # forward passes, one at a time; pass the thread that loaded the engine (teacher_thread):
-        # one OpenMP pool per teacher instead of two
-        self._executor = executor or teacher_thread(self.name)
+        # forward passes, one at a time, on the thread that loaded the engine (compute_thread):
+        # the service's, shared by the device's teachers, or one of this batcher's own
+        self._owns_executor = executor is None
+        self._executor = executor or compute_thread(config.device)
         # tokenizing requests: one at a time (a fast tokenizer must not be called from two threads
         # at once), beside the forward passes, not behind them; large ones off the event loop
-        self._preprocessor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tokenize-{self.name}")
+        self._preprocessor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"tokenize-{self.name}", initializer=serial_thread
+        )
         self._tokenizer_lock = threading.Lock()
         self._task: asyncio.Task[None] | None = None
         self._seconds_per_row = 0.05  # refined after every pass; only used for Retry-After
@@ -253,7 +259,8 @@ class DynamicBatcher:
                 )
         self._active = []
         self._queue.clear()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._owns_executor:
+            self._executor.shutdown(wait=False, cancel_futures=True)
         self._preprocessor.shutdown(wait=False, cancel_futures=True)
 
     # -- admission ------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """The service behind the routes: load, ready and close of every teacher's engine and batcher
 (Triton's python-backend shape: it knows nothing about HTTP).
 
-Teachers load and warm up in threads after start-up, so ``/v2/health/live`` answers at once and
-``ready`` turns true only when every teacher can serve.
+Teachers load and warm up after start-up, so ``/v2/health/live`` answers at once and ``ready``
+turns true only when every teacher can serve. Each device's teachers load and run on one thread of
+their own; every other thread of the service (the event loop, its worker threads, the tokenizers)
+runs torch's operators serially, so that the process holds one pool of OpenMP workers per device.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from shared.openmp import POLICY
+from shared.openmp import POLICY, serial_thread
 from shared.teacher_api import TeacherQuery
 from teacher_engine.engine import TeacherEngine
-from teacher_server.batcher import DynamicBatcher, teacher_thread
+from teacher_server.batcher import DynamicBatcher, compute_thread
 from teacher_server.cache import OutputCache
 from teacher_server.config import ServerConfig
 from teacher_server.metrics import ServiceMetrics
@@ -34,6 +37,7 @@ class TeacherService:
     on_load_failure: Callable[[str], None] | None = None
     metrics: ServiceMetrics = field(default_factory=ServiceMetrics)
     batchers: dict[str, DynamicBatcher] = field(default_factory=dict)
+    compute_threads: dict[str, ThreadPoolExecutor] = field(default_factory=dict)  # by device
     loaded: bool = False
     draining: bool = False  # set on SIGTERM: readiness and new work answer 503
     in_flight: int = 0  # HTTP requests being answered (teacher_server.drain counts them)
@@ -46,17 +50,21 @@ class TeacherService:
         return self.loaded and not self.draining
 
     async def load(self) -> None:
-        """Load and warm up every teacher (in threads); a failure is one log line, never ready."""
+        """Load and warm up every teacher (on its device's thread); a failure is one log line,
+        never ready. Called on the event loop, which it makes serial, with its worker threads."""
         loop = asyncio.get_running_loop()
+        serial_thread()
+        loop.set_default_executor(ThreadPoolExecutor(thread_name_prefix="io", initializer=serial_thread))
         for teacher in self.config.teachers:
             started = time.perf_counter()
-            thread = teacher_thread(teacher.name)  # loads, warms up and later runs this teacher
+            if teacher.device not in self.compute_threads:
+                self.compute_threads[teacher.device] = compute_thread(teacher.device)
+            thread = self.compute_threads[teacher.device]  # loads, warms up and later runs the teacher
             try:
                 engine = await loop.run_in_executor(thread, TeacherEngine.from_config, teacher)
                 if self.config.warmup:
                     await loop.run_in_executor(thread, _warm_up, engine)
             except Exception as err:
-                thread.shutdown(wait=False)
                 message = f"teacher {teacher.name!r} failed to load from {teacher.path}: {err}"
                 logger.error(" ".join(message.split()), extra={"event": "load_failed", "model": teacher.name})
                 if self.on_load_failure is not None:
@@ -86,6 +94,8 @@ class TeacherService:
         """Stop taking work and let each batcher finish what it queued."""
         self.draining = True
         await asyncio.gather(*(b.close(self.config.drain_timeout_s) for b in self.batchers.values()))
+        for thread in self.compute_threads.values():
+            thread.shutdown(wait=False, cancel_futures=True)
         logger.info("drained", extra={"event": "drained"})
 
 

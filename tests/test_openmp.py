@@ -109,3 +109,35 @@ def test_a_server_that_would_spin_on_busy_cores_says_how_to_stop_it() -> None:
     assert warning is not None and "3.5 on 2 cores" in warning and "OMP_WAIT_POLICY=PASSIVE" in warning
     assert busy_cores_warning({}, load=0.4, cores=2) is None  # room on the cores
     assert busy_cores_warning({"OMP_WAIT_POLICY": "ACTIVE"}, load=3.5, cores=2) is None  # chosen
+
+
+SERIAL_PROBE = """
+import os, threading, torch
+from shared.openmp import serial_thread
+torch.set_num_threads(2)
+big = torch.randn(1000, 1000)
+
+def workers_started(serial):
+    def work():
+        if serial:
+            serial_thread()
+        before = len(os.listdir("/proc/self/task"))
+        (big * 2 + 1).sum()  # large enough for torch to start a team of OpenMP workers
+        print(len(os.listdir("/proc/self/task")) - before, torch.get_num_threads())
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+
+workers_started(serial=True)
+workers_started(serial=False)
+print(torch.get_num_threads())
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc (Linux)")
+def test_a_serial_thread_starts_no_openmp_workers_and_leaves_other_threads_their_count() -> None:
+    done = subprocess.run([sys.executable, "-c", SERIAL_PROBE], capture_output=True, text=True, check=True)
+    serial, plain, main = done.stdout.splitlines()
+    assert serial == "0 1"  # no new thread, one thread of its own
+    assert plain == "1 2"  # the same work on a thread left alone starts a worker
+    assert main == "2"

@@ -561,9 +561,10 @@ def test_without_dynamic_batching_each_request_runs_alone_as_sent(engine):
         assert answer.padded_tokens == q.input_ids.numel()
 
 
-def test_a_teacher_is_loaded_warmed_up_and_run_on_one_thread(tiny_teachers, monkeypatch):
-    """OpenMP keeps a worker pool per calling thread: loading on one thread and running on another
-    left two pools on the same cores (slower passes, benchmarks/bench_teacher_thread.py)."""
+def test_the_teachers_of_a_device_are_loaded_warmed_up_and_run_on_one_thread(tiny_teachers, monkeypatch):
+    """OpenMP keeps a worker pool per calling thread: a teacher loaded on one thread and run on
+    another, or two teachers on two threads, left two pools on the same cores (slower passes,
+    benchmarks/bench_teacher_thread.py)."""
     threads: dict[str, set[int]] = {"load": set(), "run": set()}
     from_config, compute = TeacherEngine.from_config.__func__, TeacherEngine.compute
 
@@ -577,12 +578,42 @@ def test_a_teacher_is_loaded_warmed_up_and_run_on_one_thread(tiny_teachers, monk
 
     monkeypatch.setattr(TeacherEngine, "from_config", classmethod(loading))
     monkeypatch.setattr(TeacherEngine, "compute", running)
-    service = TeacherService(ServerConfig(teachers=[{"name": "small", "path": str(tiny_teachers["small"])}]))
+    teachers = [{"name": name, "path": str(path)} for name, path in tiny_teachers.items()]
+    service = TeacherService(ServerConfig(teachers=teachers))
 
     async def scenario():
         await service.load()
-        await service.batchers["small"].infer(query(service.batchers["small"].engine, SENTENCES[:2]))
+        for batcher in service.batchers.values():
+            await batcher.infer(query(batcher.engine, SENTENCES[:2]))
         await service.close()
 
     asyncio.run(scenario())
+    assert len(service.batchers) == 2
     assert len(threads["load"]) == 1 and threads["run"] == threads["load"]  # warm-up and passes included
+
+
+def test_only_the_compute_thread_starts_openmp_workers(tiny_teachers):
+    """Every other thread of the service runs torch's operators serially (shared.openmp): a second
+    pool of workers in the process made every later pass slower. Run on a thread of its own, since
+    the event loop's setting stays with its thread."""
+    service = TeacherService(ServerConfig(teachers=[{"name": "small", "path": str(tiny_teachers["small"])}]))
+    seen: dict[str, int] = {}
+
+    async def scenario():
+        await service.load()
+        compute = service.compute_threads["cpu"]
+        seen["event loop"] = torch.get_num_threads()
+        seen["worker"] = await asyncio.to_thread(torch.get_num_threads)
+        seen["tokenizer"] = await service.batchers["small"].preprocess(torch.get_num_threads)
+        seen["compute"] = await asyncio.get_running_loop().run_in_executor(compute, torch.get_num_threads)
+        await service.close()
+
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runner = threading.Thread(target=asyncio.run, args=(scenario(),))
+        runner.start()
+        runner.join()
+    finally:
+        torch.set_num_threads(threads_before)
+    assert seen == {"event loop": 1, "worker": 1, "tokenizer": 1, "compute": 2}
