@@ -493,14 +493,13 @@ class TeacherEngine:
         family, model = self.family, self.model
         wanted = spec.wanted()
         embedded = family.embed(model, ids, types, mask)
-        packing = Packing.of(mask)
-        bias = family.packed_bias(model, embedded, mask)
+        packing = Packing.of(mask).under(family.packed_bias(model, embedded, mask))
         hidden = family.project(model, packing.pack(embedded))
         states = {0: packing.unpack(hidden)} if 0 in wanted else {}
         layers = family.layers(model)
         for index, layer in enumerate(layers[:depth]):
             alone = first_token_last and index + 1 == depth
-            hidden = packed_layer(family.parts(layer), hidden, packing, bias, first_tokens_only=alone)
+            hidden = packed_layer(family.parts(layer), hidden, packing, first_tokens_only=alone)
             if index + 1 == len(layers):
                 hidden = family.last(model, hidden)
             if index + 1 in wanted:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -55,16 +55,23 @@ class LayerParts:
 class Group:
     """Rows of like length that attention runs together, padded to the longest of them: ``rows``
     (in the batch), ``tokens`` (their slice of the packed order) and ``index``, where those tokens
-    sit in the group's flattened ``[rows × length]``."""
+    sit in the group's flattened ``[rows × length]``; ``bias``, their attention bias, once a pass
+    has one (:meth:`Packing.under`)."""
 
     rows: Tensor
     tokens: slice
     index: Tensor
     length: int
+    bias: Tensor | None = None
+    buffers: dict[str, Tensor] = field(default_factory=dict, compare=False, repr=False)
 
-    def unpack(self, packed: Tensor) -> Tensor:
-        """The group's ``[tokens, width]`` → ``[rows, length, width]``, zeros at padding."""
-        flat = packed.new_zeros(len(self.rows) * self.length, packed.shape[-1])
+    def unpack(self, packed: Tensor, slot: str) -> Tensor:
+        """The group's ``[tokens, width]`` → ``[rows, length, width]``, zeros at padding, in the
+        pass's buffer ``slot``: each layer writes the same real positions, so its zeros stay and
+        a layer allocates and clears nothing."""
+        flat = self.buffers.get(slot)
+        if flat is None or flat.shape[-1] != packed.shape[-1] or flat.dtype != packed.dtype:
+            flat = self.buffers[slot] = packed.new_zeros(len(self.rows) * self.length, packed.shape[-1])
         return flat.index_copy_(0, self.index, packed).view(len(self.rows), self.length, -1)
 
 
@@ -105,6 +112,12 @@ class Packing:
         flat = packed.new_zeros(self.batch * self.length, packed.shape[-1])
         return flat.index_copy_(0, self.index, packed).view(self.batch, self.length, -1)
 
+    def under(self, bias: Tensor) -> Packing:
+        """This packing with each group's slice of the pass's attention ``bias`` (``[batch, 1 or
+        heads, 1 or length, length]``), cut once for every layer."""
+        cut = (bias.index_select(0, g.rows)[..., : g.length, : g.length] for g in self.groups)
+        return replace(self, groups=tuple(replace(g, bias=b) for g, b in zip(self.groups, cut, strict=True)))
+
     def first_tokens(self, packed: Tensor) -> Tensor:
         """Each row's first token ([CLS]) as ``[batch, 1, width]``: what every packed head reads."""
         return packed.index_select(0, self.starts).unsqueeze(1)
@@ -141,9 +154,10 @@ def linear(layer: nn.Linear, x: Tensor) -> Tensor:
 
 
 def packed_layer(
-    parts: LayerParts, hidden: Tensor, packing: Packing, bias: Tensor, *, first_tokens_only: bool = False
+    parts: LayerParts, hidden: Tensor, packing: Packing, *, first_tokens_only: bool = False
 ) -> Tensor:
-    """One layer on packed ``[tokens, hidden]``; attention padded per group of rows under ``bias``.
+    """One layer on packed ``[tokens, hidden]``; attention padded per group of rows under each
+    group's bias (:meth:`Packing.under`).
 
     ``first_tokens_only``: only each row's first token comes out, as ``[batch, hidden]``: all that
     a classification head or a [CLS] state reads of the last layer run. Keys and values still see
@@ -154,9 +168,8 @@ def packed_layer(
     if first_tokens_only:
         hidden = hidden.index_select(0, packing.starts)
     queries = linear(parts.query, hidden)
-    groups = packing.groups
     context = torch.cat(
-        [attend(queries, keys, values, group, bias, parts.heads, first_tokens_only) for group in groups]
+        [attend(queries, keys, values, group, parts.heads, first_tokens_only) for group in packing.groups]
     )
     if first_tokens_only:  # the rows, longest first, back in the batch's order
         context = torch.empty_like(context).index_copy_(0, packing.order, context)
@@ -166,18 +179,19 @@ def packed_layer(
 
 
 def attend(
-    queries: Tensor, keys: Tensor, values: Tensor, group: Group, bias: Tensor, heads: int, first: bool = False
+    queries: Tensor, keys: Tensor, values: Tensor, group: Group, heads: int, first: bool = False
 ) -> Tensor:
     """One group's attention, its context packed: ``keys`` and ``values`` packed ``[tokens, hidden]``;
     ``queries`` packed too, or with ``first`` one a row of the batch, for the rows' first tokens."""
-    rows, length = len(group.rows), group.length
+    rows = len(group.rows)
 
     def per_row(packed: Tensor) -> Tensor:  # [rows, heads, length, head size]
         return packed.view(rows, -1, heads, packed.shape[-1] // heads).transpose(1, 2)
 
-    bias = bias.index_select(0, group.rows)[..., : 1 if first else length, :length]
-    k, v = per_row(group.unpack(keys[group.tokens])), per_row(group.unpack(values[group.tokens]))
-    q = per_row(queries.index_select(0, group.rows) if first else group.unpack(queries[group.tokens]))
+    assert group.bias is not None, "a packing under its pass's bias (Packing.under)"
+    bias = group.bias[..., :1, :] if first else group.bias
+    k, v = per_row(group.unpack(keys[group.tokens], "k")), per_row(group.unpack(values[group.tokens], "v"))
+    q = per_row(queries.index_select(0, group.rows) if first else group.unpack(queries[group.tokens], "q"))
     context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     context = context.transpose(1, 2).reshape(rows * q.shape[2], -1)
     return context if first else context.index_select(0, group.index)
