@@ -372,10 +372,10 @@ class TeacherEngine:
 
         Columns that are padding in every row are not run (they cost FLOPs and change nothing);
         a batch runs packed where the family allows (the per-token matrices on real tokens only,
-        so ``padded_tokens`` counts those). One without padding runs packed too, for the packed
-        layer's matrix kernels (:func:`~teacher_engine.packing.linear`: 1.4x on one row, 1.6x on
-        8 equal rows of MiniLM-L6, one CPU thread), but all of its last layer, as the model's own
-        pass does, so the FLOPs it bills stay those of that pass;
+        so ``padded_tokens`` counts those), one without padding too, for the packed layer's matrix
+        kernels (:func:`~teacher_engine.packing.linear`: 1.4x on one row, 1.6x on 8 equal rows of
+        MiniLM-L6, one CPU thread); of the last layer run, only the first token where nothing else
+        of it is read, whatever the rows beside, so a row's FLOPs do not depend on them;
         ``hidden_states`` is padded back to the query's length with zeros.
         """
         if self.batch_invariant and query.input_ids.shape[0] > 1:
@@ -390,7 +390,7 @@ class TeacherEngine:
         types = None if given is None else self._to_device(given)
         lengths = mask_cpu.sum(dim=1)
         batch, length = ids.shape
-        first_token_last = self.packs and bool((lengths < length).any()) and spec.first_token_only(depth)
+        first_token_last = self.packs and spec.first_token_only(depth)
         with torch.inference_mode():
             if self.packs:
                 states, logits = self._forward_packed(ids, mask, types, spec, depth, first_token_last)

@@ -258,6 +258,9 @@ def test_batch_invariant_rows_do_not_depend_on_their_neighbours(tiny_teachers, t
         assert torch.equal(together.hidden_states[i, :, :length], alone.hidden_states[0])
         assert not together.hidden_states[i, :, length:].any()  # padding stays exact zeros
     assert together.padded_tokens == together.tokens == sum(lengths)
-    assert together.teacher_flops == encoder_forward_flops(engine.config, lengths, engine.info.num_layers)
+    layers = engine.info.num_layers  # each row runs alone: only its [CLS] in the last layer, packed
+    assert together.teacher_flops == encoder_forward_flops(
+        engine.config, lengths, layers, first_token_last=engine.packs
+    )
     reference_logits, _ = reference(engine, ids, mask, types)
     torch.testing.assert_close(together.logits, reference_logits, atol=1e-5, rtol=0)
