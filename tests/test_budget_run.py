@@ -74,7 +74,8 @@ def test_a_ladder_of_three_against_the_service_spends_within_the_budget(
         rows = after[("teacher_batch_size_sum", name)] - before[("teacher_batch_size_sum", name)]
         computed = after[("teacher_flops_total", name)] - before[("teacher_flops_total", name)]
         assert rows == flops[f"teacher_rows_{name}"] > 0
-        assert computed == flops[f"teacher_flops_{name}"] == flops[f"requested_flops_{name}"]
+        # requested: the whole teacher; the service runs only [CLS] through the last layer
+        assert computed == flops[f"teacher_flops_{name}"] < flops[f"requested_flops_{name}"]
     whole = math.floor(Fraction(budget.rstrip("%")) / 100 * flops["teacher_flops_vanilla_unpadded"])
     assert flops["teacher_budget_flops"] == whole
     assert flops["teacher_flops_requested"] == flops["teacher_budget_spent_flops"] <= whole
