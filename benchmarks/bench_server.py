@@ -217,12 +217,16 @@ async def empty_round_trip_ms(url: str, count: int = 400) -> float:
     """ms of one ``GET /v2/health/live`` through the same server and client, the connection kept
     alive: what a request costs a service with nothing else to do (the floor at 1 client)."""
     async with aiohttp.ClientSession(trust_env=False) as client:
-        for number in range(count + 20):  # the first 20 open the connection; not timed
-            if number == 20:
-                started = time.perf_counter()
-            async with client.get(f"{url}/v2/health/live") as response:
-                await response.read()
-    return 1000 * (time.perf_counter() - started) / count
+
+        async def probe(times: int) -> float:
+            started = time.perf_counter()
+            for _ in range(times):
+                async with client.get(f"{url}/v2/health/live") as response:
+                    await response.read()
+            return time.perf_counter() - started
+
+        await probe(20)  # opens the connection; not timed
+        return 1000 * await probe(count) / count
 
 
 # --- the in-process baseline -------------------------------------------------------------------

@@ -493,7 +493,7 @@ class TeacherEngine:
         family, model = self.family, self.model
         wanted = spec.wanted()
         embedded = family.embed(model, ids, types, mask)
-        packing = Packing.of(mask).under(family.packed_bias(model, embedded, mask))
+        packing = Packing.of(mask, family.packed_bias(model, embedded, mask))
         hidden = family.project(model, packing.pack(embedded))
         states = {0: packing.unpack(hidden)} if 0 in wanted else {}
         layers = family.layers(model)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -55,21 +55,21 @@ class LayerParts:
 class Group:
     """Rows of like length that attention runs together, padded to the longest of them: ``rows``
     (in the batch), ``tokens`` (their slice of the packed order), ``index``, where those tokens sit
-    in the group's flattened ``[rows × length]``, and ``gather``, the token each position of it
-    reads; ``bias``, their attention bias, once a pass has one (:meth:`Packing.under`)."""
+    in the group's flattened ``[rows × length]``, ``gather``, the token each position of it reads,
+    and ``bias``, their slice of the pass's attention bias, cut once for every layer."""
 
     rows: Tensor
     tokens: slice
     index: Tensor
     gather: Tensor
     length: int
-    bias: Tensor | None = None
+    bias: Tensor
 
     def unpack(self, packed: Tensor) -> Tensor:
         """The group's ``[tokens, width]`` → ``[rows, length, width]``. A padded position holds its
         row's first token, not zeros: the bias gives those keys no weight and their queries'
-        context is dropped, and a gather costs a pass far less than scattering into zeros
-        (``index_copy_`` was 15 % of a pass of 64 rows at 2 threads)."""
+        context is dropped, so a gather does (a scatter into zeros and the zero fill were 18 % of
+        a pass of 64 rows at 2 threads)."""
         return packed.index_select(0, self.gather).view(len(self.rows), self.length, -1)
 
 
@@ -91,7 +91,9 @@ class Packing:
     groups: tuple[Group, ...]
 
     @classmethod
-    def of(cls, mask: Tensor) -> Packing:
+    def of(cls, mask: Tensor, bias: Tensor) -> Packing:
+        """The packing of ``mask``'s batch, its groups under the pass's attention ``bias``
+        (``[batch, 1 or heads, 1 or length, length]``)."""
         batch, length = mask.shape
         lengths = mask.sum(dim=1)
         order = torch.argsort(lengths, descending=True, stable=True)
@@ -99,7 +101,7 @@ class Packing:
         index = order[rows] * length + columns
         ends = torch.cumsum(lengths[order], dim=0)
         starts = torch.empty_like(ends).index_copy_(0, order, ends - lengths[order])
-        return cls(index, starts, batch, length, order, tuple(groups(mask, order, lengths[order].tolist())))
+        return cls(index, starts, batch, length, order, groups(mask, bias, order, lengths[order].tolist()))
 
     def pack(self, padded: Tensor) -> Tensor:
         """``[batch, length, width]`` → ``[tokens, width]``."""
@@ -110,20 +112,15 @@ class Packing:
         flat = packed.new_zeros(self.batch * self.length, packed.shape[-1])
         return flat.index_copy_(0, self.index, packed).view(self.batch, self.length, -1)
 
-    def under(self, bias: Tensor) -> Packing:
-        """This packing with each group's slice of the pass's attention ``bias`` (``[batch, 1 or
-        heads, 1 or length, length]``), cut once for every layer."""
-        cut = (bias.index_select(0, g.rows)[..., : g.length, : g.length] for g in self.groups)
-        return replace(self, groups=tuple(replace(g, bias=b) for g, b in zip(self.groups, cut, strict=True)))
-
     def first_tokens(self, packed: Tensor) -> Tensor:
         """Each row's first token ([CLS]) as ``[batch, 1, width]``: what every packed head reads."""
         return packed.index_select(0, self.starts).unsqueeze(1)
 
 
-def groups(mask: Tensor, order: Tensor, lengths: list[int]) -> list[Group]:
+def groups(mask: Tensor, bias: Tensor, order: Tensor, lengths: list[int]) -> tuple[Group, ...]:
     """Rows (``order``, longest first, of ``lengths``) cut where a row's attention, padded to its
-    group's longest, would cost over twice its own: a cut costs a few kernel calls a layer."""
+    group's longest, would cost over twice its own (a cut costs a few kernel calls a layer), each
+    group with its rows' slice of ``bias``."""
     found, first, token = [], 0, 0
     for row in range(len(lengths) + 1):
         if row == len(lengths) or 2 * lengths[row] ** 2 < lengths[first] ** 2:
@@ -132,9 +129,11 @@ def groups(mask: Tensor, order: Tensor, lengths: list[int]) -> list[Group]:
             sizes = torch.tensor(lengths[first:row], device=mask.device)
             gather = (torch.cumsum(sizes, dim=0) - sizes).repeat_interleave(longest)  # rows' first tokens
             gather[index] = torch.arange(count, device=mask.device)
-            found.append(Group(order[first:row], slice(token, token + count), index, gather, longest))
+            rows = order[first:row]
+            cut = bias.index_select(0, rows)[..., :longest, :longest]
+            found.append(Group(rows, slice(token, token + count), index, gather, longest, cut))
             first, token = row, token + count
-    return found
+    return tuple(found)
 
 
 def attention_bias(mask: Tensor, dtype: torch.dtype, position_bias: Tensor | None = None) -> Tensor:
@@ -158,7 +157,7 @@ def packed_layer(
     parts: LayerParts, hidden: Tensor, packing: Packing, *, first_tokens_only: bool = False
 ) -> Tensor:
     """One layer on packed ``[tokens, hidden]``; attention padded per group of rows under each
-    group's bias (:meth:`Packing.under`).
+    group's bias.
 
     ``first_tokens_only``: only each row's first token comes out, as ``[batch, hidden]``: all that
     a classification head or a [CLS] state reads of the last layer run. Keys and values still see
@@ -189,7 +188,6 @@ def attend(
     def per_row(packed: Tensor) -> Tensor:  # [rows, heads, length, head size]
         return packed.view(rows, -1, heads, packed.shape[-1] // heads).transpose(1, 2)
 
-    assert group.bias is not None, "a packing under its pass's bias (Packing.under)"
     bias = group.bias[..., :1, :] if first else group.bias
     k, v = per_row(group.unpack(keys[group.tokens])), per_row(group.unpack(values[group.tokens]))
     q = per_row(queries.index_select(0, group.rows) if first else group.unpack(queries[group.tokens]))
