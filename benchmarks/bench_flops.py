@@ -36,18 +36,19 @@ from bench_server import ROOT, SHAPES, default_teacher, random_teacher, write_re
 
 from shared.flops import FlopsShape, encoder_forward_flops, layer_forward_flops
 from teacher_engine.engine import TeacherEngine
-from teacher_engine.packing import linear
+from teacher_engine.packing import Product, linear
 from teacher_server.config import TeacherConfig
 
 
 def gemm_flops_per_s(size: int, repeats: int) -> float:
     """The best FLOP/s of a product of two ``size``-square fp32 matrices over ``repeats`` runs, by
-    ``torch.mm`` (MKL) or by the packed pass's own kernel (:func:`teacher_engine.packing.linear`,
-    oneDNN), whichever is faster here."""
+    ``torch.mm`` (MKL) or by the packed pass's own kernel (oneDNN: :func:`teacher_engine.packing.linear`,
+    or its weight prepared, :class:`~teacher_engine.packing.Product`), whichever is fastest here."""
     a, layer = torch.randn(size, size), torch.nn.Linear(size, size, bias=False)
+    prepared = Product.of(layer)
     best = float("inf")
     with torch.inference_mode():
-        for product in (lambda: torch.mm(a, layer.weight), lambda: linear(layer, a)):
+        for product in (lambda: torch.mm(a, layer.weight), lambda: linear(layer, a), lambda: prepared(a)):
             product()  # warm-up: the library's threads and buffers
             for _ in range(repeats):
                 started = time.perf_counter()
@@ -57,23 +58,24 @@ def gemm_flops_per_s(size: int, repeats: int) -> float:
 
 
 def layer_gemms_flops_per_s(shape: FlopsShape, tokens: int, repeats: int) -> float:
-    """The best FLOP/s of one layer's matrix products (Q, K, V, output; the feed-forward's in and
-    out) on ``tokens`` packed rows, over ``repeats`` runs of ten, by the pass's own kernel."""
+    """The best FLOP/s of one layer's matrix products (Q, K and V as one; output; the feed-forward's
+    in and out) on ``tokens`` packed rows, over ``repeats`` runs of ten, as the pass prepares them."""
     hidden, inner = shape.hidden_size, shape.intermediate_size
     narrow, wide = torch.randn(tokens, hidden), torch.randn(tokens, inner)
-    products = [(narrow, torch.nn.Linear(hidden, hidden, bias=False)) for _ in range(4)]
-    products += [(narrow, torch.nn.Linear(hidden, inner, bias=False))]
-    products += [(wide, torch.nn.Linear(inner, hidden, bias=False))]
+    square = [torch.nn.Linear(hidden, hidden, bias=False) for _ in range(4)]
+    products = [(narrow, Product.of(*square[:3])), (narrow, Product.of(square[3]))]
+    products += [(narrow, Product.of(torch.nn.Linear(hidden, inner, bias=False)))]
+    products += [(wide, Product.of(torch.nn.Linear(inner, hidden, bias=False)))]
     flops = layer_forward_flops(hidden, inner, tokens, attention_len=0)  # 0: the products alone
     best = float("inf")
     with torch.inference_mode():
-        for x, layer in products:  # warm-up, untimed: the kernels at these shapes
-            linear(layer, x)
+        for x, product in products:  # warm-up, untimed: the kernels at these shapes
+            product(x)
         for _ in range(repeats):
             started = time.perf_counter()
             for _ in range(10):
-                for x, layer in products:
-                    linear(layer, x)
+                for x, product in products:
+                    product(x)
             best = min(best, (time.perf_counter() - started) / 10)
     return flops / best
 

@@ -35,7 +35,7 @@ from shared.prompting import LabelPrompt
 from shared.teacher_api import TeacherAnswer, TeacherInfo, TeacherQuery
 from shared.vocabulary import tokenizer_parameters
 from teacher_engine.families import family_of
-from teacher_engine.packing import Packing, packed_layer
+from teacher_engine.packing import LayerProducts, Packing, packed_layer
 from teacher_engine.prompting import LabelWordHead, label_token_ids, rendered
 from teacher_server.config import TeacherConfig
 from teacher_server.errors import Unprocessable
@@ -174,6 +174,8 @@ class TeacherEngine:
         self.config = config
         self.type_vocab_size = self.family.type_vocab_size(config)
         self.packs = self.family.packs
+        layers = self.family.layers(model) if self.packs else ()  # their products, prepared once
+        self.packed_layers = tuple(LayerProducts.of(self.family.parts(layer)) for layer in layers)
         self.flops_shape = FlopsShape.of(config)
         labels = tuple(str(config.id2label.get(i, f"LABEL_{i}")) for i in range(config.num_labels))
         self.label_head: LabelWordHead | None = None
@@ -496,11 +498,10 @@ class TeacherEngine:
         packing = Packing.of(mask, family.packed_bias(model, embedded, mask))
         hidden = family.project(model, packing.pack(embedded))
         states = {0: packing.unpack(hidden)} if 0 in wanted else {}
-        layers = family.layers(model)
-        for index, layer in enumerate(layers[:depth]):
+        for index, layer in enumerate(self.packed_layers[:depth]):
             alone = first_token_last and index + 1 == depth
-            hidden = packed_layer(family.parts(layer), hidden, packing, first_tokens_only=alone)
-            if index + 1 == len(layers):
+            hidden = packed_layer(layer, hidden, packing, first_tokens_only=alone)
+            if index + 1 == len(self.packed_layers):
                 hidden = family.last(model, hidden)
             if index + 1 in wanted:
                 states[index + 1] = hidden.unsqueeze(1) if alone else packing.unpack(hidden)
