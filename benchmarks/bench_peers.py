@@ -59,11 +59,10 @@ import torch
 from bench_server import ROWS_PER_REQUEST, SST2, default_teacher, write_report
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from shared.children import stop_group
 from shared.errors import UserError
 from shared.openmp import inherited_env
 from student_trainer.teachers.vllm_server import VLLM_PYTHON_ENV, VllmServer, cpu_env
-from teacher_server.launch import free_port, port_is_free, serve_in_subprocess, wait_until_ready
+from teacher_server.launch import free_port, port_is_free, running, serve_in_subprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 PEER_SCRIPTS = Path(__file__).resolve().parent / "peers"
@@ -304,6 +303,7 @@ def served_peer(
     """``peer``'s server in its own process group, yielded once its model reports ready; its
     command line and the environment it was given go into ``launched``."""
     port = free_ports(peer.ports)
+    url = f"http://127.0.0.1:{port}"
     if args.device != "cpu" and peer.script is not None:
         raise Unavailable(f"serves on the CPU only (--device {args.device})")
     if peer.api is VLLM:
@@ -312,34 +312,15 @@ def served_peer(
         serving = vllm.serve(log, port=port, ready_timeout_s=args.ready_timeout)
     else:
         command, env = peer_command(peer, python, args, threads, port), peer_env(peer, threads, args.device)
-        serving = script_server(peer, command, env, f"http://127.0.0.1:{port}", log, args.ready_timeout)
+        serving = running(command, {**os.environ, **env}, url + V2_READY_PATH, name=peer.name, log_path=log,
+                          ready_timeout_s=args.ready_timeout, stop_timeout_s=60)  # fmt: skip
     launched.update(command=command, env=env)
     with contextlib.ExitStack() as stack:
         try:
-            url = stack.enter_context(serving)
+            stack.enter_context(serving)
         except UserError as err:  # why, in one line
             raise Unavailable(str(err)) from err
         yield url
-
-
-@contextlib.contextmanager
-def script_server(
-    peer: Peer, command: list[str], env: dict[str, str], url: str, log: Path, ready_timeout: float
-) -> Iterator[str]:
-    """A Python peer's script, yielded once its model reports ready; a UserError ending in its
-    last words if it does not."""
-    with open(log, "w") as out:
-        server = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env}, start_new_session=True
-        )
-    try:
-        try:
-            wait_until_ready(server, url + V2_READY_PATH, ready_timeout, name=peer.name, where=f"; see {log}")
-        except UserError as err:
-            raise UserError(f"{err}: {one_line(log.read_text())}") from err
-        yield url
-    finally:
-        stop_group(server, timeout_s=60)  # a peer's helpers (Ray's raylet, Triton) go too
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from shared.children import tied_to_this_process
+from shared.children import stop_group, tied_to_this_process
 from shared.errors import UserError
 from shared.openmp import colocated_env, inherited_env
 
@@ -59,6 +59,59 @@ def wait_until_ready(
         time.sleep(0.2)
 
 
+LOG_TAIL_CHARS = 400
+
+
+def log_tail(path: Path, lines: int = 3) -> str:
+    """The last non-empty ``lines`` of a log in one line (a traceback's last lines say why)."""
+    text = path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
+    tail = " | ".join([line.strip() for line in text.splitlines() if line.strip()][-lines:])
+    return tail[-LOG_TAIL_CHARS:] or "(empty)"
+
+
+@contextlib.contextmanager
+def running(
+    command: list[str],
+    env: Mapping[str, str],
+    ready_url: str,
+    *,
+    name: str,
+    log_path: Path | None = None,
+    ready_timeout_s: float = 180.0,
+    tied: bool = True,
+    stop_timeout_s: float = 30.0,
+) -> Iterator[subprocess.Popen]:
+    """``command``, a server, as a child process until the block ends, entered once ``ready_url``
+    answers 200; a one-line UserError ending in its log's last lines if it exits or times out first.
+
+    ``tied``: in a process group of its own that gets SIGTERM if this process dies, and stopped as a
+    group (a server's helpers, vLLM's engine core or Ray's raylet, go too); else SIGTERM to it alone,
+    SIGKILL after ``stop_timeout_s``. Either way a server shutting down cleanly finishes its
+    in-flight requests first."""
+    with open(log_path, "w") if log_path else contextlib.nullcontext(subprocess.DEVNULL) as log:
+        server = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=dict(env),
+            preexec_fn=tied_to_this_process() if tied else None,
+        )  # fmt: skip
+    try:
+        try:
+            wait_until_ready(server, ready_url, ready_timeout_s, name=name)
+        except UserError as err:
+            tail = f"; its log ({log_path}) ends: {log_tail(log_path)}" if log_path else ""
+            raise UserError(f"{err}{tail}") from None
+        yield server
+    finally:
+        if tied:
+            stop_group(server, stop_timeout_s)
+        else:
+            server.terminate()
+            try:
+                server.wait(timeout=stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+
+
 @contextlib.contextmanager
 def serve_in_subprocess(
     config_path: str | Path,
@@ -89,24 +142,13 @@ def serve_in_subprocess(
     command = [sys.executable, "-m", "teacher_server.cli", "--config", str(config_path)]
     command += ["--port", str(port), "--log_level", log_level]
     child_env = {**inherited_env(), **(env or {})}
-    log = open(log_path, "w") if log_path else subprocess.DEVNULL  # noqa: SIM115 - lives as long as the server
-    server = subprocess.Popen(
+    with running(
         command,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=colocated_env(child_env) if colocated else child_env,
-        preexec_fn=tied_to_this_process() if tie_to_parent else None,
-    )
-    where = f"; see {log_path}" if log_path else ""
-    try:
-        wait_until_ready(server, f"{url}/v2/health/ready", ready_timeout_s, where=where)
+        colocated_env(child_env) if colocated else child_env,
+        f"{url}/v2/health/ready",
+        name="teacher-server",
+        log_path=Path(log_path) if log_path else None,
+        ready_timeout_s=ready_timeout_s,
+        tied=tie_to_parent,
+    ):
         yield url
-    finally:
-        server.terminate()  # SIGTERM: uvicorn finishes in-flight requests, then exits
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        if log is not subprocess.DEVNULL:
-            log.close()

@@ -225,7 +225,7 @@ def test_a_peer_that_dies_before_ready_is_skipped_with_its_last_words(tmp_path):
     with pytest.raises(bench_peers.Unavailable) as err, serving:
         pytest.fail("a dead server was reported ready")
     reason = "ModuleNotFoundError: No module named kserve"
-    assert str(err.value) == f"kserve exited with code 3; see {log}: {reason}"
+    assert str(err.value) == f"kserve exited with code 3; its log ({log}) ends: loading | {reason}"
     assert launched["command"][0] == str(dying) and launched["env"]["OMP_NUM_THREADS"] == "1"
 
 

@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.children import stop_group, tied_to_this_process
 from shared.errors import UserError
 
 VLLM_PYTHON_ENV = "DKD_VLLM_PYTHON"
@@ -31,7 +29,6 @@ ENTRY_POINT = "vllm.entrypoints.openai.api_server"
 READY_TIMEOUT_S = 600.0  # start-up is ~60 s on a quiet 2-core machine, several times that on a busy one
 STOP_TIMEOUT_S = 30.0
 KV_CACHE_GIB = 1
-LOG_TAIL_CHARS = 400
 
 
 def vllm_python(given: str | None = None, *, flag: str = "--vllm_python") -> str:
@@ -45,13 +42,6 @@ def vllm_python(given: str | None = None, *, flag: str = "--vllm_python") -> str
     if Path(path).is_dir() or not os.access(path, os.X_OK):
         raise UserError(f"{path} ({flag} / {VLLM_PYTHON_ENV}) is not an executable python")
     return path
-
-
-def log_tail(path: Path, lines: int = 3) -> str:
-    """The last non-empty ``lines`` of a log in one line (a traceback's last lines say why)."""
-    text = path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
-    tail = " | ".join([line.strip() for line in text.splitlines() if line.strip()][-lines:])
-    return tail[-LOG_TAIL_CHARS:] or "(empty)"
 
 
 def cpu_env(threads: int | None = None) -> dict[str, str]:
@@ -92,20 +82,13 @@ class VllmServer:
     ) -> Iterator[str]:
         """The server on ``port`` (a free one by default) until the block ends; yields its root URL
         (the OpenAI API is below ``/v1``) once ``/v1/models`` answers."""
-        from teacher_server.launch import free_port, wait_until_ready
+        from teacher_server.launch import free_port, running
 
         port = port or free_port()
         url = f"http://127.0.0.1:{port}"
-        with open(log_path, "w") as log:
-            server = subprocess.Popen(
-                self.command(port), stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
-                preexec_fn=tied_to_this_process(),
-            )  # fmt: skip
-        try:
-            try:
-                wait_until_ready(server, f"{url}/v1/models", ready_timeout_s, name="vLLM")
-            except UserError as err:
-                raise UserError(f"{err}; its log ({log_path}) ends: {log_tail(log_path)}") from None
+        env = {**os.environ, **self.env}
+        with running(
+            self.command(port), env, f"{url}/v1/models", name="vLLM", log_path=log_path,
+            ready_timeout_s=ready_timeout_s, stop_timeout_s=STOP_TIMEOUT_S,
+        ):  # fmt: skip
             yield url
-        finally:
-            stop_group(server, STOP_TIMEOUT_S)
