@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 from transformers.activations import ACT2FN
 
+from teacher_engine import packing
 from teacher_engine.packing import Product, fused_activation, linear
 
 
@@ -74,3 +76,19 @@ def test_an_fp32_cpu_product_fuses_its_gelu_and_holds_the_weight_in_onednns_layo
     product = Product.of(torch.nn.Linear(8, 8), activation=ACT2FN["gelu"])
     assert product.onednn and product.weight.is_mkldnn
     assert product.fused == "gelu" and product.activation is None
+
+
+@pytest.mark.parametrize(("rows", "length", "products"), [(3, 9, True), (64, 40, False)])
+def test_attention_is_two_products_and_a_softmax_only_where_its_scores_are_small(rows, length, products):
+    """Small scores run as matrix products the counter sees; large ones in SDPA, which it does not;
+    either way the answer is SDPA's, padded keys given no weight."""
+    torch.manual_seed(0)
+    heads, size = 4, 8
+    q, k, v = (torch.randn(rows, heads, length, size) for _ in range(3))
+    bias = torch.zeros(rows, 1, 1, length)
+    bias[0, ..., length // 2 :] = torch.finfo(torch.float32).min
+    got, flops = counted(lambda: packing.attention(q, k, v, bias))
+    torch.testing.assert_close(
+        got, F.scaled_dot_product_attention(q, k, v, attn_mask=bias), rtol=1e-5, atol=1e-5
+    )
+    assert flops == (4 * rows * heads * length * length * size if products else 0)
