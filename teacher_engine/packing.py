@@ -150,12 +150,13 @@ SMALL_SCORES = 2**18  # attention scores, [rows, heads, queries, keys], that fit
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
-    """``softmax(q kᵀ / √d + bias) v``. On the CPU, where a group's scores are small, as two matrix
-    products and a softmax: torch's flash kernel tiles for long rows, and on SST-2's groups this is
-    1.4-2.5x faster alone at 2 threads, 1.0-1.6x at 1; a pass of 64 rows 1.03-1.15x at 2 threads
-    (``benchmarks/bench_flops.py``). Larger scores go to the flash kernel, which never holds them
-    whole."""
-    if q.device.type != "cpu" or q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] > SMALL_SCORES:
+    """``softmax(q kᵀ / √d + bias) v``. In float32 on the CPU, where a group's scores are small,
+    as two matrix products and a softmax: torch's flash kernel tiles for long rows, and on SST-2's
+    groups this is 1.4-2.5x faster alone at 2 threads, 1.0-1.6x at 1; a pass of 64 rows 1.03-1.15x
+    at 2 threads (``benchmarks/bench_flops.py``). Larger scores go to the flash kernel, which never
+    holds them whole."""
+    small = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= SMALL_SCORES
+    if not (small and q.device.type == "cpu" and q.dtype == torch.float32):  # bf16: SDPA sums in fp32
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     scores = torch.matmul(q, k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5).add_(bias)
     return torch.matmul(scores.softmax(-1), v)
