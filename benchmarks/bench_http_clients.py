@@ -113,7 +113,7 @@ def main() -> int:
     server = subprocess.Popen([sys.executable, "-c", SERVE, str(port), str(args.server_wait_ms)])
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_until_ready(server, f"{url}/", 60, where="")
+        wait_until_ready(server, f"{url}/", 60)
         for number in range(args.rounds):
             for name in CLIENTS if number % 2 == 0 else reversed(CLIENTS):
                 ms = asyncio.run(CLIENTS[name](url, body, args.requests))

@@ -81,7 +81,7 @@ def main() -> int:
                 port = free_port()
                 server = subprocess.Popen([sys.executable, "-c", SERVE, str(config), str(port), http, loop])
                 try:
-                    wait_until_ready(server, f"http://127.0.0.1:{port}/v2/health/ready", 120, where="")
+                    wait_until_ready(server, f"http://127.0.0.1:{port}/v2/health/ready", 120)
                     ms = asyncio.run(median_ms(f"http://127.0.0.1:{port}", queries))
                 finally:
                     server.terminate()

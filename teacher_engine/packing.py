@@ -194,7 +194,7 @@ class Product:
 
     In float32 on the CPU that kernel is oneDNN's (:func:`linear`), the weight reordered once to its
     blocked layout, the activation and a residual sum fused into the product: the teacher's
-    layers take a second copy of their weights, and a packed pass of MiniLM-L6 runs 1.06-1.17x
+    layers take a second copy of their weights, and a packed pass of MiniLM-L6 runs 1.03-1.26x
     faster than product by product (``benchmarks/bench_flops.py``), with the same answer."""
 
     weight: Tensor

@@ -43,19 +43,18 @@ def wait_until_ready(
     timeout_s: float,
     *,
     name: str = "teacher-server",
-    where: str = "",
 ) -> None:
     """Poll a v2 readiness endpoint until 200; a one-line UserError if the process exits first or
-    ``timeout_s`` passes (``where`` points at its log)."""
+    ``timeout_s`` passes."""
     deadline = time.monotonic() + timeout_s
     while True:
         if server.poll() is not None:
-            raise UserError(f"{name} exited with code {server.returncode}{where}")
+            raise UserError(f"{name} exited with code {server.returncode}")
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(ready_url, timeout=2.0, trust_env=False).status_code == 200:
                 return
         if time.monotonic() > deadline:
-            raise UserError(f"{name} not ready after {timeout_s:.0f} s{where}")
+            raise UserError(f"{name} not ready after {timeout_s:.0f} s")
         time.sleep(0.2)
 
 
