@@ -17,7 +17,7 @@ model's own forward (fp32, atol 1e-5, ``tests/test_families.py``).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -170,21 +170,30 @@ def attention_bias(mask: Tensor, dtype: torch.dtype, position_bias: Tensor | Non
     return bias if position_bias is None else bias + position_bias
 
 
+def on_onednn(tensor: Tensor) -> bool:
+    """Whether products with ``tensor`` run through oneDNN: float32 on the CPU, where torch has it."""
+    return tensor.dtype == torch.float32 and tensor.device.type == "cpu" and ONEDNN_LINEAR
+
+
 def linear(layer: nn.Linear, x: Tensor) -> Tensor:
     """``layer(x)``, through oneDNN for float32 on the CPU: torch sends a float32 matrix product
     to MKL, which runs its AVX2 code on CPUs that are not Intel's, at half the FLOP/s oneDNN
     gets from the same AVX-512 cores (``benchmarks/bench_flops.py``); equal within rounding."""
-    if x.dtype == torch.float32 and x.device.type == "cpu" and ONEDNN_LINEAR:
+    if on_onednn(x):
         return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "none", [], "")
     return layer(x)
 
 
 def fused_activation(activation: Callable[[Tensor], Tensor]) -> str | None:
     """oneDNN's name for ``activation`` where it can fuse it into a product: the exact (erf) GELU,
-    as ``nn.GELU`` or transformers' ``GELUActivation`` (which wraps ``F.gelu``)."""
-    if activation is F.gelu or getattr(activation, "act", None) is F.gelu:
-        return "gelu"
-    return "gelu" if isinstance(activation, nn.GELU) and activation.approximate == "none" else None
+    as ``F.gelu``, ``nn.GELU`` or transformers' ``GELUActivation`` (which wraps ``F.gelu``)."""
+    exact = isinstance(activation, nn.GELU) and activation.approximate == "none"
+    return "gelu" if exact or F.gelu in (activation, getattr(activation, "act", None)) else None
+
+
+def side_by_side(tensors: Sequence[Tensor]) -> Tensor:
+    """``tensors`` concatenated along their first dimension, detached; one alone is not copied."""
+    return (tensors[0] if len(tensors) == 1 else torch.cat(list(tensors))).detach()
 
 
 @dataclass(frozen=True)
@@ -206,18 +215,20 @@ class Product:
 
     @classmethod
     def of(cls, *layers: nn.Linear, activation: Callable[[Tensor], Tensor] | None = None) -> Product:
-        weight = torch.cat([layer.weight for layer in layers]) if len(layers) > 1 else layers[0].weight
-        biases = [layer.bias for layer in layers]
+        weight = side_by_side([layer.weight for layer in layers])
         bias = None
-        if any(b is not None for b in biases):
-            zeros = [weight.new_zeros(layer.out_features) for layer in layers]
-            bias = torch.cat([z if b is None else b for b, z in zip(biases, zeros, strict=True)]).detach()
-        onednn = weight.dtype == torch.float32 and weight.device.type == "cpu" and ONEDNN_LINEAR
-        fused = fused_activation(activation) if onednn and activation is not None else None
+        if any(layer.bias is not None for layer in layers):  # a layer without one adds zeros
+            biases = [
+                layer.weight.new_zeros(layer.out_features) if layer.bias is None else layer.bias
+                for layer in layers
+            ]
+            bias = side_by_side(biases)
+        onednn = on_onednn(weight)
         if onednn:
-            weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+            weight = torch.ops.mkldnn._reorder_linear_weight(weight)
+        fused = fused_activation(activation) if onednn and activation is not None else None
         sizes = tuple(layer.out_features for layer in layers)
-        return cls(weight.detach(), bias, sizes, onednn, fused, None if fused else activation)
+        return cls(weight, bias, sizes, onednn, fused, None if fused else activation)
 
     def __call__(self, x: Tensor) -> Tensor:
         if self.onednn:
