@@ -1,6 +1,8 @@
 """Errors a user can fix: the CLIs print them as one line and exit non-zero."""
 
 ECHO_CHARS = 64  # how much of a client's own input an error message repeats
+# what every CLI exits with: a usage or input error; interrupted (128 + SIGINT, as a shell reports Ctrl-C)
+EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
 
 class UserError(Exception):

@@ -17,11 +17,10 @@ import argparse
 import importlib
 import sys
 
-from shared.errors import UserError
+from shared.errors import EXIT_INTERRUPTED, EXIT_USAGE, UserError
 from student_trainer.args.parser import CommandParser
 from student_trainer.train.errors import CheckpointWriteError, Interrupted, NonFiniteLoss, TeacherUnavailable
 
-EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 EXIT_CODES = {TeacherUnavailable: 3, NonFiniteLoss: 4, CheckpointWriteError: 5}  # else EXIT_USAGE
 
 COMMANDS = ("distill", "finetune", "augment", "demo", "experiment")

@@ -17,7 +17,7 @@ import uvicorn
 from transformers.utils import logging as hf_logging
 
 from shared.api_key import clean_api_key
-from shared.errors import UserError
+from shared.errors import EXIT_INTERRUPTED, EXIT_USAGE, UserError
 from shared.flags import add_flag
 from shared.openmp import busy_cores_warning
 from teacher_server.app import create_app
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("--key_for_docs_and_metrics needs an API key: give --api_key_env too")
     except UserError as err:
         print(f"teacher-server: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
 
     on_cpu = any(teacher.device == "cpu" for teacher in config.teachers)
     warning = busy_cores_warning(os.environ, os.getloadavg()[0], usable_cores()) if on_cpu else None
@@ -156,10 +156,13 @@ def main(argv: list[str] | None = None) -> int:
         ),
         app.state.service,
     )
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # Ctrl-C: uvicorn drained, then raised SIGINT again as it returned
+        return EXIT_INTERRUPTED
     if failures:
         print(f"teacher-server: error: {' '.join(failures[0].split())}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     return 0 if server.started else 1
 
 

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import uvicorn
 
-from shared.errors import UserError
+from shared.errors import EXIT_INTERRUPTED, UserError
 from teacher_server.cli import build_parser, main, read_api_key
 from teacher_server.config import load_config
 from teacher_server.launch import serve_in_subprocess
@@ -266,6 +266,28 @@ def test_served_from_the_cli_with_json_logs_and_a_draining_shutdown(tmp_path, ti
     assert next(entry for entry in logs if entry.get("event") == "ready")["omp_wait_policy"] == "PASSIVE"
     assert all({"ts", "level", "logger", "msg"} <= set(entry) for entry in logs)
     assert any(entry.get("path") == "/v2/models/small/infer" and entry.get("status") == 200 for entry in logs)
+
+
+@pytest.mark.slow
+def test_ctrl_c_drains_and_exits_130_without_a_traceback(tmp_path, tiny_teachers):
+    """uvicorn raises SIGINT again once drained: a terminal's Ctrl-C must not end in a traceback."""
+    config = write(tmp_path / "t.yaml", f"teachers:\n  - {{name: small, path: {tiny_teachers['small']}}}\n")
+    port = free_port()
+    process = start_cli(config, port)
+    try:
+        wait_until_ready(process, f"http://127.0.0.1:{port}")
+        process.send_signal(signal.SIGINT)
+        code = process.wait(30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    stderr = process.stderr.read()
+    assert code == EXIT_INTERRUPTED, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert any(
+        json.loads(line).get("event") == "drained" for line in stderr.splitlines() if line.startswith("{")
+    )
 
 
 @pytest.mark.slow
