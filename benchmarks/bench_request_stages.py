@@ -11,7 +11,8 @@ MiniLM-L6 classifier, output cache off) from one client. Two views:
   the seconds the service's metrics count in passes and in the infer route;
 * in process, each stage of the infer path alone (``time.thread_time``): decoding the body,
   tokenizing, admission (validation, cache lookup), merging rows, the pass, its metrics,
-  scattering the answer, encoding the response.
+  scattering the answer, encoding the response; then the same stages with no pass between
+  requests (one answer reused): what they cost when a pass has not just run through the caches.
 
 CPU time is what to compare on a machine shared with other work: a busy neighbour stretches wall
 times by 1.5-3x but a thread's own CPU time far less. Medians over ``--rounds``; writes JSON.
@@ -36,7 +37,7 @@ import torch
 from bench_peers import V2, classifier_checkpoint, drive, load_dev_sentences, request_bodies, served_ours
 from bench_server import ROOT, default_teacher, write_report
 
-from shared.teacher_api import TeacherQuery
+from shared.teacher_api import TeacherAnswer, TeacherQuery
 from teacher_engine.engine import TeacherEngine, right_aligned
 from teacher_server import v2_adapter
 from teacher_server.batcher import DynamicBatcher, Row
@@ -87,9 +88,14 @@ def served_stages(url: str, server: psutil.Process, bodies: list[bytes]) -> dict
     return {**ms, "wall_ms": 1000 * wall / count}
 
 
-def in_process_stages(engine: TeacherEngine, config: TeacherConfig, bodies: list[bytes]) -> dict[str, float]:
-    """ms of CPU per request of each stage of the infer path, run alone on this thread."""
+def in_process_stages(
+    engine: TeacherEngine, config: TeacherConfig, bodies: list[bytes], *, passes: bool = True
+) -> dict[str, float]:
+    """ms of CPU per request of each stage of the infer path, run alone on this thread. Without
+    ``passes`` the first request's answer serves every request (all are 8 rows, logits only) and no
+    pass runs between them: the same stages on caches a pass has not just flushed."""
     spent: dict[str, float] = {}
+    reused: list[TeacherAnswer] = []
 
     def timed(stage: str, work: Callable, *args: object) -> object:
         started = time.thread_time()
@@ -104,13 +110,17 @@ def in_process_stages(engine: TeacherEngine, config: TeacherConfig, bodies: list
             call = timed("tokenize", v2_adapter.to_call, decoded, engine, config)
             request = timed("admit", admit, batcher, call.query)
             rows = [Row(request, i, n) for i, n in enumerate(request.lengths)]
-            query = timed("merge rows", batcher._merge, rows, request.spec)
-            answer = timed("forward pass", engine.compute, query)
+            rows, query = timed("merge rows", batcher._merge, rows, request.spec)
+            if passes or not reused:
+                reused[:] = [timed("forward pass", engine.compute, query)]
+            answer = reused[0]
             timed("pass metrics", batcher._record_pass, rows, [request], answer, 0.0)
             timed("scatter", batcher._scatter, rows, [request], request.spec, answer, 0.0)
             timed("encode response", v2_adapter.encode, "teacher", call, request.future.result())
 
     asyncio.run(run_all())
+    if not passes:
+        del spent["forward pass"]  # the one pass that made the answer reused
     return {f"{stage} cpu_ms": 1000 * seconds / len(bodies) for stage, seconds in spent.items()}
 
 
@@ -152,16 +162,20 @@ def main(argv: list[str] | None = None) -> int:
     engine = TeacherEngine.from_config(config)
     served: list[dict[str, float]] = []
     alone: list[dict[str, float]] = []
+    back_to_back: list[dict[str, float]] = []
     for _ in range(args.rounds):
         with served_ours(served_args, args.threads, {}) as url:
             (server,) = [p for p in psutil.Process().children() if "teacher_server.cli" in p.cmdline()]
             served.append(served_stages(url, server, bodies))
         alone.append(in_process_stages(engine, config, bodies))
+        back_to_back.append(in_process_stages(engine, config, bodies, passes=False))
     medians = [
-        {key: statistics.median(r[key] for r in rounds) for key in rounds[0]} for rounds in (served, alone)
+        {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+        for rounds in (served, alone, back_to_back)
     ]
     print(table(f"served, 1 client, {args.threads} thread(s), per request:", medians[0]))
     print(table("in process, each stage alone, per request:", medians[1]))
+    print(table("in process, the same stages with no pass between requests:", medians[2]))
     load = os.getloadavg()[0]
     print(f"1-minute load average {load:.1f} on {os.cpu_count()} CPUs")
     report = {
@@ -171,8 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {k: str(v) for k, v in vars(args).items()},
         "served_median": medians[0],
         "in_process_median": medians[1],
+        "no_pass_between_median": medians[2],
         "served_rounds": served,
         "in_process_rounds": alone,
+        "no_pass_between_rounds": back_to_back,
     }
     write_report(report, args.output)
     return 0

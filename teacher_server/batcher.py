@@ -146,6 +146,12 @@ def plan_batches(
     return batches
 
 
+def fitted(rows: torch.Tensor, length: int) -> torch.Tensor:
+    """``[rows, width]`` cut or zero-padded on the right to ``[rows, length]``."""
+    width = rows.shape[1]
+    return rows[:, :length] if width >= length else torch.nn.functional.pad(rows, (0, length - width))
+
+
 def slice_row(answer: TeacherAnswer, j: int, length: int, *, ran: OutputSpec, want: OutputSpec) -> RowOutputs:
     """Row ``j`` of a pass that computed ``ran``, cut down to the layers ``want`` asked for."""
     cls_index = [ran.cls_layers.index(k) for k in want.cls_layers]
@@ -409,7 +415,7 @@ class DynamicBatcher:
 
     async def _run_pass(self, rows: list[Row], spec: OutputSpec) -> None:
         loop = asyncio.get_running_loop()
-        query = self._merge(rows, spec)
+        rows, query = self._merge(rows, spec)
         requests = list(dict.fromkeys(row.request for row in rows))
         started = loop.time()
         for request in requests:
@@ -428,19 +434,31 @@ class DynamicBatcher:
         self._record_pass(rows, requests, answer, seconds)
         self._scatter(rows, requests, spec, answer, seconds)
 
-    def _merge(self, rows: list[Row], spec: OutputSpec) -> TeacherQuery:
-        """Pad the rows to the longest one (which bucketing kept short)."""
+    def _merge(self, rows: list[Row], spec: OutputSpec) -> tuple[list[Row], TeacherQuery]:
+        """The rows as one batch padded to the longest (which bucketing kept short), in the order
+        returned: by request, each request's rows taken at once (a few copies per row kept the
+        engine waiting for its next pass while a full pass's rows were merged)."""
         length = max(row.length for row in rows)
-        ids = torch.full((len(rows), length), self._pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), length), dtype=torch.long)
-        types = torch.zeros((len(rows), length), dtype=torch.long)
-        for j, row in enumerate(rows):
-            query, n = row.request.query, row.length
-            ids[j, :n] = query.input_ids[row.index, :n]
-            mask[j, :n] = 1
-            if query.token_type_ids is not None:
-                types[j, :n] = query.token_type_ids[row.index, :n]
-        return TeacherQuery(ids, mask, types, spec.want_logits, spec.cls_layers, spec.token_layers)
+        by_request: dict[_Request, list[Row]] = {}
+        for row in rows:
+            by_request.setdefault(row.request, []).append(row)
+        rows = [row for group in by_request.values() for row in group]
+        ids, types = [], []
+        for request, group in by_request.items():
+            index = torch.tensor([row.index for row in group])
+            query = request.query
+            ids.append(fitted(query.input_ids.index_select(0, index), length))
+            given = query.token_type_ids
+            types.append(
+                torch.zeros(len(group), length, dtype=torch.long)
+                if given is None
+                else fitted(given.index_select(0, index), length)
+            )
+        lengths = torch.tensor([row.length for row in rows])
+        mask = (torch.arange(length) < lengths[:, None]).long()
+        merged = torch.cat(ids).long().masked_fill_(mask == 0, self._pad_id)  # whatever a client padded with
+        types = torch.cat(types).long().mul_(mask)
+        return rows, TeacherQuery(merged, mask, types, spec.want_logits, spec.cls_layers, spec.token_layers)
 
     def _record_pass(
         self, rows: list[Row], requests: list[_Request], answer: TeacherAnswer, seconds: float

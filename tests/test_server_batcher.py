@@ -190,6 +190,41 @@ def test_concurrent_requests_share_a_pass_and_get_their_own_rows(engine):
     assert sum(a.padded_tokens for a in answers) == short + 5 * longest
 
 
+def test_a_pass_merges_requests_of_any_width_and_dtype_whatever_they_padded_with(engine):
+    """Rows of one pass come from requests padded to other widths (cut or padded to the pass's), as
+    int32 from the binary protocol, with anything a client put at its padding: each answer is its
+    request's alone."""
+    batcher = make_batcher(engine, max_queue_delay_ms=200, max_batch_size=16, pass_overhead_tokens=10_000)
+    clean = [query(engine, SENTENCES[i : i + 2]) for i in (0, 2, 4)]
+    junk = []
+    for q in clean:
+        padding = q.attention_mask == 0
+        ids = q.input_ids.masked_fill(padding, 7).to(torch.int32)  # a real token, not the pad id
+        types = q.token_type_ids.masked_fill(padding, 1)
+        width = ids.shape[1] + 3  # wider than any of its rows
+        ids = torch.nn.functional.pad(ids, (0, 3), value=9)
+        junk.append(
+            TeacherQuery(
+                ids,
+                torch.nn.functional.pad(q.attention_mask, (0, 3)),
+                torch.nn.functional.pad(types, (0, 3), value=1),
+                want_logits=True,
+            )
+        )
+        assert junk[-1].input_ids.shape[1] == width
+
+    async def scenario():
+        batcher.start()
+        answers = await asyncio.gather(*(batcher.infer(q) for q in junk))
+        await batcher.close(5)
+        return answers
+
+    answers = asyncio.run(scenario())
+    assert len(engine.passes) == 1  # all six rows in one pass
+    for q, answer in zip(clean, answers, strict=True):
+        torch.testing.assert_close(answer.logits, TeacherEngine.compute(engine, q).logits, atol=1e-5, rtol=0)
+
+
 def test_token_budget_splits_passes_by_length(engine):
     batcher = make_batcher(engine, max_queue_delay_ms=200, max_batch_tokens=40, max_seq_length=20)
     q = query(engine, SENTENCES)
