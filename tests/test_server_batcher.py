@@ -76,10 +76,16 @@ def make_batcher(engine, cache_bytes=0, **limits) -> DynamicBatcher:
 
 async def infer_once(batcher: DynamicBatcher, q: TeacherQuery):
     """Start the batcher, answer one query, close it."""
-    batcher.start()
-    answer = await batcher.infer(q)
-    await batcher.close(5)
+    (answer,) = await infer_together(batcher, [q])
     return answer
+
+
+async def infer_together(batcher: DynamicBatcher, queries: list[TeacherQuery]) -> list:
+    """Start the batcher, answer the queries concurrently, close it."""
+    batcher.start()
+    answers = await asyncio.gather(*(batcher.infer(q) for q in queries))
+    await batcher.close(5)
+    return answers
 
 
 def sample(metrics: ServiceMetrics, name: str, **labels) -> float:
@@ -161,13 +167,7 @@ def test_concurrent_requests_share_a_pass_and_get_their_own_rows(engine):
         query(engine, SENTENCES[3:6], cls_layers=(4,), token_layers=(1,)),
     ]
 
-    async def scenario():
-        batcher.start()
-        answers = await asyncio.gather(*(batcher.infer(q) for q in queries))
-        await batcher.close(5)
-        return answers
-
-    answers = asyncio.run(scenario())
+    answers = asyncio.run(infer_together(batcher, queries))
     short = int(queries[1].attention_mask.sum())
     longest = max(int(q.attention_mask.sum(dim=1).max()) for q in (queries[0], queries[2]))
     # two depths (logits need 4 layers; the second request only layer 3) → two passes, not three
@@ -196,30 +196,18 @@ def test_a_pass_merges_requests_of_any_width_and_dtype_whatever_they_padded_with
     request's alone."""
     batcher = make_batcher(engine, max_queue_delay_ms=200, max_batch_size=16, pass_overhead_tokens=10_000)
     clean = [query(engine, SENTENCES[i : i + 2]) for i in (0, 2, 4)]
+
+    def wider(t: torch.Tensor, value: int = 0) -> torch.Tensor:  # than any of its rows
+        return torch.nn.functional.pad(t, (0, 3), value=value)
+
     junk = []
     for q in clean:
         padding = q.attention_mask == 0
         ids = q.input_ids.masked_fill(padding, 7).to(torch.int32)  # a real token, not the pad id
         types = q.token_type_ids.masked_fill(padding, 1)
-        width = ids.shape[1] + 3  # wider than any of its rows
-        ids = torch.nn.functional.pad(ids, (0, 3), value=9)
-        junk.append(
-            TeacherQuery(
-                ids,
-                torch.nn.functional.pad(q.attention_mask, (0, 3)),
-                torch.nn.functional.pad(types, (0, 3), value=1),
-                want_logits=True,
-            )
-        )
-        assert junk[-1].input_ids.shape[1] == width
+        junk.append(TeacherQuery(wider(ids, 9), wider(q.attention_mask), wider(types, 1), want_logits=True))
 
-    async def scenario():
-        batcher.start()
-        answers = await asyncio.gather(*(batcher.infer(q) for q in junk))
-        await batcher.close(5)
-        return answers
-
-    answers = asyncio.run(scenario())
+    answers = asyncio.run(infer_together(batcher, junk))
     assert len(engine.passes) == 1  # all six rows in one pass
     for q, answer in zip(clean, answers, strict=True):
         torch.testing.assert_close(answer.logits, TeacherEngine.compute(engine, q).logits, atol=1e-5, rtol=0)
@@ -584,13 +572,7 @@ def test_without_dynamic_batching_each_request_runs_alone_as_sent(engine):
     batcher = make_batcher(engine, dynamic_batching=False, max_queue_delay_ms=200)
     queries = [query(engine, SENTENCES[:2]), query(engine, SENTENCES[2:6])]
 
-    async def scenario():
-        batcher.start()
-        answers = await asyncio.gather(*(batcher.infer(q) for q in queries))
-        await batcher.close(5)
-        return answers
-
-    answers = asyncio.run(scenario())
+    answers = asyncio.run(infer_together(batcher, queries))
     assert engine.passes == [tuple(q.input_ids.shape) for q in queries]  # one pass each, no re-bucketing
     for q, answer in zip(queries, answers, strict=True):
         assert answer.padded_tokens == q.input_ids.numel()

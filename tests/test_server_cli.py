@@ -199,6 +199,13 @@ def start_cli(config: Path, port: int, env: dict[str, str] | None = None) -> sub
     )
 
 
+def reap(process: subprocess.Popen) -> None:
+    """Kill the server if it still runs: a failed test leaves none behind."""
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
 def wait_until_ready(process: subprocess.Popen, url: str, timeout_s: float = 90) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -255,9 +262,7 @@ def test_served_from_the_cli_with_json_logs_and_a_draining_shutdown(tmp_path, ti
         thread.join(30)
         assert process.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once drained
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        reap(process)
     assert result["response"].status_code == 200
     assert result["response"].json()["outputs"][0]["name"] == "logits"
     logs = [json.loads(line) for line in process.stderr.read().splitlines() if line.startswith("{")]
@@ -279,9 +284,7 @@ def test_ctrl_c_drains_and_exits_130_without_a_traceback(tmp_path, tiny_teachers
         process.send_signal(signal.SIGINT)
         code = process.wait(30)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        reap(process)
     stderr = process.stderr.read()
     assert code == EXIT_INTERRUPTED, stderr
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
@@ -298,9 +301,7 @@ def test_a_teacher_that_cannot_load_stops_the_server_with_one_line(tmp_path):
     try:
         code = process.wait(90)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        reap(process)
     stderr = process.stderr.read()
     assert code == 2
     last = stderr.strip().splitlines()[-1]
@@ -344,9 +345,7 @@ def test_sigterm_turns_ready_and_new_requests_503_with_connection_close_answers_
         assert answered.status_code == 200 and answered.headers["connection"] == "close"
         assert process.wait(30) in (0, -signal.SIGTERM)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        reap(process)
 
 
 @pytest.mark.slow
@@ -393,9 +392,7 @@ def test_requests_sent_as_the_drain_ends_are_answered_or_refused_never_reset(tmp
         stop.set()
         for client in clients:
             client.join(30)
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        reap(process)
     assert outcomes["200"] and outcomes["503"] and outcomes["refused"], outcomes
     assert set(outcomes) == {"200", "503", "refused"}, outcomes
 
