@@ -64,7 +64,7 @@ def main() -> None:
         name="bare", path=args.teacher, max_seq_length=args.max_seq_length, device=args.device
     )
     engine = TeacherEngine.from_config(config)
-    uvicorn.run(bare_app(engine), port=args.port, log_level="warning", loop="uvloop", http="httptools")
+    uvicorn.run(bare_app(engine), port=args.port, log_level="warning", loop="auto", http="httptools")
 
 
 if __name__ == "__main__":
