@@ -134,7 +134,7 @@ def served_bare(teacher: str, max_seq_length: int, threads: int, device: str) ->
     command = [sys.executable, str(ROOT / "benchmarks" / "bare_server.py"), "--teacher", teacher]
     command += ["--port", str(port), "--max_seq_length", str(max_seq_length), "--device", device]
     env = {**inherited_env(), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    with running(command, env, f"{url}/v2/health/ready", name="bare_server.py", tied=False):
+    with running(command, env, f"{url}/v2/health/ready", name="bare_server.py"):  # tied: no orphan
         yield url
 
 
