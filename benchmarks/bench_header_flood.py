@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 import importlib.resources
 import json
+import os
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import httpx
 
-from teacher_server.launch import free_port, wait_until_ready
+from teacher_server.launch import free_port, running
 
 ROOT = Path(__file__).resolve().parents[1]
 CHUNK = 1 << 20
@@ -74,10 +74,9 @@ def main() -> None:
         config = Path(tmp) / "bench.yaml"
         config.write_text(json.dumps({"teachers": [{"name": "teacher", "path": args.teacher}]}))
         command = [sys.executable, "-m", "teacher_server.cli", "--config", str(config), "--port", str(port)]
-        server = subprocess.Popen([*command, "--log_level", "warning"])
-        try:
-            url = f"http://127.0.0.1:{port}"
-            wait_until_ready(server, f"{url}/v2/health/ready", 180)
+        url = f"http://127.0.0.1:{port}"
+        command += ["--log_level", "warning"]
+        with running(command, os.environ, f"{url}/v2/health/ready", name="teacher-server") as server:
             before = {key: memory_mib(server.pid, key) for key in ("VmRSS", "VmHWM")}
             probes: list[float] = []
             result: dict[str, object] = {}
@@ -91,9 +90,6 @@ def main() -> None:
                     probes.append(time.perf_counter() - started)
                     time.sleep(args.interval_ms / 1e3)
             after = {key: memory_mib(server.pid, key) for key in ("VmRSS", "VmHWM")}
-        finally:
-            server.terminate()
-            server.wait(30)
     result |= {
         "probes": len(probes),
         "probe_max_ms": 1e3 * max(probes),

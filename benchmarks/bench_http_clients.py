@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -27,7 +27,7 @@ import aiohttp
 import httpx
 from bench_server import ROOT, report_samples
 
-from teacher_server.launch import free_port, wait_until_ready
+from teacher_server.launch import free_port, running
 
 ANSWER_BYTES = 300
 SERVE = f"""
@@ -109,19 +109,14 @@ def main() -> int:
     args = parser.parse_args()
     body = b"y" * args.body_bytes
     samples: dict[str, list[float]] = {name: [] for name in CLIENTS}
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-c", SERVE, str(port), str(args.server_wait_ms)])
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_until_ready(server, f"{url}/", 60)
+    url = f"http://127.0.0.1:{(port := free_port())}"
+    command = [sys.executable, "-c", SERVE, str(port), str(args.server_wait_ms)]
+    with running(command, os.environ, f"{url}/", name="the bare server", ready_timeout_s=60):
         for number in range(args.rounds):
             for name in CLIENTS if number % 2 == 0 else reversed(CLIENTS):
                 ms = asyncio.run(CLIENTS[name](url, body, args.requests))
                 samples[name].append(ms)
                 print(f"  round {number} {name:<12} {ms:6.3f} ms a request", flush=True)
-    finally:
-        server.terminate()
-        server.wait(30)
     wait = f", {args.server_wait_ms:g} ms server wait included" if args.server_wait_ms else ""
     report_samples(samples, f"median ms a request of {args.body_bytes} bytes{wait} (per round)", args)
     return 0

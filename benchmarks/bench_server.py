@@ -314,8 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", choices=sorted(SHAPES), help="a random teacher of this shape instead")
     parser.add_argument("--output", default=str(ROOT / "runs" / "bench_server.json"))
     args = parser.parse_args(argv)
-    if args.shape:
-        args.teacher = random_teacher(args.shape, Path(tempfile.mkdtemp()) / args.shape)
+    if args.shape:  # a BERT-large is 1.3 GB: removed when main returns, or at exit
+        scratch = tempfile.TemporaryDirectory(prefix="bench_server-")
+        args.teacher = random_teacher(args.shape, Path(scratch.name) / args.shape)
     args.teacher = args.teacher or default_teacher()
     levels = [int(c) for c in args.clients.split(",")]
     torch.set_num_threads(args.threads)

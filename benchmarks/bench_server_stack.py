@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +27,7 @@ from bench_server import ROOT, report_samples
 
 from shared.teacher_api import TeacherQuery
 from student_trainer.teachers.client import make_teacher_client
-from teacher_server.launch import free_port, wait_until_ready
+from teacher_server.launch import free_port, running
 
 STACKS = [("h11", "asyncio"), ("httptools", "asyncio"), ("httptools", "uvloop")]
 SERVE = """
@@ -78,14 +78,10 @@ def main() -> int:
         config.write_text(yaml.safe_dump({"cache_max_bytes": 0, "teachers": [entry]}))
         for number in range(args.rounds):
             for http, loop in STACKS if number % 2 == 0 else reversed(STACKS):
-                port = free_port()
-                server = subprocess.Popen([sys.executable, "-c", SERVE, str(config), str(port), http, loop])
-                try:
-                    wait_until_ready(server, f"http://127.0.0.1:{port}/v2/health/ready", 120)
-                    ms = asyncio.run(median_ms(f"http://127.0.0.1:{port}", queries))
-                finally:
-                    server.terminate()
-                    server.wait(30)
+                url = f"http://127.0.0.1:{(port := free_port())}"
+                command = [sys.executable, "-c", SERVE, str(config), str(port), http, loop]
+                with running(command, os.environ, f"{url}/v2/health/ready", name=f"{http}+{loop}"):
+                    ms = asyncio.run(median_ms(url, queries))
                 samples[f"{http}+{loop}"].append(ms)
                 print(f"  round {number} {http:<9} {loop:<7} {ms:6.2f} ms a request", flush=True)
     report_samples(samples, f"median ms a request of {args.rows} rows (per round)", args)

@@ -2,7 +2,7 @@
 
 A group of its own keeps a terminal's Ctrl-C (sent to the whole foreground group) from reaching the
 child beside its parent, so the parent decides what the child gets, once, and lets the parent stop
-the child with every process it started (:func:`stop_group`). ``PR_SET_PDEATHSIG``
+the child with every process it started (:func:`stop`). ``PR_SET_PDEATHSIG``
 (Linux) sends the child SIGTERM when the parent dies without stopping it (a SIGKILL included), so
 nothing is left running; elsewhere only the group is set.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import signal
 import subprocess
@@ -35,14 +36,15 @@ def tied_to_this_process() -> Callable[[], None]:
     return setup
 
 
-def stop_group(child: subprocess.Popen, timeout_s: float = 30.0) -> None:
-    """SIGTERM to the process group ``child`` leads, then SIGKILL to what is left of it once the leader
-    has exited (or after ``timeout_s``): the servers' helpers (vLLM's engine core, Ray's raylet) go
-    with it, and a leader that shut down cleanly has already stopped them."""
+def stop(child: subprocess.Popen, timeout_s: float = 30.0, *, group: bool = True) -> None:
+    """SIGTERM to ``child`` (with ``group``, to the process group it leads), then SIGKILL to what is
+    left once it has exited (or after ``timeout_s``): a server's helpers (vLLM's engine core, Ray's
+    raylet) go with it, and a leader that shut down cleanly has already stopped them."""
+    send = functools.partial(os.killpg, child.pid) if group else child.send_signal
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(child.pid, signal.SIGTERM)
+        send(signal.SIGTERM)
     with contextlib.suppress(subprocess.TimeoutExpired):
         child.wait(timeout=timeout_s)
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(child.pid, signal.SIGKILL)
+        send(signal.SIGKILL)  # a lone child that exited is not signalled again (Popen knows)
     child.wait()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from shared.children import stop_group, tied_to_this_process
+from shared.children import stop, tied_to_this_process
 from shared.errors import UserError
 from shared.openmp import colocated_env, inherited_env
 
@@ -100,15 +100,7 @@ def running(
             raise UserError(f"{err}{tail}") from None
         yield server
     finally:
-        if tied:
-            stop_group(server, stop_timeout_s)
-        else:
-            server.terminate()
-            try:
-                server.wait(timeout=stop_timeout_s)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+        stop(server, stop_timeout_s, group=tied)
 
 
 @contextlib.contextmanager
