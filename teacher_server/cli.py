@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from datetime import UTC, datetime
 
@@ -158,7 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         server.run()
-    except KeyboardInterrupt:  # Ctrl-C: uvicorn drained, then raised SIGINT again as it returned
+        interrupted = server.stopped_by == signal.SIGINT  # Ctrl-C where SIGINT was ignored at start
+    except KeyboardInterrupt:  # Ctrl-C: uvicorn raises the signal again once drained
+        interrupted = True
+    if interrupted:
         return EXIT_INTERRUPTED
     if failures:
         print(f"teacher-server: error: {' '.join(failures[0].split())}", file=sys.stderr)

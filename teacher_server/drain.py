@@ -61,8 +61,10 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.service = service
         self.drain_task: asyncio.Task[None] | None = None
+        self.stopped_by: int | None = None  # the first signal: the CLI's exit code says which
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.stopped_by = self.stopped_by or sig
         if self.service.draining or not self.started:
             super().handle_exit(sig, frame)  # a second signal, or nothing to drain yet
             return

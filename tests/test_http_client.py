@@ -874,7 +874,8 @@ def test_real_service_reports_cache_hits_and_refuses_bad_input(teacher_service) 
 
 def test_distill_with_a_wrong_api_key_names_the_401_and_the_variable(replicas, tmp_path, monkeypatch, capsys):
     """A refused key is a configuration error said at once, not a teacher that was 'not ready'."""
-    from student_trainer.cli import EXIT_USAGE, main
+    from shared.errors import EXIT_USAGE
+    from student_trainer.cli import main
     from tests.distill_support import distill_argv, save_student, write_sentences
 
     replica = replicas(api_key="s3cret")

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import uvicorn
 
-from shared.errors import EXIT_INTERRUPTED, UserError
+from shared.errors import EXIT_INTERRUPTED, EXIT_USAGE, UserError
 from teacher_server.cli import build_parser, main, read_api_key
 from teacher_server.config import load_config
 from teacher_server.launch import serve_in_subprocess
@@ -188,7 +188,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_cli(config: Path, port: int, env: dict[str, str] | None = None) -> subprocess.Popen:
+def start_cli(
+    config: Path, port: int, env: dict[str, str] | None = None, *, sigint_ignored: bool = False
+) -> subprocess.Popen:
+    """``sigint_ignored``: as a shell starts a background job (the server still drains on SIGINT)."""
     command = [sys.executable, "-m", "teacher_server.cli", "--config", str(config), "--port", str(port)]
     return subprocess.Popen(
         command + (["--api_key_env", "TEACHER_KEY"] if env else []),
@@ -196,6 +199,7 @@ def start_cli(config: Path, port: int, env: dict[str, str] | None = None) -> sub
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, **(env or {})},
+        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None,
     )
 
 
@@ -274,11 +278,13 @@ def test_served_from_the_cli_with_json_logs_and_a_draining_shutdown(tmp_path, ti
 
 
 @pytest.mark.slow
-def test_ctrl_c_drains_and_exits_130_without_a_traceback(tmp_path, tiny_teachers):
-    """uvicorn raises SIGINT again once drained: a terminal's Ctrl-C must not end in a traceback."""
+@pytest.mark.parametrize("sigint_ignored", [False, True], ids=["terminal", "background job"])
+def test_ctrl_c_drains_and_exits_130_without_a_traceback(tmp_path, tiny_teachers, sigint_ignored):
+    """uvicorn raises SIGINT again once drained: a terminal's Ctrl-C must not end in a traceback, and
+    where SIGINT was ignored at start (that raise does nothing) the exit code still says SIGINT."""
     config = write(tmp_path / "t.yaml", f"teachers:\n  - {{name: small, path: {tiny_teachers['small']}}}\n")
     port = free_port()
-    process = start_cli(config, port)
+    process = start_cli(config, port, sigint_ignored=sigint_ignored)
     try:
         wait_until_ready(process, f"http://127.0.0.1:{port}")
         process.send_signal(signal.SIGINT)
@@ -303,7 +309,7 @@ def test_a_teacher_that_cannot_load_stops_the_server_with_one_line(tmp_path):
     finally:
         reap(process)
     stderr = process.stderr.read()
-    assert code == 2
+    assert code == EXIT_USAGE
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("teacher-server: error: teacher 'broken' failed to load")
 
