@@ -146,10 +146,12 @@ def plan_batches(
     return batches
 
 
-def fitted(rows: torch.Tensor, length: int) -> torch.Tensor:
-    """``[rows, width]`` cut or zero-padded on the right to ``[rows, length]``."""
-    width = rows.shape[1]
-    return rows[:, :length] if width >= length else torch.nn.functional.pad(rows, (0, length - width))
+def _copy_rows(into: torch.Tensor, given: torch.Tensor, indices: list[int]) -> None:
+    """``given``'s rows ``indices`` into ``into`` (as many columns as both have): one copy, and no
+    index tensor where they are all of ``given``'s rows in order (a request in one pass)."""
+    width = min(into.shape[1], given.shape[1])
+    whole = indices == list(range(given.shape[0]))
+    into[:, :width] = (given if whole else given[torch.tensor(indices)])[:, :width]
 
 
 def slice_row(answer: TeacherAnswer, j: int, length: int, *, ran: OutputSpec, want: OutputSpec) -> RowOutputs:
@@ -436,29 +438,26 @@ class DynamicBatcher:
 
     def _merge(self, rows: list[Row], spec: OutputSpec) -> tuple[list[Row], TeacherQuery]:
         """The rows as one batch padded to the longest (which bucketing kept short), in the order
-        returned: by request, each request's rows taken at once (a few copies per row kept the
-        engine waiting for its next pass while a full pass's rows were merged)."""
-        length = max(row.length for row in rows)
+        returned: by request, each request's rows copied at once, not a few copies per row (they
+        kept the engine waiting for its next pass while a full pass's rows were merged)."""
         by_request: dict[_Request, list[Row]] = {}
         for row in rows:
             by_request.setdefault(row.request, []).append(row)
         rows = [row for group in by_request.values() for row in group]
-        ids, types = [], []
+        length = max(row.length for row in rows)
+        ids = torch.full((len(rows), length), self._pad_id, dtype=torch.long)
+        types = torch.zeros((len(rows), length), dtype=torch.long)
+        start = 0
         for request, group in by_request.items():
-            index = torch.tensor([row.index for row in group])
-            query = request.query
-            ids.append(fitted(query.input_ids.index_select(0, index), length))
-            given = query.token_type_ids
-            types.append(
-                torch.zeros(len(group), length, dtype=torch.long)
-                if given is None
-                else fitted(given.index_select(0, index), length)
-            )
-        lengths = torch.tensor([row.length for row in rows])
-        mask = (torch.arange(length) < lengths[:, None]).long()
-        merged = torch.cat(ids).long().masked_fill_(mask == 0, self._pad_id)  # whatever a client padded with
-        types = torch.cat(types).long().mul_(mask)
-        return rows, TeacherQuery(merged, mask, types, spec.want_logits, spec.cls_layers, spec.token_layers)
+            indices = [row.index for row in group]
+            for merged, given in ((ids, request.query.input_ids), (types, request.query.token_type_ids)):
+                if given is not None:
+                    _copy_rows(merged[start : start + len(group)], given, indices)
+            start += len(group)
+        mask = (torch.arange(length) < torch.tensor([row.length for row in rows])[:, None]).long()
+        ids.masked_fill_(mask == 0, self._pad_id)  # whatever a client put at its padding
+        types.mul_(mask)
+        return rows, TeacherQuery(ids, mask, types, spec.want_logits, spec.cls_layers, spec.token_layers)
 
     def _record_pass(
         self, rows: list[Row], requests: list[_Request], answer: TeacherAnswer, seconds: float

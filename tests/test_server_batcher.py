@@ -190,10 +190,10 @@ def test_concurrent_requests_share_a_pass_and_get_their_own_rows(engine):
     assert sum(a.padded_tokens for a in answers) == short + 5 * longest
 
 
-def test_a_pass_merges_requests_of_any_width_and_dtype_whatever_they_padded_with(engine):
+def test_a_pass_merges_requests_of_any_width_and_dtype_whatever_they_padded_with(engine, monkeypatch):
     """Rows of one pass come from requests padded to other widths (cut or padded to the pass's), as
-    int32 from the binary protocol, with anything a client put at its padding: each answer is its
-    request's alone."""
+    int32 from the binary protocol, with or without token types, with anything a client put at its
+    padding: the pass sees the pad id and type 0 there, and each answer is its request's alone."""
     batcher = make_batcher(engine, max_queue_delay_ms=200, max_batch_size=16, pass_overhead_tokens=10_000)
     clean = [query(engine, SENTENCES[i : i + 2]) for i in (0, 2, 4)]
 
@@ -201,14 +201,20 @@ def test_a_pass_merges_requests_of_any_width_and_dtype_whatever_they_padded_with
         return torch.nn.functional.pad(t, (0, 3), value=value)
 
     junk = []
-    for q in clean:
+    for k, q in enumerate(clean):
         padding = q.attention_mask == 0
         ids = q.input_ids.masked_fill(padding, 7).to(torch.int32)  # a real token, not the pad id
-        types = q.token_type_ids.masked_fill(padding, 1)
-        junk.append(TeacherQuery(wider(ids, 9), wider(q.attention_mask), wider(types, 1), want_logits=True))
+        types = None if k == 1 else wider(q.token_type_ids.masked_fill(padding, 1), 1)
+        junk.append(TeacherQuery(wider(ids, 9), wider(q.attention_mask), types, want_logits=True))
+    seen: list[TeacherQuery] = []
+    compute = engine.compute
+    monkeypatch.setattr(engine, "compute", lambda q: seen.append(q) or compute(q))
 
     answers = asyncio.run(infer_together(batcher, junk))
-    assert len(engine.passes) == 1  # all six rows in one pass
+    (merged,) = seen  # all six rows in one pass
+    padding = merged.attention_mask == 0
+    assert padding.any() and (merged.input_ids[padding] == engine.config.pad_token_id).all()
+    assert (merged.token_type_ids[padding] == 0).all()
     for q, answer in zip(clean, answers, strict=True):
         torch.testing.assert_close(answer.logits, TeacherEngine.compute(engine, q).logits, atol=1e-5, rtol=0)
 
