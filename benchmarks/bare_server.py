@@ -3,11 +3,12 @@ service to at 1 client:
 
     python benchmarks/bare_server.py --teacher PATH --port 8000 [--max_seq_length 128] [--device cpu]
 
-uvicorn as the service runs it (uvloop, httptools), one bare ASGI app: read the body, decode it
-(the binary tensor extension, :mod:`shared.codec`), run the teacher's pass on the event loop's own
-thread (``TeacherEngine.run``, as in-process), encode the logits, answer. No routing, dependencies,
-batcher, thread hop or metrics: what such a server gives against the engine in-process is the
-transport's and the codec's price alone, paid right after a pass has run through the caches.
+uvicorn with the loop the service picks (uvloop where installed) and httptools, one bare ASGI app:
+read the body, decode it (the binary tensor extension, :mod:`shared.codec`), run the teacher's pass
+on the event loop's own thread (``TeacherEngine.run``, as in-process), encode the logits, answer. No
+routing, dependencies, batcher, thread hop or metrics: what such a server gives against the engine
+in-process is the transport's and the codec's price alone, paid right after a pass has run through
+the caches.
 ``GET /v2/health/ready`` answers 200 once the teacher is loaded.
 """
 
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-import torch
 import uvicorn
 
 from shared.codec import build_response_body, parse_request_body
@@ -26,6 +26,8 @@ from teacher_server.config import TeacherConfig
 
 
 def bare_app(engine: TeacherEngine) -> Any:
+    """The ASGI app: every POST is decoded and answered with its own pass, every GET with 200."""
+
     async def app(scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
@@ -39,8 +41,7 @@ def bare_app(engine: TeacherEngine) -> Any:
         if scope["method"] == "POST":
             request = parse_request_body(b"".join(chunks), _header(scope, b"inference-header-content-length"))
             ids, mask = (request.inputs[name].long() for name in ("input_ids", "attention_mask"))
-            with torch.inference_mode():
-                answer = engine.run(TeacherQuery(ids, mask))
+            answer = engine.run(TeacherQuery(ids, mask))
             body, headers = build_response_body("bare", {"logits": answer.logits}, binary_outputs={"logits"})
         raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
         await send({"type": "http.response.start", "status": 200, "headers": raw})

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import importlib.resources
 import json
-import os
 import socket
 import statistics
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import httpx
 
+from shared.openmp import inherited_env
 from teacher_server.launch import free_port, running
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +76,9 @@ def main() -> None:
         command = [sys.executable, "-m", "teacher_server.cli", "--config", str(config), "--port", str(port)]
         url = f"http://127.0.0.1:{port}"
         command += ["--log_level", "warning"]
-        with running(command, os.environ, f"{url}/v2/health/ready", name="teacher-server") as server:
+        log = Path(tmp) / "server.log"  # a failed start quotes its last lines
+        ready = f"{url}/v2/health/ready"
+        with running(command, inherited_env(), ready, name="teacher-server", log_path=log) as server:
             before = {key: memory_mib(server.pid, key) for key in ("VmRSS", "VmHWM")}
             probes: list[float] = []
             result: dict[str, object] = {}

@@ -111,7 +111,7 @@ def main() -> int:
     samples: dict[str, list[float]] = {name: [] for name in CLIENTS}
     url = f"http://127.0.0.1:{(port := free_port())}"
     command = [sys.executable, "-c", SERVE, str(port), str(args.server_wait_ms)]
-    with running(command, os.environ, f"{url}/", name="the bare server", ready_timeout_s=60):
+    with running(command, os.environ, f"{url}/", name="the echo server", ready_timeout_s=60):
         for number in range(args.rounds):
             for name in CLIENTS if number % 2 == 0 else reversed(CLIENTS):
                 ms = asyncio.run(CLIENTS[name](url, body, args.requests))

@@ -162,16 +162,16 @@ def main(argv: list[str] | None = None) -> int:
     engine = TeacherEngine.from_config(config)
     served: list[dict[str, float]] = []
     alone: list[dict[str, float]] = []
-    back_to_back: list[dict[str, float]] = []
+    no_pass_between: list[dict[str, float]] = []
     for _ in range(args.rounds):
         with served_ours(served_args, args.threads, {}) as url:
             (server,) = [p for p in psutil.Process().children() if "teacher_server.cli" in p.cmdline()]
             served.append(served_stages(url, server, bodies))
         alone.append(in_process_stages(engine, config, bodies))
-        back_to_back.append(in_process_stages(engine, config, bodies, passes=False))
+        no_pass_between.append(in_process_stages(engine, config, bodies, passes=False))
     medians = [
         {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
-        for rounds in (served, alone, back_to_back)
+        for rounds in (served, alone, no_pass_between)
     ]
     print(table(f"served, 1 client, {args.threads} thread(s), per request:", medians[0]))
     print(table("in process, each stage alone, per request:", medians[1]))
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         "no_pass_between_median": medians[2],
         "served_rounds": served,
         "in_process_rounds": alone,
-        "no_pass_between_rounds": back_to_back,
+        "no_pass_between_rounds": no_pass_between,
     }
     write_report(report, args.output)
     return 0

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.resources
 import json
 import os
@@ -123,7 +124,9 @@ def served(
         config_path.write_text(json.dumps(config))  # JSON is YAML
         env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         # as shipped: the in-process baseline runs on OpenMP's default too (shared/openmp.py)
-        with serve_in_subprocess(config_path, env=env, log_level="warning", colocated=False) as url:
+        with serve_in_subprocess(
+            config_path, env=env, log_level="warning", tie_to_parent=True, colocated=False
+        ) as url:
             yield url
 
 
@@ -314,9 +317,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", choices=sorted(SHAPES), help="a random teacher of this shape instead")
     parser.add_argument("--output", default=str(ROOT / "runs" / "bench_server.json"))
     args = parser.parse_args(argv)
-    if args.shape:  # a BERT-large is 1.3 GB: removed when main returns, or at exit
-        scratch = tempfile.TemporaryDirectory(prefix="bench_server-")
-        args.teacher = random_teacher(args.shape, Path(scratch.name) / args.shape)
+    with tempfile.TemporaryDirectory(prefix="bench_server-") as scratch:  # a BERT-large is 1.3 GB
+        if args.shape:
+            args.teacher = random_teacher(args.shape, Path(scratch) / args.shape)
+        return run(args, argv)
+
+
+def run(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """Measure, print the table and write the report (``argv``: the command it records)."""
     args.teacher = args.teacher or default_teacher()
     levels = [int(c) for c in args.clients.split(",")]
     torch.set_num_threads(args.threads)
@@ -439,7 +447,8 @@ def measure(
     limits = (args.max_seq_length, args.max_batch_size, args.max_batch_tokens, args.threads, args.device)
     round_trips = []
     bare = (args.teacher, args.max_seq_length, args.threads, args.device)
-    with served(args.teacher, *limits) as url, served_bare(*bare) as bare_url:
+    floor = served_bare(*bare) if 1 in levels else contextlib.nullcontext("")
+    with served(args.teacher, *limits) as url, floor as bare_url:
         for _ in range(args.repeats):
             round_trips.append(asyncio.run(empty_round_trip_ms(url)))
             if 1 in levels:  # the floor: the same requests, each answered by the pass and nothing else

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import sys
 import tempfile
@@ -25,6 +24,7 @@ import torch
 import yaml
 from bench_server import ROOT, report_samples
 
+from shared.openmp import inherited_env
 from shared.teacher_api import TeacherQuery
 from student_trainer.teachers.client import make_teacher_client
 from teacher_server.launch import free_port, running
@@ -80,7 +80,8 @@ def main() -> int:
             for http, loop in STACKS if number % 2 == 0 else reversed(STACKS):
                 url = f"http://127.0.0.1:{(port := free_port())}"
                 command = [sys.executable, "-c", SERVE, str(config), str(port), http, loop]
-                with running(command, os.environ, f"{url}/v2/health/ready", name=f"{http}+{loop}"):
+                log = Path(tmp) / f"{http}+{loop}.log"  # a failed start quotes its last lines
+                with running(command, inherited_env(), f"{url}/v2/health/ready", name=log.stem, log_path=log):
                     ms = asyncio.run(median_ms(url, queries))
                 samples[f"{http}+{loop}"].append(ms)
                 print(f"  round {number} {http:<9} {loop:<7} {ms:6.2f} ms a request", flush=True)
