@@ -110,7 +110,7 @@ def in_process_stages(
             call = timed("tokenize", v2_adapter.to_call, decoded, engine, config)
             request = timed("admit", admit, batcher, call.query)
             rows = [Row(request, i, n) for i, n in enumerate(request.lengths)]
-            rows, query = timed("merge rows", batcher._merge, rows, request.spec)
+            query = timed("merge rows", batcher._merge, rows, request.spec)
             if passes or not reused:
                 reused[:] = [timed("forward pass", engine.compute, query)]
             answer = reused[0]

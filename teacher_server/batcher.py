@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import math
 import threading
@@ -381,7 +382,8 @@ class DynamicBatcher:
     def _next_pass(self) -> tuple[list[Row], OutputSpec]:
         """Plan the window's rows into length buckets and take the bucket holding a row of the
         oldest request: a request finishes within a few passes of its start, however busy the
-        queue, and what arrives during a pass joins the next plan (continuous batching)."""
+        queue, and what arrives during a pass joins the next plan (continuous batching). Its rows
+        come by request, so that each request's go into the pass at once (:meth:`_merge`)."""
         window = self._window()  # never empty: _work_is_due saw live work
         depth = self.engine.info.num_layers
         group = lambda r: (r.spec.depth(depth), r.spec.want_logits)  # noqa: E731 - rows of one pass share it
@@ -411,13 +413,14 @@ class DynamicBatcher:
             tuple(sorted({k for r in requests for k in r.spec.cls_layers})),
             tuple(sorted({k for r in requests for k in r.spec.token_layers})),
         )
-        return chosen, spec
+        position = {request: i for i, request in enumerate(requests)}
+        return sorted(chosen, key=lambda row: position[row.request]), spec
 
     # -- one forward pass -----------------------------------------------------------------------
 
     async def _run_pass(self, rows: list[Row], spec: OutputSpec) -> None:
         loop = asyncio.get_running_loop()
-        rows, query = self._merge(rows, spec)
+        query = self._merge(rows, spec)
         requests = list(dict.fromkeys(row.request for row in rows))
         started = loop.time()
         for request in requests:
@@ -436,28 +439,24 @@ class DynamicBatcher:
         self._record_pass(rows, requests, answer, seconds)
         self._scatter(rows, requests, spec, answer, seconds)
 
-    def _merge(self, rows: list[Row], spec: OutputSpec) -> tuple[list[Row], TeacherQuery]:
-        """The rows as one batch padded to the longest (which bucketing kept short), in the order
-        returned: by request, each request's rows copied at once, not a few copies per row (they
-        kept the engine waiting for its next pass while a full pass's rows were merged)."""
-        by_request: dict[_Request, list[Row]] = {}
-        for row in rows:
-            by_request.setdefault(row.request, []).append(row)
-        rows = [row for group in by_request.values() for row in group]
+    def _merge(self, rows: list[Row], spec: OutputSpec) -> TeacherQuery:
+        """The rows (by request) as one batch padded to the longest, which bucketing kept short:
+        a copy per request and tensor, not a few per row (they kept the engine waiting for its
+        next pass while a full pass's rows were merged)."""
         length = max(row.length for row in rows)
         ids = torch.full((len(rows), length), self._pad_id, dtype=torch.long)
         types = torch.zeros((len(rows), length), dtype=torch.long)
         start = 0
-        for request, group in by_request.items():
+        for request, group in itertools.groupby(rows, key=lambda row: row.request):
             indices = [row.index for row in group]
             for merged, given in ((ids, request.query.input_ids), (types, request.query.token_type_ids)):
                 if given is not None:
-                    _copy_rows(merged[start : start + len(group)], given, indices)
-            start += len(group)
+                    _copy_rows(merged[start : start + len(indices)], given, indices)
+            start += len(indices)
         mask = (torch.arange(length) < torch.tensor([row.length for row in rows])[:, None]).long()
         ids.masked_fill_(mask == 0, self._pad_id)  # whatever a client put at its padding
         types.mul_(mask)
-        return rows, TeacherQuery(ids, mask, types, spec.want_logits, spec.cls_layers, spec.token_layers)
+        return TeacherQuery(ids, mask, types, spec.want_logits, spec.cls_layers, spec.token_layers)
 
     def _record_pass(
         self, rows: list[Row], requests: list[_Request], answer: TeacherAnswer, seconds: float
