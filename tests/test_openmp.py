@@ -58,7 +58,7 @@ class ExitedAtOnce:
     def poll(self) -> int:
         return self.returncode
 
-    def terminate(self) -> None: ...
+    def send_signal(self, sig: int) -> None: ...
 
     def wait(self, timeout: float | None = None) -> int:
         return self.returncode
