@@ -19,7 +19,7 @@ from typing import Any
 
 import uvicorn
 
-from shared.codec import build_response_body, parse_request_body
+from shared.codec import HEADER_LENGTH, build_response_body, parse_request_body
 from shared.teacher_api import TeacherQuery
 from teacher_engine.engine import TeacherEngine
 from teacher_server.config import TeacherConfig
@@ -39,7 +39,7 @@ def bare_app(engine: TeacherEngine) -> Any:
                 break
         body, headers = b"", {}
         if scope["method"] == "POST":
-            request = parse_request_body(b"".join(chunks), _header(scope, b"inference-header-content-length"))
+            request = parse_request_body(b"".join(chunks), _header(scope, HEADER_LENGTH.lower().encode()))
             ids, mask = (request.inputs[name].long() for name in ("input_ids", "attention_mask"))
             answer = engine.run(TeacherQuery(ids, mask))
             body, headers = build_response_body("bare", {"logits": answer.logits}, binary_outputs={"logits"})

@@ -37,7 +37,7 @@ import torch
 from bench_peers import V2, classifier_checkpoint, drive, load_dev_sentences, request_bodies, served_ours
 from bench_server import ROOT, default_teacher, write_report
 
-from shared.teacher_api import TeacherAnswer, TeacherQuery
+from shared.teacher_api import TeacherQuery
 from teacher_engine.engine import TeacherEngine, right_aligned
 from teacher_server import v2_adapter
 from teacher_server.batcher import DynamicBatcher, Row
@@ -95,7 +95,6 @@ def in_process_stages(
     ``passes`` the first request's answer serves every request (all are 8 rows, logits only) and no
     pass runs between them: the same stages on caches a pass has not just flushed."""
     spent: dict[str, float] = {}
-    reused: list[TeacherAnswer] = []
 
     def timed(stage: str, work: Callable, *args: object) -> object:
         started = time.thread_time()
@@ -105,15 +104,15 @@ def in_process_stages(
 
     async def run_all() -> None:
         batcher = DynamicBatcher(engine, config, cache=OutputCache(0), metrics=ServiceMetrics())
+        answer = None
         for body in bodies:
             decoded = timed("decode body", v2_adapter.parse, body, None, engine, config)
             call = timed("tokenize", v2_adapter.to_call, decoded, engine, config)
             request = timed("admit", admit, batcher, call.query)
             rows = [Row(request, i, n) for i, n in enumerate(request.lengths)]
             query = timed("merge rows", batcher._merge, rows, request.spec)
-            if passes or not reused:
-                reused[:] = [timed("forward pass", engine.compute, query)]
-            answer = reused[0]
+            if passes or answer is None:
+                answer = timed("forward pass", engine.compute, query)
             timed("pass metrics", batcher._record_pass, rows, [request], answer, 0.0)
             timed("scatter", batcher._scatter, rows, [request], request.spec, answer, 0.0)
             timed("encode response", v2_adapter.encode, "teacher", call, request.future.result())

@@ -101,6 +101,11 @@ def load_sentences(count: int) -> tuple[list[str], str]:
 # --- the server ------------------------------------------------------------------------------
 
 
+def thread_env(threads: int) -> dict[str, str]:
+    """The torch thread count of a server this benchmark starts: the in-process side's own."""
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
 @contextmanager
 def served(
     teacher: str, max_seq_length: int, max_batch_size: int, max_batch_tokens: int, threads: int, device: str
@@ -122,7 +127,7 @@ def served(
     with tempfile.TemporaryDirectory() as tmp:
         config_path = Path(tmp) / "bench.yaml"
         config_path.write_text(json.dumps(config))  # JSON is YAML
-        env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        env = thread_env(threads)
         # as shipped: the in-process baseline runs on OpenMP's default too (shared/openmp.py)
         with serve_in_subprocess(
             config_path, env=env, log_level="warning", tie_to_parent=True, colocated=False
@@ -136,7 +141,7 @@ def served_bare(teacher: str, max_seq_length: int, threads: int, device: str) ->
     url = f"http://127.0.0.1:{(port := free_port())}"
     command = [sys.executable, str(ROOT / "benchmarks" / "bare_server.py"), "--teacher", teacher]
     command += ["--port", str(port), "--max_seq_length", str(max_seq_length), "--device", device]
-    env = {**inherited_env(), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env = {**inherited_env(), **thread_env(threads)}
     with running(command, env, f"{url}/v2/health/ready", name="bare_server.py"):  # tied: no orphan
         yield url
 
@@ -451,10 +456,10 @@ def measure(
     with served(args.teacher, *limits) as url, floor as bare_url:
         for _ in range(args.repeats):
             round_trips.append(asyncio.run(empty_round_trip_ms(url)))
-            if 1 in levels:  # the floor: the same requests, each answered by the pass and nothing else
+            if bare_url:  # the floor: the same requests, each answered by the pass and nothing else
                 result = asyncio.run(drive(bare_url, "bare", logits_bodies, 1))
                 row = {"mode": "bare server", "clients": 1, "output": "logits", "wire": "binary", **result}
-                keep(("bare",), {**row, "mean_pass_rows": float(ROWS_PER_REQUEST), "compute_share": None})
+                keep(("bare",), row | {"mean_pass_rows": float(ROWS_PER_REQUEST), "compute_share": None})
             for model_name, clients, output, wire, bodies in server_runs:
                 result = asyncio.run(drive(url, model_name, bodies, clients))
                 row = {

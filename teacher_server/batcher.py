@@ -444,7 +444,7 @@ class DynamicBatcher:
         a copy per request and tensor, not a few per row (they kept the engine waiting for its
         next pass while a full pass's rows were merged)."""
         length = max(row.length for row in rows)
-        ids = torch.full((len(rows), length), self._pad_id, dtype=torch.long)
+        ids = torch.empty((len(rows), length), dtype=torch.long)  # every place copied, or padding below
         types = torch.zeros((len(rows), length), dtype=torch.long)
         start = 0
         for request, group in itertools.groupby(rows, key=lambda row: row.request):
