@@ -37,6 +37,7 @@ from shared.vocabulary import tokenizer_parameters
 from teacher_engine.families import family_of
 from teacher_engine.packing import LayerProducts, Packing, packed_layer
 from teacher_engine.prompting import LabelWordHead, label_token_ids, rendered
+from teacher_engine.tokenizing import BatchTokenizer
 from teacher_server.config import TeacherConfig
 from teacher_server.errors import Unprocessable
 
@@ -196,6 +197,7 @@ class TeacherEngine:
             **tokenizer_parameters(tokenizer),
             flops_config=flops_config(self.flops_shape),
         )
+        self.batch_tokenizer = BatchTokenizer(tokenizer, self.info.max_seq_length, self.type_vocab_size > 0)
         self.flops_per_token = flops_per_token(self.flops_shape, min(128, self.info.max_seq_length))
         shape = self.flops_shape
         token = layer_forward_flops(shape.hidden_size, shape.intermediate_size, 1, shape.ffn_matrices, 0)
@@ -288,16 +290,7 @@ class TeacherEngine:
         pairs = [pair[:chars] for pair in text_pairs] if text_pairs is not None else None
         if self.prompt is not None:
             return self._tokenize_prompts(rendered(self.prompt, self.tokenizer, texts, pairs))
-        enc = self.tokenizer(
-            texts,
-            pairs,
-            padding=True,
-            truncation=True,
-            max_length=self.info.max_seq_length,
-            return_tensors="pt",
-            return_token_type_ids=self.type_vocab_size > 0,
-        )
-        return enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids")
+        return self.batch_tokenizer(texts, pairs)
 
     def _tokenize_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, None]:
         """Whole prompts or none: cutting one would cut the question the label words answer."""

@@ -175,13 +175,13 @@ def test_huge_texts_are_cut_before_tokenizing_without_changing_the_tokens(engine
     engine = engines["small"]  # max_seq_length 128: texts are cut to 128 × 64 characters
     huge, prefix = "good movie " * 300_000, "good movie " * 100  # 3.3 MB; 200 tokens > 128
     seen: list[int] = []
-    tokenizer = engine.tokenizer
+    tokenizer = engine.batch_tokenizer
 
-    def recording(texts, pairs=None, **options):
+    def recording(texts, pairs=None):
         seen.extend(len(t) for t in [*texts, *(pairs or [])])
-        return tokenizer(texts, pairs, **options)
+        return tokenizer(texts, pairs)
 
-    monkeypatch.setattr(engine, "tokenizer", recording)
+    monkeypatch.setattr(engine, "batch_tokenizer", recording)
     for texts, pairs, same_texts, same_pairs in (
         ([huge, "fun !"], None, [prefix, "fun !"], None),
         (["fun !", "a good movie"], [huge, "i like it"], ["fun !", "a good movie"], [prefix, "i like it"]),
