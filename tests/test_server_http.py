@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import socket
@@ -816,3 +817,17 @@ def test_outputs_larger_than_max_output_mb_are_refused_before_they_run(roomy_ser
         outputs={"logits": None, "hidden_cls": {"layers": "1,2"}},
     )
     assert decode(fine).outputs["hidden_cls"].shape == (8, 2, 32)
+
+
+def test_what_start_up_made_stays_out_of_later_garbage_collections(tiny_teachers):
+    """A full collection on the event loop's thread holds the GIL that the teacher's passes need
+    between operators (about 200 ms with a real teacher): once ready, the service keeps its start-up
+    heap (the teacher included) out of every collection, and gives it back when it closes."""
+    gc.unfreeze()
+    config = ServerConfig(teachers=[{"name": "small", "path": str(tiny_teachers["small"])}])
+    with LiveServer(config) as live:
+        model = live.app.state.service.batchers["small"].engine.model
+        assert gc.get_freeze_count() > 0
+        assert not any(tracked is model for tracked in gc.get_objects())
+    assert gc.get_freeze_count() == 0
+    assert any(tracked is model for tracked in gc.get_objects())
