@@ -437,6 +437,39 @@ def test_what_arrives_during_a_pass_joins_the_next_and_the_oldest_request_goes_f
     assert sum(rows for rows, _ in engine.passes) == 1 + 2 + 3 * 2
 
 
+def test_a_packed_engine_takes_the_oldest_requests_whole_so_they_finish_in_turn(packed_engine, monkeypatch):
+    """Requests that queue during a pass, each with a short and a long row: a packed engine's next
+    pass takes the oldest of them whole, as many as fit, so they finish a pass apart in arrival
+    order, not all together after passes that each took a row of every one (length bucketing over a
+    wider window, as an engine that pads every row still plans)."""
+    batcher = make_batcher(packed_engine, max_batch_size=4, pass_overhead_tokens=10_000)
+    gate = Gate(monkeypatch, packed_engine)
+    finished: dict[str, int] = {}
+
+    async def scenario():
+        batcher.start()
+
+        def send(name, texts):
+            task = asyncio.ensure_future(batcher.infer(query(packed_engine, texts)))
+            task.add_done_callback(lambda _: finished.setdefault(name, len(packed_engine.passes)))
+            return task
+
+        tasks = [send("first", SENTENCES[:1])]
+        await gate.wait_until_a_pass_runs()
+        tasks += [send(f"r{i}", [SENTENCES[2 + i % 2], SENTENCES[1 + 2 * (i % 2)]]) for i in range(4)]
+        await asyncio.sleep(0.05)
+        gate.opened.set()
+        await asyncio.gather(*tasks)
+        await batcher.close(5)
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), 10))
+    finally:
+        gate.opened.set()
+    assert [rows for rows, _ in packed_engine.passes] == [1, 4, 4]
+    assert finished == {"first": 1, "r0": 2, "r1": 2, "r2": 3, "r3": 3}
+
+
 def test_close_fails_the_pass_in_flight_when_the_drain_times_out(engine, monkeypatch):
     batcher = make_batcher(engine, max_queue_delay_ms=0, max_batch_size=2, pass_overhead_tokens=10_000)
     gate = Gate(monkeypatch, engine)
