@@ -45,9 +45,12 @@ class CountingEngine(TeacherEngine):
     """The real engine, recording the shape of every pass it runs."""
 
     passes: list[tuple[int, int]]
+    pass_rows: list[set[tuple[int, ...]]]  # each pass's rows, their real tokens
 
     def compute(self, query):
         self.passes.append(tuple(query.input_ids.shape))
+        real = zip(query.input_ids.tolist(), query.attention_mask.tolist(), strict=True)
+        self.pass_rows.append({tuple(i for i, m in zip(ids, mask, strict=True) if m) for ids, mask in real})
         return super().compute(query)
 
 
@@ -55,7 +58,7 @@ class CountingEngine(TeacherEngine):
 def engine(tiny_teachers) -> CountingEngine:
     """A padded engine: these tests read the bucketing's padding pass by pass."""
     loaded = CountingEngine.load("large", tiny_teachers["large"])
-    loaded.passes = []
+    loaded.passes, loaded.pass_rows = [], []
     loaded.packs = False
     return loaded
 
@@ -63,13 +66,14 @@ def engine(tiny_teachers) -> CountingEngine:
 @pytest.fixture(scope="module")
 def packed_engine(tiny_teachers) -> CountingEngine:
     loaded = CountingEngine.load("large", tiny_teachers["large"])
-    loaded.passes = []
+    loaded.passes, loaded.pass_rows = [], []
     assert loaded.packs  # BERT packs
     return loaded
 
 
 def make_batcher(engine, cache_bytes=0, **limits) -> DynamicBatcher:
     engine.passes.clear()
+    engine.pass_rows.clear()
     config = TeacherConfig(name="large", path="unused", **limits)
     return DynamicBatcher(engine, config, cache=OutputCache(cache_bytes), metrics=ServiceMetrics())
 
@@ -403,14 +407,11 @@ def test_given_up_requests_free_their_queue_slot_at_once(engine, monkeypatch):
     assert len(engine.passes) == 2  # the given-up requests never ran
 
 
-def test_what_arrives_during_a_pass_joins_the_next_and_the_oldest_request_goes_first(engine, monkeypatch):
-    """Continuous batching: the idle engine starts the first request alone at once; requests that
-    arrive meanwhile are planned together, and the bucket of the oldest of them runs first: its
-    long rows are not held back behind passes of short rows that came later."""
-    batcher = make_batcher(engine, max_batch_size=2, pass_overhead_tokens=0)  # default: no queue delay
+def finished_while_a_pass_waits(monkeypatch, batcher, engine, later) -> list[str]:
+    """Start ``batcher`` with one request, ``first``; while its pass is held, send ``later``
+    (``(name, texts)`` pairs), then let every pass run. The requests' names as they finish."""
     gate = Gate(monkeypatch, engine)
     finished: list[str] = []
-    long_pair, short = [SENTENCES[1], SENTENCES[3]], SENTENCES[2:3] + SENTENCES[4:5]
 
     async def scenario():
         batcher.start()
@@ -422,8 +423,11 @@ def test_what_arrives_during_a_pass_joins_the_next_and_the_oldest_request_goes_f
 
         tasks = [send("first", SENTENCES[:1])]
         await gate.wait_until_a_pass_runs()
-        tasks += [send("long", long_pair), *(send(f"short{i}", short) for i in range(3))]
-        await asyncio.sleep(0.05)
+        tasks += [send(name, texts) for name, texts in later]
+        for _ in range(500):  # until every one of them waits in the queue
+            if sample(batcher.metrics, "teacher_queue_depth") == len(later):
+                break
+            await asyncio.sleep(0.01)
         gate.opened.set()
         await asyncio.gather(*tasks)
         await batcher.close(5)
@@ -432,6 +436,17 @@ def test_what_arrives_during_a_pass_joins_the_next_and_the_oldest_request_goes_f
         asyncio.run(asyncio.wait_for(scenario(), 10))
     finally:
         gate.opened.set()
+    return finished
+
+
+def test_what_arrives_during_a_pass_joins_the_next_and_the_oldest_request_goes_first(engine, monkeypatch):
+    """Continuous batching: the idle engine starts the first request alone at once; requests that
+    arrive meanwhile are planned together, and the bucket of the oldest of them runs first: its
+    long rows are not held back behind passes of short rows that came later."""
+    batcher = make_batcher(engine, max_batch_size=2, pass_overhead_tokens=0)  # default: no queue delay
+    long_pair, short = [SENTENCES[1], SENTENCES[3]], SENTENCES[2:3] + SENTENCES[4:5]
+    later = [("long", long_pair), *((f"short{i}", short) for i in range(3))]
+    finished = finished_while_a_pass_waits(monkeypatch, batcher, engine, later)
     assert engine.passes[0][0] == 1  # the first request ran alone, without waiting for company
     assert finished[:2] == ["first", "long"], finished  # then the oldest waiting request's bucket
     assert sum(rows for rows, _ in engine.passes) == 1 + 2 + 3 * 2
@@ -443,31 +458,18 @@ def test_a_packed_engine_takes_the_oldest_requests_whole_so_they_finish_in_turn(
     order, not all together after passes that each took a row of every one (length bucketing over a
     wider window, as an engine that pads every row still plans)."""
     batcher = make_batcher(packed_engine, max_batch_size=4, pass_overhead_tokens=10_000)
-    gate = Gate(monkeypatch, packed_engine)
-    finished: dict[str, int] = {}
-
-    async def scenario():
-        batcher.start()
-
-        def send(name, texts):
-            task = asyncio.ensure_future(batcher.infer(query(packed_engine, texts)))
-            task.add_done_callback(lambda _: finished.setdefault(name, len(packed_engine.passes)))
-            return task
-
-        tasks = [send("first", SENTENCES[:1])]
-        await gate.wait_until_a_pass_runs()
-        tasks += [send(f"r{i}", [SENTENCES[2 + i % 2], SENTENCES[1 + 2 * (i % 2)]]) for i in range(4)]
-        await asyncio.sleep(0.05)
-        gate.opened.set()
-        await asyncio.gather(*tasks)
-        await batcher.close(5)
-
-    try:
-        asyncio.run(asyncio.wait_for(scenario(), 10))
-    finally:
-        gate.opened.set()
+    shorts = ["fun ! fun", "best film", "i like it", "great acting"]  # none is another row
+    longs = [*SENTENCES[1::2], "the music was really quite good but the story was very very dull"]
+    later = [(f"r{i}", [short, long]) for i, (short, long) in enumerate(zip(shorts, longs, strict=True))]
+    finished = finished_while_a_pass_waits(monkeypatch, batcher, packed_engine, later)
+    alone = lambda text: tuple(packed_engine.tokenize([text])[0][0].tolist())  # noqa: E731
+    passes = packed_engine.pass_rows
+    ran_in = {
+        name: {p for p, rows in enumerate(passes) for t in texts if alone(t) in rows} for name, texts in later
+    }
     assert [rows for rows, _ in packed_engine.passes] == [1, 4, 4]
-    assert finished == {"first": 1, "r0": 2, "r1": 2, "r2": 3, "r3": 3}
+    assert ran_in == {"r0": {1}, "r1": {1}, "r2": {2}, "r3": {2}}
+    assert [set(finished[1:3]), set(finished[3:])] == [{"r0", "r1"}, {"r2", "r3"}]
 
 
 def test_close_fails_the_pass_in_flight_when_the_drain_times_out(engine, monkeypatch):
