@@ -64,6 +64,7 @@ from shared.errors import UserError
 from shared.openmp import inherited_env
 from student_trainer.teachers.vllm_server import VLLM_PYTHON_ENV, VllmServer, cpu_env
 from teacher_server.launch import free_port, port_is_free, running, serve_in_subprocess
+from teacher_server.service import freeze_heap
 
 ROOT = Path(__file__).resolve().parents[1]
 PEER_SCRIPTS = Path(__file__).resolve().parent / "peers"
@@ -657,7 +658,9 @@ def main(argv: list[str] | None = None) -> int:
     bodies[BEFORE] = bodies[OURS]
     bodies |= {name: request_bodies(sentences, PEERS[name]) for name in pythons}
 
-    # phase 3: interleaved rounds, then medians
+    # phase 3: interleaved rounds, then medians; this client's own full garbage collections (it holds
+    # torch and transformers: ~200 ms each) would stall whichever server it was driving
+    freeze_heap()
     samples = measure(args, pythons, run, bodies)
     table = medians(samples)
     rows = comparison_rows(
