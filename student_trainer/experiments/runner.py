@@ -35,6 +35,7 @@ from student_trainer.experiments.config import ExperimentConfig, Method, Teacher
 from student_trainer.experiments.layout import Layout, locked, portable, run_id
 from student_trainer.experiments.models import resolve_model
 from student_trainer.experiments.tasks import task_record
+from student_trainer.train.checksums import file_sha256
 
 # What every subprocess gets beyond the commands' own OpenMP default (shared/openmp.py): no
 # tokenizer thread pool of its own beside torch's threads.
@@ -75,14 +76,6 @@ def _trainer(command: str, flags: list[str], log_path: Path) -> float:
         tail = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:]
         raise UserError(f"{command} failed (exit {code}): {' '.join(tail)}; log: {log_path}")
     return time.perf_counter() - started
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def teacher_key(task: str, data: Mapping[str, Any], spec: TeacherSpec, max_seq_length: int) -> str:
@@ -169,7 +162,7 @@ def _teacher_record(out: Path, task: str, role: str, spec: TeacherSpec) -> dict[
         "finetune": spec.finetune,
         "eval": json.loads((out / "eval_results.json").read_text()),
         "wall_time_s": float((out / "wall_time_s.txt").read_text()),
-        "weights_sha256": _sha256(weights) if weights.exists() else None,
+        "weights_sha256": file_sha256(weights) if weights.exists() else None,
         "folder": out.name,  # under --teachers_dir: no path of the machine that made it
     }
 
