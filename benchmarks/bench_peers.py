@@ -61,10 +61,10 @@ from bench_server import ROWS_PER_REQUEST, SST2, default_teacher, write_report
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from shared.errors import UserError
+from shared.heap import freeze_heap
 from shared.openmp import inherited_env
 from student_trainer.teachers.vllm_server import VLLM_PYTHON_ENV, VllmServer, cpu_env
 from teacher_server.launch import free_port, port_is_free, running, serve_in_subprocess
-from teacher_server.service import freeze_heap
 
 ROOT = Path(__file__).resolve().parents[1]
 PEER_SCRIPTS = Path(__file__).resolve().parent / "peers"
@@ -534,8 +534,7 @@ class Run:
 def measure(args: argparse.Namespace, pythons: dict[str, Path], run: Run, bodies: dict) -> list[dict]:
     """Every server, every thread count, every concurrency, in interleaved rounds; one sample each."""
     samples = []
-    levels = [int(c) for c in args.clients.split(",")]
-    for threads in [int(t) for t in args.threads.split(",")]:
+    for threads in args.threads:
         servers = [OURS, *([BEFORE] if args.before else []), *pythons]
         for number, order in enumerate(round_orders(servers, args.rounds)):
             for name in order:
@@ -546,7 +545,7 @@ def measure(args: argparse.Namespace, pythons: dict[str, Path], run: Run, bodies
                 try:
                     with serve(name, args, pythons, threads, launched) as url:
                         run.answers.setdefault(name, first_answer(url, api, bodies[name][0]))
-                        for clients in levels:
+                        for clients in args.clients:
                             result = asyncio.run(
                                 drive(url, api, bodies[name][: clients * args.requests], clients)
                             )
@@ -586,12 +585,27 @@ def peer_python(name: str, args: argparse.Namespace) -> Path:
     return given or ensure_venv(peer, args.cache, args.reinstall)
 
 
+def counts(text: str) -> list[int]:
+    """``--threads`` and ``--clients``: comma-separated positive integers."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of positive integers")
+    return values
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--teacher", default=None, help="checkpoint dir (default: the pretrained MiniLM-L6)")
     parser.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated, of {', '.join(PEERS)}")
-    parser.add_argument("--threads", default="1,2", help="torch threads per server, comma-separated")
-    parser.add_argument("--clients", default="1,4,16", help="concurrency levels, comma-separated")
+    parser.add_argument(
+        "--threads", type=counts, default="1,2", help="torch threads per server, comma-separated"
+    )
+    parser.add_argument(
+        "--clients", type=counts, default="1,4,16", help="concurrency levels, comma-separated"
+    )
     parser.add_argument(
         "--requests", type=int, default=48, help="requests of 8 sentences per client and measurement"
     )
@@ -652,20 +666,16 @@ def main(argv: list[str] | None = None) -> int:
     versions = {name: installed_version(python, PEERS[name].distribution) for name, python in pythons.items()}
 
     # phase 2: the same sentences for everyone, as each server is asked
-    most = max(int(c) for c in args.clients.split(","))
-    sentences, source = load_dev_sentences(most * args.requests * ROWS_PER_REQUEST)
+    sentences, source = load_dev_sentences(max(args.clients) * args.requests * ROWS_PER_REQUEST)
     bodies = {OURS: request_bodies(sentences)}
     bodies[BEFORE] = bodies[OURS]
     bodies |= {name: request_bodies(sentences, PEERS[name]) for name in pythons}
 
-    # phase 3: interleaved rounds, then medians; this client's own full garbage collections (it holds
-    # torch and transformers: ~200 ms each) would stall whichever server it was driving
-    freeze_heap()
+    # phase 3: interleaved rounds, then medians
+    freeze_heap()  # this client holds torch and transformers: see shared.heap
     samples = measure(args, pythons, run, bodies)
     table = medians(samples)
-    rows = comparison_rows(
-        table, [int(t) for t in args.threads.split(",")], [int(c) for c in args.clients.split(",")]
-    )
+    rows = comparison_rows(table, args.threads, args.clients)
     load = (load_before, os.getloadavg()[0])
     agreement = run.agreement()
     print(format_table(rows, run.skipped))

@@ -2,12 +2,12 @@
 
 Called as ``tokenizer(texts, pairs, padding=True, truncation=True, ...)``, a transformers fast
 tokenizer sets its Rust backend's truncation and padding again on every call and turns each
-encoding into Python dicts of lists before building tensors: on the service's event loop, at 16
-clients, that conversion took as long as the tokenizing itself (``py-spy``). Here a copy of the
-backend is set up once (cut to ``max_length``, padded to the batch's longest, the wrapper's
-sides, pad token and special-token handling) and its encodings go straight into tensors. The ids,
-mask and token types equal the wrapper's call (``tests/test_tokenizing.py``); a tokenizer without a
-Rust backend, or without a pad token, is called as before.
+encoding into Python dicts of lists before building tensors, on the service's event loop for every
+request. Here a copy of the backend is set up once (cut to ``max_length``, padded to the batch's
+longest, the wrapper's sides, pad token and special-token handling) and its encodings go straight
+into tensors. The ids, mask and token types equal the wrapper's call (``tests/test_tokenizing.py``);
+a tokenizer without a Rust backend, or without a pad token, is called as before (the latter fails
+alike when asked to pad).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ class BatchTokenizer:
         self.backend = self._backend(tokenizer, max_length)
 
     def _sides(self) -> tuple[str, str]:
-        """The sides the wrapper pads and cuts on: a caller may change them (left padding for a
-        decoder), and the backend follows."""
+        """The sides the wrapper pads and cuts on: whoever holds the tokenizer may change them
+        (left padding for a decoder's rows), and the backend follows."""
         return self.tokenizer.padding_side, self.tokenizer.truncation_side
 
     @staticmethod
@@ -60,10 +60,10 @@ class BatchTokenizer:
         encodings = self.backend.encode_batch(
             list(texts) if pairs is None else list(zip(texts, pairs, strict=True))
         )
-        ids = torch.tensor([encoding.ids for encoding in encodings])
-        mask = torch.tensor([encoding.attention_mask for encoding in encodings])
-        types = torch.tensor([encoding.type_ids for encoding in encodings]) if self.token_types else None
-        return ids, mask, types
+        ids = torch.tensor([encoding.ids for encoding in encodings], dtype=torch.long)
+        mask = torch.tensor([encoding.attention_mask for encoding in encodings], dtype=torch.long)
+        types = [encoding.type_ids for encoding in encodings]
+        return ids, mask, torch.tensor(types, dtype=torch.long) if self.token_types else None
 
     def _wrapped(self, texts: Sequence[str], pairs: Sequence[str] | None) -> Batch:
         enc = self.tokenizer(

@@ -42,12 +42,8 @@ from teacher_server.config import TeacherConfig
 from teacher_server.errors import ServiceError
 from teacher_server.metrics import ServiceMetrics
 
-# An engine that pads every row to its pass's longest plans from this many passes' worth of
-# waiting rows: enough choice for length bucketing; only the bucket with the oldest request's row
-# runs, so a wide window holds no one back. A packed engine pays for mixed lengths in attention
-# alone, and plans from one pass's worth: the oldest requests, whole. A wider window there let every
-# pass take a bucket of each waiting request's rows, so requests finished together, a pass or two
-# later than they could (p99/p50 at 16 clients 1.45-1.54 against 1.12-1.20, as fast or faster).
+# Each plan looks ahead at this many passes' worth of waiting rows: enough choice for length
+# bucketing; only the bucket with the oldest request's row runs, so a wide window holds no one back.
 WINDOW_PASSES = 4
 
 log = logging.getLogger(__name__)
@@ -187,7 +183,6 @@ class DynamicBatcher:
         self.cache = cache
         self.metrics = metrics
         self.name = engine.info.name
-        self._window_passes = 1 if engine.packs else WINDOW_PASSES
         self._queue: deque[_Request] = deque()  # not begun, FIFO
         self._active: list[_Request] = []  # some rows computed or being computed
         self._wakeup = asyncio.Event()
@@ -367,17 +362,17 @@ class DynamicBatcher:
         return rows >= self.config.max_batch_size or tokens >= self.config.max_batch_tokens
 
     def _window(self) -> list[_Request]:
-        """The requests the next pass may draw rows from: those begun, then the queue FIFO while
-        their rows fit the window's passes (:data:`WINDOW_PASSES`); at least one request, and
-        one alone without dynamic batching."""
+        """The requests the next pass may draw rows from: those begun, then the queue FIFO,
+        up to ``WINDOW_PASSES`` passes' worth of rows (alone without dynamic batching)."""
         window = list(self._active)
         rows = sum(r.todo for r in window)
         tokens = sum(r.todo_tokens for r in window)
-        max_rows = self._window_passes * self.config.max_batch_size
-        max_tokens = self._window_passes * self.config.max_batch_tokens
         for request in self._queue:
-            fits = rows + request.todo <= max_rows and tokens + request.todo_tokens <= max_tokens
-            if window and not (self.config.dynamic_batching and fits):
+            if window and (
+                not self.config.dynamic_batching
+                or rows >= WINDOW_PASSES * self.config.max_batch_size
+                or tokens >= WINDOW_PASSES * self.config.max_batch_tokens
+            ):
                 break
             window.append(request)
             rows += request.todo
@@ -388,13 +383,20 @@ class DynamicBatcher:
         """Plan the window's rows into length buckets and take the bucket holding a row of the
         oldest request: a request finishes within a few passes of its start, however busy the
         queue, and what arrives during a pass joins the next plan (continuous batching). Its rows
-        come by request, so that each request's go into the pass at once (:meth:`_merge`)."""
+        come by request, so that each request's go into the pass at once (:meth:`_merge`).
+
+        A packed engine plans from the oldest rows alone, one pass's worth in arrival order: mixed
+        lengths cost it only attention, which its pass groups by length itself, and planned from the
+        whole window each pass took a length bucket of every waiting request's rows, so requests
+        finished together, a pass or two late (``docs/benchmarks.md``)."""
         window = self._window()  # never empty: _work_is_due saw live work
         depth = self.engine.info.num_layers
         group = lambda r: (r.spec.depth(depth), r.spec.want_logits)  # noqa: E731 - rows of one pass share it
         oldest = window[0]
         peers = [r for r in window if group(r) == group(oldest)]
         rows = [Row(r, i, r.lengths[i]) for r in peers for i in r.pending_rows()]
+        if self.engine.packs:  # the oldest rows, one pass's worth: requests run whole, in turn
+            rows = rows[: self.config.max_batch_size]
         # without dynamic batching a request runs as sent: never split to save padding
         overhead = (
             self.config.effective_pass_overhead_tokens

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from shared.heap import freeze_heap
 from shared.openmp import POLICY, serial_thread
 from shared.teacher_api import TeacherQuery
 from teacher_engine.engine import TeacherEngine
@@ -42,6 +43,7 @@ class TeacherService:
     loaded: bool = False
     draining: bool = False  # set on SIGTERM: readiness and new work answer 503
     in_flight: int = 0  # HTTP requests being answered (teacher_server.drain counts them)
+    heap_frozen: bool = False  # once every teacher is ready
 
     def __post_init__(self) -> None:
         self.cache = OutputCache(self.config.cache_max_bytes)
@@ -84,7 +86,8 @@ class TeacherService:
                     "load_s": round(time.perf_counter() - started, 3),
                 },
             )
-        freeze_heap()
+        freeze_heap()  # the teachers included: see shared.heap
+        self.heap_frozen = True
         self.loaded = True
         policy = os.environ.get(POLICY, "OpenMP's default")
         logger.info(
@@ -98,18 +101,9 @@ class TeacherService:
         await asyncio.gather(*(b.close(self.config.drain_timeout_s) for b in self.batchers.values()))
         for thread in self.compute_threads.values():
             thread.shutdown(wait=False, cancel_futures=True)
-        gc.unfreeze()  # an in-process service (a test) leaves the heap as it found it
+        if self.heap_frozen:  # in process (a test): freezing is per process, so this thaws it all
+            gc.unfreeze()
         logger.info("drained", extra={"event": "drained"})
-
-
-def freeze_heap() -> None:
-    """Keep what start-up made (modules, teachers, tokenizers) out of every later garbage
-    collection, as vLLM's servers do. A full collection walks every object the process holds, and
-    with that on the event loop's thread the teacher's thread waits for the GIL between operators:
-    here each one stalled a pass by about 200 ms, the 99th percentile at 16 clients. Undone at
-    :meth:`TeacherService.close`."""
-    gc.collect()
-    gc.freeze()
 
 
 def _warm_up(engine: TeacherEngine) -> None:

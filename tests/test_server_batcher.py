@@ -462,14 +462,30 @@ def test_a_packed_engine_takes_the_oldest_requests_whole_so_they_finish_in_turn(
     longs = [*SENTENCES[1::2], "the music was really quite good but the story was very very dull"]
     later = [(f"r{i}", [short, long]) for i, (short, long) in enumerate(zip(shorts, longs, strict=True))]
     finished = finished_while_a_pass_waits(monkeypatch, batcher, packed_engine, later)
-    alone = lambda text: tuple(packed_engine.tokenize([text])[0][0].tolist())  # noqa: E731
-    passes = packed_engine.pass_rows
-    ran_in = {
-        name: {p for p, rows in enumerate(passes) for t in texts if alone(t) in rows} for name, texts in later
-    }
     assert [rows for rows, _ in packed_engine.passes] == [1, 4, 4]
-    assert ran_in == {"r0": {1}, "r1": {1}, "r2": {2}, "r3": {2}}
+    assert passes_that_ran(packed_engine, later) == {"r0": {1}, "r1": {1}, "r2": {2}, "r3": {2}}
     assert [set(finished[1:3]), set(finished[3:])] == [{"r0", "r1"}, {"r2", "r3"}]
+
+
+def test_a_packed_engines_passes_stay_full_when_requests_do_not_divide_them(packed_engine, monkeypatch):
+    """Requests of 3 rows, passes of 4: each pass takes the oldest rows in turn, the last request
+    it reaches split, so no pass runs short while rows wait."""
+    batcher = make_batcher(packed_engine, max_batch_size=4, pass_overhead_tokens=10_000)
+    texts = "good movie,bad film,fun story,great plot,awful acting,dull music,sad scene,happy actor,"
+    texts += "best movie,worst film,boring story,funny plot"
+    rows = texts.split(",")
+    later = [(f"r{i}", rows[3 * i : 3 * i + 3]) for i in range(4)]
+    finished_while_a_pass_waits(monkeypatch, batcher, packed_engine, later)
+    assert [rows for rows, _ in packed_engine.passes] == [1, 4, 4, 4]
+    assert passes_that_ran(packed_engine, later) == {"r0": {1}, "r1": {1, 2}, "r2": {2, 3}, "r3": {3}}
+
+
+def passes_that_ran(engine, requests) -> dict[str, set[int]]:
+    """For each ``(name, texts)``, the passes of ``engine`` that ran one of its rows."""
+    alone = [
+        (name, {tuple(engine.tokenize([text])[0][0].tolist()) for text in texts}) for name, texts in requests
+    ]
+    return {name: {p for p, rows in enumerate(engine.pass_rows) if ids & rows} for name, ids in alone}
 
 
 def test_close_fails_the_pass_in_flight_when_the_drain_times_out(engine, monkeypatch):

@@ -61,7 +61,8 @@ def test_equals_the_tokenizers_own_call(tokenizers, name, pairs, max_length):
 
 
 def test_follows_the_padding_and_cutting_sides_set_after_it(tokenizers):
-    """A decoder teacher is asked for left padding after load: the batch tokenizer follows."""
+    """Sides set on the tokenizer after the batch tokenizer was built (left padding for a decoder's
+    rows) are followed."""
     tokenizer = tokenizers["bpe"]
     batch = BatchTokenizer(tokenizer, 16, token_types=False)
     try:
@@ -74,8 +75,13 @@ def test_follows_the_padding_and_cutting_sides_set_after_it(tokenizers):
     assert_same(batch(TEXTS), wrapper_call(tokenizer, TEXTS, None, 16, False))
 
 
-def test_a_tokenizer_without_a_rust_backend_is_called_as_it_is(tokenizers):
-    """Nothing to set up for a slow tokenizer: it is called, with the same cut and padding."""
-    tokenizer = tokenizers["mpnet"]
-    batch = BatchTokenizer(tokenizer, 8, token_types=False)
-    assert (batch.backend is None) == (not tokenizer.is_fast)
+def test_a_tokenizer_without_a_pad_token_is_called_as_it_is(tmp_path):
+    """Nothing to pad with: its own call decides, and refuses as it would."""
+    tokenizer = AutoTokenizer.from_pretrained(save_tiny_causal_lm(tmp_path / "bpe"))
+    tokenizer.pad_token = None
+    batch = BatchTokenizer(tokenizer, 16, token_types=False)
+    assert batch.backend is None
+    with pytest.raises(ValueError, match="padding token"):
+        wrapper_call(tokenizer, TEXTS, None, 16, False)
+    with pytest.raises(ValueError, match="padding token"):
+        batch(TEXTS)
