@@ -28,6 +28,7 @@ from pathlib import Path
 
 import httpx
 import torch
+from bench_server import thread_env
 
 from shared.codec import HEADER_LENGTH, build_request_body, parse_response_body
 from shared.teacher_api import TeacherQuery
@@ -84,7 +85,7 @@ def served(teacher: str, texts: list[str], batch: int, threads: int, reference_c
         "cache_max_bytes": 0,
         "teachers": [{"name": "teacher", "path": teacher, "max_queue_delay_ms": 0}],
     }
-    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env = thread_env(threads)
     with tempfile.TemporaryDirectory() as tmp:
         config_path = Path(tmp) / "teacher.yaml"
         config_path.write_text(json.dumps(config))  # JSON is YAML

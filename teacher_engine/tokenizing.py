@@ -28,21 +28,23 @@ class BatchTokenizer:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int, token_types: bool):
         self.tokenizer, self.max_length, self.token_types = tokenizer, max_length, token_types
         self.sides = self._sides()
-        self.backend = self._backend(tokenizer, max_length)
+        self.backend = self._backend()
 
     def _sides(self) -> tuple[str, str]:
         """The sides the wrapper pads and cuts on: whoever holds the tokenizer may change them
         (left padding for a decoder's rows), and the backend follows."""
         return self.tokenizer.padding_side, self.tokenizer.truncation_side
 
-    @staticmethod
-    def _backend(tokenizer: PreTrainedTokenizerBase, max_length: int) -> Tokenizer | None:
-        """A copy of ``tokenizer``'s Rust backend set to cut and pad as the wrapper's call would
+    def _backend(self) -> Tokenizer | None:
+        """A copy of the tokenizer's Rust backend set to cut and pad as the wrapper's call would
         (the wrapper sets its own backend anew on each call); ``None`` where there is none."""
+        tokenizer = self.tokenizer
         if not getattr(tokenizer, "is_fast", False) or tokenizer.pad_token_id is None:
             return None
         backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
-        backend.enable_truncation(max_length, strategy="longest_first", direction=tokenizer.truncation_side)
+        backend.enable_truncation(
+            self.max_length, strategy="longest_first", direction=tokenizer.truncation_side
+        )
         backend.enable_padding(
             direction=tokenizer.padding_side,
             pad_id=tokenizer.pad_token_id,
@@ -54,7 +56,7 @@ class BatchTokenizer:
 
     def __call__(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> Batch:
         if self._sides() != self.sides:
-            self.sides, self.backend = self._sides(), self._backend(self.tokenizer, self.max_length)
+            self.sides, self.backend = self._sides(), self._backend()
         if self.backend is None:
             return self._wrapped(texts, pairs)
         encodings = self.backend.encode_batch(
@@ -62,8 +64,9 @@ class BatchTokenizer:
         )
         ids = torch.tensor([encoding.ids for encoding in encodings], dtype=torch.long)
         mask = torch.tensor([encoding.attention_mask for encoding in encodings], dtype=torch.long)
-        types = [encoding.type_ids for encoding in encodings]
-        return ids, mask, torch.tensor(types, dtype=torch.long) if self.token_types else None
+        if not self.token_types:
+            return ids, mask, None
+        return ids, mask, torch.tensor([encoding.type_ids for encoding in encodings], dtype=torch.long)
 
     def _wrapped(self, texts: Sequence[str], pairs: Sequence[str] | None) -> Batch:
         enc = self.tokenizer(
